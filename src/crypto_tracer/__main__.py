@@ -1,0 +1,3 @@
+from crypto_tracer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Kernel monotonic timestamps to wall-clock ISO-8601 UTC with microseconds."""
+
+import time
+from datetime import datetime, timezone
+
+
+class WallClock:
+    """Converts bpf_ktime_get_ns() values (CLOCK_MONOTONIC) to wall-clock time."""
+
+    def __init__(self):
+        self.resync()
+        self._sec = -1
+        self._prefix = ""
+
+    def resync(self) -> None:
+        # Offset between the clocks, read back to back; re-read periodically to follow NTP steps.
+        self.offset_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+    def epoch_ns(self, mono_ns: int) -> int:
+        return mono_ns + self.offset_ns
+
+    def iso(self, mono_ns: int) -> str:
+        return iso_from_ns(mono_ns + self.offset_ns, self)
+
+    def _prefix_for(self, sec: int) -> str:
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return self._prefix
+
+
+_default = None
+
+
+def iso_from_ns(epoch_ns: int, cache: WallClock | None = None) -> str:
+    sec, ns = divmod(epoch_ns, 1_000_000_000)
+    if cache is None:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    else:
+        prefix = cache._prefix_for(sec)
+    return f"{prefix}.{ns // 1000:06d}Z"
+
+
+def now_iso() -> str:
+    return iso_from_ns(time.time_ns())
+
+
+def iso_from_datetime(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,1 @@
+"""Output sinks. Each takes events (dicts) and writes them; close() leaves a valid file."""
