@@ -1,0 +1,199 @@
+"""What is a crypto file, and what is a crypto library: the classification tables, in one place.
+
+The kernel programs pre-filter with a copy of the suffix and library-name tables
+(bpf/monitor.bpf.c); tests/unit/test_classify.py checks that copy against these tables.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+
+# file name suffix -> file type (lower-case comparison)
+SUFFIX_TYPES: dict[str, str] = {
+    ".crt": "certificate",
+    ".cer": "certificate",
+    ".der": "certificate",
+    ".pem": "certificate",  # decided by content, see pem_type()
+    ".p7b": "certificate",
+    ".p7c": "certificate",
+    ".key": "private_key",
+    ".p8": "private_key",
+    ".pk8": "private_key",
+    ".pub": "public_key",
+    ".p12": "keystore",
+    ".pfx": "keystore",
+    ".jks": "keystore",
+    ".keystore": "keystore",
+    ".bks": "keystore",
+    ".csr": "csr",
+    ".crl": "crl",
+}
+
+# ssh keys: id_rsa, id_ecdsa, id_ed25519, id_dsa, id_ecdsa_sk, id_ed25519_sk (the .pub twins are public keys)
+SSH_KEY_RE = re.compile(r"^id_(rsa|dsa|ecdsa|ed25519|ecdsa_sk|ed25519_sk|xmss)$")
+SSH_HOST_KEY_RE = re.compile(r"^ssh_host_\w+_key$")
+
+# Trust stores: whole directories or bundle files of CA certificates.
+TRUST_STORE_DIRS = ("/etc/ssl/certs/", "/etc/pki/", "/usr/share/ca-certificates/", "/etc/ca-certificates/",
+                    "/usr/local/share/ca-certificates/", "/etc/ssl/", "/usr/lib/ssl/")
+# c_rehash names in a trust-store directory: 8 hex digits, '.', optional 'r' (a CRL), a digit
+HASH_LINK_RE = re.compile(r"^[0-9a-f]{8}\.(r?)[0-9]+$")
+
+PEM_LABELS: tuple[tuple[bytes, str], ...] = (
+    (b"-----BEGIN CERTIFICATE-----", "certificate"),
+    (b"-----BEGIN TRUSTED CERTIFICATE-----", "certificate"),
+    (b"-----BEGIN X509 CERTIFICATE-----", "certificate"),
+    (b"-----BEGIN PKCS7-----", "certificate"),
+    (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", "private_key"),
+    (b"-----BEGIN PRIVATE KEY-----", "private_key"),
+    (b"-----BEGIN RSA PRIVATE KEY-----", "private_key"),
+    (b"-----BEGIN EC PRIVATE KEY-----", "private_key"),
+    (b"-----BEGIN DSA PRIVATE KEY-----", "private_key"),
+    (b"-----BEGIN OPENSSH PRIVATE KEY-----", "private_key"),
+    (b"-----BEGIN PUBLIC KEY-----", "public_key"),
+    (b"-----BEGIN RSA PUBLIC KEY-----", "public_key"),
+    (b"-----BEGIN CERTIFICATE REQUEST-----", "csr"),
+    (b"-----BEGIN NEW CERTIFICATE REQUEST-----", "csr"),
+    (b"-----BEGIN X509 CRL-----", "crl"),
+    (b"-----BEGIN DH PARAMETERS-----", "parameters"),
+    (b"-----BEGIN EC PARAMETERS-----", "parameters"),
+)
+PEM_SNIFF_BYTES = 64 * 1024
+
+
+def type_from_name(path: str) -> str | None:
+    """File type from the name alone (no I/O), or None if the path is not a crypto file."""
+    base = path.rsplit("/", 1)[-1]
+    lower = base.lower()
+    dot = lower.rfind(".")
+    if dot > 0:
+        ftype = SUFFIX_TYPES.get(lower[dot:])
+        if ftype:
+            return ftype
+    if SSH_KEY_RE.match(base) or SSH_HOST_KEY_RE.match(base):
+        return "private_key"
+    if path.startswith("/"):
+        if path in ("/etc/ssl/cert.pem", "/etc/pki/tls/cert.pem"):
+            return "certificate"
+        for d in TRUST_STORE_DIRS[:5]:
+            if path.startswith(d):
+                m = HASH_LINK_RE.match(base)
+                if m:
+                    return "crl" if m.group(1) else "certificate"
+    return None
+
+
+def pem_type(data: bytes) -> str | None:
+    """Type of a PEM file from its content: the first known BEGIN line wins."""
+    best, best_pos = None, len(data) + 1
+    for marker, ftype in PEM_LABELS:
+        pos = data.find(marker)
+        if 0 <= pos < best_pos:
+            best, best_pos = ftype, pos
+    return best
+
+
+def sniff_file(path: str) -> str | None:
+    """Type of a .pem file by reading its first bytes; None if unreadable or not PEM."""
+    try:
+        with open(path, "rb") as f:
+            return pem_type(f.read(PEM_SNIFF_BYTES))
+    except OSError:
+        return None
+
+
+def file_type(path: str, read_path: str | None = None) -> str | None:
+    """Full classification: by name, and .pem files by content (read from read_path if given,
+    e.g. through /proc/PID/root for a process in a container)."""
+    ftype = type_from_name(path)
+    if ftype and path.lower().endswith(".pem"):
+        return sniff_file(read_path or path) or ftype
+    return ftype
+
+
+# --- libraries -------------------------------------------------------------------------------
+
+# library name (basename before '.so' / '-VERSION.so') -> family
+CRYPTO_LIBRARIES: dict[str, str] = {
+    "libssl": "openssl",
+    "libcrypto": "openssl",
+    "libgnutls": "gnutls",
+    "libnss3": "nss",
+    "libssl3": "nss",
+    "libsmime3": "nss",
+    "libnspr4": "nss",
+    "libsoftokn3": "nss",
+    "libfreebl3": "nss",
+    "libfreeblpriv3": "nss",
+    "libsodium": "libsodium",
+    "libmbedtls": "mbedtls",
+    "libmbedcrypto": "mbedtls",
+    "libmbedx509": "mbedtls",
+    "libwolfssl": "wolfssl",
+    "libboringssl": "boringssl",
+    "libnettle": "nettle",
+    "libhogweed": "nettle",
+    "libgcrypt": "libgcrypt",
+    "libk5crypto": "krb5",
+}
+_LIB_RE = re.compile(r"^(lib[a-z0-9_]+?)(?:-[0-9][0-9.]*)?\.so(?:\.[0-9.]+)?$")
+
+
+def library_name(path: str) -> str | None:
+    """'libssl' for /usr/lib/x86_64-linux-gnu/libssl.so.3; None if not a crypto library."""
+    m = _LIB_RE.match(path.rsplit("/", 1)[-1])
+    if not m:
+        return None
+    name = m.group(1)
+    return name if name in CRYPTO_LIBRARIES else None
+
+
+_OPENSSL_RE = re.compile(rb"(OpenSSL|LibreSSL|BoringSSL|wolfSSL) (\d+\.\d+\.\d+[a-z]?)")
+_BORING_RE = re.compile(rb"BoringSSL")
+_BARE_VERSION_RE = re.compile(rb"\x00([1-9]\d?\.\d{1,3}\.\d{1,3})\x00")
+_version_cache: dict[tuple[int, int, int], str | None] = {}
+
+
+def library_version(path: str, name: str | None = None) -> str | None:
+    """Version read from the library file itself, cached by (device, inode, mtime).
+
+    OpenSSL-family libraries carry their banner ("OpenSSL 3.0.19 ..."); libssl's lives in
+    its libcrypto. Others (GnuTLS, NSS, libsodium, libgcrypt) carry a bare "x.y.z" string:
+    the first one with a major version >= 1 is taken. Unknown stays None.
+    """
+    name = name or library_name(path)
+    if name is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    if key in _version_cache:
+        return _version_cache[key]
+    version = _read_version(path, name)
+    if version is None and name == "libssl":
+        sibling = re.sub(r"libssl(\.so)", r"libcrypto\1", path)
+        if sibling != path:
+            version = library_version(sibling, "libcrypto")
+    _version_cache[key] = version
+    return version
+
+
+def _read_version(path: str, name: str) -> str | None:
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            family = CRYPTO_LIBRARIES.get(name)
+            if family in ("openssl", "wolfssl", "boringssl"):
+                m = _OPENSSL_RE.search(data)
+                if m:
+                    return m.group(2).decode()
+                return "BoringSSL" if _BORING_RE.search(data) else None
+            if family in ("gnutls", "nss", "libsodium", "libgcrypt"):
+                m = _BARE_VERSION_RE.search(data)
+                return m.group(1).decode() if m else None
+    except (OSError, ValueError):
+        return None
+    return None
