@@ -1,0 +1,1 @@
+"""TLS session secrets: struct layouts learned per library build, HKDF derivation, key log lines."""

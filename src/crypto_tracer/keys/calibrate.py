@@ -1,0 +1,129 @@
+"""The layout of a library's SSL object: from the cache, by calibration, or unknown.
+
+* A shared libssl is calibrated in a subprocess (``calibrate_worker``) on that exact file,
+  and the verified layout is cached by ELF build-id.
+* An executable with OpenSSL linked in (node) cannot be loaded with ctypes: it reuses a
+  verified layout learned on a shared libssl of exactly the same OpenSSL version.
+* Otherwise the layout is unknown: the caller says so and writes no keys for that library.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import glob
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from crypto_tracer.keys.elfinfo import build_id, openssl_version
+from crypto_tracer.keys.layout import Layout
+from crypto_tracer.log import log
+
+CACHE_DIRS = ("/var/cache/crypto-tracer/layouts", "~/.cache/crypto-tracer/layouts")
+MIN_VERIFIED = 12  # SSL objects (both sides, TLS 1.2 and 1.3) a layout must reproduce
+
+
+@dataclass
+class LayoutResult:
+    path: str
+    build_id: str
+    layout: Layout | None
+    how: str  # "cache", "calibrated", "same version as <path>", or why it is unknown
+
+
+def cache_dirs() -> list[str]:
+    override = os.environ.get("CRYPTO_TRACER_LAYOUT_CACHE")
+    return [override] if override else [os.path.expanduser(d) for d in CACHE_DIRS]
+
+
+def _cached(bid: str) -> Layout | None:
+    for d in cache_dirs():
+        try:
+            with open(os.path.join(d, bid + ".json")) as f:
+                lay = Layout.from_json(json.load(f))
+            if lay.verified >= MIN_VERIFIED:
+                return lay
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return None
+
+
+def _store(bid: str, lay: Layout) -> None:
+    for d in cache_dirs():
+        try:
+            os.makedirs(d, mode=0o755, exist_ok=True)
+            tmp = os.path.join(d, f".{bid}.{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump(lay.to_json(), f, indent=1)
+            os.replace(tmp, os.path.join(d, bid + ".json"))
+            return
+        except OSError:
+            continue
+
+
+def _run_worker(path: str) -> tuple[Layout | None, str]:
+    src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src_root, os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "crypto_tracer.keys.calibrate_worker", path],
+                              capture_output=True, text=True, timeout=60, env=env)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as exc:
+        return None, f"calibration failed ({type(exc).__name__})"
+    if "layout" in result:
+        return Layout.from_json(result["layout"]), "calibrated"
+    return None, "calibration failed: " + result.get("error", "no result")
+
+
+def _calibrated(path: str, bid: str) -> tuple[Layout | None, str]:
+    lay = _cached(bid)
+    if lay is not None:
+        return lay, "cache"
+    lay, how = _run_worker(path)
+    if lay is None:
+        return None, how
+    if lay.verified < MIN_VERIFIED:
+        return None, "calibration could not verify the layout"
+    lay.source = {"build_id": bid, "path": path}
+    _store(bid, lay)
+    return lay, how
+
+
+def _same_version_layout(version: str) -> tuple[Layout | None, str]:
+    """A verified layout learned on a shared libssl of this exact OpenSSL version."""
+    for d in cache_dirs():
+        for name in sorted(glob.glob(os.path.join(d, "*.json"))):
+            lay = _cached(os.path.basename(name)[:-5])
+            if lay is not None and lay.version == version:
+                return lay, f"same version as {lay.source.get('path', '?')}"
+    system = ctypes.util.find_library("ssl")
+    if system:
+        path = next((p for p in (f"/usr/lib/x86_64-linux-gnu/{system}", f"/lib64/{system}", system)
+                     if os.path.exists(p)), None)
+        if path:
+            lay, _ = _calibrated(path, build_id(path))
+            if lay is not None and lay.version == version:
+                return lay, f"same version as {path}"
+    return None, f"no shared libssl of OpenSSL {version} to learn its layout from"
+
+
+def layout_for(path: str) -> LayoutResult:
+    """The verified layout of the OpenSSL in this file, or None with the reason."""
+    try:
+        bid = build_id(path)
+    except OSError as exc:
+        return LayoutResult(path, "", None, f"cannot read it: {exc.strerror}")
+    if ".so" in os.path.basename(path):
+        lay, how = _calibrated(path, bid)
+    else:
+        version = openssl_version(path)
+        if version is None:
+            return LayoutResult(path, bid, None, "no OpenSSL version string in it")
+        lay = _cached(bid)
+        how = "cache"
+        if lay is None:
+            lay, how = _same_version_layout(version)
+    log.debug("layout of %s (build-id %s): %s", path, bid, how)
+    return LayoutResult(path, bid, lay, how)
