@@ -1,0 +1,626 @@
+// SPDX-License-Identifier: GPL-2.0
+/* crypto-tracer tls: TLS plaintext from OpenSSL (libssl, static copies), GnuTLS and NSS.
+ *
+ * Data calls are hooked twice: the entry stashes {ssl, buf, len pointer} by pid_tgid, the
+ * return copies what the call really transferred (a write is emitted only when it
+ * succeeded: node retries SSL_write with the same buffer during the handshake).
+ * Payloads go out in variable-size chunks of up to CT_TLS_CHUNK bytes, each with its
+ * offset in the call, up to max_payload; the true length is always sent, so a cut is
+ * visible (truncated) and never silent.
+ *
+ * The fd comes from the syscalls made inside the call (read/write/send/recv tracepoints
+ * while a stash exists), cached per (tgid, ssl). Libraries that do no I/O inside the call
+ * (node's memory BIOs) are bound by the first socket write of the thread right after one
+ * of its TLS calls. The 4-tuple is read from the socket behind the fd (CO-RE), so it is
+ * also known for connections opened before the tool started.
+ *
+ * The uprobe cookie carries the function id (low byte) and CT_COOKIE_LAYOUT when the
+ * OpenSSL struct layout of 1.1.1-3.1 is known (ssl->version at 0, ssl->server at 56).
+ */
+#include "common.h"
+#include <bpf/bpf_endian.h>
+
+#define CT_LIB_OPENSSL 1
+#define CT_LIB_GNUTLS 2
+#define CT_LIB_NSS 3
+
+#include "tls_keys.h"
+
+#define CT_TLS_CHUNK 30720   /* data bytes per record: the record fits a 32 KiB per-CPU slot */
+#define CT_TLS_MAX_CHUNKS 4096
+#define CT_COOKIE_LAYOUT 0x100
+#define CT_CNT_CTRL_DROPPED 4 /* exec/library records lost (not part of the event accounting) */
+
+#define AF_INET 2
+#define AF_INET6 10
+#define PROT_EXEC 0x4
+#define PR_DESC_LAYERED 4
+
+/* Function ids (cookie low byte); user space has the same table. */
+enum tls_func {
+	F_SSL_READ = 1, F_SSL_READ_EX, F_SSL_PEEK, F_SSL_PEEK_EX, F_SSL_WRITE, F_SSL_WRITE_EX,
+	F_GNUTLS_RECV, F_GNUTLS_SEND,
+	F_PR_READ, F_PR_RECV, F_PR_WRITE, F_PR_SEND,
+	F_SSL_DO_HANDSHAKE = 20, F_SSL_CONNECT, F_SSL_ACCEPT, F_GNUTLS_HANDSHAKE,
+};
+
+static __always_inline bool func_is_write(__u32 f)
+{
+	return f == F_SSL_WRITE || f == F_SSL_WRITE_EX || f == F_GNUTLS_SEND || f == F_PR_WRITE || f == F_PR_SEND;
+}
+
+static __always_inline __u32 func_lib(__u32 f)
+{
+	if (f == F_GNUTLS_RECV || f == F_GNUTLS_SEND || f == F_GNUTLS_HANDSHAKE)
+		return CT_LIB_GNUTLS;
+	if (f >= F_PR_READ && f <= F_PR_SEND)
+		return CT_LIB_NSS;
+	return CT_LIB_OPENSSL;
+}
+
+struct tls_config {
+	__u32 capture_data; /* 0: data programs only feed tls_keys_on_return */
+	__u32 max_payload;  /* bytes copied per call at most */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tls_config);
+} tls_config SEC(".maps");
+
+struct conn {
+	__u8 family; /* 0: unknown */
+	__u8 pad;
+	__u16 lport;
+	__u16 rport;
+	__u16 pad2;
+	__u8 laddr[16];
+	__u8 raddr[16];
+};
+
+/* One record per chunk of one call (CT_EV_TLS_DATA). */
+struct tls_data_rec {
+	struct ct_header h;
+	__u64 ssl;
+	__u64 length;  /* bytes the call transferred */
+	__u64 offset;  /* of this chunk in the call */
+	__u32 chunk_len;
+	__s32 fd;      /* -1: unknown */
+	__u8 lib;
+	__u8 func;
+	__u8 truncated;
+	__u8 pad;
+	struct conn c;
+	__u8 data[CT_TLS_CHUNK];
+};
+
+/* CT_EV_TLS_HANDSHAKE */
+struct tls_hs_rec {
+	struct ct_header h;
+	__u64 ssl;
+	__s32 fd;
+	__s32 result;  /* the function's return value */
+	__u8 lib;
+	__u8 func;
+	__u8 role;     /* 0 unknown, 1 client, 2 server */
+	__u8 ok;       /* 1 success, 0 failure */
+	__u32 version; /* protocol version (0x0304 = TLS 1.3), 0 unknown */
+	struct conn c;
+};
+
+/* CT_EV_PROCESS_EXEC and CT_EV_LIB_LOAD: control records for discovery. */
+struct tls_ctrl_rec {
+	struct ct_header h;
+	char name[32];
+};
+
+struct stash {
+	__u64 ssl;
+	__u64 buf;
+	__u64 count_ptr; /* size_t * of the _ex variants */
+	__s32 fd;
+	__u32 cookie;
+	__u8 filtered;
+};
+
+struct ssl_key {
+	__u32 tgid;
+	__u32 pad;
+	__u64 ssl;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct stash);
+} data_stash SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct stash);
+} hs_stash SEC(".maps");
+
+/* (tgid, ssl) -> fd */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ssl_key);
+	__type(value, __s32);
+} ssl_fd SEC(".maps");
+
+/* pid_tgid -> ssl whose fd is unknown: bound by the thread's next socket write. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u64);
+} pending_bind SEC(".maps");
+
+/* (tgid, session) already announced by a tls_handshake record (NSS: first data call). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ssl_key);
+	__type(value, __u8);
+} sessions SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tls_data_rec);
+} data_scratch SEC(".maps");
+
+/* --- sockets --------------------------------------------------------------------------- */
+
+static __always_inline struct file *fd_file(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *f = NULL;
+
+	if (!fdt || fd < 0 || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	return f;
+}
+
+/* The sock behind fd, or NULL when fd is not a socket (socket->file points back to the file). */
+static __always_inline struct sock *fd_sock(int fd)
+{
+	struct file *f = fd_file(fd);
+	struct socket *sock;
+
+	if (!f)
+		return NULL;
+	sock = BPF_CORE_READ(f, private_data);
+	if (!sock || BPF_CORE_READ(sock, file) != f)
+		return NULL;
+	return BPF_CORE_READ(sock, sk);
+}
+
+static __always_inline void fill_conn(struct conn *c, int fd)
+{
+	struct sock *sk = fd_sock(fd);
+	__u16 family;
+
+	c->family = 0;
+	if (!sk)
+		return;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family == AF_INET) {
+		__builtin_memset(c->laddr, 0, 16);
+		__builtin_memset(c->raddr, 0, 16);
+		bpf_core_read(c->laddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(c->raddr, 4, &sk->__sk_common.skc_daddr);
+	} else if (family == AF_INET6) {
+		bpf_core_read(c->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(c->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+	} else {
+		return;
+	}
+	c->family = family;
+	c->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	c->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+}
+
+/* --- nested syscalls: the fd of the TLS call in progress ---------------------------------- */
+
+static __always_inline void note_fd(struct trace_event_raw_sys_enter *ctx, bool is_write)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	int fd = (int)ctx->args[0];
+	struct stash *st = bpf_map_lookup_elem(&data_stash, &id);
+
+	if (!st)
+		st = bpf_map_lookup_elem(&hs_stash, &id);
+	if (st) {
+		if (st->fd < 0)
+			st->fd = fd;
+		return;
+	}
+	if (!is_write)
+		return;
+	__u64 *ssl = bpf_map_lookup_elem(&pending_bind, &id);
+	if (!ssl)
+		return;
+	struct ssl_key key = {.tgid = id >> 32, .ssl = *ssl};
+	bpf_map_delete_elem(&pending_bind, &id);
+	if (fd_sock(fd))
+		bpf_map_update_elem(&ssl_fd, &key, &fd, BPF_NOEXIST);
+}
+
+SEC("tracepoint/syscalls/sys_enter_read")
+int sys_enter_rd(struct trace_event_raw_sys_enter *ctx)
+{
+	note_fd(ctx, false);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_write")
+int sys_enter_wr(struct trace_event_raw_sys_enter *ctx)
+{
+	note_fd(ctx, true);
+	return 0;
+}
+
+/* The fd of a finished call: seen inside it, else cached, else left for pending_bind. */
+static __always_inline int resolve_fd(struct stash *st, __u32 tgid)
+{
+	struct ssl_key key = {.tgid = tgid, .ssl = st->ssl};
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (st->fd >= 0 && fd_sock(st->fd)) {
+		bpf_map_update_elem(&ssl_fd, &key, &st->fd, BPF_ANY);
+		return st->fd;
+	}
+	__s32 *cached = bpf_map_lookup_elem(&ssl_fd, &key);
+	if (cached)
+		return *cached;
+	bpf_map_update_elem(&pending_bind, &id, &st->ssl, BPF_ANY);
+	return -1;
+}
+
+/* --- data calls ----------------------------------------------------------------------- */
+
+/* NSS: only PRFileDesc's of the SSL layer (a layered descriptor, identity != NSPR's 0). */
+static __always_inline bool nss_is_ssl_fd(__u64 prfd)
+{
+	__u64 methods = 0;
+	__s32 file_type = 0, identity = 0;
+
+	bpf_probe_read_user(&methods, sizeof(methods), (void *)prfd);
+	bpf_probe_read_user(&identity, sizeof(identity), (void *)(prfd + 40));
+	if (!methods)
+		return false;
+	bpf_probe_read_user(&file_type, sizeof(file_type), (void *)methods);
+	return file_type == PR_DESC_LAYERED && identity != 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(tls_data_enter, void *ssl, void *buf, __u64 num, void *count_ptr)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 cookie = bpf_get_attach_cookie(ctx);
+	__u32 func = cookie & 0xff;
+	struct stash st = {.ssl = (__u64)ssl, .buf = (__u64)buf, .fd = -1, .cookie = cookie};
+	char comm[CT_COMM_LEN];
+
+	if (func == F_SSL_READ_EX || func == F_SSL_PEEK_EX || func == F_SSL_WRITE_EX)
+		st.count_ptr = (__u64)count_ptr;
+	if (func_lib(func) == CT_LIB_NSS && !nss_is_ssl_fd((__u64)ssl))
+		return 0;
+	bpf_get_current_comm(comm, sizeof(comm));
+	st.filtered = !ct_process_wanted(id >> 32, (__u32)bpf_get_current_uid_gid(), comm);
+	bpf_map_update_elem(&data_stash, &id, &st, BPF_ANY);
+	return 0;
+}
+
+struct chunk_ctx {
+	__u64 ssl;
+	__u64 buf;
+	__u32 func;
+	__u64 length;
+	__u64 captured;
+	__s32 fd;
+	__u8 truncated;
+	struct conn c;
+};
+
+static long emit_chunk(__u32 index, struct chunk_ctx *cc)
+{
+	__u32 zero = 0;
+	struct tls_data_rec *rec = bpf_map_lookup_elem(&data_scratch, &zero);
+	__u64 offset = (__u64)index * CT_TLS_CHUNK;
+	__u32 n;
+
+	if (!rec || offset >= cc->captured)
+		return 1;
+	n = cc->captured - offset > CT_TLS_CHUNK ? CT_TLS_CHUNK : cc->captured - offset;
+	barrier_var(n);
+	if (n > CT_TLS_CHUNK)
+		return 1;
+	ct_fill_header(&rec->h, CT_EV_TLS_DATA);
+	rec->ssl = cc->ssl;
+	rec->length = cc->length;
+	rec->offset = offset;
+	rec->chunk_len = n;
+	rec->fd = cc->fd;
+	rec->lib = func_lib(cc->func);
+	rec->func = cc->func;
+	rec->truncated = cc->truncated;
+	rec->c = cc->c;
+	ct_count(CT_CNT_SEEN);
+	if (bpf_probe_read_user(rec->data, n, (void *)(cc->buf + offset)))
+		n = 0; /* unreadable (paged out): the record still says how long the call was */
+	rec->chunk_len = n;
+	barrier_var(n);
+	if (n > CT_TLS_CHUNK)
+		return 1;
+	ct_output(rec, offsetof(struct tls_data_rec, data) + n);
+	return 0;
+}
+
+/* NSS has no handshake function we hook: announce a session at its first data call. */
+static __always_inline void nss_announce(void *ctx, struct stash *st, __u32 tgid, int fd, struct conn *c);
+
+SEC("uretprobe")
+int BPF_KRETPROBE(tls_data_return, long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32, zero = 0;
+	struct stash *stp = bpf_map_lookup_elem(&data_stash, &id);
+	struct stash st;
+	struct chunk_ctx cc = {};
+	__u32 func, lib;
+
+	if (!stp)
+		return 0;
+	st = *stp;
+	bpf_map_delete_elem(&data_stash, &id);
+	func = st.cookie & 0xff;
+	lib = func_lib(func);
+	if (st.filtered) {
+		if (lib == CT_LIB_GNUTLS ? ret > 0 : (int)ret > 0) {
+			ct_count(CT_CNT_SEEN);
+			ct_count(CT_CNT_KFILTERED);
+		}
+		return 0;
+	}
+	tls_keys_on_return(ctx, st.ssl, lib);
+
+	struct tls_config *cfg = bpf_map_lookup_elem(&tls_config, &zero);
+	if (!cfg || !cfg->capture_data)
+		return 0;
+	if (func == F_SSL_READ_EX || func == F_SSL_PEEK_EX || func == F_SSL_WRITE_EX) {
+		if ((int)ret != 1 || !st.count_ptr)
+			return 0;
+		bpf_probe_read_user(&cc.length, sizeof(cc.length), (void *)st.count_ptr);
+	} else if (lib == CT_LIB_GNUTLS) {
+		if (ret <= 0)
+			return 0;
+		cc.length = ret;
+	} else {
+		if ((int)ret <= 0)
+			return 0;
+		cc.length = (__u32)(int)ret;
+	}
+	if (!cc.length)
+		return 0;
+	cc.ssl = st.ssl;
+	cc.buf = st.buf;
+	cc.func = func;
+	cc.fd = resolve_fd(&st, tgid);
+	fill_conn(&cc.c, cc.fd);
+	cc.captured = cc.length;
+	if (cc.captured > cfg->max_payload) {
+		cc.captured = cfg->max_payload;
+		cc.truncated = 1;
+	}
+	if (lib == CT_LIB_NSS)
+		nss_announce(ctx, &st, tgid, cc.fd, &cc.c);
+	if (cc.captured == 0) { /* max_payload 0: metadata only */
+		cc.captured = 0;
+		struct tls_data_rec *rec = bpf_map_lookup_elem(&data_scratch, &zero);
+		if (!rec)
+			return 0;
+		ct_fill_header(&rec->h, CT_EV_TLS_DATA);
+		rec->ssl = st.ssl;
+		rec->length = cc.length;
+		rec->offset = 0;
+		rec->chunk_len = 0;
+		rec->fd = cc.fd;
+		rec->lib = lib;
+		rec->func = func;
+		rec->truncated = 1;
+		rec->c = cc.c;
+		ct_count(CT_CNT_SEEN);
+		ct_output(rec, offsetof(struct tls_data_rec, data));
+		return 0;
+	}
+	__u32 chunks = (cc.captured + CT_TLS_CHUNK - 1) / CT_TLS_CHUNK;
+	if (chunks > CT_TLS_MAX_CHUNKS)
+		chunks = CT_TLS_MAX_CHUNKS;
+	bpf_loop(chunks, emit_chunk, &cc, 0);
+	return 0;
+}
+
+/* --- handshakes ------------------------------------------------------------------------- */
+
+static __always_inline void emit_handshake(struct stash *st, __u32 func, int fd, struct conn *c, int result,
+					   __u8 ok, __u8 role, __u32 version)
+{
+	struct tls_hs_rec rec = {};
+
+	ct_fill_header(&rec.h, CT_EV_TLS_HANDSHAKE);
+	rec.ssl = st->ssl;
+	rec.fd = fd;
+	rec.result = result;
+	rec.lib = func_lib(func);
+	rec.func = func;
+	rec.role = role;
+	rec.ok = ok;
+	rec.version = version;
+	rec.c = *c;
+	ct_count(CT_CNT_SEEN);
+	ct_output(&rec, sizeof(rec));
+}
+
+static __always_inline void nss_announce(void *ctx, struct stash *st, __u32 tgid, int fd, struct conn *c)
+{
+	struct ssl_key key = {.tgid = tgid, .ssl = st->ssl};
+	__u8 one = 1;
+
+	if (bpf_map_update_elem(&sessions, &key, &one, BPF_NOEXIST))
+		return; /* already announced */
+	emit_handshake(st, st->cookie & 0xff, fd, c, 0, 1, 0, 0);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(tls_hs_enter, void *ssl)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct stash st = {.ssl = (__u64)ssl, .fd = -1, .cookie = bpf_get_attach_cookie(ctx)};
+	char comm[CT_COMM_LEN];
+
+	bpf_get_current_comm(comm, sizeof(comm));
+	st.filtered = !ct_process_wanted(id >> 32, (__u32)bpf_get_current_uid_gid(), comm);
+	/* SSL_connect/SSL_accept call SSL_do_handshake: keep the outer call, it knows the role. */
+	bpf_map_update_elem(&hs_stash, &id, &st, BPF_NOEXIST);
+	return 0;
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(tls_hs_return, long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	struct stash *stp = bpf_map_lookup_elem(&hs_stash, &id);
+	struct stash st;
+	struct conn c = {};
+	__u32 func, version = 0;
+	__u8 role = 0, ok;
+	int result = (int)ret, fd;
+
+	if (!stp)
+		return 0;
+	st = *stp;
+	bpf_map_delete_elem(&hs_stash, &id);
+	func = st.cookie & 0xff;
+	if (st.filtered) {
+		ct_count(CT_CNT_SEEN);
+		ct_count(CT_CNT_KFILTERED);
+		return 0;
+	}
+	tls_keys_on_return(ctx, st.ssl, func_lib(func));
+
+	if (func == F_GNUTLS_HANDSHAKE) {
+		/* 0 done; GNUTLS_E_AGAIN (-28) / E_INTERRUPTED (-52): not finished yet */
+		if (result == -28 || result == -52)
+			return 0;
+		ok = result == 0;
+		__u32 entity = 0; /* session->security_parameters.entity: 1 server, 2 client */
+		bpf_probe_read_user(&entity, sizeof(entity), (void *)st.ssl);
+		role = entity == 1 ? 2 : entity == 2 ? 1 : 0;
+	} else {
+		/* 1 done, 0 failed; < 0 is "want read/write" (non-blocking) or a failure:
+		 * with the known layout ssl->rwstate (40) says which (1 = SSL_NOTHING: failure). */
+		if (result < 0) {
+			__s32 rwstate = 0;
+			if (!(st.cookie & CT_COOKIE_LAYOUT))
+				return 0;
+			bpf_probe_read_user(&rwstate, sizeof(rwstate), (void *)(st.ssl + 40));
+			if (rwstate != 1)
+				return 0;
+		}
+		ok = result == 1;
+		if (func == F_SSL_CONNECT)
+			role = 1;
+		else if (func == F_SSL_ACCEPT)
+			role = 2;
+		if (st.cookie & CT_COOKIE_LAYOUT) {
+			__s32 server = 0, v = 0;
+			bpf_probe_read_user(&v, sizeof(v), (void *)st.ssl);
+			bpf_probe_read_user(&server, sizeof(server), (void *)(st.ssl + 56));
+			if (!role)
+				role = server ? 2 : 1;
+			if (ok)
+				version = v;
+		}
+	}
+	fd = resolve_fd(&st, tgid);
+	fill_conn(&c, fd);
+	emit_handshake(&st, func, fd, &c, result, ok, role, version);
+	return 0;
+}
+
+/* SSL_free: forget the SSL*'s fd (the address is reused by the next connection). */
+SEC("uprobe")
+int BPF_KPROBE(tls_free, void *ssl)
+{
+	struct ssl_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .ssl = (__u64)ssl};
+
+	bpf_map_delete_elem(&ssl_fd, &key);
+	bpf_map_delete_elem(&sessions, &key);
+	return 0;
+}
+
+/* --- discovery: new processes and newly mapped TLS libraries ---------------------------- */
+
+static __always_inline void emit_ctrl(__u32 type, const char *name)
+{
+	struct tls_ctrl_rec rec = {};
+
+	ct_fill_header(&rec.h, type);
+	if (!ct_process_wanted(rec.h.pid, rec.h.uid, rec.h.comm))
+		return;
+	if (name)
+		bpf_probe_read_kernel_str(rec.name, sizeof(rec.name), name);
+	if (bpf_ringbuf_output(&events, &rec, sizeof(rec), 0))
+		ct_count(CT_CNT_CTRL_DROPPED);
+}
+
+SEC("tracepoint/sched/sched_process_exec")
+int tls_exec(void *ctx)
+{
+	emit_ctrl(CT_EV_PROCESS_EXEC, NULL);
+	return 0;
+}
+
+static __always_inline bool has_prefix(const char *s, const char *p, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (s[i] != p[i])
+			return false;
+	return true;
+}
+
+/* An executable mapping of a file named libssl*, libgnutls*, libnspr4*: the process may
+ * have loaded a TLS library (at start or by dlopen); user space re-reads its maps. */
+SEC("tracepoint/syscalls/sys_enter_mmap")
+int tls_mmap(struct trace_event_raw_sys_enter *ctx)
+{
+	char name[16] = {};
+	const unsigned char *dname;
+	struct file *f;
+
+	if (!(ctx->args[2] & PROT_EXEC) || (long)ctx->args[4] < 0)
+		return 0;
+	f = fd_file((int)ctx->args[4]);
+	if (!f)
+		return 0;
+	dname = BPF_CORE_READ(f, f_path.dentry, d_name.name);
+	bpf_probe_read_kernel_str(name, sizeof(name), dname);
+	if (has_prefix(name, "libssl", 6) || has_prefix(name, "libgnutls", 9) || has_prefix(name, "libnspr4", 8))
+		emit_ctrl(CT_EV_LIB_LOAD, (const char *)dname);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
