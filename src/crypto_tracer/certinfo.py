@@ -111,7 +111,7 @@ def _one_certificate(cert, now: datetime) -> dict:
 
 
 def _certificate_fields(cert, now: datetime) -> dict:
-    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    not_before, not_after = _validity(cert)
     days_left = int((not_after - now).total_seconds() // 86400)
     key = _public_key_summary(cert)
     sig_name, sig_hash = _signature(cert)
@@ -141,6 +141,12 @@ def _certificate_fields(cert, now: datetime) -> dict:
         flags.append(f"{sig_hash}_signature")
     info["flags"] = flags
     return info
+
+
+def _validity(cert) -> tuple[datetime, datetime]:
+    if hasattr(cert, "not_valid_after_utc"):  # cryptography >= 42
+        return cert.not_valid_before_utc, cert.not_valid_after_utc
+    return (cert.not_valid_before.replace(tzinfo=timezone.utc), cert.not_valid_after.replace(tzinfo=timezone.utc))
 
 
 def _iso(dt: datetime) -> str:
