@@ -231,6 +231,13 @@ class TlsTracer:
                 "dropped": totals[CNT_DROPPED], "submitted": totals[CNT_SUBMITTED],
                 "control_dropped": totals[CNT_CTRL_DROPPED]}
 
+    def detach(self) -> None:
+        """Remove every probe (the ring buffer stays readable for drain())."""
+        if self.obj is not None:
+            for link in reversed(self.obj.links):
+                link.destroy()
+            self.obj.links.clear()
+
     def close(self) -> None:
         if self.rb is not None:
             self.rb.close()
