@@ -31,13 +31,17 @@ SUFFIX_TYPES: dict[str, str] = {
     ".crl": "crl",
 }
 
-# ssh keys: id_rsa, id_ecdsa, id_ed25519, id_dsa, id_ecdsa_sk, id_ed25519_sk (the .pub twins are public keys)
-SSH_KEY_RE = re.compile(r"^id_(rsa|dsa|ecdsa|ed25519|ecdsa_sk|ed25519_sk|xmss)$")
-SSH_HOST_KEY_RE = re.compile(r"^ssh_host_\w+_key$")
+# exact base names of key files without a telling suffix: ssh user and host keys
+# (their .pub twins are public keys by suffix)
+EXACT_NAMES: dict[str, str] = {
+    **{f"id_{k}": "private_key" for k in ("rsa", "dsa", "ecdsa", "ed25519", "ecdsa_sk", "ed25519_sk", "xmss")},
+    **{f"ssh_host_{k}_key": "private_key" for k in ("rsa", "dsa", "ecdsa", "ed25519")},
+}
 
 # Trust stores: whole directories or bundle files of CA certificates.
+# (at most 8: the kernel keeps a copy in a fixed-size map)
 TRUST_STORE_DIRS = ("/etc/ssl/certs/", "/etc/pki/", "/usr/share/ca-certificates/", "/etc/ca-certificates/",
-                    "/usr/local/share/ca-certificates/", "/etc/ssl/", "/usr/lib/ssl/")
+                    "/usr/local/share/ca-certificates/", "/usr/lib/ssl/certs/")
 # c_rehash names in a trust-store directory: 8 hex digits, '.', optional 'r' (a CRL), a digit
 HASH_LINK_RE = re.compile(r"^[0-9a-f]{8}\.(r?)[0-9]+$")
 
@@ -72,12 +76,13 @@ def type_from_name(path: str) -> str | None:
         ftype = SUFFIX_TYPES.get(lower[dot:])
         if ftype:
             return ftype
-    if SSH_KEY_RE.match(base) or SSH_HOST_KEY_RE.match(base):
-        return "private_key"
+    ftype = EXACT_NAMES.get(base)
+    if ftype:
+        return ftype
     if path.startswith("/"):
         if path in ("/etc/ssl/cert.pem", "/etc/pki/tls/cert.pem"):
             return "certificate"
-        for d in TRUST_STORE_DIRS[:5]:
+        for d in TRUST_STORE_DIRS:
             if path.startswith(d):
                 m = HASH_LINK_RE.match(base)
                 if m:
@@ -109,7 +114,7 @@ def file_type(path: str, read_path: str | None = None) -> str | None:
     e.g. through /proc/PID/root for a process in a container)."""
     ftype = type_from_name(path)
     if ftype and path.lower().endswith(".pem"):
-        return sniff_file(read_path or path) or ftype
+        return sniff_file(read_path or path) or "pem"  # unreadable or not PEM: say so, don't guess
     return ftype
 
 

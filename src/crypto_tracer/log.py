@@ -1,4 +1,7 @@
-"""Logging to stderr: '[LEVEL] message'. --verbose shows DEBUG, --quiet only ERROR."""
+"""Logging to stderr. INFO/DEBUG as '[INFO] msg', warnings and errors as 'WARNING: msg'.
+
+--verbose shows DEBUG (and libbpf's log), --quiet only errors.
+"""
 
 import logging
 import sys
@@ -6,9 +9,17 @@ import sys
 log = logging.getLogger("crypto_tracer")
 
 
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname}: {msg}"
+        return f"[{record.levelname}] {msg}"
+
+
 def setup(verbose: bool = False, quiet: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)

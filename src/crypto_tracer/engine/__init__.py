@@ -34,13 +34,13 @@ def lb():
 def _route_libbpf_log(module) -> None:
     """libbpf's messages go to our logger at DEBUG; the last ones are kept for error messages."""
     global _print_cb_ref
-    buf = ctypes.create_string_buffer(2048)
+    buf = ctypes.create_string_buffer(256 * 1024)  # verifier logs are long
 
     def _print(level: int, fmt: bytes, va_list: int) -> int:
         n = module.vsnprintf(buf, len(buf), fmt, va_list)
         line = buf.value.decode(errors="replace").rstrip("\n")
         _recent_libbpf_lines.append(line)
-        log.debug("libbpf: %s", line)
+        log.debug("%s", line)
         return n
 
     _print_cb_ref = module.PRINT_CB(_print)
@@ -248,11 +248,15 @@ class BpfObject:
         kind = "uretprobe" if retprobe else "uprobe"
         return self._attached(ptr, f"{kind} {binary}:{func_name or hex(offset)}")
 
-    def close(self) -> None:
-        """Detach every link (in reverse order) and free the object."""
+    def detach(self) -> None:
+        """Detach every link, in reverse order; maps stay readable until close()."""
         for link in reversed(self.links):
             link.destroy()
         self.links.clear()
+
+    def close(self) -> None:
+        """Detach everything and free the object."""
+        self.detach()
         if self._ptr:
             lb().bpf_object__close(self._ptr)
             self._ptr = None

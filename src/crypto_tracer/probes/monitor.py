@@ -1,0 +1,160 @@
+"""The Python side of bpf/monitor.bpf.c: load, configure, attach, and decode its records.
+
+``MonitorProbe`` yields raw decoded records (dicts without enrichment); the enrichment
+(exe, redaction, content classification) is done by ``commands.monitor.Enricher``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from crypto_tracer import classify
+from crypto_tracer.engine import BpfObject, RingBuffer
+
+# record types (bpf/common.h enum ct_event_type)
+EV_EXEC, EV_EXIT, EV_FILE, EV_LIB = 1, 2, 3, 4
+
+HEADER = struct.Struct("<QIIII16s")  # ts_ns, type, pid, tid, uid, comm
+EXEC = struct.Struct("<IIII")  # ppid, exe_parts, exe_len, args_len
+EXIT = struct.Struct("<II")  # ppid, exit_code
+FILE = struct.Struct("<IiIIIIII")  # ppid, result, flags, fclass, name_len, base_parts, base_len, pad
+LIB = struct.Struct("<IIIIQ")  # ppid, parts, len, dev, ino
+EXEC_DATA = HEADER.size + EXEC.size
+FILE_DATA = HEADER.size + FILE.size
+LIB_DATA = HEADER.size + LIB.size
+
+COUNTER_NAMES = ("seen", "kernel_filtered", "dropped", "submitted")
+FILTER = struct.Struct("<IIII16s")  # struct ct_filter
+TRUST_PREFIX = struct.Struct("<I40s")
+FNV_INIT, FNV_PRIME, MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
+
+PROGRAMS_BY_TYPE = {
+    "process_exec": ("handle_exec",),
+    "process_exit": ("handle_exit",),
+    "file_open": ("enter_openat", "enter_open", "enter_openat2", "exit_openat", "exit_open", "exit_openat2"),
+    "lib_load": ("enter_mmap",),
+}
+
+
+def fnv1a(data: bytes) -> int:
+    h = FNV_INIT
+    for b in data:
+        h = ((h ^ b) * FNV_PRIME) & MASK64
+    return h
+
+
+def path_from_parts(data: bytes) -> str:
+    """Components written leaf first, NUL-terminated, into an absolute path."""
+    parts = [p for p in data.split(b"\0") if p]
+    parts.reverse()
+    return "/" + "/".join(p.decode(errors="replace") for p in parts)
+
+
+@dataclass
+class ProcessFilter:
+    pid: int | None = None
+    uid: int | None = None
+    name: str | None = None
+    use_pid_set: bool = False
+
+    def pack(self) -> bytes:
+        name = (self.name or "").lower().encode()[:15]
+        return FILTER.pack(self.pid or 0, 0xFFFFFFFF if self.uid is None else self.uid, len(name),
+                           int(self.use_pid_set), name)
+
+
+class MonitorProbe:
+    """Loads monitor.bpf.o for the given event types and process filter."""
+
+    def __init__(self, event_types=None, proc_filter: ProcessFilter | None = None,
+                 ringbuf_size: int | None = None, follow_children: bool = False):
+        self.event_types = tuple(event_types or PROGRAMS_BY_TYPE)
+        self.proc_filter = proc_filter or ProcessFilter()
+        self.follow_children = follow_children
+        self.obj = BpfObject.from_package("monitor")
+        wanted = {p for t in self.event_types for p in PROGRAMS_BY_TYPE[t]}
+        if follow_children:
+            wanted.add("handle_fork")
+        for prog in self.obj.programs():
+            prog.set_autoload(prog.name in wanted)
+        if ringbuf_size:
+            self.obj.map("events").set_max_entries(ringbuf_size)
+        self.ring: RingBuffer | None = None
+
+    def load(self) -> None:
+        self.obj.load()
+        self._write_tables()
+        self.obj.map("filter").update(b"\0\0\0\0", self.proc_filter.pack())
+        self.obj.map("mon_config").update(b"\0\0\0\0", struct.pack("<II", int(self.follow_children), os.getpid()))
+
+    def _write_tables(self) -> None:
+        """The kernel's copy of classify.py's tables (hashes of names and extensions)."""
+        one = struct.pack("<I", 1)
+        ext, names, stems = self.obj.map("ext_classes"), self.obj.map("name_classes"), self.obj.map("lib_stems")
+        for suffix in classify.SUFFIX_TYPES:
+            ext.update(struct.pack("<Q", fnv1a(suffix.encode())), one)
+        for name in classify.EXACT_NAMES:
+            names.update(struct.pack("<Q", fnv1a(name.encode())), one)
+        for stem in classify.CRYPTO_LIBRARIES:
+            stems.update(struct.pack("<Q", fnv1a(stem.encode())), one)
+        prefixes = self.obj.map("trust_prefixes")
+        for i, prefix in enumerate(classify.TRUST_STORE_DIRS[:8]):
+            prefixes.update(struct.pack("<I", i), TRUST_PREFIX.pack(len(prefix), prefix.encode()))
+
+    def add_pids(self, pids) -> None:
+        """Members of the pid set (with use_pid_set); children join it in the kernel."""
+        m = self.obj.map("pid_set")
+        for pid in pids:
+            m.update(struct.pack("<I", pid), b"\1")
+
+    def attach(self) -> None:
+        for prog in self.obj.programs():
+            if prog.autoload:
+                self.obj.attach(prog.name)
+
+    def open_ring(self, handler) -> RingBuffer:
+        self.ring = RingBuffer()
+        self.ring.add(self.obj.map("events"), handler)
+        return self.ring
+
+    def counters(self) -> dict[str, int]:
+        m = self.obj.map("counters")
+        out = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            out[name] = sum(struct.unpack("<Q", v)[0] for v in m.lookup_percpu(struct.pack("<I", i)))
+        return out
+
+    def close(self) -> None:
+        if self.ring:
+            self.ring.close()
+            self.ring = None
+        self.obj.close()
+
+
+def decode(raw: bytes) -> tuple | None:
+    """Decode one record into a tuple (kind, ts_ns, pid, tid, uid, comm, ppid, *fields)."""
+    ts, kind, pid, tid, uid, comm = HEADER.unpack_from(raw)
+    comm = comm.split(b"\0", 1)[0].decode(errors="replace")
+    if kind == EV_FILE:
+        ppid, result, flags, _cls, name_len, base_parts, base_len, _ = FILE.unpack_from(raw, HEADER.size)
+        name = raw[FILE_DATA:FILE_DATA + name_len].split(b"\0", 1)[0].decode(errors="replace")
+        base = None
+        if base_len or base_parts:
+            start = FILE_DATA + name_len
+            base = path_from_parts(raw[start:start + base_len])
+        return kind, ts, pid, tid, uid, comm, ppid, name, base, flags, result
+    if kind == EV_LIB:
+        ppid, _parts, length, dev, ino = LIB.unpack_from(raw, HEADER.size)
+        return kind, ts, pid, tid, uid, comm, ppid, path_from_parts(raw[LIB_DATA:LIB_DATA + length]), dev, ino
+    if kind == EV_EXEC:
+        ppid, parts, exe_len, args_len = EXEC.unpack_from(raw, HEADER.size)
+        exe = path_from_parts(raw[EXEC_DATA:EXEC_DATA + exe_len]) if parts else None
+        args = raw[EXEC_DATA + exe_len:EXEC_DATA + exe_len + args_len]
+        argv = [a.decode(errors="replace") for a in args.rstrip(b"\0").split(b"\0")] if args else []
+        return kind, ts, pid, tid, uid, comm, ppid, exe, argv
+    if kind == EV_EXIT:
+        ppid, code = EXIT.unpack_from(raw, HEADER.size)
+        return kind, ts, pid, tid, uid, comm, ppid, code
+    return None

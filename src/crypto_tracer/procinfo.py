@@ -1,0 +1,41 @@
+"""Process facts from /proc, cached per pid, for enriching kernel events."""
+
+from __future__ import annotations
+
+import os
+
+
+class ProcessCache:
+    """exe and ppid by pid. Exec events seed it; exits evict; others read /proc once."""
+
+    def __init__(self):
+        self._exe: dict[int, str | None] = {}
+
+    def exe(self, pid: int) -> str | None:
+        try:
+            return self._exe[pid]
+        except KeyError:
+            pass
+        try:
+            path = os.readlink(f"/proc/{pid}/exe")
+            if path.endswith(" (deleted)"):
+                path = path[:-10]
+        except OSError:
+            path = None
+        self._exe[pid] = path
+        return path
+
+    def set_exe(self, pid: int, exe: str | None) -> None:
+        self._exe[pid] = exe
+
+    def forget(self, pid: int) -> None:
+        self._exe.pop(pid, None)
+
+
+def read_cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
