@@ -1,12 +1,157 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* TLS secrets, read at the return of handshake and data calls (owned by the keylog work).
- * tls.bpf.c calls tls_keys_on_return(ssl, lib_kind) at every SSL_* return; it must cost one
- * map lookup when the session's keys are already known or keys are not wanted. */
+ *
+ * tls.bpf.c calls tls_keys_on_return(ctx, ssl, lib_kind) at every OpenSSL handshake/data
+ * return. Where the secrets live in the SSL object is learned per library build by user
+ * space (crypto_tracer/keys/calibrate.py) and written into `keys_layouts[lib_kind]`; with no
+ * layout there (keys not wanted, or the layout is unknown) nothing is read at all.
+ * Once a session's record went out, `keys_done` remembers (tgid, ssl) -> first 8 bytes of
+ * client_random, so later calls cost one map lookup and one 8-byte read; a reused SSL*
+ * (new handshake, new client_random) is noticed and read again.
+ * Secrets are only final at returns (node fills them during SSL_write), so a record is sent
+ * only when every secret its TLS version needs is non-zero.
+ */
 #ifndef CT_TLS_KEYS_H
 #define CT_TLS_KEYS_H
 
+#define CT_TLS_SECRET_LEN 64
+#define CT_TLS_MASTER_KEY_LEN 48
+#define CT_TLS_KEYS_SLOTS 4 /* indexed by lib_kind (CT_LIB_OPENSSL = 1) */
+
+/* Offsets in bytes; a negative cr_deref means client_random is in the SSL object itself. */
+struct ct_keys_layout {
+	__u32 enabled;
+	__s32 cr_deref;
+	__s32 cr_off;
+	__s32 version_off;
+	__s32 session_off;
+	__s32 master_key_off; /* in SSL_SESSION */
+	__s32 cipher_off;     /* SSL_CIPHER pointer in SSL_SESSION */
+	__s32 cipher_id_off;  /* u32 id in SSL_CIPHER */
+	__s32 hs_a_off;       /* handshake_secret (or CHTS when stored) */
+	__s32 hs_b_off;       /* handshake_traffic_hash (or SHTS when stored) */
+	__s32 client_app_off;
+	__s32 server_app_off;
+	__s32 exporter_off;
+};
+
+/* One CT_EV_TLS_KEYS record (464 bytes); decoded by crypto_tracer/keys/records.py. */
+struct ct_tls_keys_event {
+	struct ct_header h;
+	__u64 ssl;
+	__u32 lib_kind;
+	__s32 version;
+	__u32 cipher_id;
+	__u32 pad;
+	__u8 client_random[32];
+	__u8 master_key[CT_TLS_MASTER_KEY_LEN];
+	__u8 hs_a[CT_TLS_SECRET_LEN];
+	__u8 hs_b[CT_TLS_SECRET_LEN];
+	__u8 client_app[CT_TLS_SECRET_LEN];
+	__u8 server_app[CT_TLS_SECRET_LEN];
+	__u8 exporter[CT_TLS_SECRET_LEN];
+};
+
+struct ct_keys_done_key {
+	__u64 ssl;
+	__u32 tgid;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CT_TLS_KEYS_SLOTS);
+	__type(key, __u32);
+	__type(value, struct ct_keys_layout);
+} keys_layouts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ct_keys_done_key);
+	__type(value, __u64);
+} keys_done SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ct_tls_keys_event);
+} keys_scratch SEC(".maps");
+
+static __always_inline __u64 tls_keys_ptr_at(__u64 base, __s32 off)
+{
+	__u64 p = 0;
+	if (base)
+		bpf_probe_read_user(&p, sizeof(p), (void *)(base + off));
+	return p;
+}
+
+static __always_inline bool tls_keys_nonzero(const __u8 *b)
+{
+	return *(const __u64 *)b != 0;
+}
+
 static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_kind)
 {
+	__u32 slot = lib_kind;
+	struct ct_keys_layout *lay = bpf_map_lookup_elem(&keys_layouts, &slot);
+	if (!lay || !lay->enabled || !ssl)
+		return;
+
+	__u64 cr_base = lay->cr_deref >= 0 ? tls_keys_ptr_at(ssl, lay->cr_deref) : ssl;
+	__u64 cr8 = tls_keys_ptr_at(cr_base, lay->cr_off);
+	if (!cr8)
+		return; /* no ClientHello yet */
+	struct ct_keys_done_key key = { .ssl = ssl, .tgid = bpf_get_current_pid_tgid() >> 32 };
+	__u64 *done = bpf_map_lookup_elem(&keys_done, &key);
+	if (done && *done == cr8)
+		return; /* this session's keys went out already */
+
+	__u32 zero = 0;
+	struct ct_tls_keys_event *e = bpf_map_lookup_elem(&keys_scratch, &zero);
+	if (!e)
+		return;
+	bpf_probe_read_user(&e->version, sizeof(e->version), (void *)(ssl + lay->version_off));
+	bpf_probe_read_user(e->client_random, sizeof(e->client_random), (void *)(cr_base + lay->cr_off));
+	if (e->version == 0x0304) {
+		bpf_probe_read_user(e->hs_a, sizeof(e->hs_a), (void *)(ssl + lay->hs_a_off));
+		bpf_probe_read_user(e->hs_b, sizeof(e->hs_b), (void *)(ssl + lay->hs_b_off));
+		bpf_probe_read_user(e->client_app, sizeof(e->client_app), (void *)(ssl + lay->client_app_off));
+		bpf_probe_read_user(e->server_app, sizeof(e->server_app), (void *)(ssl + lay->server_app_off));
+		bpf_probe_read_user(e->exporter, sizeof(e->exporter), (void *)(ssl + lay->exporter_off));
+		if (!tls_keys_nonzero(e->hs_a) || !tls_keys_nonzero(e->hs_b) || !tls_keys_nonzero(e->client_app) ||
+		    !tls_keys_nonzero(e->server_app) || !tls_keys_nonzero(e->exporter))
+			return; /* handshake not finished yet */
+		__builtin_memset(e->master_key, 0, sizeof(e->master_key));
+	} else {
+		__builtin_memset(e->hs_a, 0, sizeof(e->hs_a) * 5);
+	}
+	__u64 session = tls_keys_ptr_at(ssl, lay->session_off);
+	if (!session)
+		return;
+	if (e->version != 0x0304) {
+		bpf_probe_read_user(e->master_key, sizeof(e->master_key), (void *)(session + lay->master_key_off));
+		if (!tls_keys_nonzero(e->master_key))
+			return;
+	}
+	__u64 cipher = tls_keys_ptr_at(session, lay->cipher_off);
+	e->cipher_id = 0;
+	if (cipher)
+		bpf_probe_read_user(&e->cipher_id, sizeof(e->cipher_id), (void *)(cipher + lay->cipher_id_off));
+	if (!e->cipher_id)
+		return;
+
+	ct_fill_header(&e->h, CT_EV_TLS_KEYS);
+	e->ssl = ssl;
+	e->lib_kind = lib_kind;
+	e->pad = 0;
+	ct_count(CT_CNT_SEEN);
+	if (!ct_process_wanted(e->h.pid, e->h.uid, e->h.comm))
+		ct_count(CT_CNT_KFILTERED);
+	else if (ct_output(e, sizeof(*e)))
+		return; /* ring full: counted as a drop, read again at the next call */
+	bpf_map_update_elem(&keys_done, &key, &cr8, BPF_ANY);
 }
 
 #endif

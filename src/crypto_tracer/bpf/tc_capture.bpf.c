@@ -1,0 +1,357 @@
+// SPDX-License-Identifier: GPL-2.0
+/* crypto-tracer tls -m pcapng: packets captured by TC (clsact ingress and egress).
+ *
+ * The capture filter (protocol, ports, hosts) is applied here, before anything is copied.
+ * A packet is copied up to the snap length (256 KiB: lo carries pre-GSO packets of
+ * ~107 KB) from a per-CPU slot into the ring buffer with its exact size.
+ * On lo every packet passes egress and then ingress: only egress is kept there.
+ *
+ * Process identity: connect() and accept() returns (syscall tracepoints, process context)
+ * record the socket's 4-tuple -> pid/comm in an LRU map; each packet looks up its sender
+ * (egress) or receiver (ingress) there.
+ */
+#include "common.h"
+#include <bpf/bpf_endian.h>
+
+#define CAP_MAX (256 * 1024)
+#define CAP_PORTS 8
+#define CAP_HOSTS 8
+#define TC_ACT_UNSPEC (-1)
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define EINPROGRESS 115
+
+struct cap_host {
+	__u32 family; /* AF_INET: addr[0..4) */
+	__u8 addr[16];
+};
+
+/* The capture filter: every non-empty part must match (ports: either end; hosts: either end). */
+struct cap_config {
+	__u32 snaplen;
+	__u32 proto; /* 0 any, 6 tcp, 17 udp */
+	__u32 nports;
+	__u32 nhosts;
+	__u16 ports[CAP_PORTS];
+	struct cap_host hosts[CAP_HOSTS];
+};
+
+struct cap_iface {
+	__u32 l2_len;      /* 14 on Ethernet-like devices (and lo), 0 on raw IP devices */
+	__u32 egress_only; /* lo: each packet would otherwise be seen twice */
+};
+
+struct flow_key {
+	__u32 family;
+	__u16 lport;
+	__u16 rport;
+	__u8 laddr[16];
+	__u8 raddr[16];
+};
+
+struct flow_proc {
+	__u32 pid;
+	__u32 pad;
+	char comm[CT_COMM_LEN];
+};
+
+/* CT_EV_PACKET: this 80-byte head, then cap_len bytes of the packet from its L2 header. */
+struct cap_rec {
+	struct ct_header h;
+	__u32 ifindex;
+	__u32 egress;
+	__u32 orig_len;
+	__u32 cap_len;
+	__u32 pid; /* 0: unknown */
+	__u32 pad;
+	char comm[CT_COMM_LEN];
+	__u8 data[CAP_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cap_config);
+} cap_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, struct cap_iface);
+} cap_ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow_proc);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __s32);
+} connect_fd SEC(".maps");
+
+/* One slot per CPU (user space sets max_entries to the number of possible CPUs). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cap_rec);
+} cap_scratch SEC(".maps");
+
+/* --- packets ------------------------------------------------------------------------------ */
+
+static __always_inline bool addr_eq(const __u8 *a, const __u8 *b, __u32 n)
+{
+	for (int i = 0; i < 16; i++) {
+		if (i >= n)
+			break;
+		if (a[i] != b[i])
+			return false;
+	}
+	return true;
+}
+
+static __always_inline bool host_match(struct cap_config *cfg, __u32 family, const __u8 *a, const __u8 *b)
+{
+	__u32 n = family == AF_INET ? 4 : 16;
+	for (int i = 0; i < CAP_HOSTS; i++) {
+		if (i >= cfg->nhosts)
+			break;
+		struct cap_host *h = &cfg->hosts[i];
+		if (h->family == family && (addr_eq(h->addr, a, n) || addr_eq(h->addr, b, n)))
+			return true;
+	}
+	return false;
+}
+
+static __always_inline bool port_match(struct cap_config *cfg, __u16 sport, __u16 dport)
+{
+	for (int i = 0; i < CAP_PORTS; i++) {
+		if (i >= cfg->nports)
+			break;
+		if (cfg->ports[i] == sport || cfg->ports[i] == dport)
+			return true;
+	}
+	return false;
+}
+
+static __always_inline int capture(struct __sk_buff *skb, __u32 egress)
+{
+	__u32 zero = 0, ifindex = skb->ifindex;
+	struct cap_iface *ifc = bpf_map_lookup_elem(&cap_ifaces, &ifindex);
+	struct cap_config *cfg = bpf_map_lookup_elem(&cap_config, &zero);
+	if (!ifc || !cfg || (ifc->egress_only && !egress))
+		return TC_ACT_UNSPEC;
+	ct_count(CT_CNT_SEEN);
+
+	struct flow_key key = {};
+	__u32 l3 = ifc->l2_len & 0xff, proto = 0, l4 = 0;
+	__u16 eth_proto = bpf_ntohs(skb->protocol);
+	__u16 ports[2] = {};
+	if (eth_proto == ETH_P_IP) {
+		__u8 ip[20];
+		if (bpf_skb_load_bytes(skb, l3, ip, sizeof(ip)))
+			goto other;
+		key.family = AF_INET;
+		proto = ip[9];
+		l4 = l3 + (ip[0] & 0xf) * 4;
+		__builtin_memcpy(key.laddr, &ip[12], 4);
+		__builtin_memcpy(key.raddr, &ip[16], 4);
+		if ((ip[6] & 0x1f) || ip[7]) /* a non-first fragment has no ports */
+			proto = 0;
+	} else if (eth_proto == ETH_P_IPV6) {
+		__u8 ip6[40];
+		if (bpf_skb_load_bytes(skb, l3, ip6, sizeof(ip6)))
+			goto other;
+		key.family = AF_INET6;
+		proto = ip6[6];
+		l4 = l3 + 40;
+		__builtin_memcpy(key.laddr, &ip6[8], 16);
+		__builtin_memcpy(key.raddr, &ip6[24], 16);
+	}
+	if (key.family && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)) {
+		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
+			proto = 0;
+		key.lport = bpf_ntohs(ports[0]);
+		key.rport = bpf_ntohs(ports[1]);
+	}
+other:
+	if (cfg->proto && cfg->proto != proto)
+		goto filtered;
+	if (cfg->nports && (!key.lport || !port_match(cfg, key.lport, key.rport)))
+		goto filtered;
+	if (cfg->nhosts && (!key.family || !host_match(cfg, key.family, key.laddr, key.raddr)))
+		goto filtered;
+
+	__u32 cpu = bpf_get_smp_processor_id();
+	struct cap_rec *rec = bpf_map_lookup_elem(&cap_scratch, &cpu);
+	if (!rec)
+		return TC_ACT_UNSPEC;
+	__u32 len = skb->len;
+	__u32 snap = cfg->snaplen;
+	if (len > snap)
+		len = snap;
+	if (len > CAP_MAX)
+		len = CAP_MAX;
+	if (len == 0)
+		return TC_ACT_UNSPEC;
+	barrier_var(len);
+	if (len > CAP_MAX)
+		return TC_ACT_UNSPEC;
+	if (bpf_skb_load_bytes(skb, 0, rec->data, len))
+		return TC_ACT_UNSPEC;
+
+	__builtin_memset(&rec->h, 0, sizeof(rec->h));
+	rec->h.ts_ns = bpf_ktime_get_ns();
+	rec->h.type = CT_EV_PACKET;
+	rec->ifindex = ifindex;
+	rec->egress = egress;
+	rec->orig_len = skb->len;
+	rec->cap_len = len;
+	rec->pid = 0;
+	rec->comm[0] = 0;
+	if (key.lport) {
+		/* the local end: the sender on egress, the receiver on ingress */
+		if (!egress) {
+			__u8 tmp[16];
+			__u16 p = key.lport;
+			__builtin_memcpy(tmp, key.laddr, 16);
+			__builtin_memcpy(key.laddr, key.raddr, 16);
+			__builtin_memcpy(key.raddr, tmp, 16);
+			key.lport = key.rport;
+			key.rport = p;
+		}
+		struct flow_proc *fp = bpf_map_lookup_elem(&flows, &key);
+		if (fp) {
+			rec->pid = fp->pid;
+			__builtin_memcpy(rec->comm, fp->comm, CT_COMM_LEN);
+		}
+	}
+	ct_output(rec, offsetof(struct cap_rec, data) + len);
+	return TC_ACT_UNSPEC;
+filtered:
+	ct_count(CT_CNT_KFILTERED);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int tc_ingress(struct __sk_buff *skb)
+{
+	return capture(skb, 0);
+}
+
+SEC("tc")
+int tc_egress(struct __sk_buff *skb)
+{
+	return capture(skb, 1);
+}
+
+/* --- sockets -> processes ----------------------------------------------------------------- */
+
+static __always_inline struct sock *fd_sock(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file *f = NULL;
+	struct file **fds;
+
+	if (!fdt || fd < 0 || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	if (!f)
+		return NULL;
+	struct socket *sock = BPF_CORE_READ(f, private_data);
+	if (!sock || BPF_CORE_READ(sock, file) != f)
+		return NULL;
+	return BPF_CORE_READ(sock, sk);
+}
+
+static const __u8 v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+/* Remember which process owns the socket behind fd. */
+static __always_inline void note_socket(int fd)
+{
+	struct sock *sk = fd_sock(fd);
+	struct flow_key key = {};
+	struct flow_proc proc = {};
+	if (!sk)
+		return;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family == AF_INET) {
+		key.family = AF_INET;
+		bpf_core_read(key.laddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(key.raddr, 4, &sk->__sk_common.skc_daddr);
+	} else if (family == AF_INET6) {
+		key.family = AF_INET6;
+		bpf_core_read(key.laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(key.raddr, 16, &sk->__sk_common.skc_v6_daddr);
+		if (addr_eq(key.laddr, v4_mapped, 12) && addr_eq(key.raddr, v4_mapped, 12)) {
+			key.family = AF_INET; /* IPv4 packets on a dual-stack socket */
+			__builtin_memcpy(key.laddr, &key.laddr[12], 4);
+			__builtin_memcpy(key.raddr, &key.raddr[12], 4);
+			__builtin_memset(&key.laddr[4], 0, 12);
+			__builtin_memset(&key.raddr[4], 0, 12);
+		}
+	} else {
+		return;
+	}
+	key.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	key.rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (!key.lport || !key.rport)
+		return;
+	proc.pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(proc.comm, sizeof(proc.comm));
+	bpf_map_update_elem(&flows, &key, &proc, BPF_ANY);
+}
+
+SEC("tracepoint/syscalls/sys_enter_connect")
+int cap_connect_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__s32 fd = (__s32)ctx->args[0];
+	bpf_map_update_elem(&connect_fd, &id, &fd, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int cap_connect_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__s32 *fd = bpf_map_lookup_elem(&connect_fd, &id);
+	if (!fd)
+		return 0;
+	__s32 f = *fd;
+	bpf_map_delete_elem(&connect_fd, &id);
+	if (ctx->ret == 0 || ctx->ret == -EINPROGRESS)
+		note_socket(f);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int cap_accept4_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	if (ctx->ret >= 0)
+		note_socket((int)ctx->ret);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int cap_accept_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	if (ctx->ret >= 0)
+		note_socket((int)ctx->ret);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";

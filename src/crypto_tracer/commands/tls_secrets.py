@@ -1,0 +1,158 @@
+"""`crypto-tracer tls -m keylog|key` and `-m pcapng|pcap`: session secrets and captures.
+
+keylog: every TLS session's secrets, as an NSS key log (-k FILE, else -o FILE, else stdout).
+pcapng: packets captured by TC on the -i interfaces (default lo), each with the pid and
+command of its process where known, and the secrets in Decryption Secrets Blocks that come
+before the packets they decrypt (packets are held back HOLD_S so the keys of their session,
+known when its handshake returns, are written first). -k writes the key log as well.
+"""
+
+from __future__ import annotations
+
+import collections
+import select
+import sys
+import time
+
+from crypto_tracer.errors import ExitStatus, TracerError
+from crypto_tracer.log import log
+
+HOLD_S = 1.0  # how long a packet waits for its session's keys
+MAX_HELD = 200_000  # packets; beyond this the oldest go out without waiting
+
+
+class PacketSink:
+    """Writes held packets to the pcapng once their keys had time to arrive."""
+
+    def __init__(self, writer, interfaces, clock):
+        self.writer = writer
+        self.clock = clock
+        self.ids = {ifc.ifindex: writer.add_interface(ifc.name, ifc.linktype) for ifc in interfaces}
+        self.held: collections.deque = collections.deque()
+        self.truncated = 0
+
+    def add(self, raw: bytes) -> None:
+        self.held.append((time.monotonic(), raw))
+        if len(self.held) > MAX_HELD:
+            self._write(self.held.popleft()[1])
+
+    def flush(self, everything: bool = False) -> None:
+        limit = time.monotonic() - HOLD_S
+        while self.held and (everything or self.held[0][0] <= limit):
+            self._write(self.held.popleft()[1])
+        self.writer.flush()
+
+    def _write(self, raw: bytes) -> None:
+        from crypto_tracer.probes.capture import decode
+
+        pkt = decode(raw)
+        if pkt.orig_len > len(pkt.data):
+            self.truncated += 1
+        comment = f"pid={pkt.pid} comm={pkt.comm}" if pkt.pid else None
+        self.writer.add_packet(self.ids.get(pkt.ifindex, 0), self.clock.epoch_ns(pkt.ts_ns), pkt.data,
+                               orig_len=pkt.orig_len, outbound=pkt.egress, comment=comment)
+
+
+def run(opts) -> int:
+    from crypto_tracer import runloop
+    from crypto_tracer.clock import WallClock
+    from crypto_tracer.keys.extractor import KeyExtractor
+    from crypto_tracer.probes.tls import TlsTracer
+    from crypto_tracer.sinks.keylog import KeyLog
+
+    pcap = opts.model in ("pcap", "pcapng")
+    interfaces, capture_filter = [], None
+    if pcap:
+        from crypto_tracer.probes.capture import interface, parse_filter
+
+        if not opts.pcapfile:
+            raise TracerError(f"-m {opts.model} needs an output file: -w FILE", ExitStatus.BAD_ARGS)
+        interfaces = [interface(name) for name in dict.fromkeys(opts.ifname or ["lo"])]
+        capture_filter = parse_filter(opts.filter or [])
+    elif opts.filter:
+        raise TracerError("a capture filter only applies to -m pcapng", ExitStatus.BAD_ARGS)
+    keylog_path = opts.keylogfile or (None if pcap else (opts.output or "-"))
+
+    clock = WallClock()
+    keylog = KeyLog(keylog_path)
+    writer = sink = capture = None
+    tracer = TlsTracer(pids=[opts.pid] if opts.pid else None, uid=opts.uid, name=opts.name,
+                       libssl=opts.libssl or (), capture_data=False, mapsize=opts.mapsize)
+
+    def on_lines(lines, _rec):
+        text = keylog.add(lines)
+        if text and writer is not None:
+            writer.add_secrets(text)
+
+    keys = KeyExtractor(tracer, on_lines)
+    stop = runloop.StopFlag().install()
+    try:
+        if pcap:
+            from crypto_tracer.probes.capture import TcCapture
+            from crypto_tracer.sinks.pcapng import PcapngWriter
+
+            writer = PcapngWriter(opts.pcapfile)
+            sink = PacketSink(writer, interfaces, clock)
+            capture = TcCapture(interfaces, capture_filter, sink.add, mapsize=opts.mapsize)
+            capture.start()
+        tracer.start()
+        if not tracer.libraries:
+            log.warning("no TLS library found yet; processes started from now on are followed")
+        if not opts.quiet:
+            what = f"packets on {', '.join(i.name for i in interfaces)} to {opts.pcapfile}" if pcap else \
+                f"TLS keys to {keylog_path if keylog_path not in (None, '-') else 'stdout'}"
+            print(f"crypto-tracer: writing {what}; Ctrl-C to stop", file=sys.stderr)
+        fds = [tracer.rb.epoll_fd] + ([capture.rb.epoll_fd] if capture else [])
+
+        def poll(timeout_ms: int) -> None:
+            select.select(fds, [], [], timeout_ms / 1000)
+            tracer.poll(0)  # keys first: their DSB must precede the packets they decrypt
+            if capture is not None:
+                capture.poll(0)
+                sink.flush()
+
+        runloop.run(poll, opts.duration or None, stop, poll_ms=50)
+    finally:
+        stop.restore()
+        if capture is not None:
+            capture.detach()  # nothing new arrives; what is in the ring is still read
+        _finish(tracer, capture, sink)
+        keylog.close()
+        if writer is not None:
+            writer.close()
+    if not opts.quiet:
+        _report(opts, keylog, keys, tracer, capture, sink)
+    return ExitStatus.OK
+
+
+def _finish(tracer, capture, sink) -> None:
+    try:
+        if tracer.rb is not None:
+            tracer.drain()
+        if capture is not None and capture.rb is not None:
+            capture.drain()
+        tracer.drain() if tracer.rb is not None else None
+        if sink is not None:
+            sink.flush(everything=True)
+    finally:
+        tracer.close()
+        if capture is not None:
+            capture.counters_at_end = capture.counters()
+            capture.close()
+
+
+def _report(opts, keylog, keys, tracer, capture, sink) -> None:
+    lines = [f"crypto-tracer: {keys.sessions} TLS sessions, {keylog.lines_written} key log lines"]
+    if capture is not None:
+        c = capture.counters_at_end
+        lines.append(f"crypto-tracer: {sink.writer.packets} packets written to {opts.pcapfile} "
+                     f"(seen {c['seen']}, filtered out {c['kernel_filtered']}, dropped {c['dropped']}"
+                     f"{f', truncated {sink.truncated}' if sink.truncated else ''})")
+        if c["dropped"]:
+            lines.append("crypto-tracer: warning: packets were dropped (ring buffer full): raise --mapsize")
+    if keys.unsupported:
+        lines.append(f"crypto-tracer: session secrets are not read from {', '.join(keys.unsupported)} "
+                     "(OpenSSL only)")
+    for message in keys.unusable:
+        lines.append(f"crypto-tracer: {message}")
+    print("\n".join(lines), file=sys.stderr)

@@ -1,0 +1,310 @@
+"""The user side of tc_capture.bpf.c: the capture filter, the clsact hooks on each interface
+(and their cleanup, also after a crash), and decoding of CT_EV_PACKET records.
+
+Cleanup: every run writes /run/crypto-tracer/tc-capture-<pid>.json naming what it attached.
+A later start removes what a dead run left behind: its filters (by their handle and
+priority) and the clsact qdisc when that run had created it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import glob
+import ipaddress
+import json
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from crypto_tracer.errors import ExitStatus, TracerError
+from crypto_tracer.log import log
+
+CT_EV_PACKET = 9
+SNAPLEN = 256 * 1024  # lo carries pre-GSO packets of ~107 KB
+STATE_DIR = "/run/crypto-tracer"
+TC_HANDLE = 0xC7
+TC_PRIORITY = 0xC7
+MAX_PORTS = MAX_HOSTS = 8
+ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
+LINKTYPE_ETHERNET, LINKTYPE_RAW = 1, 101
+
+HEAD = struct.Struct("<QII8x16x" "IIIIII16s")  # ct_header (ts, type, pid) + cap_rec fields
+CONFIG = struct.Struct("<IIII8H" + "I16s" * MAX_HOSTS)
+IFACE = struct.Struct("<II")
+
+
+# --- the capture filter --------------------------------------------------------------------
+
+@dataclass
+class CaptureFilter:
+    proto: int = 0
+    ports: list[int] = field(default_factory=list)
+    hosts: list[ipaddress._BaseAddress] = field(default_factory=list)
+
+    def value(self, snaplen: int) -> bytes:
+        ports = self.ports + [0] * (MAX_PORTS - len(self.ports))
+        hosts = []
+        for h in self.hosts + [None] * (MAX_HOSTS - len(self.hosts)):
+            hosts += [0, b""] if h is None else [socket.AF_INET if h.version == 4 else socket.AF_INET6, h.packed]
+        return CONFIG.pack(snaplen, self.proto, len(self.ports), len(self.hosts), *ports, *hosts)
+
+
+def parse_filter(words: list[str]) -> CaptureFilter:
+    """'tcp', 'udp', 'port N', 'host ADDR', joined with 'and'; 'or' only between terms of one
+    kind ('port 443 or port 8443'). Anything else is refused, never ignored."""
+    f = CaptureFilter()
+    tokens = " ".join(words).replace("(", " ").replace(")", " ").split()
+    kinds, i = [], 0
+    while i < len(tokens):
+        tok = tokens[i].lower()
+        if tok in ("and", "&&", "or", "||"):
+            kinds.append(tok)
+            i += 1
+            continue
+        if tok in ("tcp", "udp"):
+            f.proto = socket.IPPROTO_TCP if tok == "tcp" else socket.IPPROTO_UDP
+            kinds.append("proto")
+            i += 1
+            continue
+        if tok in ("port", "host") and i + 1 < len(tokens):
+            value = tokens[i + 1]
+            try:
+                if tok == "port":
+                    port = int(value)
+                    if not 0 < port < 65536:
+                        raise ValueError
+                    f.ports.append(port)
+                else:
+                    f.hosts.append(ipaddress.ip_address(value))
+            except ValueError:
+                raise TracerError(f"capture filter: invalid {tok} '{value}'", ExitStatus.BAD_ARGS) from None
+            kinds.append(tok)
+            i += 2
+            continue
+        raise TracerError(f"capture filter: '{tokens[i]}' is not supported", ExitStatus.BAD_ARGS,
+                          "use tcp/udp, port N, host ADDR, joined with and (or between ports or between hosts)")
+    for j, k in enumerate(kinds):
+        if k in ("or", "||") and not (0 < j < len(kinds) - 1 and kinds[j - 1] == kinds[j + 1] != "proto"):
+            raise TracerError("capture filter: 'or' is only supported between ports or between hosts",
+                              ExitStatus.BAD_ARGS, "e.g. 'port 443 or port 8443 and host 10.0.0.1'")
+    if len(f.ports) > MAX_PORTS or len(f.hosts) > MAX_HOSTS:
+        raise TracerError(f"capture filter: at most {MAX_PORTS} ports and {MAX_HOSTS} hosts", ExitStatus.BAD_ARGS)
+    return f
+
+
+# --- interfaces and TC hooks ---------------------------------------------------------------
+
+@dataclass
+class Interface:
+    name: str
+    ifindex: int
+    arphrd: int
+
+    @property
+    def has_l2(self) -> bool:
+        return self.arphrd in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
+
+    @property
+    def linktype(self) -> int:
+        return LINKTYPE_ETHERNET if self.has_l2 else LINKTYPE_RAW
+
+
+def interface(name: str) -> Interface:
+    try:
+        ifindex = socket.if_nametoindex(name)
+    except OSError:
+        raise TracerError(f"no network interface '{name}'", ExitStatus.BAD_ARGS, "list them with: ip link") from None
+    try:
+        with open(f"/sys/class/net/{name}/type") as f:
+            arphrd = int(f.read())
+    except (OSError, ValueError):
+        arphrd = ARPHRD_ETHER
+    return Interface(name, ifindex, arphrd)
+
+
+def _hook(ifindex: int, attach_point: int):
+    from crypto_tracer.engine import lb
+
+    m = lb()
+    return m.bpf_tc_hook(sz=ctypes.sizeof(m.bpf_tc_hook), ifindex=ifindex, attach_point=attach_point)
+
+
+def _opts(prog_fd: int = 0):
+    from crypto_tracer.engine import lb
+
+    m = lb()
+    return m.bpf_tc_opts(sz=ctypes.sizeof(m.bpf_tc_opts), prog_fd=prog_fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+
+
+def _create_qdisc(ifindex: int) -> bool:
+    """Add the clsact qdisc; False when it was there already (then it is not ours to remove)."""
+    from crypto_tracer.engine import lb
+
+    m = lb()
+    ret = m.bpf_tc_hook_create(ctypes.byref(_hook(ifindex, m.BPF_TC_INGRESS | m.BPF_TC_EGRESS)))
+    if ret == -errno.EEXIST:
+        return False
+    if ret:
+        raise TracerError(f"cannot add a clsact qdisc on ifindex {ifindex}: {os.strerror(-ret)}",
+                          ExitStatus.NO_PRIVILEGES if ret == -errno.EPERM else ExitStatus.BPF_FAILURE,
+                          "pcapng capture needs CAP_NET_ADMIN")
+    return True
+
+
+def _remove(ifindex: int, created_qdisc: bool) -> None:
+    """Detach our filters; remove the qdisc if we created it (INGRESS|EGRESS, or it stays)."""
+    from crypto_tracer.engine import lb
+
+    m = lb()
+    for point in (m.BPF_TC_INGRESS, m.BPF_TC_EGRESS):
+        m.bpf_tc_detach(ctypes.byref(_hook(ifindex, point)), ctypes.byref(_opts()))
+    if created_qdisc:
+        m.bpf_tc_hook_destroy(ctypes.byref(_hook(ifindex, m.BPF_TC_INGRESS | m.BPF_TC_EGRESS)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def cleanup_leftovers() -> int:
+    """Remove what dead runs attached; returns how many interfaces were cleaned."""
+    cleaned = 0
+    for path in glob.glob(os.path.join(STATE_DIR, "tc-capture-*.json")):
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            if _alive(int(state["pid"])) and int(state["pid"]) != os.getpid():
+                continue
+            for ifc in state["interfaces"]:
+                _remove(int(ifc["ifindex"]), bool(ifc["created_qdisc"]))
+                cleaned += 1
+            os.unlink(path)
+            log.info("removed the TC capture left behind by crypto-tracer pid %s", state["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return cleaned
+
+
+# --- packets -------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Packet:
+    ts_ns: int  # CLOCK_MONOTONIC
+    ifindex: int
+    egress: bool
+    orig_len: int
+    pid: int  # 0: unknown
+    comm: str
+    data: bytes
+
+
+def decode(raw: bytes) -> Packet:
+    ts, _type, _pid, ifindex, egress, orig_len, cap_len, pid, _pad, comm = HEAD.unpack_from(raw, 0)
+    return Packet(ts, ifindex, bool(egress), orig_len, pid, comm.split(b"\0", 1)[0].decode(errors="replace"),
+                  raw[HEAD.size:HEAD.size + cap_len])
+
+
+class TcCapture:
+    """Captures packets on interfaces with TC; records go to handler(raw bytes)."""
+
+    def __init__(self, interfaces: list[Interface], capture_filter: CaptureFilter, handler: Callable[[bytes], None],
+                 snaplen: int = SNAPLEN, mapsize: int | None = None):
+        self.interfaces = interfaces
+        self.filter = capture_filter
+        self.handler = handler
+        self.snaplen = min(snaplen, SNAPLEN)
+        self.mapsize = mapsize or (32 << 20)
+        self.obj = None
+        self.rb = None
+        self._attached: list[dict] = []
+        self._state = os.path.join(STATE_DIR, f"tc-capture-{os.getpid()}.json")
+
+    def start(self) -> None:
+        from crypto_tracer.engine import BpfObject, RingBuffer, num_possible_cpus
+
+        cleanup_leftovers()
+        self.obj = BpfObject.from_package("tc_capture")
+        self.obj.map("cap_scratch").set_max_entries(num_possible_cpus())
+        self.obj.map("events").set_max_entries(self.mapsize)
+        self.obj.load()
+        zero = struct.pack("<I", 0)
+        self.obj.map("cap_config").update(zero, self.filter.value(self.snaplen))
+        for ifc in self.interfaces:
+            self.obj.map("cap_ifaces").update(struct.pack("<I", ifc.ifindex),
+                                              IFACE.pack(14 if ifc.has_l2 else 0, int(ifc.arphrd == ARPHRD_LOOPBACK)))
+        self.obj.attach_tracepoint("cap_connect_enter", "syscalls", "sys_enter_connect")
+        self.obj.attach_tracepoint("cap_connect_exit", "syscalls", "sys_exit_connect")
+        self.obj.attach_tracepoint("cap_accept4_exit", "syscalls", "sys_exit_accept4")
+        self.obj.attach_tracepoint("cap_accept_exit", "syscalls", "sys_exit_accept")
+        self.rb = RingBuffer()
+        self.rb.add(self.obj.map("events"), self.handler)
+        for ifc in self.interfaces:
+            self._attach(ifc)
+
+    def _attach(self, ifc: Interface) -> None:
+        from crypto_tracer.engine import lb
+
+        m = lb()
+        created = _create_qdisc(ifc.ifindex)
+        self._attached.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created})
+        self._save_state()
+        for prog, point in (("tc_ingress", m.BPF_TC_INGRESS), ("tc_egress", m.BPF_TC_EGRESS)):
+            opts = _opts(self.obj.program(prog).fd)
+            ret = m.bpf_tc_attach(ctypes.byref(_hook(ifc.ifindex, point)), ctypes.byref(opts))
+            if ret:
+                raise TracerError(f"attaching the TC capture to {ifc.name} failed: {os.strerror(-ret)}",
+                                  ExitStatus.BPF_FAILURE)
+        log.debug("capture: attached to %s (ifindex %d, qdisc %s)", ifc.name, ifc.ifindex,
+                  "created" if created else "already there")
+
+    def _save_state(self) -> None:
+        try:
+            os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+            with open(self._state, "w") as f:
+                json.dump({"pid": os.getpid(), "interfaces": self._attached}, f)
+        except OSError as exc:
+            log.warning("cannot record the TC state in %s (%s): a crash would leave filters behind",
+                        STATE_DIR, exc.strerror)
+
+    def poll(self, timeout_ms: int) -> int:
+        return self.rb.poll(timeout_ms)
+
+    def drain(self) -> int:
+        return self.rb.drain() if self.rb else 0
+
+    def counters(self) -> dict:
+        totals = [0] * 4
+        if self.obj is not None:
+            cmap = self.obj.map("counters")
+            for i in range(4):
+                for cpu in cmap.lookup_percpu(struct.pack("<I", i)):
+                    totals[i] += struct.unpack("<Q", cpu)[0]
+        return {"seen": totals[0], "kernel_filtered": totals[1], "dropped": totals[2], "submitted": totals[3]}
+
+    def detach(self) -> None:
+        """Remove every filter and qdisc we added (the ring can still be drained)."""
+        for ifc in reversed(self._attached):
+            _remove(ifc["ifindex"], ifc["created_qdisc"])
+        self._attached.clear()
+        try:
+            os.unlink(self._state)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.detach()
+        if self.rb is not None:
+            self.rb.close()
+            self.rb = None
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
