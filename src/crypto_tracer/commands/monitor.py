@@ -5,11 +5,12 @@ kernel (monitor.bpf.c) -> ring buffer -> decode -> enrich -> user filters -> red
 
 from __future__ import annotations
 
+import os
 import time
 
 from crypto_tracer.clock import WallClock
 from crypto_tracer.enrich import Enricher
-from crypto_tracer.errors import ExitStatus
+from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.filters import UserFilter
 from crypto_tracer.log import is_verbose, log
 from crypto_tracer.preflight import preflight
@@ -64,6 +65,9 @@ class Pipeline:
 def run(opts, extra_pids=None, on_ready=None) -> int:
     """Run the stream. extra_pids/on_ready let `demo` trace only its own workload."""
     preflight()
+    if opts.pid is not None and not os.path.exists(f"/proc/{opts.pid}"):
+        raise TracerError(f"no process with pid {opts.pid}", ExitStatus.ERROR,
+                          "check the pid with ps, or use --name to follow processes by name")
     probe = MonitorProbe(
         event_types=opts.event_types,
         proc_filter=ProcessFilter(pid=opts.pid, uid=getattr(opts, "uid", None), name=opts.name,
