@@ -44,10 +44,11 @@ def take_snapshot(redact_paths: bool = True) -> dict:
     started = time.perf_counter()
     generated_at = now_iso()
     if redact_paths:
-        from crypto_tracer.redact import redact
+        from crypto_tracer.redact import redact, redact_text
     else:
         def redact(path):
             return path
+        redact_text = redact
     own_pid = os.getpid()
     host_mnt = inventory.host_mount_ns()
     tcp = inventory.TcpTables()
@@ -63,7 +64,7 @@ def take_snapshot(redact_paths: bool = True) -> dict:
             continue
         if proc is None or not proc.uses_crypto:
             continue
-        processes.append(process_entry(proc, host_mnt, tcp, redact))
+        processes.append(process_entry(proc, host_mnt, tcp, redact, redact_text))
     uname = os.uname()
     return {
         "snapshot_version": SNAPSHOT_VERSION,
@@ -81,7 +82,8 @@ def take_snapshot(redact_paths: bool = True) -> dict:
     }
 
 
-def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inventory.TcpTables, redact) -> dict:
+def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inventory.TcpTables, redact,
+                  redact_text) -> dict:
     uid, _gid = inventory.read_status_ids(proc.pid)
     uses_tls = proc.static_tls is not None or any(lib["name"] in ("libssl", "libgnutls", "libnss3", "libssl3",
                                                                     "libmbedtls", "libwolfssl")
@@ -91,7 +93,7 @@ def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inve
         "ppid": proc.ppid,
         "name": proc.name,
         "exe": redact(proc.exe),
-        "cmdline": redact_words(inventory.read_cmdline(proc.pid), redact),
+        "cmdline": redact_text(inventory.read_cmdline(proc.pid)),
         "running_as": inventory.user_name(uid),
         "uid": uid,
         "libraries": [{"path": redact(lib["path"]), "name": lib["name"], "version": lib["version"]}
@@ -101,13 +103,6 @@ def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inve
         "tls_sockets": tcp.sockets(proc.pid, proc.socket_inodes) if uses_tls else [],
         "container": inventory.container_info(proc.pid, host_mnt),
     }
-
-
-def redact_words(cmdline: str | None, redact) -> str | None:
-    """Paths inside a command line are redacted like path fields (arguments are space-separated)."""
-    if not cmdline or ("/home/" not in cmdline and "/root" not in cmdline):
-        return cmdline
-    return " ".join(redact(word) or word for word in cmdline.split(" "))
 
 
 def file_entry(f: dict, redact) -> dict:

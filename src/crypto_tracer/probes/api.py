@@ -1,0 +1,251 @@
+"""The Python side of bpf/api.bpf.c: crypto API uprobes attached per pid, counted in the kernel.
+
+``FUNCTIONS`` is the table of hooked OpenSSL functions (1.1.1 and 3.x names): which library
+exports it, what it shows, and which argument carries the algorithm. Functions that call
+another hooked function are left out (SSL_CTX_new -> SSL_CTX_new_ex, RAND_bytes ->
+RAND_bytes_ex, EVP_PKEY_keygen -> EVP_PKEY_generate, SSL_connect/SSL_accept ->
+SSL_do_handshake), so one call is counted once.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from crypto_tracer import classify, inventory
+from crypto_tracer.engine import BpfObject
+from crypto_tracer.errors import TracerError
+from crypto_tracer.log import log
+
+# argument kinds (bpf/api.bpf.c enum ct_arg_kind)
+NONE, STR, NID_PTR, NID, SIZE = 0, 1, 2, 3, 4
+# program per probe shape
+ENTER, RET_OK, RET_BYTES, EX = "enter", "ret_ok", "ret_bytes", "ex"
+
+
+@dataclass(frozen=True)
+class Function:
+    id: int
+    name: str
+    library: str  # "libssl" or "libcrypto": which library exports it (a static exe may export both)
+    category: str
+    kind: int = NONE
+    arg: int = 0  # 1-based index of the argument read
+    shape: str = ENTER
+
+
+FUNCTIONS: tuple[Function, ...] = (
+    # libssl: contexts, sessions, handshakes, certificates, data
+    Function(1, "SSL_CTX_new_ex", "libssl", "context"),
+    Function(2, "SSL_new", "libssl", "session"),
+    Function(3, "SSL_do_handshake", "libssl", "handshake", shape=RET_OK),
+    Function(4, "SSL_CTX_use_certificate_file", "libssl", "certificate"),
+    Function(5, "SSL_CTX_use_certificate_chain_file", "libssl", "certificate"),
+    Function(6, "SSL_CTX_use_PrivateKey_file", "libssl", "private_key"),
+    Function(7, "SSL_use_certificate_file", "libssl", "certificate"),
+    Function(8, "SSL_use_PrivateKey_file", "libssl", "private_key"),
+    Function(9, "SSL_CTX_load_verify_file", "libssl", "trust"),
+    Function(10, "SSL_CTX_load_verify_dir", "libssl", "trust"),
+    Function(11, "SSL_CTX_set_default_verify_paths", "libssl", "trust"),
+    Function(12, "SSL_read", "libssl", "tls_read", shape=RET_BYTES),
+    Function(13, "SSL_write", "libssl", "tls_write", shape=RET_BYTES),
+    Function(14, "SSL_read_ex", "libssl", "tls_read", shape=EX),
+    Function(15, "SSL_write_ex", "libssl", "tls_write", shape=EX),
+    # libcrypto: EVP digests, ciphers, signatures, key exchange, key generation, randomness
+    Function(30, "EVP_DigestInit", "libcrypto", "digest", NID_PTR, 2),
+    Function(31, "EVP_DigestInit_ex", "libcrypto", "digest", NID_PTR, 2),
+    Function(32, "EVP_DigestInit_ex2", "libcrypto", "digest", NID_PTR, 2),
+    Function(40, "EVP_CipherInit", "libcrypto", "cipher", NID_PTR, 2),
+    Function(41, "EVP_CipherInit_ex", "libcrypto", "cipher", NID_PTR, 2),
+    Function(42, "EVP_CipherInit_ex2", "libcrypto", "cipher", NID_PTR, 2),
+    Function(43, "EVP_EncryptInit_ex", "libcrypto", "cipher", NID_PTR, 2),
+    Function(44, "EVP_EncryptInit_ex2", "libcrypto", "cipher", NID_PTR, 2),
+    Function(45, "EVP_DecryptInit_ex", "libcrypto", "cipher", NID_PTR, 2),
+    Function(46, "EVP_DecryptInit_ex2", "libcrypto", "cipher", NID_PTR, 2),
+    Function(50, "EVP_DigestSignInit", "libcrypto", "signature", NID_PTR, 3),
+    Function(51, "EVP_DigestSignInit_ex", "libcrypto", "signature", STR, 3),
+    Function(52, "EVP_DigestVerifyInit", "libcrypto", "signature", NID_PTR, 3),
+    Function(53, "EVP_DigestVerifyInit_ex", "libcrypto", "signature", STR, 3),
+    Function(60, "EVP_PKEY_derive", "libcrypto", "key_exchange"),
+    Function(61, "EVP_PKEY_generate", "libcrypto", "key_generation"),
+    Function(62, "EVP_PKEY_CTX_new_from_name", "libcrypto", "key_context", STR, 2),
+    Function(63, "EVP_PKEY_CTX_new_id", "libcrypto", "key_context", NID, 1),
+    Function(70, "RAND_bytes_ex", "libcrypto", "random", SIZE, 3),
+    Function(71, "RAND_priv_bytes_ex", "libcrypto", "random", SIZE, 3),
+    Function(80, "EVP_MD_fetch", "libcrypto", "fetch", STR, 2),
+    Function(81, "EVP_CIPHER_fetch", "libcrypto", "fetch", STR, 2),
+    Function(82, "EVP_MAC_fetch", "libcrypto", "fetch", STR, 2),
+    Function(83, "EVP_KDF_fetch", "libcrypto", "fetch", STR, 2),
+)
+FUNCTIONS_BY_ID = {f.id: f for f in FUNCTIONS}
+# OpenSSL 1.1.1 has no EVP_PKEY_generate / RAND_bytes_ex: hook these instead when absent
+FALLBACKS = {"EVP_PKEY_generate": "EVP_PKEY_keygen", "RAND_bytes_ex": "RAND_bytes",
+             "RAND_priv_bytes_ex": "RAND_priv_bytes", "SSL_CTX_new_ex": "SSL_CTX_new"}
+FALLBACK_ARG = {"RAND_bytes": 2, "RAND_priv_bytes": 2}
+
+KEY = struct.Struct("<IHH32s")
+VAL = struct.Struct("<QQ")
+COUNTER_NAMES = ("seen", "kernel_filtered", "dropped", "submitted")
+
+
+def cookie(f: Function, arg: int | None = None) -> int:
+    return f.id | (f.kind << 16) | ((arg if arg is not None else f.arg) << 24)
+
+
+_nid2sn = None
+
+
+def nid_name(nid: int) -> str:
+    """OpenSSL's short name of a NID ('SHA256'); NIDs are the same in every OpenSSL build."""
+    global _nid2sn
+    if _nid2sn is None:
+        import ctypes
+
+        try:
+            lib = ctypes.CDLL("libcrypto.so.3")
+        except OSError:
+            try:
+                lib = ctypes.CDLL("libcrypto.so.1.1")
+            except OSError:
+                lib = None
+        if lib is not None:
+            lib.OBJ_nid2sn.restype = ctypes.c_char_p
+            lib.OBJ_nid2sn.argtypes = [ctypes.c_int]
+            _nid2sn = lib.OBJ_nid2sn
+        else:
+            _nid2sn = False
+    name = _nid2sn(nid) if _nid2sn else None
+    return name.decode() if name else f"nid:{nid}"
+
+
+def decode_key(raw: bytes) -> tuple[int, int, str | None]:
+    """(tgid, function id, algorithm) of an api_counts key."""
+    tgid, func, kind, arg = KEY.unpack(raw)
+    algorithm = None
+    if kind == STR:
+        algorithm = arg.split(b"\0", 1)[0].decode(errors="replace") or None
+    elif kind == NID:
+        nid = struct.unpack_from("<i", arg)[0]
+        algorithm = nid_name(nid) if nid > 0 else None  # NID 0: a provider-only algorithm
+    return tgid, func, algorithm
+
+
+def normalize_algorithm(name: str | None) -> str | None:
+    """One spelling per algorithm: fetch names are case-insensitive ('sha256' == 'SHA256')."""
+    if name is None:
+        return None
+    upper = name.upper()
+    return {"SHA-256": "SHA256", "SHA-384": "SHA384", "SHA-512": "SHA512", "SHA-1": "SHA1",
+            "SHA2-256": "SHA256", "SHA2-384": "SHA384", "SHA2-512": "SHA512"}.get(upper, upper)
+
+
+class ApiProbe:
+    """Loads api.bpf.o once; attach(pid) hooks the crypto libraries that pid maps."""
+
+    def __init__(self):
+        self.obj = BpfObject.from_package("api")
+        self.obj.map("events").set_max_entries(4096)  # unused here: counts live in api_counts
+        self.attached: set[tuple[int, int, int]] = set()  # (pid, dev, ino) of hooked files
+        self.links = 0
+        self.failed: list[str] = []
+
+    def load(self) -> None:
+        self.obj.load()
+
+    def attach(self, pid: int) -> int:
+        """Hook pid's libssl/libcrypto (through its root) and its executable if it carries
+        OpenSSL statically; already-hooked files are skipped. Returns the new link count."""
+        targets = []
+        for lib in inventory.crypto_libraries(pid):
+            if lib["name"] in ("libssl", "libcrypto"):
+                targets.append((inventory.root_path(pid, lib["path"]), (lib["name"],)))
+        exe = f"/proc/{pid}/exe"
+        info = inventory.static_tls(exe)
+        if info and info["library"] == "openssl":
+            exe_path = inventory.readlink(exe)
+            if exe_path:
+                targets.append((inventory.root_path(pid, exe_path), ("libssl", "libcrypto")))
+        new = 0
+        for path, libraries in targets:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            key = (pid, st.st_dev, st.st_ino)
+            if key in self.attached:
+                continue
+            self.attached.add(key)
+            new += self._attach_file(pid, path, libraries)
+        self.links += new
+        return new
+
+    def _attach_file(self, pid: int, path: str, libraries: tuple[str, ...]) -> int:
+        exported = set(inventory.defined_dynamic_symbols(path, [f.name.encode() for f in FUNCTIONS] +
+                                                         [n.encode() for n in FALLBACKS.values()]))
+        count = 0
+        for f in FUNCTIONS:
+            if f.library not in libraries:
+                continue
+            name, arg = f.name, None
+            if name not in exported and FALLBACKS.get(name) in exported:
+                name = FALLBACKS[name]
+                arg = FALLBACK_ARG.get(name)
+            if name not in exported:
+                continue
+            try:
+                count += self._attach_function(f, path, name, pid, arg)
+            except TracerError as exc:
+                self.failed.append(f"{name} in {path}: {exc.args[0]}")
+                log.debug("api probe: %s", exc.args[0])
+        log.debug("api probes: %d links on %s for pid %d", count, path, pid)
+        return count
+
+    def _attach_function(self, f: Function, path: str, name: str, pid: int, arg: int | None) -> int:
+        c = cookie(f, arg)
+        if f.shape == ENTER:
+            self.obj.attach_uprobe("api_enter", path, name, pid=pid, cookie=c)
+            return 1
+        if f.shape == EX:
+            self.obj.attach_uprobe("api_ex_enter", path, name, pid=pid, cookie=c)
+            self.obj.attach_uprobe("api_ex_ret", path, name, pid=pid, retprobe=True, cookie=c)
+            return 2
+        prog = "api_ret_ok" if f.shape == RET_OK else "api_ret_bytes"
+        self.obj.attach_uprobe(prog, path, name, pid=pid, retprobe=True, cookie=c)
+        return 1
+
+    def counts(self) -> dict[int, list[dict]]:
+        """tgid -> [{function_name, library, category, algorithm, count, bytes}] from the kernel map."""
+        merged: dict[tuple[int, int, str | None], list[int]] = {}
+        for raw_key, raw_val in self.obj.map("api_counts").items():
+            tgid, func, algorithm = decode_key(raw_key)
+            n, nbytes = VAL.unpack(raw_val)
+            key = (tgid, func, normalize_algorithm(algorithm))
+            acc = merged.setdefault(key, [0, 0])
+            acc[0] += n
+            acc[1] += nbytes
+        out: dict[int, list[dict]] = {}
+        for (tgid, func, algorithm), (n, nbytes) in merged.items():
+            f = FUNCTIONS_BY_ID.get(func)
+            if f is None:
+                continue
+            entry = {"function_name": f.name, "library": f.library, "category": f.category,
+                     "algorithm": algorithm, "count": n}
+            if f.shape in (RET_BYTES, EX) or f.kind == SIZE:
+                entry["bytes"] = nbytes
+            out.setdefault(tgid, []).append(entry)
+        for entries in out.values():
+            entries.sort(key=lambda e: (-e["count"], e["function_name"], e["algorithm"] or ""))
+        return out
+
+    def counters(self) -> dict[str, int]:
+        m = self.obj.map("counters")
+        return {name: sum(struct.unpack("<Q", v)[0] for v in m.lookup_percpu(struct.pack("<I", i)))
+                for i, name in enumerate(COUNTER_NAMES)}
+
+    def close(self) -> None:
+        self.obj.close()
+
+
+def is_crypto_library(path: str) -> bool:
+    return classify.library_name(path) in ("libssl", "libcrypto")
