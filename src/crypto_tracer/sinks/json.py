@@ -22,7 +22,8 @@ class JsonStreamSink:
 
     def write_many(self, events: list[dict]) -> None:
         if events:
-            self.out.write(b"".join(orjson.dumps(e) + b"\n" for e in events))
+            dumps = orjson.dumps
+            self.out.write_many([dumps(e) + b"\n" for e in events])
             self.count += len(events)
 
     def flush(self) -> None:
@@ -51,7 +52,7 @@ class JsonArraySink(JsonStreamSink):
 
     def write_many(self, events: list[dict]) -> None:
         if events:
-            self.out.write(b"".join(self._encode(e) for e in events))
+            self.out.write_many([self._encode(e) for e in events])
 
     def close(self) -> None:
         self.out.flush()

@@ -57,6 +57,17 @@ class Output:
         if self._line_flush or len(self._buf) >= BUFFER_BYTES:
             self.flush()
 
+    def write_many(self, records) -> None:
+        """Several records at once, each keeping its own boundary."""
+        if self.failed or self.closed:
+            return
+        buf, ends = self._buf, self._ends
+        for rec in records:
+            buf += rec
+            ends.append(len(buf))
+        if self._line_flush or len(buf) >= BUFFER_BYTES:
+            self.flush()
+
     def flush(self) -> None:
         if self.failed or not self._buf:
             return
