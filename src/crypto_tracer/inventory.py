@@ -356,3 +356,33 @@ def list_pids() -> list[int]:
             if entry.name.isdigit():
                 pids.append(int(entry.name))
     return sorted(pids)
+
+
+def process_info(pid: int) -> dict | None:
+    """The profile's process facts, all from /proc: pid, ppid, name, exe, cmdline, uid, gid,
+    start_time (ISO-8601 UTC). None if the process is gone."""
+    stat = read_bytes(f"/proc/{pid}/stat", 4096)
+    parsed = parse_stat(stat) if stat else None
+    if parsed is None:
+        return None
+    from crypto_tracer.clock import iso_from_ns
+
+    name, ppid, start_ticks = parsed
+    uid, gid = read_status_ids(pid)
+    return {"pid": pid, "ppid": ppid, "name": name, "exe": readlink(f"/proc/{pid}/exe"),
+            "cmdline": read_cmdline(pid), "uid": uid, "gid": gid,
+            "start_time": iso_from_ns(int(start_time_epoch(start_ticks) * 1e9))}
+
+
+def pids_named(name: str, exclude: int | None = None) -> list[int]:
+    """Processes whose command name (comm) contains name, case-insensitive (like the kernel filter)."""
+    needle = name.lower()[:15]
+    out = []
+    for pid in list_pids():
+        if pid == exclude:
+            continue
+        stat = read_bytes(f"/proc/{pid}/stat", 4096)
+        parsed = parse_stat(stat) if stat else None
+        if parsed and needle in parsed[0].lower():
+            out.append(pid)
+    return out

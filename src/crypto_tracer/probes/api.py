@@ -84,6 +84,11 @@ FALLBACKS = {"EVP_PKEY_generate": "EVP_PKEY_keygen", "RAND_bytes_ex": "RAND_byte
              "RAND_priv_bytes_ex": "RAND_priv_bytes", "SSL_CTX_new_ex": "SSL_CTX_new"}
 FALLBACK_ARG = {"RAND_bytes": 2, "RAND_priv_bytes": 2}
 
+# In OpenSSL 1.1.1 and 3.x, EVP_{En,De}cryptInit_ex(2) call EVP_CipherInit_ex(2) with the same
+# cipher: the inner call is subtracted so that one application call counts once.
+NESTED = {"EVP_CipherInit_ex": ("EVP_EncryptInit_ex", "EVP_DecryptInit_ex"),
+          "EVP_CipherInit_ex2": ("EVP_EncryptInit_ex2", "EVP_DecryptInit_ex2")}
+
 KEY = struct.Struct("<IHH32s")
 VAL = struct.Struct("<QQ")
 COUNTER_NAMES = ("seen", "kernel_filtered", "dropped", "submitted")
@@ -93,30 +98,32 @@ def cookie(f: Function, arg: int | None = None) -> int:
     return f.id | (f.kind << 16) | ((arg if arg is not None else f.arg) << 24)
 
 
-_nid2sn = None
+_nid_names = None
 
 
 def nid_name(nid: int) -> str:
-    """OpenSSL's short name of a NID ('SHA256'); NIDs are the same in every OpenSSL build."""
-    global _nid2sn
-    if _nid2sn is None:
+    """OpenSSL's name of a NID: the short name ('SHA256', 'RSA'), or the long one where the short
+    one is an odd 'id-...' ('id-aes256-GCM' -> 'aes-256-gcm'). NIDs are the same in every build."""
+    global _nid_names
+    if _nid_names is None:
         import ctypes
 
-        try:
-            lib = ctypes.CDLL("libcrypto.so.3")
-        except OSError:
+        _nid_names = False
+        for soname in ("libcrypto.so.3", "libcrypto.so.1.1"):
             try:
-                lib = ctypes.CDLL("libcrypto.so.1.1")
+                lib = ctypes.CDLL(soname)
             except OSError:
-                lib = None
-        if lib is not None:
-            lib.OBJ_nid2sn.restype = ctypes.c_char_p
-            lib.OBJ_nid2sn.argtypes = [ctypes.c_int]
-            _nid2sn = lib.OBJ_nid2sn
-        else:
-            _nid2sn = False
-    name = _nid2sn(nid) if _nid2sn else None
-    return name.decode() if name else f"nid:{nid}"
+                continue
+            for fn in (lib.OBJ_nid2sn, lib.OBJ_nid2ln):
+                fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_int]
+            _nid_names = (lib.OBJ_nid2sn, lib.OBJ_nid2ln)
+            break
+    if not _nid_names:
+        return f"nid:{nid}"
+    short = _nid_names[0](nid)
+    if short and short.lower().startswith(b"id-"):
+        short = _nid_names[1](nid) or short
+    return short.decode() if short else f"nid:{nid}"
 
 
 def decode_key(raw: bytes) -> tuple[int, int, str | None]:
@@ -133,8 +140,8 @@ def decode_key(raw: bytes) -> tuple[int, int, str | None]:
 
 def normalize_algorithm(name: str | None) -> str | None:
     """One spelling per algorithm: fetch names are case-insensitive ('sha256' == 'SHA256')."""
-    if name is None:
-        return None
+    if name is None or name.startswith("nid:"):
+        return name
     upper = name.upper()
     return {"SHA-256": "SHA256", "SHA-384": "SHA384", "SHA-512": "SHA512", "SHA-1": "SHA1",
             "SHA2-256": "SHA256", "SHA2-384": "SHA384", "SHA2-512": "SHA512"}.get(upper, upper)
@@ -224,8 +231,17 @@ class ApiProbe:
             acc = merged.setdefault(key, [0, 0])
             acc[0] += n
             acc[1] += nbytes
+        by_name = {f.name: f.id for f in FUNCTIONS}
+        for inner, outers in NESTED.items():
+            for (tgid, func, algorithm), acc in merged.items():
+                if func == by_name[inner]:
+                    for outer in outers:
+                        acc[0] -= merged.get((tgid, by_name[outer], algorithm), [0, 0])[0]
+                    acc[0] = max(acc[0], 0)
         out: dict[int, list[dict]] = {}
         for (tgid, func, algorithm), (n, nbytes) in merged.items():
+            if n == 0:
+                continue
             f = FUNCTIONS_BY_ID.get(func)
             if f is None:
                 continue
