@@ -103,7 +103,7 @@ OPTIONS: dict[str, Opt] = {
     "no_redact": Opt(("--no-redact",), dict(action="store_true", help="do not redact /home/<user> and /root in paths")),
     "follow_children": Opt(("--follow-children",), dict(action="store_true", help="also profile descendants")),
     "mapsize": Opt(("--mapsize",), dict(type=_size, metavar="BYTES",
-                   help="ring buffer size (power of two, default 8M); K/M suffixes allowed")),
+                   help="ring buffer size (power of two; default 4M for monitor); K/M suffixes allowed")),
     # tls
     "model": Opt(("-m", "--model"), dict(choices=TLS_MODELS, default="text",
                  help="text (default), json, keylog (alias key), pcapng (alias pcap)")),
