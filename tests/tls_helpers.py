@@ -74,3 +74,149 @@ class TcpFlow:
         synack = self.frame(False, b"", 0x12)
         ack = self.frame(True, b"", 0x10)
         return [(True, syn), (False, synack), (True, ack)]
+
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {prefix}/error.log error;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305;
+        ssl_session_tickets off;
+        location / {{ return 200 "resp-$uri\\n"; }}
+    }}
+}}
+"""
+
+
+def nginx_conf(directory: str, port: int, cert: str, key: str) -> str:
+    """Write an nginx.conf serving 'resp-<uri>' over TLS on 127.0.0.1:port; returns its path."""
+    path = os.path.join(directory, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(NGINX_CONF.format(prefix=directory, port=port, cert=cert, key=key))
+    return path
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    import socket
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def read_keylog(path: str) -> set[tuple[str, str, str]]:
+    """(label, client_random, secret) lines of an NSS key log (comments skipped)."""
+    try:
+        with open(path) as f:
+            return {tuple(line.split()) for line in f if line.strip() and not line.startswith("#")}
+    except FileNotFoundError:
+        return set()
+
+
+def by_client_random(lines) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for line in lines:
+        out.setdefault(line[1], set()).add(line)
+    return out
+
+
+class Tracer:
+    """crypto-tracer running in the background; ready once it says what it writes."""
+
+    def __init__(self, args: list[str], timeout: float = 60.0):
+        import signal  # noqa: F401
+        import threading
+        import time
+
+        from tests.conftest import start_tracer
+
+        self.proc = start_tracer(args)
+        self.stderr_lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        end = time.monotonic() + timeout
+        while not self._ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.proc.kill()
+                self._reader.join(5)
+                raise AssertionError("crypto-tracer did not start:\n" + "".join(self.stderr_lines))
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+            if "Ctrl-C to stop" in line:
+                self._ready.set()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def stop(self, sig=None) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGINT)
+        rc = self.proc.wait(60)
+        self._reader.join(10)
+        return rc
+
+
+PYSERVER = r'''
+import ctypes, http.server, ssl, sys
+ctypes.CDLL(None).prctl(15, b"ctsrv-py")  # comm, so that a tracer can watch only the servers
+port, cert, key, klog = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("resp-" + self.path + "\n").encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(cert, key); ctx.keylog_filename = klog
+s = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+s.daemon_threads = True
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+s.serve_forever()
+'''
+
+PYCLIENT = r'''
+import ssl, sys, socket
+port, path, version, klog = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+ctx.keylog_filename = klog
+v = ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2
+ctx.minimum_version = ctx.maximum_version = v
+if version == "1.2":
+    ctx.set_ciphers("ECDHE-ECDSA-CHACHA20-POLY1305")
+with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw) as s:
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+sys.stdout.write(data.decode(errors="replace"))
+'''

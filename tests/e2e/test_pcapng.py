@@ -1,0 +1,131 @@
+"""crypto-tracer tls -m pcapng: TC capture on lo with the secrets in the file.
+
+tshark is the judge: `tshark -r FILE` with no key file must show every request and
+response, with the random tokens they carried, for sessions started after the capture,
+for 20 concurrent ones, over TLS 1.2 and 1.3; packets carry their process in a comment;
+nothing stays attached after the run, not even after kill -9.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from tests.conftest import need_root, need_tool
+from tests.tls_helpers import (PYCLIENT, PYSERVER, Tracer, by_client_random, make_cert, nginx_conf, read_keylog,
+                               token, wait_port)
+
+NGINX_PORT, PY_PORT = 18530, 18531
+
+
+def _tc_state() -> str:
+    return subprocess.run("tc qdisc show dev lo; tc filter show dev lo ingress; tc filter show dev lo egress",
+                          shell=True, capture_output=True, text=True).stdout
+
+
+def _http(path) -> list[tuple[str, str, str]]:
+    out = subprocess.run(["tshark", "-r", str(path), "-Y", "http", "-T", "fields", "-e", "frame.comment",
+                          "-e", "http.request.uri", "-e", "http.file_data"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [tuple((line.split("\t") + ["", "", ""])[:3]) for line in out.stdout.splitlines()]
+
+
+def _body(text: str) -> str:
+    try:  # tshark prints a body as text or as hex, depending on its content type
+        return bytes.fromhex(text.replace(":", "")).decode(errors="replace")
+    except ValueError:
+        return text
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    need_root()
+    need_tool("nginx", "curl", "node", "tshark", "tc")
+    d = tmp_path_factory.mktemp("pcapng")
+    cert, key = make_cert(str(d))
+    procs = [subprocess.Popen(["nginx", "-c", nginx_conf(str(d), NGINX_PORT, cert, key), "-p", str(d)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([sys.executable, "-c", PYSERVER, str(PY_PORT), cert, key, str(d / "pyserver.keys")])]
+    try:
+        for port in (NGINX_PORT, PY_PORT):
+            wait_port(port)
+        yield types.SimpleNamespace(dir=d, nginx_pid=procs[0].pid)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def test_capture_decrypts_in_tshark_alone(servers):
+    d = servers.dir
+    before = _tc_state()
+    pcap, keys, peer_keys = d / "cap.pcapng", d / "tracer.keys", d / "peers.keys"
+    tracer = Tracer(["tls", "-m", "pcapng", "-w", str(pcap), "-k", str(keys), "-i", "lo",
+                     "port", str(NGINX_PORT), "or", "port", str(PY_PORT)])
+    assert "clsact" in _tc_state()
+    env = dict(os.environ, SSLKEYLOGFILE=str(peer_keys))
+    tokens = {}
+    for name, args in {"curl-tls13-chacha": ["--tlsv1.3", "--tls13-ciphers", "TLS_CHACHA20_POLY1305_SHA256"],
+                       "curl-tls13-aes256": ["--tlsv1.3", "--tls13-ciphers", "TLS_AES_256_GCM_SHA384"],
+                       "curl-tls12-aesgcm": ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+                       "curl-tls12-chacha": ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-CHACHA20-POLY1305"]}.items():
+        tokens[name] = tok = token()
+        subprocess.run(["curl", "-sk", *args, f"https://127.0.0.1:{NGINX_PORT}/{tok}"], env=env, check=True,
+                       capture_output=True, timeout=20)
+    for version in ("1.3", "1.2"):
+        tokens[f"python-{version}"] = tok = token()
+        subprocess.run([sys.executable, "-c", PYCLIENT, str(PY_PORT), f"/{tok}", version, str(peer_keys)],
+                       check=True, capture_output=True, timeout=20)
+    tokens["node"] = tok = token()
+    subprocess.run(["node", f"--tls-keylog={peer_keys}", "-e",
+                    f"require('https').get({{host:'127.0.0.1',port:{NGINX_PORT},path:'/{tok}',"
+                    "rejectUnauthorized:false}, r => r.resume())"], check=True, capture_output=True, timeout=20)
+    # 20 concurrent sessions
+    concurrent = [token() for _ in range(20)]
+    procs = [subprocess.Popen(["curl", "-sk", f"https://127.0.0.1:{NGINX_PORT if i % 2 else PY_PORT}/{tok}"],
+                              env=env, stdout=subprocess.DEVNULL) for i, tok in enumerate(concurrent)]
+    for p in procs:
+        assert p.wait(30) == 0
+    rc = tracer.stop(signal.SIGTERM)
+    assert rc == 0, tracer.stderr
+    assert "dropped 0" in tracer.stderr
+
+    assert oct(os.stat(pcap).st_mode & 0o777) == "0o600"
+    rows = _http(pcap)
+    uris = {uri for _, uri, _ in rows if uri}
+    bodies = " ".join(_body(b) for _, uri, b in rows if b and not uri)
+    for tok in list(tokens.values()) + concurrent:
+        assert f"/{tok}" in uris, f"request /{tok} not decrypted"
+        assert f"resp-/{tok}" in bodies, f"response to /{tok} not decrypted"
+    comments = {c for c, uri, _ in rows if uri}
+    assert any(c.startswith("pid=") and "comm=curl" in c for c in comments), comments
+    # the key log written at the same time matches the peers' own
+    want = read_keylog(peer_keys) | read_keylog(d / "pyserver.keys")
+    got = read_keylog(keys)
+    mine = by_client_random(got)
+    for cr, lines in by_client_random(want).items():
+        if cr in mine:
+            assert mine[cr] == lines
+    assert {line[1] for line in read_keylog(peer_keys)} <= set(mine)
+    # everything attached is gone again
+    assert _tc_state() == before
+
+
+def test_leftovers_of_a_killed_run_are_removed(servers, tmp_path):
+    before = _tc_state()
+    only = ["--pid", str(servers.nginx_pid)]  # fewer uprobes: quicker to start and stop
+    tracer = Tracer(["tls", "-m", "pcapng", "-w", str(tmp_path / "a.pcapng"), *only, "port", str(NGINX_PORT)])
+    assert "handle 0xc7" in _tc_state()
+    tracer.stop(signal.SIGKILL)
+    assert "handle 0xc7" in _tc_state()  # a crash leaves the filters behind...
+    tracer = Tracer(["tls", "-m", "pcapng", "-w", str(tmp_path / "b.pcapng"), *only, "port", str(NGINX_PORT)])
+    tracer.stop()
+    assert "removed the TC capture left behind" in tracer.stderr
+    assert _tc_state() == before  # ...and the next start removes them
+    out = subprocess.run(["capinfos", str(tmp_path / "b.pcapng")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

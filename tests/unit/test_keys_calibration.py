@@ -1,0 +1,58 @@
+"""Calibration on the real system libssl: learned, verified, cached by build-id, reused for a
+static build of the same version, refused when it cannot be learned."""
+
+import ctypes.util
+import os
+import shutil
+
+import pytest
+
+from crypto_tracer.keys import calibrate
+from crypto_tracer.keys.elfinfo import build_id, openssl_version
+
+
+def _system_libssl():
+    for path in ("/usr/lib/x86_64-linux-gnu/libssl.so.3", "/lib64/libssl.so.3", "/usr/lib64/libssl.so.3"):
+        if os.path.exists(path):
+            return path
+    name = ctypes.util.find_library("ssl")
+    if not name:
+        pytest.skip("no libssl on this system")
+    return name
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRYPTO_TRACER_LAYOUT_CACHE", str(tmp_path / "layouts"))
+    return tmp_path / "layouts"
+
+
+def test_shared_libssl_is_calibrated_then_cached(cache):
+    path = _system_libssl()
+    first = calibrate.layout_for(path)
+    assert first.layout is not None, first.how
+    assert first.how == "calibrated"
+    assert first.layout.verified >= calibrate.MIN_VERIFIED
+    assert (cache / f"{build_id(path)}.json").exists()
+    again = calibrate.layout_for(path)
+    assert again.how == "cache" and again.layout == first.layout
+
+
+def test_static_build_reuses_a_layout_of_the_same_version(cache):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("needs node (static OpenSSL)")
+    lib = _system_libssl()
+    if openssl_version(node) != calibrate.layout_for(lib).layout.version:
+        pytest.skip("node's OpenSSL differs from the system's")
+    result = calibrate.layout_for(node)
+    assert result.layout is not None and result.how.startswith("same version as")
+
+
+def test_no_layout_for_files_without_openssl(cache, tmp_path):
+    assert calibrate.layout_for("/bin/true").layout is None
+    fake = tmp_path / "libssl.so.3"
+    shutil.copy("/bin/true", fake)
+    result = calibrate.layout_for(str(fake))
+    assert result.layout is None and "calibration failed" in result.how
+    assert not list(cache.glob("*.json")) or all("sha256" not in p.name for p in cache.glob("*.json"))
