@@ -59,7 +59,7 @@ def _mount_tracefs() -> str | None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 4 + [ctypes.c_ulong, ctypes.c_void_p]
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
     if libc.mount(b"tracefs", b"/sys/kernel/tracing", b"tracefs", 0, None) == 0:
         return tracefs_path()
     return None

@@ -298,3 +298,28 @@ def test_demo_shows_its_workload():
     assert kinds == {"process_exec", "process_exit", "file_open", "lib_load"}
     assert {e["file_type"] for e in events if e["event_type"] == "file_open"} >= {"certificate", "private_key"}
     assert any(e["event_type"] == "process_exit" and e["exit_code"] == 3 for e in events)
+
+
+def test_tracefs_is_mounted_when_absent():
+    """In a private mount namespace without tracefs, the tool mounts it and runs."""
+    need_tool("unshare")
+    from tests.conftest import REPO, tracer_cmd
+
+    cmd = " ".join(tracer_cmd())
+    script = ("umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; "
+              "test -e /sys/kernel/tracing/events && echo STILL-MOUNTED; "
+              f"{cmd} monitor -d 1 -q -o /dev/null; echo rc=$?; "
+              "test -d /sys/kernel/tracing/events && echo MOUNTED")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "src")))
+    assert "STILL-MOUNTED" not in r.stdout
+    assert "rc=0" in r.stdout and "MOUNTED" in r.stdout, r.stdout + r.stderr
+
+
+def test_verbose_shows_libbpf_log_and_per_second_figures():
+    from tests.conftest import run_tracer
+
+    r = run_tracer(["monitor", "-v", "-d", "2", "-o", "/dev/null"])
+    assert r.returncode == 0, r.stderr
+    assert "[DEBUG] libbpf:" in r.stderr
+    assert re.search(r"\[DEBUG\] \d+ events/s received", r.stderr)
