@@ -323,3 +323,18 @@ def test_verbose_shows_libbpf_log_and_per_second_figures():
     assert r.returncode == 0, r.stderr
     assert "[DEBUG] libbpf:" in r.stderr
     assert re.search(r"\[DEBUG\] \d+ events/s received", r.stderr)
+
+
+def test_bpf_load_failure_exits_5(tmp_path):
+    """A corrupt BPF object (copy of the package) gives one clear message and exit 5."""
+    import shutil
+
+    from tests.conftest import REPO, tracer_cmd
+
+    pkg = tmp_path / "crypto_tracer"
+    shutil.copytree(os.path.join(REPO, "src", "crypto_tracer"), pkg)
+    (pkg / "bpf" / "monitor.bpf.o").write_bytes(b"\x7fELF not really an object")
+    r = subprocess.run(tracer_cmd() + ["monitor", "-d", "1"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert r.returncode == 5, r.stderr
+    assert "BPF object" in r.stderr and "Traceback" not in r.stderr
