@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 
 
+MAX_CACHED_PROCESSES = 16384
+
+
 class ProcessCache:
-    """exe and ppid by pid. Exec events seed it; exits evict; others read /proc once."""
+    """exe by pid. Exec events seed it; exits evict; others read /proc once.
+
+    Bounded: `files` and `libs` see no exits, so the cache is emptied when it gets full
+    (entries are cheap to read again)."""
 
     def __init__(self):
         self._exe: dict[int, str | None] = {}
@@ -22,11 +28,16 @@ class ProcessCache:
                 path = path[:-10]
         except OSError:
             path = None
-        self._exe[pid] = path
+        self._remember(pid, path)
         return path
 
-    def set_exe(self, pid: int, exe: str | None) -> None:
+    def _remember(self, pid: int, exe: str | None) -> None:
+        if len(self._exe) >= MAX_CACHED_PROCESSES:
+            self._exe.clear()
         self._exe[pid] = exe
+
+    def set_exe(self, pid: int, exe: str | None) -> None:
+        self._remember(pid, exe)
 
     def forget(self, pid: int) -> None:
         self._exe.pop(pid, None)
