@@ -368,8 +368,9 @@ static long emit_chunk(__u32 index, struct chunk_ctx *cc)
 	return 0;
 }
 
-/* NSS has no handshake function we hook: announce a session at its first data call. */
-static __always_inline void nss_announce(void *ctx, struct stash *st, __u32 tgid, int fd, struct conn *c);
+/* A session whose handshake we did not see end (NSS, node's implicit handshakes inside
+ * SSL_read/SSL_write, sessions older than the tool) is announced at its first data call. */
+static __always_inline void announce_session(struct stash *st, __u32 tgid, int fd, struct conn *c);
 
 SEC("uretprobe")
 int BPF_KRETPROBE(tls_data_return, long ret)
@@ -399,6 +400,9 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	struct tls_config *cfg = bpf_map_lookup_elem(&tls_config, &zero);
 	if (!cfg || !cfg->capture_data)
 		return 0;
+	/* Every call, also a failed one (a handshake in progress), learns the fd: node's calls do
+	 * no I/O themselves, the socket write that follows binds the SSL* to its fd. */
+	cc.fd = resolve_fd(&st, tgid);
 	if (func == F_SSL_READ_EX || func == F_SSL_PEEK_EX || func == F_SSL_WRITE_EX) {
 		if ((int)ret != 1 || !st.count_ptr)
 			return 0;
@@ -417,15 +421,13 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	cc.ssl = st.ssl;
 	cc.buf = st.buf;
 	cc.func = func;
-	cc.fd = resolve_fd(&st, tgid);
 	fill_conn(&cc.c, cc.fd);
 	cc.captured = cc.length;
 	if (cc.captured > cfg->max_payload) {
 		cc.captured = cfg->max_payload;
 		cc.truncated = 1;
 	}
-	if (lib == CT_LIB_NSS)
-		nss_announce(ctx, &st, tgid, cc.fd, &cc.c);
+	announce_session(&st, tgid, cc.fd, &cc.c);
 	if (cc.captured == 0) { /* max_payload 0: metadata only */
 		cc.captured = 0;
 		struct tls_data_rec *rec = bpf_map_lookup_elem(&data_scratch, &zero);
@@ -473,14 +475,24 @@ static __always_inline void emit_handshake(struct stash *st, __u32 func, int fd,
 	ct_output(&rec, sizeof(rec));
 }
 
-static __always_inline void nss_announce(void *ctx, struct stash *st, __u32 tgid, int fd, struct conn *c)
+static __always_inline void announce_session(struct stash *st, __u32 tgid, int fd, struct conn *c)
 {
 	struct ssl_key key = {.tgid = tgid, .ssl = st->ssl};
-	__u8 one = 1;
+	__s32 server = 0, version = 0;
+	__u8 one = 1, role = 0;
 
 	if (bpf_map_update_elem(&sessions, &key, &one, BPF_NOEXIST))
 		return; /* already announced */
-	emit_handshake(st, st->cookie & 0xff, fd, c, 0, 1, 0, 0);
+	if (st->cookie & CT_COOKIE_LAYOUT) {
+		bpf_probe_read_user(&version, sizeof(version), (void *)st->ssl);
+		bpf_probe_read_user(&server, sizeof(server), (void *)(st->ssl + 56));
+		role = server ? 2 : 1;
+	} else if (func_lib(st->cookie & 0xff) == CT_LIB_GNUTLS) {
+		__u32 entity = 0;
+		bpf_probe_read_user(&entity, sizeof(entity), (void *)st->ssl);
+		role = entity == 1 ? 2 : entity == 2 ? 1 : 0;
+	}
+	emit_handshake(st, st->cookie & 0xff, fd, c, 1, 1, role, version);
 }
 
 SEC("uprobe")
@@ -557,6 +569,11 @@ int BPF_KRETPROBE(tls_hs_return, long ret)
 	}
 	fd = resolve_fd(&st, tgid);
 	fill_conn(&c, fd);
+	if (ok) {
+		struct ssl_key key = {.tgid = tgid, .ssl = st.ssl};
+		__u8 one = 1;
+		bpf_map_update_elem(&sessions, &key, &one, BPF_ANY);
+	}
 	emit_handshake(&st, func, fd, &c, result, ok, role, version);
 	return 0;
 }

@@ -1,0 +1,179 @@
+"""tls -m json against real OpenSSL peers: curl, Python's ssl (the _ex calls), nginx (HTTP/1.1
+and HTTP/2), node (static OpenSSL) as client and server. Every test asserts the exact bytes of
+random bodies in both directions, on both sides, and the 4-tuple of the connection."""
+
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tlspeers as tp  # noqa: E402
+from conftest import need_root, need_tool  # noqa: E402
+
+pytestmark = pytest.mark.ebpf
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    need_root()
+    need_tool("openssl", "curl")
+    return tp.make_certs(str(tmp_path_factory.mktemp("certs")))
+
+
+def bodies(tmp_path, size, tag):
+    req, resp = tp.body(size, tag + b"-req-"), tp.body(size, tag + b"-resp-")
+    rq, rs = tmp_path / f"req{size}", tmp_path / f"resp{size}"
+    rq.write_bytes(req)
+    rs.write_bytes(resp)
+    return req, resp, str(rq), str(rs)
+
+
+def assert_tuple(events, port, client, server, addr="127.0.0.1"):
+    """Client events go local:ephemeral -> addr:port, server events addr:port -> the client's port."""
+    cev, sev = tp.data_events(events, **client), tp.data_events(events, **server)
+    assert cev and sev
+    for e in cev:
+        assert (e["remote_addr"], e["remote_port"], e["local_addr"]) == (addr, port, addr), e
+        assert e["fd"] is not None and e["fd"] >= 0
+    for e in sev:
+        assert (e["local_addr"], e["local_port"], e["remote_addr"]) == (addr, port, addr), e
+        assert e["fd"] is not None
+    assert {e["local_port"] for e in cev} <= {e["remote_port"] for e in sev}
+
+
+def side(events, direction, match, h2):
+    """What one side sent or received: HTTP/2 frames are undone per connection (pid, fd, remote port)."""
+    if not h2:
+        return tp.stream(events, direction=direction, **match)
+    mine = tp.data_events(events, direction=direction, **match)
+    conns = {(e["pid"], e["fd"], e["remote_port"]) for e in mine}
+    return b"|".join(tp.h2_data(tp.stream(mine, pid=pid, fd=fd, remote_port=rport)) for pid, fd, rport in sorted(conns))
+
+
+def check_exchange(events, client, server, req, resp, h2=False):
+    assert req in side(events, "write", client, h2), "client write side"
+    assert req in side(events, "read", server, h2), "server read side"
+    assert resp in side(events, "write", server, h2), "server write side"
+    assert resp in side(events, "read", client, h2), "client read side"
+
+
+def test_curl_and_python_ssl_server(certs, tmp_path):
+    cert, key = certs
+    port = 18410
+    out = str(tmp_path / "events.json")
+    exchanges = [bodies(tmp_path, size, b"py%d" % size) for size in tp.SIZES]
+    resp_file = str(tmp_path / "resp")
+    with open(resp_file, "wb") as f:
+        f.write(exchanges[-1][1])  # the server answers the 1 MiB body to each request
+    with tp.python_server(port, cert, key, resp_file) as server:
+        tracer = tp.Tracer(["-m", "json", "-o", out])
+        pids = [tp.curl(f"https://127.0.0.1:{port}/x", data_file=rq) for _req, _resp, rq, _rs in exchanges]
+        _, err = tracer.stop()
+    assert tracer.proc.returncode == 0, err
+    events = tp.read_events(out)
+    srv = {"pid": server.pid}
+    for pid, (req, _resp, _rq, _rs) in zip(pids, exchanges):
+        check_exchange(events, {"pid": pid}, srv, req, exchanges[-1][1])
+        assert_tuple(events, port, {"pid": pid}, srv)
+    # Python uses the _ex calls; its 1 MiB SSL_write_ex arrives whole, in chunks with offsets.
+    big = [e for e in tp.data_events(events, pid=server.pid, function="SSL_write_ex") if e["length"] == 1 << 20]
+    assert big and not any(e["truncated"] for e in big)
+    offsets = sorted(e["offset"] for e in big[:len(big)])
+    assert offsets[0] == 0 and len({e["timestamp"] for e in big}) >= 1
+    assert {e["function"] for e in tp.data_events(events, pid=server.pid)} <= {"SSL_read_ex", "SSL_write_ex"}
+    hs = [e for e in events if e["event_type"] == "tls_handshake"]
+    assert {(e["role"], e["result"]) for e in hs if e["pid"] in pids} == {("client", "success")}
+    assert any(e["pid"] == server.pid and e["role"] == "server" and e["tls_version"] == "TLSv1.3" for e in hs)
+    assert "Events dropped: 0" in err
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
+def test_curl_and_nginx(certs, tmp_path, http2):
+    need_tool("nginx")
+    cert, key = certs
+    port = 18411 + int(http2)
+    out = str(tmp_path / "events.json")
+    www = tmp_path / "www"
+    www.mkdir()
+    exchanges = [bodies(tmp_path, size, b"ngx%d" % size) for size in tp.SIZES]
+    for i, (_req, resp, _rq, _rs) in enumerate(exchanges):
+        (www / f"r{i}").write_bytes(resp)
+    proto = ["--http2"] if http2 else ["--http1.1"]
+    with tp.nginx(str(tmp_path), port, cert, key):
+        tracer = tp.Tracer(["-m", "json", "-o", out])
+        pids = []
+        for i, (_req, _resp, rq, _rs) in enumerate(exchanges):
+            pids.append(tp.curl(f"https://127.0.0.1:{port}/upload/u{i}", data_file=rq, extra=proto, put=True))
+            pids.append(tp.curl(f"https://127.0.0.1:{port}/r{i}", extra=proto))
+        _, err = tracer.stop()
+    assert tracer.proc.returncode == 0, err
+    events = tp.read_events(out)
+    srv = {"process": "ctpeer-nginx", "local_port": port}  # our nginx: other tests may run one too
+    for i, (req, resp, _rq, _rs) in enumerate(exchanges):
+        put, get = {"pid": pids[2 * i]}, {"pid": pids[2 * i + 1]}
+        assert req in side(events, "write", put, http2) and req in side(events, "read", srv, http2)
+        assert resp in side(events, "write", srv, http2) and resp in side(events, "read", get, http2)
+        assert_tuple(events, port, put, srv)
+        assert_tuple(events, port, get, srv)
+    assert "Events dropped: 0" in err
+
+
+def test_node_client_and_server(certs, tmp_path):
+    need_tool("node")
+    cert, key = certs
+    port = 18413
+    out = str(tmp_path / "events.json")
+    for size in tp.SIZES:
+        req, resp, rq, rs = bodies(tmp_path, size, b"node%d" % size)
+        with tp.node_server(port, cert, key, rs) as server:
+            # node sends headers and the 1 MiB body in one SSL_write: over the default 1 MiB limit
+            tracer = tp.Tracer(["-m", "json", "-o", out, "--max-payload", "2M"])
+            got = str(tmp_path / "got")
+            tp.node_client(port, rq, got)
+            _, err = tracer.stop()
+        assert tracer.proc.returncode == 0, err
+        assert open(got, "rb").read() == resp
+        events = tp.read_events(out)
+        server_events = {"pid": server.pid}
+        client = [e for e in tp.data_events(events, process="ctpeer-node", remote_port=port) if e["pid"] != server.pid]
+        cpid = client[0]["pid"]
+        check_exchange(events, {"pid": cpid}, server_events, req, resp)
+        assert_tuple(events, port, {"pid": cpid}, server_events)
+        assert all(e["library"] == "openssl" for e in tp.data_events(events, pid=cpid))
+        assert "Events dropped: 0" in err
+
+
+def test_twenty_concurrent_clients(certs, tmp_path):
+    cert, key = certs
+    port = 18414
+    out = str(tmp_path / "events.json")
+    resp = tp.body(10 * 1024, b"shared-resp-")
+    (tmp_path / "resp").write_bytes(resp)
+    reqs = []
+    for i in range(20):
+        req = tp.body(10 * 1024, b"client%02d-" % i)
+        (tmp_path / f"req{i}").write_bytes(req)
+        reqs.append(req)
+    with tp.python_server(port, cert, key, str(tmp_path / "resp")) as server:
+        tracer = tp.Tracer(["-m", "json", "-o", out])
+        procs = [subprocess.Popen([tp.peer("curl"), "-sSk", "--fail", "-o", os.devnull, "--data-binary",
+                                   f"@{tmp_path}/req{i}", f"https://127.0.0.1:{port}/c{i}"]) for i in range(20)]
+        assert all(p.wait(30) == 0 for p in procs)
+        _, err = tracer.stop()
+    events = tp.read_events(out)
+    server_read = tp.stream(events, pid=server.pid, direction="read")
+    by_pid = {p.pid: tp.stream(events, pid=p.pid, direction="write") for p in procs}
+    for p, req in zip(procs, reqs):
+        assert req in by_pid[p.pid]
+        assert req in server_read
+        assert resp in tp.stream(events, pid=p.pid, direction="read")
+    # every byte the server read is one of the 20 requests (headers + body), nothing else
+    assert tp.stream(events, pid=server.pid, direction="write").count(resp) == 20
+    m = re.search(r"Events dropped: (\d+)", err)
+    assert m and m.group(1) == "0", err
+    out_n = int(re.search(r"Events output: (\d+)", err).group(1))
+    assert out_n == len(events)
