@@ -50,9 +50,17 @@ class ProcessCrypto:
 # --- small /proc readers ---------------------------------------------------------------------
 
 def read_bytes(path: str, limit: int = 1 << 20) -> bytes | None:
+    """Up to limit bytes of a file. /proc files come a page per read(): read until EOF."""
     try:
         with open(path, "rb", buffering=0) as f:
-            return f.read(limit)
+            chunks, size = [], 0
+            while size < limit:
+                chunk = f.read(min(limit - size, 1 << 16))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
     except OSError:
         return None
 
@@ -385,4 +393,42 @@ def pids_named(name: str, exclude: int | None = None) -> list[int]:
         parsed = parse_stat(stat) if stat else None
         if parsed and needle in parsed[0].lower():
             out.append(pid)
+    return out
+
+
+def symbol_file_offsets(path: str, names) -> dict[str, int]:
+    """File offsets (what uprobes take) of the functions in `names` that the ELF64 file at path
+    defines in .dynsym: st_value converted through its section (value - sh_addr + sh_offset)."""
+    wanted = [n.encode() for n in names]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return {}
+            shoff, = struct.unpack_from("<Q", head, 0x28)
+            shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
+            f.seek(shoff)
+            table = f.read(shentsize * shnum)
+            sections = [struct.unpack_from("<IIQQQQII", table, i * shentsize) for i in range(shnum)]
+            dynsym = next((s for s in sections if s[1] == 11), None)
+            if dynsym is None:
+                return {}
+            strtab = sections[dynsym[6]]
+            f.seek(strtab[4])
+            strings = f.read(strtab[5])
+            f.seek(dynsym[4])
+            symbols = f.read(dynsym[5])
+    except (OSError, struct.error, IndexError):
+        return {}
+    offsets = {}
+    for name in wanted:
+        pos = strings.find(b"\0" + name + b"\0")
+        if pos >= 0:
+            offsets[pos + 1] = name.decode()
+    out = {}
+    for st_name, info, _other, shndx, value, _size in struct.iter_unpack("<IBBHQQ", symbols):
+        name = offsets.get(st_name)
+        if name and shndx != 0 and shndx < len(sections) and (info & 0xF) in (2, 10):  # FUNC, IFUNC
+            _n, _t, _fl, sh_addr, sh_offset = sections[shndx][:5]
+            out[name] = value - sh_addr + sh_offset
     return out

@@ -232,18 +232,20 @@ class Profiler:
                         self.track(pid)
 
             run_loop(poll, opts.duration, stop, tick)
+            duration = time.monotonic() - started
             self.interrupted = stop.signal is not None
-            ended_early = self.interrupted
+            log.debug("profile ended after %.2f s, collecting", duration)
             self.monitor.obj.detach()
             ring.drain()
             handle(batch)
-            duration = time.monotonic() - started
-            doc = self.document(generated_at, duration, ended_early)
+            doc = self.document(generated_at, duration, self.interrupted)
+            self.write(doc)  # before the slow part: detaching uprobes
+            log.debug("document written")
         finally:
             stop.restore()
             self.monitor.close()
             self.api.close()
-        self.write(doc)
+            log.debug("probes detached")
         return ExitStatus.OK
 
     def on_event(self, ev: dict) -> None:
