@@ -65,18 +65,21 @@ def _mount_tracefs() -> str | None:
     return None
 
 
+def ringbuf_supported() -> bool:
+    """Ask the kernel (libbpf creates a probe map) rather than guess from the version."""
+    from crypto_tracer.engine import lb
+
+    m = lb()
+    return m.libbpf_probe_bpf_map_type(m.BPF_MAP_TYPE_RINGBUF, None) == 1
+
+
 def check_kernel_features() -> None:
     """BTF (for CO-RE), the BPF ring buffer (5.8+), and tracefs (mounted if absent)."""
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
         raise TracerError("This kernel has no BTF (/sys/kernel/btf/vmlinux is missing)", ExitStatus.KERNEL_FEATURE,
                           "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (most distributions since 2021)")
-    release = os.uname().release
-    try:
-        major, minor = (int(x) for x in release.split(".")[:2])
-    except ValueError:
-        major, minor = 0, 0
-    if (major, minor) < (5, 8):
-        raise TracerError(f"Kernel {release} has no BPF ring buffer (needs Linux 5.8 or newer)",
+    if not ringbuf_supported():
+        raise TracerError(f"Kernel {os.uname().release} has no BPF ring buffer (needs Linux 5.8 or newer)",
                           ExitStatus.KERNEL_FEATURE, "upgrade the kernel to 5.8+ (5.15+ recommended)")
     if tracefs_path() is None and _mount_tracefs() is None:
         raise TracerError("tracefs is not mounted and could not be mounted", ExitStatus.KERNEL_FEATURE,

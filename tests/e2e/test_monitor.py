@@ -338,3 +338,20 @@ def test_bpf_load_failure_exits_5(tmp_path):
                        env=dict(os.environ, PYTHONPATH=str(tmp_path)))
     assert r.returncode == 5, r.stderr
     assert "BPF object" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cap_bpf_and_cap_perfmon_suffice_and_host_wide_accounting_is_exact():
+    """No other capability needed; and with no filter at all the statistics add up exactly
+    (opens in flight while probes attach or detach are not half-counted)."""
+    need_tool("setpriv")
+    from tests.conftest import REPO, tracer_cmd
+
+    caps = "-all,+bpf,+perfmon"
+    r = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}",
+                        *tracer_cmd(), "monitor", "-d", "2", "-o", "/dev/null"],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "src")))
+    assert r.returncode == 0, r.stderr
+    s = stats_from(r.stderr)
+    assert s["processed"] > 0
+    assert s["processed"] == s["filtered"] + s["output"] + s["dropped"], s

@@ -259,15 +259,21 @@ int BPF_PROG(handle_fork, struct task_struct *parent, struct task_struct *child)
 
 /* --- file opens ------------------------------------------------------------------------- */
 
+/* An open is counted as seen once its outcome is known: here when it is filtered out or
+ * cannot be stashed, else at the syscall's exit. So opens in flight while the probes are
+ * attached or detached are not half-counted, and seen = filtered + dropped + submitted. */
 static __always_inline int stash_open(__u64 fname, __s32 dfd, __u32 flags)
 {
-	ct_count(CT_CNT_SEEN);
-	if (!current_wanted())
+	if (!current_wanted()) {
+		ct_count(CT_CNT_SEEN);
 		return 0;
+	}
 	struct open_args a = {.fname = fname, .dfd = dfd, .flags = flags};
 	__u64 id = bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&open_stash, &id, &a, BPF_ANY))
+	if (bpf_map_update_elem(&open_stash, &id, &a, BPF_ANY)) {
+		ct_count(CT_CNT_SEEN);
 		ct_count(CT_CNT_DROPPED); /* stash full: the event is lost, and counted */
+	}
 	return 0;
 }
 
@@ -400,6 +406,7 @@ static __always_inline int finish_open(long ret)
 		return 0;
 	struct open_args args = *a;
 	bpf_map_delete_elem(&open_stash, &id);
+	ct_count(CT_CNT_SEEN);
 
 	struct file_rec *r = get_scratch();
 	if (!r)

@@ -98,6 +98,10 @@ bpf_tc_attach = _decl("bpf_tc_attach", c_int, POINTER(bpf_tc_hook), POINTER(bpf_
 bpf_tc_detach = _decl("bpf_tc_detach", c_int, POINTER(bpf_tc_hook), POINTER(bpf_tc_opts))
 
 
+libbpf_probe_bpf_map_type = _decl("libbpf_probe_bpf_map_type", c_int, c_int, c_void_p)
+BPF_MAP_TYPE_RINGBUF = 27
+
+
 def optional(name: str):
     """A libbpf symbol newer than 1.1, or None."""
     return getattr(lib, name, None)
