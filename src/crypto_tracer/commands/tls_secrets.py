@@ -146,7 +146,8 @@ def _report(opts, keylog, keys, tracer, capture, sink) -> None:
     if capture is not None:
         c = capture.counters_at_end
         lines.append(f"crypto-tracer: {sink.writer.packets} packets written to {opts.pcapfile} "
-                     f"(seen {c['seen']}, filtered out {c['kernel_filtered']}, dropped {c['dropped']}"
+                     f"(seen {c['seen']}, filtered out {c['kernel_filtered']}, dropped {c['dropped']}, "
+                     f"submitted {c['submitted']}"
                      f"{f', truncated {sink.truncated}' if sink.truncated else ''})")
         if c["dropped"]:
             lines.append("crypto-tracer: warning: packets were dropped (ring buffer full): raise --mapsize")
