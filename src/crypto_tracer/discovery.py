@@ -19,7 +19,7 @@ OPENSSL, GNUTLS, NSS = "openssl", "gnutls", "nss"
 OPENSSL_DATA = ("SSL_read", "SSL_read_ex", "SSL_peek", "SSL_peek_ex", "SSL_write", "SSL_write_ex")
 OPENSSL_HANDSHAKE = ("SSL_do_handshake", "SSL_connect", "SSL_accept")
 GNUTLS_FUNCS = ("gnutls_record_recv", "gnutls_record_send", "gnutls_handshake")
-NSS_FUNCS = ("PR_Read", "PR_Recv", "PR_Write", "PR_Send")
+NSS_FUNCS = ("PR_Read", "PR_Recv", "PR_Write", "PR_Send", "PR_Writev")
 WANTED_SYMBOLS = frozenset(OPENSSL_DATA + OPENSSL_HANDSHAKE + GNUTLS_FUNCS + NSS_FUNCS +
                            ("SSL_free", "SSL_is_connection", "SSL_ImportFD"))
 

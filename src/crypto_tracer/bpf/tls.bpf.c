@@ -40,20 +40,21 @@
 enum tls_func {
 	F_SSL_READ = 1, F_SSL_READ_EX, F_SSL_PEEK, F_SSL_PEEK_EX, F_SSL_WRITE, F_SSL_WRITE_EX,
 	F_GNUTLS_RECV, F_GNUTLS_SEND,
-	F_PR_READ, F_PR_RECV, F_PR_WRITE, F_PR_SEND,
+	F_PR_READ, F_PR_RECV, F_PR_WRITE, F_PR_SEND, F_PR_WRITEV,
 	F_SSL_DO_HANDSHAKE = 20, F_SSL_CONNECT, F_SSL_ACCEPT, F_GNUTLS_HANDSHAKE,
 };
 
 static __always_inline bool func_is_write(__u32 f)
 {
-	return f == F_SSL_WRITE || f == F_SSL_WRITE_EX || f == F_GNUTLS_SEND || f == F_PR_WRITE || f == F_PR_SEND;
+	return f == F_SSL_WRITE || f == F_SSL_WRITE_EX || f == F_GNUTLS_SEND || f == F_PR_WRITE || f == F_PR_SEND ||
+	       f == F_PR_WRITEV;
 }
 
 static __always_inline __u32 func_lib(__u32 f)
 {
 	if (f == F_GNUTLS_RECV || f == F_GNUTLS_SEND || f == F_GNUTLS_HANDSHAKE)
 		return CT_LIB_GNUTLS;
-	if (f >= F_PR_READ && f <= F_PR_SEND)
+	if (f >= F_PR_READ && f <= F_PR_WRITEV)
 		return CT_LIB_NSS;
 	return CT_LIB_OPENSSL;
 }
@@ -315,6 +316,8 @@ int BPF_KPROBE(tls_data_enter, void *ssl, void *buf, __u64 num, void *count_ptr)
 
 	if (func == F_SSL_READ_EX || func == F_SSL_PEEK_EX || func == F_SSL_WRITE_EX)
 		st.count_ptr = (__u64)count_ptr;
+	if (func == F_PR_WRITEV) /* (fd, PRIOVec *iov, PRInt32 iov_size, timeout) */
+		st.count_ptr = num;
 	if (func_lib(func) == CT_LIB_NSS && !nss_is_ssl_fd((__u64)ssl))
 		return 0;
 	bpf_get_current_comm(comm, sizeof(comm));
@@ -329,6 +332,8 @@ struct chunk_ctx {
 	__u32 func;
 	__u64 length;
 	__u64 captured;
+	__u64 base;    /* offset of the current buffer in the call (PR_Writev segments) */
+	__u64 seg_len; /* bytes to copy from the current buffer */
 	__s32 fd;
 	__u8 truncated;
 	struct conn c;
@@ -341,16 +346,16 @@ static long emit_chunk(__u32 index, struct chunk_ctx *cc)
 	__u64 offset = (__u64)index * CT_TLS_CHUNK;
 	__u32 n;
 
-	if (!rec || offset >= cc->captured)
+	if (!rec || offset >= cc->seg_len)
 		return 1;
-	n = cc->captured - offset > CT_TLS_CHUNK ? CT_TLS_CHUNK : cc->captured - offset;
+	n = cc->seg_len - offset > CT_TLS_CHUNK ? CT_TLS_CHUNK : cc->seg_len - offset;
 	barrier_var(n);
 	if (n > CT_TLS_CHUNK)
 		return 1;
 	ct_fill_header(&rec->h, CT_EV_TLS_DATA);
 	rec->ssl = cc->ssl;
 	rec->length = cc->length;
-	rec->offset = offset;
+	rec->offset = cc->base + offset;
 	rec->chunk_len = n;
 	rec->fd = cc->fd;
 	rec->lib = func_lib(cc->func);
@@ -366,6 +371,28 @@ static long emit_chunk(__u32 index, struct chunk_ctx *cc)
 		return 1;
 	ct_output(rec, offsetof(struct tls_data_rec, data) + n);
 	return 0;
+}
+
+/* PR_Writev: the segments one after the other, offsets counted across the call. */
+#define CT_MAX_IOV 8
+static __always_inline void emit_iovec(struct chunk_ctx *cc, __u64 iov_count)
+{
+	struct { __u64 base; __s32 len; __s32 pad; } iov;
+
+	for (int i = 0; i < CT_MAX_IOV; i++) {
+		if (i >= iov_count || cc->base >= cc->captured)
+			return;
+		if (bpf_probe_read_user(&iov, sizeof(iov), (void *)(cc->buf + i * 16)))
+			return;
+		if (iov.len <= 0)
+			continue;
+		__u64 seg_buf = iov.base, len = iov.len;
+		struct chunk_ctx seg = *cc;
+		seg.buf = seg_buf;
+		seg.seg_len = cc->captured - cc->base < len ? cc->captured - cc->base : len;
+		bpf_loop((seg.seg_len + CT_TLS_CHUNK - 1) / CT_TLS_CHUNK, emit_chunk, &seg, 0);
+		cc->base += len;
+	}
 }
 
 /* A session whose handshake we did not see end (NSS, node's implicit handshakes inside
@@ -447,6 +474,11 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 		ct_output(rec, offsetof(struct tls_data_rec, data));
 		return 0;
 	}
+	if (func == F_PR_WRITEV) {
+		emit_iovec(&cc, st.count_ptr);
+		return 0;
+	}
+	cc.seg_len = cc.captured;
 	__u32 chunks = (cc.captured + CT_TLS_CHUNK - 1) / CT_TLS_CHUNK;
 	if (chunks > CT_TLS_MAX_CHUNKS)
 		chunks = CT_TLS_MAX_CHUNKS;

@@ -26,11 +26,11 @@ LIB_NAMES = {1: OPENSSL, 2: GNUTLS, 3: NSS}
 LIB_KIND_IDS = {v: k for k, v in LIB_NAMES.items()}
 FUNC_IDS = {"SSL_read": 1, "SSL_read_ex": 2, "SSL_peek": 3, "SSL_peek_ex": 4, "SSL_write": 5, "SSL_write_ex": 6,
             "gnutls_record_recv": 7, "gnutls_record_send": 8,
-            "PR_Read": 9, "PR_Recv": 10, "PR_Write": 11, "PR_Send": 12,
+            "PR_Read": 9, "PR_Recv": 10, "PR_Write": 11, "PR_Send": 12, "PR_Writev": 13,
             "SSL_do_handshake": 20, "SSL_connect": 21, "SSL_accept": 22, "gnutls_handshake": 23}
 FUNC_NAMES = {v: k for k, v in FUNC_IDS.items()}
 WRITE_FUNCS = frozenset(FUNC_IDS[f] for f in ("SSL_write", "SSL_write_ex", "gnutls_record_send", "PR_Write",
-                                               "PR_Send"))
+                                               "PR_Send", "PR_Writev"))
 HANDSHAKE_FUNCS = frozenset(("SSL_do_handshake", "SSL_connect", "SSL_accept", "gnutls_handshake"))
 COOKIE_LAYOUT = 0x100
 

@@ -1,0 +1,131 @@
+"""tls -m json against GnuTLS (gnutls-cli -> gnutls-serv --echo) and NSS (tstclnt -> selfserv):
+the exact bytes in both directions, on both sides, with the 4-tuple."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tlspeers as tp  # noqa: E402
+from conftest import need_root, need_tool  # noqa: E402
+from test_tls_openssl import assert_tuple  # noqa: E402
+
+pytestmark = pytest.mark.ebpf
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    need_root()
+    need_tool("openssl")
+    return tp.make_certs(str(tmp_path_factory.mktemp("certs")))
+
+
+def gnutls_echo(port, data: bytes) -> tuple[int, bytes]:
+    """Send data (lines) with gnutls-cli and wait until the echo came back; returns (pid, echo)."""
+    p = subprocess.Popen([tp.peer("gnutls-cli"), "--insecure", "-p", str(port), "127.0.0.1"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    got = bytearray()
+
+    def reader():
+        while chunk := p.stdout.read1(1 << 16):
+            got.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.3)  # handshake
+    p.stdin.write(data)
+    p.stdin.flush()
+    end = time.monotonic() + 10
+    while data not in bytes(got) and time.monotonic() < end:
+        time.sleep(0.02)
+    p.stdin.close()
+    p.wait(10)
+    t.join(5)
+    return p.pid, bytes(got)
+
+
+def test_gnutls_cli_and_serv(certs, tmp_path):
+    need_tool("gnutls-serv", "gnutls-cli")
+    cert, key = certs
+    port = 18420
+    out = str(tmp_path / "events.json")
+    sizes = (2, 10 * 1024, 1 << 20)
+    with tp.process([tp.peer("gnutls-serv"), "--echo", "-p", str(port), "--x509certfile", cert,
+                     "--x509keyfile", key], port=port) as server:
+        tracer = tp.Tracer(["-m", "json", "-o", out])
+        runs = []
+        for size in sizes:
+            data = tp.body(size - 1, b"gnutls%d-" % size) + b"\n"  # gnutls-cli sends whole lines
+            pid, echo = gnutls_echo(port, data)
+            assert data in echo
+            runs.append((pid, data))
+        _, err = tracer.stop()
+    assert tracer.proc.returncode == 0, err
+    events = tp.read_events(out)
+    srv = {"pid": server.pid}
+    for pid, data in runs:
+        client = {"pid": pid}
+        assert data in tp.stream(events, direction="write", **client)
+        assert data in tp.stream(events, direction="read", **client)
+        assert data in tp.stream(events, direction="read", **srv)
+        assert data in tp.stream(events, direction="write", **srv)
+        assert_tuple(events, port, client, srv)
+    assert {e["library"] for e in tp.data_events(events, pid=server.pid)} == {"gnutls"}
+    assert {e["function"] for e in tp.data_events(events, pid=server.pid)} == {"gnutls_record_recv",
+                                                                                "gnutls_record_send"}
+    hs = [e for e in events if e["event_type"] == "tls_handshake" and e["pid"] in (server.pid, runs[0][0])]
+    assert {(e["role"], e["result"]) for e in hs} >= {("client", "success"), ("server", "success")}
+    assert "Events dropped: 0" in err
+
+
+@pytest.fixture(scope="module")
+def nssdb(certs, tmp_path_factory):
+    need_tool("certutil", "pk12util", "selfserv", "tstclnt")
+    cert, key = certs
+    d = tmp_path_factory.mktemp("nssdb")
+    db = f"sql:{d}"
+    p12 = str(d / "srv.p12")
+    subprocess.run(["certutil", "-N", "-d", db, "--empty-password"], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkcs12", "-export", "-in", cert, "-inkey", key, "-out", p12, "-name", "srv",
+                    "-passout", "pass:"], check=True, capture_output=True)
+    subprocess.run(["pk12util", "-i", p12, "-d", db, "-W", ""], check=True, capture_output=True)
+    return db
+
+
+def test_nss_tstclnt_and_selfserv(nssdb, tmp_path):
+    port = 18421
+    out = str(tmp_path / "events.json")
+    with tp.process([tp.peer("selfserv"), "-d", nssdb, "-n", "srv", "-p", str(port), "-V", "tls1.2:tls1.3"],
+                    port=port) as server:
+        tracer = tp.Tracer(["-m", "json", "-o", out])
+        runs = []
+        for size in (1, 4096):
+            token = tp.body(size, b"nss%d-" % size)
+            request = b"GET /" + token + b" HTTP/1.0\r\n\r\n"
+            (tmp_path / "request").write_bytes(request)
+            with open(tmp_path / "request", "rb") as stdin:  # tstclnt hangs on a pipe's EOF, not a file's
+                client = subprocess.run([tp.peer("tstclnt"), "-h", "127.0.0.1", "-p", str(port), "-d", nssdb, "-o",
+                                         "-V", "tls1.2:tls1.3"], stdin=stdin, capture_output=True, timeout=20)
+            assert token in client.stdout  # selfserv echoes the request
+            runs.append(request)
+        _, err = tracer.stop()
+    assert tracer.proc.returncode == 0, err
+    events = tp.read_events(out)
+    clients = {e["pid"] for e in tp.data_events(events, process="ctpeer-tstclnt")}
+    assert len(clients) == 2
+    srv = {"pid": server.pid}
+    for request in runs:
+        assert request in tp.stream(events, direction="write", process="ctpeer-tstclnt")
+        assert request in tp.stream(events, direction="read", **srv)
+        assert request in tp.stream(events, direction="write", **srv)
+        assert request in tp.stream(events, direction="read", process="ctpeer-tstclnt")
+    for pid in clients:
+        assert_tuple(events, port, {"pid": pid}, srv)
+    # only the SSL descriptors: tstclnt's stdin/stdout (plain PR_Read/PR_Write) never appear
+    assert {e["library"] for e in tp.data_events(events, process="ctpeer-tstclnt")} == {"nss"}
+    assert all(e["fd"] is not None and e["remote_port"] for e in tp.data_events(events, process="ctpeer-tstclnt"))
+    assert "Events dropped: 0" in err
