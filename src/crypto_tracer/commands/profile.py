@@ -280,6 +280,9 @@ class Profiler:
         for pid, section in self.sections.items():
             if section.exit:
                 continue
+            if not os.path.exists(f"/proc/{pid}"):  # exited before the exit tracepoint was attached
+                section.exit = {"time": when, "exit_code": None, "signal": None}
+                continue
             try:
                 _files, inodes = inventory.scan_fds(pid)
             except inventory.Unreadable:
