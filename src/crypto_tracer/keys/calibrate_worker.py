@@ -44,6 +44,8 @@ _mem = os.open("/proc/self/mem", os.O_RDONLY)
 
 def read(addr: int, size: int) -> bytes:
     """Our own memory, without risking a segfault on an unmapped address."""
+    if not 0x10000 <= addr < 1 << 47:  # user-space addresses only
+        return b""
     try:
         return os.pread(_mem, size, addr)
     except OSError:
@@ -69,13 +71,28 @@ def _cert_der() -> tuple[bytes, bytes]:
                               serialization.NoEncryption()))
 
 
+def _libcrypto_beside(path: str) -> str | None:
+    """The libcrypto next to a libssl: same name with libcrypto, or the only libcrypto*.so.N
+    there (bundled copies have hashed names, e.g. libcrypto-2ade47cd.so.1.1)."""
+    import glob
+
+    real = os.path.realpath(path)
+    name, where = os.path.basename(real), os.path.dirname(real)
+    if not name.startswith("libssl") or ".so" not in name:
+        return None
+    same = os.path.join(where, name.replace("libssl", "libcrypto", 1))
+    if os.path.exists(same):
+        return same
+    found = glob.glob(os.path.join(where, "libcrypto*" + name[name.index(".so"):]))
+    return found[0] if len(found) == 1 else None
+
+
 class OpenSSL:
     def __init__(self, path: str):
         # Its own libcrypto, from the same directory, is loaded first so that libssl binds to it
         # (not LD_LIBRARY_PATH: that would also swap libraries under the Python interpreter).
-        name = os.path.basename(path)
-        crypto = os.path.join(os.path.dirname(os.path.realpath(path)), name.replace("libssl", "libcrypto", 1))
-        if name.startswith("libssl") and os.path.exists(crypto):
+        crypto = _libcrypto_beside(path)
+        if crypto:
             self.crypto = ctypes.CDLL(crypto, mode=os.RTLD_LOCAL | os.RTLD_NOW)
         self.lib = lib = ctypes.CDLL(path, mode=os.RTLD_LOCAL | os.RTLD_NOW)
         sig = {
@@ -172,17 +189,31 @@ def _one(candidates: list[int], what: str) -> int:
     return candidates[0]
 
 
-def _find_client_random(ssl: int, cr: bytes) -> tuple[int, int]:
+def _client_random_candidates(ssl: int, cr: bytes) -> list[tuple[int, int]]:
     mem = read(ssl, SCAN)
-    direct = _find_all(mem, cr)
-    if direct:
-        return -1, direct[0]
+    found = [(-1, off) for off in _find_all(mem, cr)]
     for deref in range(0, 4096, 8):  # one pointer level (1.1.1: ssl->s3)
         target = struct.unpack_from("<Q", mem, deref)[0]
-        hits = _find_all(read(target, 2048), cr) if target > 0x10000 else []
-        if hits:
-            return deref, hits[0]
-    raise RuntimeError("client_random not found")
+        if target > 0x10000:
+            found += [(deref, off) for off in _find_all(read(target, 2048), cr)]
+    return found
+
+
+def _read_client_random(ssl: int, field: tuple[int, int]) -> bytes:
+    deref, off = field
+    base = struct.unpack("<Q", read(ssl + deref, 8) or bytes(8))[0] if deref >= 0 else ssl
+    return read(base + off, 32) if base else b""
+
+
+def _find_client_random(samples: list[tuple[int, bytes]]) -> tuple[int, int]:
+    """The one place that holds client_random in every sample SSL object (a hit in a
+    neighbouring heap object, e.g. a separately allocated s3, would fail on the others)."""
+    ssl, cr = samples[0]
+    fits = [f for f in _client_random_candidates(ssl, cr)
+            if all(_read_client_random(s, f) == c for s, c in samples[1:])]
+    if not fits:
+        raise RuntimeError("client_random not found")
+    return min(fits, key=lambda f: (f[0] >= 0, f))  # prefer inside the object itself
 
 
 def _find_handshake(mem: bytes, chts: bytes, shts: bytes, app_off: int, hash_name: str) -> tuple[int, int, bool]:
@@ -201,14 +232,16 @@ def _find_handshake(mem: bytes, chts: bytes, shts: bytes, app_off: int, hash_nam
     raise RuntimeError("handshake secret not found")
 
 
-def learn(ossl: OpenSSL, client: int, client12: int) -> Layout:
-    """A layout from one TLS 1.3 (SHA-256) client and one TLS 1.2 client."""
+def learn(ossl: OpenSSL, client: int, client12: int, others: list[int]) -> Layout:
+    """A layout from one TLS 1.3 (SHA-256) client and one TLS 1.2 client (others: more SSL
+    objects that tell real offsets from accidental hits)."""
     lib = ossl.lib
     lines = ossl.lines_for(client)
     cr = bytes.fromhex(lines["CLIENT_TRAFFIC_SECRET_0"][0])
     secret = {k: bytes.fromhex(v[1]) for k, v in lines.items()}
     mem = read(client, SCAN)
-    cr_field = _find_client_random(client, cr)
+    samples = [(client, cr)] + [(s, bytes.fromhex(next(iter(ossl.lines_for(s).values()))[0])) for s in others]
+    cr_field = _find_client_random(samples)
     client_app = _one(_find_all(mem, secret["CLIENT_TRAFFIC_SECRET_0"]), "client app secret")
     server_app = _one(_find_all(mem, secret["SERVER_TRAFFIC_SECRET_0"]), "server app secret")
     exporter = _one(_find_all(mem, secret["EXPORTER_SECRET"]), "exporter secret")
@@ -246,7 +279,7 @@ def verify(ossl: OpenSSL, lay: Layout, ssls: list[int]) -> int:
 def calibrate(path: str) -> Layout:
     ossl = OpenSSL(path)
     pairs = [ossl.handshake(*r) for r in ROUNDS for _ in range(2)]
-    lay = learn(ossl, pairs[0][0], pairs[6][0])
+    lay = learn(ossl, pairs[0][0], pairs[6][0], [s for pair in pairs[1:] for s in pair])
     lay.verified = verify(ossl, lay, [s for pair in pairs for s in pair])
     lay.version = ossl.version().split()[1]
     return lay
