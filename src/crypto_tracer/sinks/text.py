@@ -8,6 +8,7 @@ from __future__ import annotations
 from crypto_tracer.sinks.output import Output
 
 _PRINTABLE = bytes(b if (32 <= b < 127 or b in (9, 10, 13)) else ord(".") for b in range(256))
+_VISIBLE = bytes(b if 32 <= b < 127 else ord(".") for b in range(256))  # hex dump column
 
 
 def endpoint(addr: str | None, port: int | None) -> str:
@@ -29,7 +30,7 @@ def hex_dump(data: bytes, start: int = 0) -> str:
     for i in range(0, len(data), 16):
         row = data[i:i + 16]
         hexes = " ".join(f"{b:02x}" for b in row)
-        lines.append(f"{start + i:08x}  {hexes:<47}  |{row.translate(_PRINTABLE).decode('ascii')}|")
+        lines.append(f"{start + i:08x}  {hexes:<47}  |{row.translate(_VISIBLE).decode('ascii')}|")
     return "\n".join(lines)
 
 

@@ -1,0 +1,199 @@
+"""tls filters, discovery and output options on the real kernel: --pid, --uid, the trailing
+port filter, a library loaded after start, a private libssl copy (LD_LIBRARY_PATH and a
+mount namespace), IPv6, text output with --hex and -t, SIGINT in the middle of a transfer."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tlspeers as tp  # noqa: E402
+from conftest import need_root, need_tool  # noqa: E402
+
+pytestmark = pytest.mark.ebpf
+LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+
+# A Python client (the _ex calls) that waits before importing ssl: libssl is mapped after start.
+LATE_CLIENT = r"""
+import sys, time
+time.sleep(float(sys.argv[3]))
+import ssl, http.client
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+c = http.client.HTTPSConnection(sys.argv[1], int(sys.argv[2]), context=ctx)
+body = open(sys.argv[4], "rb").read()
+c.request("POST", "/late", body=body); r = c.getresponse(); r.read()
+print(open("/proc/self/maps").read().count("libssl"))
+"""
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    need_root()
+    need_tool("openssl", "curl")
+    return tp.make_certs(str(tmp_path_factory.mktemp("certs")))
+
+
+@pytest.fixture
+def server(certs, tmp_path):
+    """A Python HTTPS server on 127.0.0.1:18430 answering a random 10 KiB body."""
+    resp = tp.body(10240, b"opt-resp-")
+    (tmp_path / "resp").write_bytes(resp)
+    with tp.python_server(18430, *certs, str(tmp_path / "resp")) as p:
+        yield p, resp
+
+
+def test_pid_captures_one_process_not_its_neighbour(certs, server, tmp_path):
+    srv, resp = server
+    (tmp_path / "resp2").write_bytes(b"neighbour")
+    out = str(tmp_path / "events.json")
+    with tp.python_server(18431, *certs, str(tmp_path / "resp2")) as neighbour:
+        tracer = tp.Tracer(["-m", "json", "-o", out, "--pid", str(srv.pid)], only_peers=False)
+        tp.curl("https://127.0.0.1:18430/a", data_file=__file__)
+        tp.curl("https://127.0.0.1:18431/b", data_file=__file__)
+        _, err = tracer.stop()
+    events = tp.read_events(out)
+    assert events and {e["pid"] for e in events} == {srv.pid}
+    assert resp in tp.stream(events, direction="write")
+    assert neighbour.pid not in {e["pid"] for e in events}
+
+
+def test_uid_zero_is_selectable_and_others_are_filtered_in_the_kernel(server, tmp_path):
+    srv, resp = server
+    out = str(tmp_path / "events.json")
+    tracer = tp.Tracer(["-m", "json", "-o", out, "--uid", "0"])
+    pid = tp.curl("https://127.0.0.1:18430/uid0", data_file=__file__)
+    _, err = tracer.stop()
+    assert resp in tp.stream(tp.read_events(out), pid=pid, direction="read")
+    tracer = tp.Tracer(["-m", "json", "-o", out, "--uid", "4242"], only_peers=False)
+    tp.curl("https://127.0.0.1:18430/uid4242", data_file=__file__)
+    _, err = tracer.stop()
+    assert tp.read_events(out) == []
+    m = re.search(r"Events filtered: (\d+) \(kernel (\d+)", err)
+    assert m and int(m.group(2)) >= 4, err
+
+
+def test_port_filter(certs, server, tmp_path):
+    srv, resp = server
+    (tmp_path / "resp2").write_bytes(b"other port")
+    out = str(tmp_path / "events.json")
+    with tp.python_server(18432, *certs, str(tmp_path / "resp2")):
+        tracer = tp.Tracer(["-m", "json", "-o", out, "port", "18432", "or", "port", "1"])
+        tp.curl("https://127.0.0.1:18430/a", data_file=__file__)
+        tp.curl("https://127.0.0.1:18432/b", data_file=__file__)
+        _, err = tracer.stop()
+    events = tp.read_events(out)
+    assert events and all(18432 in (e["local_port"], e["remote_port"]) for e in events)
+    assert b"other port" in tp.stream(events, direction="read")
+    assert int(re.search(r"user space (\d+)", err).group(1)) > 0
+
+
+def run_late_client(tmp_path, env=None, prefix=()):
+    req = tp.body(4096, b"late-req-")
+    (tmp_path / "req").write_bytes(req)
+    p = subprocess.Popen(list(prefix) + [tp.peer("python"), "-c", LATE_CLIENT, "127.0.0.1", "18430", "0.5",
+                                         str(tmp_path / "req")], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0 and int(out) > 0
+    return p.pid, req
+
+
+def test_private_libssl_copy_loaded_after_start(server, tmp_path):
+    """A different libssl file, mapped by a process that starts after the tool (LD_LIBRARY_PATH)."""
+    srv, resp = server
+    private = tmp_path / "lib"
+    private.mkdir()
+    shutil.copy(LIBSSL, private / "libssl.so.3")
+    out = str(tmp_path / "events.json")
+    tracer = tp.Tracer(["-m", "json", "-o", out, "-v"])
+    pid, req = run_late_client(tmp_path, env=dict(os.environ, LD_LIBRARY_PATH=str(private)))
+    _, err = tracer.stop()
+    events = tp.read_events(out)
+    assert req in tp.stream(events, pid=pid, direction="write")
+    assert resp in tp.stream(events, pid=pid, direction="read")
+    assert {e["function"] for e in tp.data_events(events, pid=pid)} == {"SSL_read_ex", "SSL_write_ex"}
+    assert f"hooked {private}/libssl.so.3" in err
+
+
+def test_libssl_copy_in_own_mount_namespace(server, tmp_path):
+    """unshare -m + a copy bind-mounted over the real path: reached through /proc/PID/root."""
+    need_tool("unshare")
+    srv, resp = server
+    copy = tmp_path / "libssl-copy.so.3"
+    shutil.copy(LIBSSL, copy)
+    out = str(tmp_path / "events.json")
+    tracer = tp.Tracer(["-m", "json", "-o", out, "-v"])
+    wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+               f'mount --bind {copy} {LIBSSL} && exec "$@"', "sh"]
+    pid, req = run_late_client(tmp_path, prefix=wrapper)
+    _, err = tracer.stop()
+    events = tp.read_events(out)
+    assert req in tp.stream(events, pid=pid, direction="write")
+    assert resp in tp.stream(events, pid=pid, direction="read")
+    assert re.search(rf"hooked /proc/\d+/root{LIBSSL}|hooked {LIBSSL} \(openssl", err)
+    assert os.stat(LIBSSL).st_ino != os.stat(copy).st_ino
+
+
+def test_ipv6(certs, tmp_path):
+    resp = tp.body(1000, b"v6-")
+    (tmp_path / "resp").write_bytes(resp)
+    out = str(tmp_path / "events.json")
+    with tp.python_server(18433, *certs, str(tmp_path / "resp"), host="::1") as srv:
+        tracer = tp.Tracer(["-m", "json", "-o", out])
+        pid = tp.curl("https://[::1]:18433/six", data_file=__file__)
+        _, err = tracer.stop()
+    events = tp.read_events(out)
+    client, server_ev = tp.data_events(events, pid=pid), tp.data_events(events, pid=srv.pid)
+    assert client and server_ev
+    assert all((e["local_addr"], e["remote_addr"], e["remote_port"]) == ("::1", "::1", 18433) for e in client)
+    assert all((e["local_addr"], e["local_port"], e["remote_addr"]) == ("::1", 18433, "::1") for e in server_ev)
+    assert resp in tp.stream(events, pid=pid, direction="read")
+
+
+def test_text_hex_and_tsize(server, tmp_path):
+    srv, resp = server
+    tracer = tp.Tracer(["--hex", "-t", "32"])
+    pid = tp.curl("https://127.0.0.1:18430/hex", data_file=__file__)
+    out, err = tracer.stop()
+    lines = out.splitlines()
+    header = [i for i, line in enumerate(lines) if f" pid={pid} " in line and " write " in line][0]
+    assert re.search(rf"Z ctpeer-curl pid={pid} tid={pid} fd=\d+ 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:18430 write "
+                     rf"\d+ bytes \[openssl SSL_write\]$", lines[header])
+    # "POST /hex" as a hex dump, 16 bytes a line, cut after 32 bytes
+    assert lines[header + 1].startswith("00000000  50 4f 53 54 20 2f 68 65 78")
+    assert lines[header + 2].startswith("00000010  ")
+    assert re.match(r"\.\.\. \(\d+ more bytes not shown, -t 32\)", lines[header + 3])
+    tracer = tp.Tracer([])
+    pid = tp.curl("https://127.0.0.1:18430/text", data_file=__file__)
+    out, err = tracer.stop()
+    assert "POST /text HTTP/1.1" in out and resp.decode() in out
+
+
+def test_sigint_mid_transfer_leaves_valid_output(server, tmp_path):
+    srv, resp = server
+    out = str(tmp_path / "events.json")
+    big = tmp_path / "big"
+    big.write_bytes(tp.body(1 << 20, b"big-"))
+    loop = subprocess.Popen(["sh", "-c", f"while true; do {tp.peer('curl')} -sk -o /dev/null --data-binary @{big} "
+                             f"https://127.0.0.1:18430/loop; done"])
+    try:
+        tracer = tp.Tracer(["-m", "json", "-f", "json-array", "-o", out])
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        _, err = tracer.stop()
+        assert time.monotonic() - t0 < 30
+    finally:
+        loop.send_signal(signal.SIGTERM)
+        loop.wait(10)
+    assert tracer.proc.returncode == 0, err
+    events = json.load(open(out))  # one valid array
+    assert len(events) > 10
+    m = re.search(r"Events output: (\d+)", err)
+    assert m and int(m.group(1)) == len(events)
+    assert "Events processed" in err

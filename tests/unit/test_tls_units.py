@@ -1,0 +1,133 @@
+"""Unit tests of the tls pieces that need no privileges: the capture filter, the text sink,
+record decoding, addresses and the ELF reader of discovery."""
+
+import os
+import struct
+import sys
+
+import pytest
+
+from crypto_tracer import discovery
+from crypto_tracer.errors import ExitStatus, TracerError
+from crypto_tracer.netfilter import compile_filter
+from crypto_tracer.probes import tls as probe
+from crypto_tracer.sinks.text import TextSink, as_text, endpoint, hex_dump
+
+CONN = ("127.0.0.1", 40000, "10.0.0.1", 443)
+
+
+@pytest.mark.parametrize("expr, expected", [
+    ("port 443", True), ("port 80", False), ("host 10.0.0.1", True), ("host 10.0.0.2", False),
+    ("port 443 and host 10.0.0.1", True), ("port 80 or host 127.0.0.1", True), ("not port 443", False),
+    ("src port 40000", True), ("dst port 40000", False), ("dst host 10.0.0.1", True),
+    ("tcp port 443", True), ("net 10.0.0.0/8", True), ("( port 1 or port 2 ) and host 10.0.0.1", False),
+    ("portrange 400-500", True), ("port 443 && !host 10.0.0.1", False), ("port 80 || port 443", True),
+])
+def test_capture_filter(expr, expected):
+    assert compile_filter(expr.split())(CONN) is expected
+
+
+def test_capture_filter_unknown_addresses_never_match():
+    assert compile_filter(["port", "443"])((None, None, None, None)) is False
+    assert compile_filter(["not", "port", "443"])((None, None, None, None)) is True
+    assert compile_filter([]) is None
+
+
+@pytest.mark.parametrize("expr", ["port", "port x", "port 70000", "host nothost", "foo 1", "( port 1", "port 1 )"])
+def test_capture_filter_errors_are_bad_arguments(expr):
+    with pytest.raises(TracerError) as exc:
+        compile_filter(expr.split())
+    assert exc.value.status == ExitStatus.BAD_ARGS
+
+
+def _data_record(payload, family=2, laddr=bytes([127, 0, 0, 1]) + bytes(12), func=5, length=None, offset=0,
+                 truncated=0, fd=7):
+    header = probe.HEADER.pack(123, probe.CT_EV_TLS_DATA, 10, 11, 0, b"curl")
+    body = probe.DATA.pack(0xABC, length or len(payload), offset, len(payload), fd, 1, func, truncated, family,
+                           40000, 443, laddr, bytes([10, 0, 0, 1]) + bytes(12))
+    return header + body + payload
+
+
+def test_decode_data_record():
+    rec = probe.decode_data(_data_record(b"GET / HTTP/1.1\r\n"))
+    assert (rec.pid, rec.tid, rec.comm, rec.library, rec.function, rec.direction, rec.fd) == \
+        (10, 11, "curl", "openssl", "SSL_write", "write", 7)
+    assert (rec.local_addr, rec.local_port, rec.remote_addr, rec.remote_port) == CONN
+    assert rec.data == b"GET / HTTP/1.1\r\n" and rec.truncated is False
+    assert probe.DATA_OFFSET == 116  # offsetof(struct tls_data_rec, data)
+    rec = probe.decode_data(_data_record(b"", family=0, fd=-1, func=2))
+    assert (rec.fd, rec.local_addr, rec.direction, rec.function) == (None, None, "read", "SSL_read_ex")
+
+
+def test_addresses():
+    mapped = bytes(10) + b"\xff\xff" + bytes([192, 168, 1, 2])
+    assert probe.address(10, mapped) == "192.168.1.2"  # IPv4-mapped IPv6 prints as IPv4
+    assert probe.address(10, bytes(15) + b"\x01") == "::1"
+    assert probe.address(0, bytes(16)) is None
+    assert endpoint("::1", 443) == "[::1]:443" and endpoint(None, None) == "?"
+
+
+class _Buf:
+    def __init__(self):
+        self.data = b""
+
+    def write(self, d):
+        self.data += d
+
+    def flush(self):
+        pass
+
+
+def _event(**kw):
+    ev = dict(event_type="tls_data", timestamp="2026-01-01T00:00:00.000000Z", pid=1, ppid=0, uid=0,
+              process="curl", exe="/usr/bin/curl", tid=1, library="openssl", function="SSL_write",
+              direction="write", fd=5, local_addr="127.0.0.1", local_port=40000, remote_addr="127.0.0.1",
+              remote_port=443, length=5, offset=0, truncated=False)
+    ev.update(kw)
+    return ev
+
+
+def test_text_sink_header_payload_and_tsize():
+    out = _Buf()
+    sink = TextSink(out, tsize=3)
+    sink.write(_event(), b"hello")
+    text = out.data.decode()
+    assert text.startswith("2026-01-01T00:00:00.000000Z curl pid=1 tid=1 fd=5 127.0.0.1:40000 -> "
+                           "127.0.0.1:443 write 5 bytes [openssl SSL_write]\nhel\n")
+    assert "... (2 more bytes not shown, -t 3)" in text
+
+
+def test_text_sink_chunks_and_truncation():
+    out = _Buf()
+    TextSink(out).write(_event(length=100, offset=60, truncated=True), b"x" * 20, last_chunk=True)
+    text = out.data.decode()
+    assert "write 100 bytes (bytes 60-80 of the call)" in text
+    assert "[TRUNCATED: the call moved 100 bytes, 20 beyond --max-payload were not captured]" in text
+
+
+def test_hex_dump_and_text_rendering():
+    assert hex_dump(b"GET /\r\n") == "00000000  47 45 54 20 2f 0d 0a" + " " * 27 + "  |GET /..|"
+    assert as_text(b"a\x00b\r\n") == "a.b\r\n"
+    assert as_text(b"\xff\xfe") == ".."
+
+
+def test_elf_reader_on_this_system():
+    libssl = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+    if not os.path.exists(libssl):
+        pytest.skip("libssl3 not installed")
+    elf = discovery.read_elf(libssl)
+    assert elf.soname == "libssl.so.3" and len(elf.build_id) == 40
+    assert {"SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex", "SSL_do_handshake"} <= elf.symbols
+    assert discovery.kind_of(libssl, elf) == "openssl"
+    assert discovery.read_elf(sys.executable).symbols == frozenset()
+    assert discovery.read_elf(__file__) is None
+
+
+def test_discovery_finds_each_file_once():
+    d = discovery.Discovery()
+    libssl = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+    if not os.path.exists(libssl):
+        pytest.skip("libssl3 not installed")
+    lib = d.examine(libssl, libssl, pid=1)
+    assert lib is not None and lib.kind == "openssl" and lib.openssl_layout
+    assert d.examine(libssl, libssl, pid=2) is None and lib.pids == {1, 2}
