@@ -3,8 +3,9 @@
  *
  * tls.bpf.c calls tls_keys_on_return(ctx, ssl, lib_kind) at every OpenSSL handshake/data
  * return. Where the secrets live in the SSL object is learned per library build by user
- * space (crypto_tracer/keys/calibrate.py) and written into `keys_layouts[lib_kind]`; with no
- * layout there (keys not wanted, or the layout is unknown) nothing is read at all.
+ * space (crypto_tracer/keys/calibrate.py) and written into `keys_layouts[slot]`; the slot of
+ * a hooked library file is in bits 16-19 of its uprobes' cookie. With no layout in the slot
+ * (keys not wanted, or the library's layout is unknown) nothing is read at all.
  * Once a session's record went out, `keys_done` remembers (tgid, ssl) -> first 8 bytes of
  * client_random, so later calls cost one map lookup and one 8-byte read; a reused SSL*
  * (new handshake, new client_random) is noticed and read again.
@@ -16,7 +17,8 @@
 
 #define CT_TLS_SECRET_LEN 64
 #define CT_TLS_MASTER_KEY_LEN 48
-#define CT_TLS_KEYS_SLOTS 4 /* indexed by lib_kind (CT_LIB_OPENSSL = 1) */
+#define CT_TLS_KEYS_SLOTS 16 /* slot 0: no keys */
+#define CT_TLS_KEYS_SLOT(cookie) (((cookie) >> 16) & (CT_TLS_KEYS_SLOTS - 1))
 
 /* Offsets in bytes; a negative cr_deref means client_random is in the SSL object itself. */
 struct ct_keys_layout {
@@ -42,7 +44,7 @@ struct ct_tls_keys_event {
 	__u32 lib_kind;
 	__s32 version;
 	__u32 cipher_id;
-	__u32 pad;
+	__u32 slot; /* the layout that was used */
 	__u8 client_random[32];
 	__u8 master_key[CT_TLS_MASTER_KEY_LEN];
 	__u8 hs_a[CT_TLS_SECRET_LEN];
@@ -94,9 +96,9 @@ static __always_inline bool tls_keys_nonzero(const __u8 *b)
 
 static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_kind)
 {
-	__u32 slot = lib_kind;
+	__u32 slot = CT_TLS_KEYS_SLOT(bpf_get_attach_cookie(ctx));
 	struct ct_keys_layout *lay = bpf_map_lookup_elem(&keys_layouts, &slot);
-	if (!lay || !lay->enabled || !ssl)
+	if (!slot || !lay || !lay->enabled || !ssl)
 		return;
 
 	__u64 cr_base = lay->cr_deref >= 0 ? tls_keys_ptr_at(ssl, lay->cr_deref) : ssl;
@@ -145,7 +147,7 @@ static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_k
 	ct_fill_header(&e->h, CT_EV_TLS_KEYS);
 	e->ssl = ssl;
 	e->lib_kind = lib_kind;
-	e->pad = 0;
+	e->slot = slot;
 	ct_count(CT_CNT_SEEN);
 	if (!ct_process_wanted(e->h.pid, e->h.uid, e->h.comm))
 		ct_count(CT_CNT_KFILTERED);

@@ -1,14 +1,14 @@
 """Session secrets from a running TlsTracer: learn each hooked OpenSSL's layout, give it to
 the BPF side, and turn CT_EV_TLS_KEYS records into key log lines.
 
-One layout is active per library kind (tls_keys.h indexes layouts by lib_kind). A hooked
-library whose layout is unknown, or differs from the active one, gets a warning and its
-processes' records are dropped: no keys rather than wrong keys.
+Each hooked library file gets a layout slot, carried in the cookie of its uprobes
+(TlsTracer.key_cookie); libraries with the same layout share a slot. A library whose
+layout is unknown gets slot 0, where nothing is read: no keys rather than wrong keys,
+and a message saying so.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Callable
 
@@ -18,26 +18,12 @@ from crypto_tracer.keys.layout import Layout
 from crypto_tracer.log import log
 
 _IGNORED = ("verified", "source", "version")
+FIRST_SLOT = 1
 
 
 def _same(a: Layout, b: Layout) -> bool:
     ja, jb = a.to_json(), b.to_json()
     return all(ja[k] == jb[k] for k in ja if k not in _IGNORED)
-
-
-def _mapped_files(pid: int) -> set[tuple[int, int]]:
-    """(st_dev, st_ino) of every file the process maps."""
-    out = set()
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 6 and parts[4] != "0":
-                    major, minor = (int(x, 16) for x in parts[3].split(":"))
-                    out.add((os.makedev(major, minor), int(parts[4])))
-    except (OSError, ValueError):
-        pass
-    return out
 
 
 class KeyExtractor:
@@ -46,57 +32,53 @@ class KeyExtractor:
     def __init__(self, tracer, on_lines: Callable[[list[tuple[str, str, str]], records.KeysRecord], None]):
         self.tracer = tracer
         self.on_lines = on_lines
-        self.active: Layout | None = None
-        self.refused: set[tuple[int, int]] = set()  # library files we write no keys for
-        self.unusable: list[str] = []  # messages, one per such library
+        self.slots: dict[int, Layout] = {}
+        self.unusable: list[str] = []  # one message per library we write no keys for
         self.unsupported: list[str] = []  # library kinds whose secrets are not read (gnutls, nss)
         self.sessions = 0
-        self.records_refused = 0
-        self._pid_ok: dict[int, bool] = {}
         tracer.on(records.CT_EV_TLS_KEYS, self._record)
-        tracer.on_library(self._library)
+        tracer.key_cookie = self._cookie
 
-    def _library(self, lib) -> None:
-        if lib.kind != "openssl":  # its records never come: tls_keys.h has no layout for it
+    def _cookie(self, lib) -> int:
+        """Cookie bits for a library about to be hooked: its layout slot (0: no keys)."""
+        if lib.kind != "openssl":
             if lib.kind not in self.unsupported:
                 self.unsupported.append(lib.kind)
-                log.debug("keys: %s hooked, but reading %s secrets is not supported", lib.display_path, lib.kind)
-            return
+            log.debug("keys: reading %s secrets is not supported (%s)", lib.kind, lib.display_path)
+            return 0
         result = layout_for(lib.path)
         if result.layout is None:
-            self._refuse(lib, f"its SSL object layout could not be learned ({result.how})")
-            return
-        if self.active is None:
-            self.active = result.layout
-            slot = struct.pack("<I", records.LIB_OPENSSL)
-            self.tracer.obj.map("keys_layouts").update(slot, records.layout_value(result.layout))
-            log.debug("keys: OpenSSL %s layout from %s (%s)", result.layout.version, lib.display_path, result.how)
-        elif not _same(self.active, result.layout):
-            self._refuse(lib, "its layout differs from the OpenSSL already hooked (one layout per run)")
-        self._pid_ok.clear()
+            message = f"no TLS keys for {lib.display_path or lib.path}: its SSL object layout could not be " \
+                      f"learned ({result.how})"
+            if message not in self.unusable:
+                self.unusable.append(message)
+                log.warning("%s", message)
+            return 0
+        slot = self._slot(result.layout)
+        if slot is None:
+            log.warning("no TLS keys for %s: too many different OpenSSL layouts in one run", lib.display_path)
+            return 0
+        log.debug("keys: %s: OpenSSL %s, layout slot %d (%s)", lib.display_path, result.layout.version, slot,
+                  result.how)
+        return slot << records.SLOT_SHIFT
 
-    def _refuse(self, lib, why: str) -> None:
-        if lib.dev_ino in self.refused:
-            return
-        self.refused.add(lib.dev_ino)
-        message = f"no TLS keys for {lib.display_path or lib.path}: {why}"
-        self.unusable.append(message)
-        log.warning("%s", message)
-        self._pid_ok.clear()
-
-    def _pid_allowed(self, pid: int) -> bool:
-        if not self.refused:
-            return True
-        ok = self._pid_ok.get(pid)
-        if ok is None:
-            ok = self._pid_ok[pid] = not (_mapped_files(pid) & self.refused)
-        return ok
+    def _slot(self, lay: Layout) -> int | None:
+        for slot, known in self.slots.items():
+            if _same(known, lay):
+                return slot
+        slot = FIRST_SLOT + len(self.slots)
+        if slot >= records.SLOTS:
+            return None
+        self.tracer.obj.map("keys_layouts").update(struct.pack("<I", slot), records.layout_value(lay))
+        self.slots[slot] = lay
+        return slot
 
     def _record(self, raw: bytes) -> None:
-        rec = records.decode(raw, hs_direct=bool(self.active and self.active.hs_direct))
-        if rec.lib_kind != records.LIB_OPENSSL or not self._pid_allowed(rec.pid):
-            self.records_refused += 1
+        rec = records.decode(raw)
+        lay = self.slots.get(rec.slot)
+        if lay is None:
             return
+        rec.material.hs_direct = lay.hs_direct
         lines = rec.material.lines()
         if lines:
             self.sessions += 1

@@ -11,6 +11,8 @@ from crypto_tracer.keys.material import KeyMaterial
 
 CT_EV_TLS_KEYS = 8
 LIB_OPENSSL = 1
+SLOTS = 16  # keys_layouts entries; slot 0 means "no keys"
+SLOT_SHIFT = 16  # the slot's place in a uprobe cookie
 
 _LAYOUT = struct.Struct("<I12i")
 _HEADER = struct.Struct("<QIIII16s")
@@ -36,13 +38,15 @@ class KeysRecord:
     comm: str
     ssl: int
     lib_kind: int
+    slot: int
     material: KeyMaterial
 
 
 def decode(data: bytes, hs_direct: bool = False) -> KeysRecord:
     ts, _type, pid, tid, uid, comm = _HEADER.unpack_from(data, 0)
-    (ssl, lib_kind, version, cipher_id, _pad, cr, master, hs_a, hs_b, capp, sapp,
+    (ssl, lib_kind, version, cipher_id, slot, cr, master, hs_a, hs_b, capp, sapp,
      exporter) = _KEYS.unpack_from(data, _HEADER.size)
     material = KeyMaterial(version=version, cipher_id=cipher_id, client_random=cr, master_key=master, hs_a=hs_a,
                            hs_b=hs_b, client_app=capp, server_app=sapp, exporter=exporter, hs_direct=hs_direct)
-    return KeysRecord(ts, pid, tid, uid, comm.split(b"\0", 1)[0].decode(errors="replace"), ssl, lib_kind, material)
+    return KeysRecord(ts, pid, tid, uid, comm.split(b"\0", 1)[0].decode(errors="replace"), ssl, lib_kind, slot,
+                      material)

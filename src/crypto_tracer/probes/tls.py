@@ -171,6 +171,7 @@ class TlsTracer:
         self._rescans: deque[tuple[float, int]] = deque()
         self.obj = None
         self.rb = None
+        self.key_cookie: Callable[[TlsLibrary], int] | None = None  # extra uprobe cookie bits per library
 
     # --- public interface ----------------------------------------------------------------
 
@@ -281,9 +282,10 @@ class TlsTracer:
     def _hook(self, lib: TlsLibrary) -> None:
         targets = self.pids or [-1]
         handshake_prog = ("tls_hs_enter", "tls_hs_return")
+        key_bits = self.key_cookie(lib) if self.key_cookie else 0  # keys/extractor.py: layout slot
         attached = 0
         for func in lib.functions:
-            cookie = FUNC_IDS.get(func, 0) | (COOKIE_LAYOUT if lib.openssl_layout else 0)
+            cookie = FUNC_IDS.get(func, 0) | (COOKIE_LAYOUT if lib.openssl_layout else 0) | key_bits
             if func == "SSL_free":
                 progs = (("tls_free", False),)
             elif func in HANDSHAKE_FUNCS:
