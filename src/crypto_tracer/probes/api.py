@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from crypto_tracer import classify, inventory
+from crypto_tracer import inventory
 from crypto_tracer.engine import BpfObject
 from crypto_tracer.errors import TracerError
 from crypto_tracer.log import log
@@ -295,36 +295,7 @@ class ApiProbe:
 
     def counts(self) -> dict[int, list[dict]]:
         """tgid -> [{function_name, library, category, algorithm, count, bytes}] from the kernel map."""
-        merged: dict[tuple[int, int, str | None], list[int]] = {}
-        for raw_key, raw_val in self.obj.map("api_counts").items():
-            tgid, func, algorithm = decode_key(raw_key)
-            n, nbytes = VAL.unpack(raw_val)
-            key = (tgid, func, normalize_algorithm(algorithm))
-            acc = merged.setdefault(key, [0, 0])
-            acc[0] += n
-            acc[1] += nbytes
-        by_name = {f.name: f.id for f in FUNCTIONS}
-        for inner, outers in NESTED.items():
-            for (tgid, func, algorithm), acc in merged.items():
-                if func == by_name[inner]:
-                    for outer in outers:
-                        acc[0] -= merged.get((tgid, by_name[outer], algorithm), [0, 0])[0]
-                    acc[0] = max(acc[0], 0)
-        out: dict[int, list[dict]] = {}
-        for (tgid, func, algorithm), (n, nbytes) in merged.items():
-            if n == 0:
-                continue
-            f = FUNCTIONS_BY_ID.get(func)
-            if f is None:
-                continue
-            entry = {"function_name": f.name, "library": f.library, "category": f.category,
-                     "algorithm": algorithm, "count": n}
-            if f.shape in (RET_BYTES, EX) or f.kind == SIZE:
-                entry["bytes"] = nbytes
-            out.setdefault(tgid, []).append(entry)
-        for entries in out.values():
-            entries.sort(key=lambda e: (-e["count"], e["function_name"], e["algorithm"] or ""))
-        return out
+        return aggregate(self.obj.map("api_counts").items())
 
     def counters(self) -> dict[str, int]:
         m = self.obj.map("counters")
@@ -347,5 +318,33 @@ class ApiProbe:
         self.obj.close()
 
 
-def is_crypto_library(path: str) -> bool:
-    return classify.library_name(path) in ("libssl", "libcrypto")
+def aggregate(items) -> dict[int, list[dict]]:
+    """api_counts (key, value) pairs -> per tgid, the calls by function and algorithm, most
+    frequent first; algorithm spellings merged, nested cipher inits counted once (NESTED)."""
+    merged: dict[tuple[int, int, str | None], list[int]] = {}
+    for raw_key, raw_val in items:
+        tgid, func, algorithm = decode_key(raw_key)
+        n, nbytes = VAL.unpack(raw_val)
+        acc = merged.setdefault((tgid, func, normalize_algorithm(algorithm)), [0, 0])
+        acc[0] += n
+        acc[1] += nbytes
+    by_name = {f.name: f.id for f in FUNCTIONS}
+    for inner, outers in NESTED.items():
+        for (tgid, func, algorithm), acc in merged.items():
+            if func == by_name[inner]:
+                for outer in outers:
+                    acc[0] -= merged.get((tgid, by_name[outer], algorithm), [0, 0])[0]
+                acc[0] = max(acc[0], 0)
+    out: dict[int, list[dict]] = {}
+    for (tgid, func, algorithm), (n, nbytes) in merged.items():
+        f = FUNCTIONS_BY_ID.get(func)
+        if f is None or n == 0:
+            continue
+        entry = {"function_name": f.name, "library": f.library, "category": f.category,
+                 "algorithm": algorithm, "count": n}
+        if f.shape in (RET_BYTES, EX) or f.kind == SIZE:
+            entry["bytes"] = nbytes
+        out.setdefault(tgid, []).append(entry)
+    for entries in out.values():
+        entries.sort(key=lambda e: (-e["count"], e["function_name"], e["algorithm"] or ""))
+    return out
