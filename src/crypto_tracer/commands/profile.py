@@ -191,8 +191,6 @@ class Profiler:
         else:
             proc_filter = ProcessFilter(pid=opts.pid, name=opts.name)
         stop = StopFlag().install()
-        started = time.monotonic()
-        generated_at = now_iso()
         self.monitor = MonitorProbe(proc_filter=proc_filter, ringbuf_size=opts.mapsize or DEFAULT_RINGBUF,
                                     follow_children=self.follow)
         self.api = ApiProbe()
@@ -206,6 +204,7 @@ class Profiler:
             self.monitor.attach()
             for pid in pids:
                 self.track(pid, started_before=True)
+            started, started_at = time.monotonic(), now_iso()  # the profile covers from here on
             log.info("Profiling %s for %d s (%d API probes attached)",
                      f"pid {opts.pid}" if opts.pid else f"processes named '{opts.name}'", opts.duration,
                      self.api.links)
@@ -238,7 +237,7 @@ class Profiler:
             self.monitor.obj.detach()
             ring.drain()
             handle(batch)
-            doc = self.document(generated_at, duration, self.interrupted)
+            doc = self.document(started_at, duration, self.interrupted)
             self.write(doc)  # before the slow part: detaching uprobes
             log.debug("document written")
         finally:
@@ -293,7 +292,7 @@ class Profiler:
                 section.add_mapped_libraries(libs, when, False)
                 self.attach_api(pid)
 
-    def document(self, generated_at: str, duration: float, ended_early: bool) -> dict:
+    def document(self, started_at: str, duration: float, ended_early: bool) -> dict:
         if self.opts.no_redact:
             def redact(p):
                 return p
@@ -307,7 +306,8 @@ class Profiler:
         api = self.api.counters()
         return {
             "profile_version": PROFILE_VERSION,
-            "generated_at": generated_at,
+            "generated_at": now_iso(),
+            "started_at": started_at,
             "duration_seconds": round(duration, 3),
             "target": {"pid": self.opts.pid, "name": self.opts.name, "follow_children": self.follow},
             "partial": any(s["partial"] for s in sections),
