@@ -131,7 +131,7 @@ def process_files(pid: int) -> list[tuple[str, str]]:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 parts = line.split(None, 5)
-                if len(parts) < 6 or "x" not in parts[1]:
+                if len(parts) < 6:  # any mapping: the executable one may be a moment away
                     continue
                 path = parts[5].strip()
                 if path.startswith("/") and _candidate(path):

@@ -20,11 +20,14 @@ from conftest import need_root, need_tool  # noqa: E402
 pytestmark = pytest.mark.ebpf
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 
-# A Python client (the _ex calls) that waits before importing ssl: libssl is mapped after start.
+# A Python client (the _ex calls) that starts after the tool and waits before importing ssl, so
+# libssl is mapped after start; it then waits again: hooking a new library takes a few ms, and
+# calls made in that window are missed (documented).
 LATE_CLIENT = r"""
 import sys, time
 time.sleep(float(sys.argv[3]))
 import ssl, http.client
+time.sleep(float(sys.argv[3]))
 ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
 c = http.client.HTTPSConnection(sys.argv[1], int(sys.argv[2]), context=ctx)
 body = open(sys.argv[4], "rb").read()

@@ -322,10 +322,12 @@ class TlsTracer:
 
     def _schedule(self, pid: int, is_exec: bool) -> None:
         now = time.monotonic()
-        if is_exec:  # the executable itself (a static OpenSSL) is there at once
-            for lib in self.discovery.scan_pid(pid):
-                self._hook(lib)
-        for delay in self.RESCAN_DELAYS if is_exec else (0.0, 0.05):
+        # At once: the executable (a static OpenSSL) is mapped at exec, and a library being
+        # mapped already has its first segment in the maps. Every moment counts: the process
+        # may use the library before its uprobes are in place.
+        for lib in self.discovery.scan_pid(pid):
+            self._hook(lib)
+        for delay in self.RESCAN_DELAYS if is_exec else (0.02, 0.2):
             self._rescans.append((now + delay, pid))
 
     def _run_rescans(self) -> None:
