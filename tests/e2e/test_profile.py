@@ -298,6 +298,39 @@ def test_node_static_openssl():
     assert all(c["library"] == "libcrypto" for c in s["api_calls"] if c["category"] == "digest")
 
 
+def test_unprivileged_profile_exits_3():
+    """Root without capabilities (securebits noroot): preflight refuses with exit status 3."""
+    need_root()
+    need_tool("setpriv")
+    from tests.conftest import REPO
+
+    res = subprocess.run(["setpriv", "--securebits", "+noroot", "--inh-caps", "-all", "--bounding-set", "-all",
+                          sys.executable, "-m", "crypto_tracer", "profile", "-p", str(os.getpid()), "-d", "1"],
+                         capture_output=True, text=True, timeout=30,
+                         env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "src")))
+    assert res.returncode == 3, res.stderr
+    assert "Insufficient privileges" in res.stderr and res.stdout == ""
+
+
+def test_summary_format(certs):
+    need_root()
+    work = start_workload(WORKLOAD, *certs, PORT + 2, 1, 20, 0)
+    tracer = start_tracer(["profile", "-p", str(work.pid), "-d", "20", "-f", "summary"])
+    try:
+        wait_ready(tracer)
+        work.stdin.write("go\n")
+        work.stdin.flush()
+        assert work.stdout.readline().strip() == "done"
+        out, err = tracer.communicate(timeout=40)
+    finally:
+        work.kill()
+        work.wait()
+    assert tracer.returncode == 0, err
+    assert out.startswith("Crypto Profile Summary\n")
+    assert f"PID {work.pid}: " in out and "TLS: 2 handshakes, 15 bytes read, 15 bytes written" in out
+    assert "20  EVP_DigestInit_ex [SHA512-224]" in out
+
+
 def test_missing_pid_and_name_errors():
     need_root()
     res = run_tracer(["profile", "-p", "4000000", "-d", "1"])
