@@ -111,7 +111,8 @@ def run(opts) -> int:
                 capture.poll(0)
                 sink.flush()
 
-        runloop.run(poll, opts.duration or None, stop, poll_ms=50)
+        drops = _DropWatch(tracer, capture, clock)
+        runloop.run(poll, opts.duration or None, stop, tick=drops.tick, poll_ms=50)
     finally:
         stop.restore()
         if capture is not None:
@@ -123,6 +124,22 @@ def run(opts) -> int:
     if not opts.quiet:
         _report(opts, keylog, keys, tracer, capture, sink)
     return ExitStatus.OK
+
+
+class _DropWatch:
+    """Warns while running when the kernel had to drop records (ring buffer full)."""
+
+    def __init__(self, tracer, capture, clock):
+        self.tracer, self.capture, self.clock = tracer, capture, clock
+        self.seen = 0
+
+    def tick(self) -> None:
+        self.clock.resync()
+        dropped = self.tracer.counters()["dropped"] + (self.capture.counters()["dropped"] if self.capture else 0)
+        if dropped > self.seen:
+            log.warning("%d records dropped in the last second (ring buffer full): raise --mapsize",
+                        dropped - self.seen)
+            self.seen = dropped
 
 
 def _finish(tracer, capture, sink) -> None:
