@@ -131,3 +131,26 @@ def test_discovery_finds_each_file_once():
     lib = d.examine(libssl, libssl, pid=1)
     assert lib is not None and lib.kind == "openssl" and lib.openssl_layout
     assert d.examine(libssl, libssl, pid=2) is None and lib.pids == {1, 2}
+
+
+def test_json_events_follow_the_schema(tmp_path):
+    import json
+    import types
+
+    from crypto_tracer import events
+    from crypto_tracer.clock import WallClock
+    from crypto_tracer.commands.tls import Capture
+
+    out = tmp_path / "events.json"
+    opts = types.SimpleNamespace(model="json", format="json-stream", filter=["port", "443"], no_redact=False,
+                                 output=str(out), hex=False, tsize=0, max_payload=1 << 20)
+    cap = Capture(opts)
+    cap.sink, cap.clock = cap._open_sink(), WallClock()
+    cap.stats = types.SimpleNamespace(received=0, user_filtered=0, output=0)
+    cap.batch += [_data_record(b"secret"), _data_record(b"x", family=0)]  # the second has no address
+    cap.process()
+    cap.sink.close()
+    (ev,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert list(ev) == list(events.COMMON_FIELDS) + list(events.EVENT_FIELDS["tls_data"])
+    assert (ev["data_b64"], ev["length"], ev["truncated"], ev["remote_port"]) == ("c2VjcmV0", 6, False, 443)
+    assert (cap.stats.received, cap.stats.user_filtered, cap.stats.output) == (2, 1, 1)

@@ -5,13 +5,16 @@ kernel (tls.bpf.c) -> ring buffer -> decode -> enrich -> capture filter -> text/
 
 from __future__ import annotations
 
-import base64
 import os
 import time
+from base64 import b64encode
 
 from crypto_tracer import events
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import is_verbose, log
+from crypto_tracer.redact import redact
+
+CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE = 7, 6  # bpf/common.h
 
 DEFAULT_RINGBUF = 8 << 20
 SECRET_MODELS = ("keylog", "key", "pcap", "pcapng")
@@ -137,7 +140,7 @@ class Capture:
             tracer.close()
 
     def process(self) -> None:
-        from crypto_tracer.probes.tls import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, decode_data, decode_handshake
+        from crypto_tracer.probes.tls import decode_data, decode_handshake
 
         raws = self.batch
         if not raws:
@@ -163,29 +166,27 @@ class Capture:
         self.sink.flush()
 
     def _write(self, rtype: int, rec) -> None:
-        from crypto_tracer.probes.tls import CT_EV_TLS_DATA
-
         ppid, exe = self.procs.get(rec.pid)
         if exe and self.redact:
-            from crypto_tracer.redact import redact
-
             exe = redact(exe)
-        common = {"timestamp": self.clock.iso(rec.ts_ns), "pid": rec.pid, "ppid": ppid, "uid": rec.uid,
-                  "process": rec.comm, "exe": exe}
-        own = dict(tid=rec.tid, library=rec.library, fd=rec.fd, local_addr=rec.local_addr,
-                   local_port=rec.local_port, remote_addr=rec.remote_addr, remote_port=rec.remote_port)
+        # The fields in the order of events.EVENT_FIELDS (built inline: this is the hot path).
         if rtype == CT_EV_TLS_DATA:
-            ev = events.make("tls_data", common, function=rec.function, direction=rec.direction,
-                             length=rec.length, offset=rec.offset, truncated=rec.truncated, **own)
+            ev = {"event_type": "tls_data", "timestamp": self.clock.iso(rec.ts_ns), "pid": rec.pid, "ppid": ppid,
+                  "uid": rec.uid, "process": rec.comm, "exe": exe, "tid": rec.tid, "library": rec.library,
+                  "function": rec.function, "direction": rec.direction, "fd": rec.fd,
+                  "local_addr": rec.local_addr, "local_port": rec.local_port, "remote_addr": rec.remote_addr,
+                  "remote_port": rec.remote_port, "length": rec.length, "offset": rec.offset,
+                  "truncated": rec.truncated}
             if self.text:
                 captured = min(rec.length, self.opts.max_payload)
                 self.sink.write(ev, rec.data, last_chunk=rec.offset + len(rec.data) >= captured)
                 return
-            ev["data_b64"] = base64.b64encode(rec.data).decode("ascii")
+            ev["data_b64"] = b64encode(rec.data).decode("ascii")
         else:
-            ev = events.make("tls_handshake", common, role=rec.role, result=rec.result,
-                             tls_version=rec.tls_version, cipher=None, **own)
-            if self.text:
-                self.sink.write(ev)
-                return
+            common = {"timestamp": self.clock.iso(rec.ts_ns), "pid": rec.pid, "ppid": ppid, "uid": rec.uid,
+                      "process": rec.comm, "exe": exe}
+            ev = events.make("tls_handshake", common, tid=rec.tid, library=rec.library, role=rec.role, fd=rec.fd,
+                             local_addr=rec.local_addr, local_port=rec.local_port, remote_addr=rec.remote_addr,
+                             remote_port=rec.remote_port, result=rec.result, tls_version=rec.tls_version,
+                             cipher=None)
         self.sink.write(ev)

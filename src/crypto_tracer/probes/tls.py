@@ -56,8 +56,21 @@ def ensure_tracefs() -> None:
                           "mount it: mount -t tracefs nodev /sys/kernel/tracing")
 
 
+_ADDRESSES: dict[tuple[int, bytes], str | None] = {}
+
+
 def address(family: int, raw: bytes) -> str | None:
-    """An address as text; IPv4-mapped IPv6 prints as IPv4."""
+    """An address as text; IPv4-mapped IPv6 prints as IPv4 (cached: a host talks to few peers)."""
+    key = (family, raw)
+    text = _ADDRESSES.get(key, "")
+    if text == "":
+        if len(_ADDRESSES) > 65536:
+            _ADDRESSES.clear()
+        text = _ADDRESSES[key] = _address(family, raw)
+    return text
+
+
+def _address(family: int, raw: bytes) -> str | None:
     if family == AF_INET:
         return str(ipaddress.IPv4Address(raw[:4]))
     if family == AF_INET6:

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Benchmark of `crypto-tracer tls` (text and json to a file) under wrk, eCapture's method.
+
+Run as root from the repository: python3 bench/bench_tls.py [--seconds N] [--rounds R]
+Load: nginx (one worker, a 6-byte response, keep-alive) and wrk -t1 -c50 on loopback over TLS.
+In one run, alternating, each mode R times (the median is reported):
+  untraced     no probes
+  floor        empty programs on the very uprobes `tls` uses (SSL_* entries and returns in
+               libssl, which nginx and wrk both use): what the kernel's trap alone costs
+  text, json   crypto-tracer tls -m text / -m json, output to a file, whole host
+  text-pid, json-pid   the same with --pid <nginx worker> (uprobes attached for it only)
+For each: requests/s and p99 latency, and their ratios to untraced (same run) and to the
+floor; the tracer's CPU (user+sys seconds per wall second) and peak RSS; events lost.
+Targets: capture >= 0.9x the floor, 0 events lost, RSS <= 50 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "src"))
+sys.path.insert(0, os.path.join(REPO, "tests", "e2e"))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
+TRACER = [sys.executable, "-m", "crypto_tracer", "tls"]
+PORT = 18440
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def wrk(seconds: int) -> tuple[float, float]:
+    """(requests/s, p99 latency in ms)."""
+    out = subprocess.run(["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", f"https://127.0.0.1:{PORT}/small"],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", out).groups()
+    return rps, float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+class EmptyFloor:
+    """tls.bpf.o's empty program on every uprobe and uretprobe `tls` would put on libssl."""
+
+    def __init__(self):
+        from crypto_tracer import discovery
+        from crypto_tracer.engine import BpfObject
+
+        path = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+        lib = discovery.Discovery().examine(path, path)
+        self.obj = BpfObject.from_package("tls")
+        self.obj.load()
+        for func in lib.functions:
+            self.obj.attach_uprobe("tls_empty", path, func_name=func)
+            if func != "SSL_free":
+                self.obj.attach_uprobe("tls_empty", path, func_name=func, retprobe=True)
+
+    def close(self):
+        self.obj.close()
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_hwm_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_traced(args: list[str], seconds: int) -> dict:
+    p = subprocess.Popen(TRACER + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if "ready" in line:
+            break
+    else:
+        sys.exit("tracer did not start")
+    cpu0, t0 = proc_cpu(p.pid), time.monotonic()
+    rps, p99 = wrk(seconds)
+    cpu = (proc_cpu(p.pid) - cpu0) / (time.monotonic() - t0)
+    rss = proc_hwm_mb(p.pid)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    lost = int(re.search(r"Events dropped: (\d+)", err).group(1))
+    output = int(re.search(r"Events output: (\d+)", err).group(1))
+    return {"rps": rps, "p99": p99, "cpu": cpu, "rss": rss, "lost": lost, "events": output}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run (default 5)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of each mode (default 2)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    for tool in ("nginx", "wrk", "openssl"):
+        if not shutil.which(tool):
+            sys.exit(f"needs {tool}: apt-get install nginx wrk openssl")
+    import tlspeers
+
+    tmp = tempfile.mkdtemp(prefix="bench-tls-")
+    cert, key = tlspeers.make_certs(tmp)
+    nginx = subprocess.Popen(["nginx", "-c", tlspeers.nginx_conf(tmp, PORT, cert, key), "-p", tmp],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    modes = ("untraced", "floor", "text", "json", "text-pid", "json-pid")
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    try:
+        tlspeers.wait_port(PORT)
+        time.sleep(0.3)
+        worker = int(subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()[0])
+        wrk(1)  # warm-up
+        for _ in range(args.rounds):
+            rps, p99 = wrk(args.seconds)
+            results["untraced"].append({"rps": rps, "p99": p99})
+            floor = EmptyFloor()
+            rps, p99 = wrk(args.seconds)
+            floor.close()
+            results["floor"].append({"rps": rps, "p99": p99})
+            for mode in ("text", "json"):
+                out = os.path.join(tmp, f"out.{mode}")
+                base = ["-m", mode, "-o", out]
+                results[mode].append(run_traced(base, args.seconds))
+                results[f"{mode}-pid"].append(run_traced(base + ["--pid", str(worker)], args.seconds))
+                os.unlink(out)
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
+    base, floor = med["untraced"], med["floor"]
+    print(f"wrk -t1 -c50 -d{args.seconds}s --latency, nginx 1 worker, 6-byte response, keep-alive; "
+          f"median of {args.rounds} rounds")
+    print(f"{'mode':9s} {'req/s':>9s} {'x untraced':>10s} {'x floor':>8s} {'p99 ms':>8s} {'p99 x':>6s} "
+          f"{'CPU':>5s} {'RSS MB':>7s} {'events':>8s} {'lost':>5s}")
+    for m in modes:
+        r = med[m]
+        extra = (f"{r['cpu']:5.2f} {r['rss']:7.1f} {r['events']:8.0f} {r['lost']:5.0f}" if "cpu" in r
+                 else f"{'-':>5s} {'-':>7s} {'-':>8s} {'-':>5s}")
+        print(f"{m:9s} {r['rps']:9.0f} {r['rps'] / base['rps']:10.3f} {r['rps'] / floor['rps']:8.3f} "
+              f"{r['p99']:8.2f} {r['p99'] / base['p99']:6.2f} {extra}")
+    worst = min(med[m]["rps"] / floor["rps"] for m in modes[2:])
+    lost = sum(r["lost"] for m in modes[2:] for r in results[m])
+    rss = max(r["rss"] for m in modes[2:] for r in results[m])
+    print(f"targets: capture/floor >= 0.9: {worst:.3f} ({'ok' if worst >= 0.9 else 'MISSED'}); "
+          f"events lost 0: {lost:.0f} ({'ok' if lost == 0 else 'MISSED'}); "
+          f"RSS <= 50 MB: {rss:.1f} ({'ok' if rss <= 50 else 'MISSED'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
