@@ -163,6 +163,9 @@ def test_known_counts(certs):
     assert tls["bytes_written"] == tls["bytes_read"] == n_tls * (5 + 10)
     assert tls["write_calls"] == tls["read_calls"] == 2 * n_tls
     assert any(peer["remote_addr"] == "127.0.0.1" and peer["remote_port"] == PORT for peer in tls["peers"])
+    # connections counted in the kernel: made as a client and accepted by the server thread
+    assert tls["connections"] == [{"role": "client", "remote_addr": "127.0.0.1", "remote_port": PORT, "count": n_tls},
+                                  {"role": "server", "remote_addr": "127.0.0.1", "local_port": PORT, "count": n_tls}]
     # files and libraries
     files = {f["path"]: f for f in s["files_accessed"]}
     assert files[cert]["type"] == "certificate" and files[cert]["access_count"] == 1

@@ -148,3 +148,11 @@ def test_pids_named_is_case_insensitive():
     comm = open("/proc/self/comm").read().strip()
     assert os.getpid() in inventory.pids_named(comm.upper())
     assert os.getpid() not in inventory.pids_named(comm.upper(), exclude=os.getpid())
+
+
+def test_decode_peer():
+    v4 = bytes([10, 0, 0, 9]) + bytes(12)
+    assert api.decode_peer(1, 2, 443, v4) == {"role": "client", "remote_addr": "10.0.0.9", "remote_port": 443}
+    mapped = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])
+    assert api.decode_peer(2, 10, 8443, mapped) == {"role": "server", "remote_addr": "127.0.0.1", "local_port": 8443}
+    assert api.decode_peer(1, 1, 0, bytes(16)) is None

@@ -5,8 +5,10 @@ Sources, each for the profiled pids only:
 - monitor.bpf.c (the lead's MonitorProbe): exec/exit, crypto file opens, crypto library loads;
   with --follow-children the kernel adds every fork of a profiled process to its pid set;
 - api.bpf.c (ApiProbe): crypto API calls counted in a kernel map, uprobes attached per pid;
-- /proc: the process facts, the libraries mapped before the profile started, and the TCP
-  peers, sampled every 200 ms (connections shorter than that can be missed).
+- api.bpf.c also counts the TCP connections the profiled pids make (SYN_SENT) and accept
+  (accept/accept4 returns), by peer, in the kernel: exact, however short they are;
+- /proc: the process facts, the libraries mapped before the profile started, and the open
+  TCP sockets, sampled every 200 ms (their states; connections shorter than that are missed).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class ProcessProfile:
             peer["state"] = s["state"]
 
     # -- output --
-    def document(self, api_calls: list[dict], redact, redact_text, ended_early: bool) -> dict:
+    def document(self, api_calls: list[dict], redact, redact_text, ended_early: bool,
+                 connections: list[dict] | None = None) -> dict:
         process = dict(self.process)
         process["exe"] = redact(process.get("exe"))
         process["cmdline"] = redact_text(process.get("cmdline"))
@@ -100,6 +103,7 @@ class ProcessProfile:
         files = [dict(f, path=redact(f["path"])) for f in self.files.values()]
         calls = list(api_calls)
         tls = tls_summary(calls)
+        tls["connections"] = connections or []
         tls["peers"] = sorted(self.peers.values(), key=lambda p: p["first_seen"])
         tls["listening"] = sorted(self.listening.values(), key=lambda p: (p["local_addr"], p["local_port"]))
         return {
@@ -299,8 +303,8 @@ class Profiler:
             redact_text = redact
         else:
             from crypto_tracer.redact import redact, redact_text
-        counts = self.api.counts()
-        sections = [s.document(counts.get(pid, []), redact, redact_text, ended_early)
+        counts, connections = self.api.counts(), self.api.connections()
+        sections = [s.document(counts.get(pid, []), redact, redact_text, ended_early, connections.get(pid))
                     for pid, s in sorted(self.sections.items())]
         monitor = self.monitor.counters()
         api = self.api.counters()

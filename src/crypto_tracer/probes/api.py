@@ -155,6 +155,8 @@ def normalize_algorithm(name: str | None) -> str | None:
 
 
 PROGRAMS = ("api_enter", "api_ret_ok", "api_ret_bytes", "api_ex_enter", "api_ex_ret")
+TCP_PROGRAMS = ("api_tcp_state", "api_accept4_exit", "api_accept_exit")
+PEER_KEY = struct.Struct("<IBBHHH16s")
 BPF_TRACE_UPROBE_MULTI = 48
 BPF_F_UPROBE_MULTI_RETURN = 1
 BPF_LINK_CREATE = 28
@@ -207,10 +209,13 @@ class ApiProbe:
             self.multi = False
             self.obj = self._open(multi=False)
             self.obj.load()
+        for prog in TCP_PROGRAMS:  # count connections of profiled pids (filtered in the kernel)
+            self.obj.attach(prog)
 
     def attach(self, pid: int) -> int:
         """Hook pid's libssl/libcrypto (through its root) and its executable if it carries
         OpenSSL statically; already-hooked files are skipped. Returns the new probe count."""
+        self.obj.map("profiled").update(struct.pack("<I", pid), b"\1")
         targets = []
         for lib in inventory.crypto_libraries(pid):
             if lib["name"] in ("libssl", "libcrypto"):
@@ -297,6 +302,20 @@ class ApiProbe:
         """tgid -> [{function_name, library, category, algorithm, count, bytes}] from the kernel map."""
         return aggregate(self.obj.map("api_counts").items())
 
+    def connections(self) -> dict[int, list[dict]]:
+        """tgid -> TCP connections counted in the kernel: made (client: remote address and port)
+        and accepted (server: remote address, our local port)."""
+        out: dict[int, list[dict]] = {}
+        for raw_key, raw_val in self.obj.map("peers").items():
+            tgid, role, _pad, family, port, _pad2, addr = PEER_KEY.unpack(raw_key)
+            entry = decode_peer(role, family, port, addr)
+            if entry is not None:
+                entry["count"] = struct.unpack("<Q", raw_val)[0]
+                out.setdefault(tgid, []).append(entry)
+        for entries in out.values():
+            entries.sort(key=lambda e: (e["role"], -e["count"], e["remote_addr"]))
+        return out
+
     def counters(self) -> dict[str, int]:
         m = self.obj.map("counters")
         return {name: sum(struct.unpack("<Q", v)[0] for v in m.lookup_percpu(struct.pack("<I", i)))
@@ -316,6 +335,21 @@ class ApiProbe:
         elif jobs:
             jobs[0]()
         self.obj.close()
+
+
+def decode_peer(role: int, family: int, port: int, addr: bytes) -> dict | None:
+    import ipaddress
+
+    if family == 2:
+        remote = str(ipaddress.IPv4Address(addr[:4]))
+    elif family == 10:
+        a = ipaddress.IPv6Address(addr)
+        remote = str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
+    else:
+        return None
+    if role == 1:
+        return {"role": "client", "remote_addr": remote, "remote_port": port}
+    return {"role": "server", "remote_addr": remote, "local_port": port}
 
 
 def aggregate(items) -> dict[int, list[dict]]:
