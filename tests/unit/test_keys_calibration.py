@@ -56,3 +56,15 @@ def test_no_layout_for_files_without_openssl(cache, tmp_path):
     result = calibrate.layout_for(str(fake))
     assert result.layout is None and "calibration failed" in result.how
     assert not list(cache.glob("*.json")) or all("sha256" not in p.name for p in cache.glob("*.json"))
+
+
+def test_a_library_others_could_write_is_not_run(cache, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the check applies to root, whose privileges calibration would lend to the library")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    lib = shared / "libssl.so.3"
+    shutil.copy(_system_libssl(), lib)
+    result = calibrate.layout_for(str(lib))
+    assert result.layout is None and "writable by others than root" in result.how

@@ -77,10 +77,28 @@ def _run_worker(path: str) -> tuple[Layout | None, str]:
     return None, "calibration failed: " + result.get("error", "no result")
 
 
+def _safe_to_load(path: str) -> str | None:
+    """Calibration runs the library's code with our privileges: only for files that only
+    root could have written (like the system's own libraries). Returns why not, or None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        for p in (os.path.realpath(path), os.path.dirname(os.path.realpath(path))):
+            st = os.stat(p)
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                return f"{p} is writable by others than root: its code is not run to learn its layout"
+    except OSError as exc:
+        return f"cannot check it: {exc.strerror}"
+    return None
+
+
 def _calibrated(path: str, bid: str) -> tuple[Layout | None, str]:
     lay = _cached(bid)
     if lay is not None:
         return lay, "cache"
+    unsafe = _safe_to_load(path)
+    if unsafe:
+        return None, unsafe
     lay, how = _run_worker(path)
     if lay is None:
         return None, how
