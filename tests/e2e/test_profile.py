@@ -301,6 +301,37 @@ def test_node_static_openssl():
     assert all(c["library"] == "libcrypto" for c in s["api_calls"] if c["category"] == "digest")
 
 
+def test_process_in_own_mount_namespace(tmp_path):
+    """The libcrypto this process uses exists only in its mount namespace: the probes are
+    attached through /proc/PID/root and count its digests."""
+    need_root()
+    need_tool("unshare")
+    mnt = tmp_path / "ns"
+    mnt.mkdir()
+    digests = "import hashlib, sys\nprint('ready', flush=True)\nsys.stdin.readline()\n" \
+              "for _ in range(123): hashlib.new('sha512_224', b'n').digest()\nprint('done', flush=True)"
+    script = (f"mount -t tmpfs none {mnt} && cp {LIBCRYPTO} {mnt}/libcrypto.so.3 && "
+              f"exec env LD_PRELOAD={mnt}/libcrypto.so.3 {sys.executable} -c \"$0\"")
+    work = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script, digests],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert work.stdout.readline().strip() == "ready"
+    tracer = start_tracer(["profile", "-p", str(work.pid), "-d", "20"])
+    try:
+        wait_ready(tracer)
+        work.stdin.write("go\n")
+        work.stdin.flush()
+        assert work.stdout.readline().strip() == "done"
+        work.wait(timeout=10)
+        doc = finish(tracer)
+    finally:
+        work.kill()
+        work.wait()
+    [s] = doc["processes"]
+    assert f"{mnt}/libcrypto.so.3" in {lib["path"] for lib in s["libraries"]}
+    assert not os.path.exists(f"{mnt}/libcrypto.so.3")  # not visible from here
+    assert calls(s, "EVP_DigestInit_ex", "SHA512-224") == 123
+
+
 def test_unprivileged_profile_exits_3():
     """Root without capabilities (securebits noroot): preflight refuses with exit status 3."""
     need_root()
