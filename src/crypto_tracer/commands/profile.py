@@ -54,6 +54,8 @@ class ProcessProfile:
     def add_event(self, ev: dict) -> None:
         self.events += 1
         kind = ev["event_type"]
+        if self.process["name"] is None:  # gone before /proc could be read: what the event knows
+            self.process.update(name=ev["process"], ppid=ev["ppid"], uid=ev["uid"], exe=ev.get("exe"))
         if kind == "file_open":
             f = self.files.get(ev["file"])
             if f is None:
@@ -305,7 +307,9 @@ class Profiler:
             from crypto_tracer.redact import redact, redact_text
         counts, connections = self.api.counts(), self.api.connections()
         sections = [s.document(counts.get(pid, []), redact, redact_text, ended_early, connections.get(pid))
-                    for pid, s in sorted(self.sections.items())]
+                    for pid, s in sorted(self.sections.items())
+                    if s.process["name"] is not None or s.events or pid in counts or pid in connections]
+        # (a forked pid that vanished before /proc was read and left no trace is not reported)
         monitor = self.monitor.counters()
         api = self.api.counters()
         return {
