@@ -197,10 +197,10 @@ class Profiler:
         else:
             proc_filter = ProcessFilter(pid=opts.pid, name=opts.name)
         stop = StopFlag().install()
-        self.monitor = MonitorProbe(proc_filter=proc_filter, ringbuf_size=opts.mapsize or DEFAULT_RINGBUF,
-                                    follow_children=self.follow)
-        self.api = ApiProbe()
         try:
+            self.monitor = MonitorProbe(proc_filter=proc_filter, ringbuf_size=opts.mapsize or DEFAULT_RINGBUF,
+                                        follow_children=self.follow)
+            self.api = ApiProbe()
             self.monitor.load()
             self.api.load()
             clock = WallClock()
@@ -248,20 +248,17 @@ class Profiler:
             log.debug("document written")
         finally:
             stop.restore()
-            self.monitor.close()
-            self.api.close()
+            for probe in (self.monitor, self.api):
+                if probe is not None:
+                    probe.close()
             log.debug("probes detached")
         return ExitStatus.OK
 
     def on_event(self, ev: dict) -> None:
         pid = ev["pid"]
-        section = self.sections.get(pid)
+        section = self.sections.get(pid) or self.track(pid)  # e.g. a fork gone before sample() saw it
         if section is None:
-            if ev["event_type"] == "process_exit":
-                return  # a thread-group we never saw alive: nothing to profile
-            section = self.track(pid)
-            if section is None:
-                return
+            return
         section.add_event(ev)
         if ev["event_type"] == "process_exec":
             info = inventory.process_info(pid)
