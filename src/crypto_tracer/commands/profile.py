@@ -23,7 +23,7 @@ from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
 
 PROFILE_VERSION = "1.1"
-DEFAULT_RINGBUF = 8 << 20
+DEFAULT_RINGBUF = 4 << 20  # profile events are few; monitor uses the same default
 SOCKET_SAMPLE_SECONDS = 0.2
 TLS_LIBRARY_CATEGORIES = {"handshake", "tls_read", "tls_write", "session", "context"}
 
