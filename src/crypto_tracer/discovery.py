@@ -32,6 +32,7 @@ class ElfInfo:
     soname: str | None = None
     build_id: str | None = None
     symbols: frozenset = frozenset()  # exported functions among WANTED_SYMBOLS
+    offsets: dict = field(default_factory=dict)  # function -> file offset (what uprobes take)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TlsLibrary:
     build_id: str | None
     dev_ino: tuple[int, int]
     functions: tuple[str, ...] = ()
+    offsets: dict = field(default_factory=dict)
     openssl_layout: bool = False  # 1.1.1-3.1: ssl->version at 0, ssl->server at 56
     display_path: str = ""  # the path as the process sees it
     pids: set = field(default_factory=set)
@@ -58,6 +60,13 @@ def read_elf(path: str) -> ElfInfo | None:
 def _parse_elf(m) -> ElfInfo | None:
     if m[:4] != b"\x7fELF" or m[4] != 2 or m[5] != 1:
         return None
+    phoff, = struct.unpack_from("<Q", m, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", m, 0x36)
+    loads = []  # (vaddr, memsz, file offset) of PT_LOAD segments
+    for i in range(phnum):
+        ptype, _flags, off, vaddr, _paddr, _filesz, memsz = struct.unpack_from("<IIQQQQQ", m, phoff + i * phentsize)
+        if ptype == 1:
+            loads.append((vaddr, memsz, off))
     shoff, = struct.unpack_from("<Q", m, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", m, 0x3A)
     sections = []
@@ -66,20 +75,23 @@ def _parse_elf(m) -> ElfInfo | None:
             "<IIQQQQIIQQ", m, shoff + i * shentsize)
         sections.append((name, stype, off, size, link, entsize))
     info = ElfInfo()
-    symbols = set()
+    symbols, offsets = set(), {}
     for _name, stype, off, size, link, entsize in sections:
         if stype == 11 and entsize:  # SHT_DYNSYM
             stroff, strsize = sections[link][2], sections[link][3]
             if not any(m.find(k, stroff, stroff + strsize) >= 0 for k in _KEY_NAMES):
                 continue  # cheap test first: most executables export nothing of interest
             for pos in range(off, off + size, entsize):
-                st_name, st_info, _other, st_shndx = struct.unpack_from("<IBBH", m, pos)
+                st_name, st_info, _other, st_shndx, st_value = struct.unpack_from("<IBBHQ", m, pos)
                 if st_shndx == 0 or (st_info & 0xF) != 2:  # undefined, or not a function
                     continue
                 end = m.find(b"\0", stroff + st_name)
                 sym = m[stroff + st_name:end].decode(errors="replace").split("@")[0]
                 if sym in WANTED_SYMBOLS:
                     symbols.add(sym)
+                    for vaddr, memsz, off in loads:
+                        if vaddr <= st_value < vaddr + memsz:
+                            offsets[sym] = st_value - vaddr + off
         elif stype == 7:  # SHT_NOTE
             pos = off
             while pos + 12 <= off + size:
@@ -96,6 +108,7 @@ def _parse_elf(m) -> ElfInfo | None:
                     end = m.find(b"\0", dynstr + val)
                     info.soname = m[dynstr + val:end].decode(errors="replace")
     info.symbols = frozenset(symbols)
+    info.offsets = offsets
     return info
 
 
@@ -185,7 +198,7 @@ class Discovery:
             self.seen[key] = None
             return None
         lib = TlsLibrary(path=path, kind=kind, build_id=elf.build_id, dev_ino=key,
-                         functions=functions_for(kind, elf), display_path=display,
+                         functions=functions_for(kind, elf), offsets=elf.offsets, display_path=display,
                          openssl_layout=(kind == OPENSSL and "SSL_read_ex" in elf.symbols
                                          and "SSL_is_connection" not in elf.symbols))
         if pid is not None:

@@ -7,6 +7,7 @@ and hands the raw records to the handlers registered with ``on()``.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import struct
@@ -41,8 +42,48 @@ DATA_OFFSET = HEADER.size + DATA.size  # 116
 CNT_SEEN, CNT_KFILTERED, CNT_DROPPED, CNT_SUBMITTED, CNT_CTRL_DROPPED = 0, 1, 2, 3, 4
 AF_INET, AF_INET6 = 2, 10
 
-READ_SYSCALLS = ("sys_enter_read", "sys_enter_readv", "sys_enter_recvfrom", "sys_enter_recvmsg")
-WRITE_SYSCALLS = ("sys_enter_write", "sys_enter_writev", "sys_enter_sendto", "sys_enter_sendmsg")
+UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free")
+BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, BPF_F_UPROBE_MULTI_RETURN = 28, 48, 1
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+
+
+class _NoUprobeMulti(Exception):
+    """The kernel refused a uprobe_multi link (before Linux 6.6): use one link per probe."""
+
+
+class MultiLink:
+    """A uprobe_multi link (Linux 6.6+): every function of one library for one program, so
+    detaching costs one RCU grace period instead of one per probe (~0.1 s each here)."""
+
+    def __init__(self, fd: int, what: str):
+        self.fd, self.what = fd, what
+
+    def destroy(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def uprobe_multi_link(prog_fd: int, path: str, offsets: list[int], cookies: list[int], retprobe: bool,
+                      pid: int) -> int:
+    """BPF_LINK_CREATE for a uprobe_multi link (libbpf 1.1 has no API for it); returns the fd."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    n = len(offsets)
+    offs = (ctypes.c_uint64 * n)(*offsets)
+    cks = (ctypes.c_uint64 * n)(*cookies)
+    cpath = ctypes.create_string_buffer(path.encode())
+    attr = ctypes.create_string_buffer(128)  # union bpf_attr, link_create.uprobe_multi
+    struct.pack_into("<IIII", attr, 0, prog_fd, 0, BPF_TRACE_UPROBE_MULTI, 0)
+    struct.pack_into("<QQQQIII", attr, 16, ctypes.addressof(cpath), ctypes.addressof(offs), 0,
+                     ctypes.addressof(cks), n, BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, max(pid, 0))
+    fd = libc.syscall(SYS_BPF, BPF_LINK_CREATE, attr, ctypes.sizeof(attr))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int(fd)
 
 
 def ensure_tracefs() -> None:
@@ -184,6 +225,7 @@ class TlsTracer:
         self._rescans: deque[tuple[float, int]] = deque()
         self.obj = None
         self.rb = None
+        self.multi = True  # uprobe_multi links; cleared when the kernel refuses them
         self.key_cookie: Callable[[TlsLibrary], int] | None = None  # extra uprobe cookie bits per library
 
     # --- public interface ----------------------------------------------------------------
@@ -201,19 +243,34 @@ class TlsTracer:
         return [(lib.path, lib.kind, lib.build_id) for lib in self.libraries]
 
     def start(self) -> None:
-        from crypto_tracer.engine import BpfObject, RingBuffer
+        try:
+            self._start()
+        except _NoUprobeMulti as exc:
+            log.debug("tls: uprobe_multi links refused (%s): one link per probe", exc)
+            self.close()
+            self.discovery = discovery.Discovery()
+            self.libraries.clear()
+            self.multi = False
+            self._start()
+
+    def _start(self) -> None:
+        from crypto_tracer.engine import BpfObject, RingBuffer, lb
 
         ensure_tracefs()
         self.obj = BpfObject.from_package(self.object_name)
         if self.mapsize:
             self.obj.map("events").set_max_entries(self.mapsize)
+        if self.multi:
+            import ctypes
+
+            set_type = lb().lib.bpf_program__set_expected_attach_type
+            set_type.argtypes, set_type.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+            for name in UPROBE_PROGRAMS:
+                set_type(self.obj.program(name)._ptr, BPF_TRACE_UPROBE_MULTI)
         self.obj.load()
         self._write_config()
-        for prog, calls in (("sys_enter_rd", READ_SYSCALLS), ("sys_enter_wr", WRITE_SYSCALLS)):
-            for call in calls:
-                self.obj.attach_tracepoint(prog, "syscalls", call)
+        self.obj.attach("tls_sys_enter")
         self.obj.attach_tracepoint("tls_exec", "sched", "sched_process_exec")
-        self.obj.attach_tracepoint("tls_mmap", "syscalls", "sys_enter_mmap")
         self.rb = RingBuffer()
         self.rb.add(self.obj.map("events"), self._dispatch)
         for path in self.extra_paths:
@@ -293,35 +350,68 @@ class TlsTracer:
         self._hook(lib)
 
     def _hook(self, lib: TlsLibrary) -> None:
-        targets = self.pids or [-1]
-        handshake_prog = ("tls_hs_enter", "tls_hs_return")
-        key_bits = self.key_cookie(lib) if self.key_cookie else 0  # keys/extractor.py: layout slot
-        attached = 0
-        for func in lib.functions:
-            cookie = FUNC_IDS.get(func, 0) | (COOKIE_LAYOUT if lib.openssl_layout else 0) | key_bits
-            if func == "SSL_free":
-                progs = (("tls_free", False),)
-            elif func in HANDSHAKE_FUNCS:
-                progs = ((handshake_prog[0], False), (handshake_prog[1], True))
-            else:
-                progs = (("tls_data_enter", False), ("tls_data_return", True))
-            for pid in targets:
-                for prog, ret in progs:
-                    try:
-                        self.obj.attach_uprobe(prog, lib.path, func_name=func, pid=pid, retprobe=ret,
-                                               cookie=cookie)
-                        attached += 1
-                    except TracerError as exc:
-                        self.attach_failures.append(str(exc).splitlines()[0])
-                        log.debug("tls: %s", exc)
+        attached = self._hook_multi(lib) if self.multi else self._hook_each(lib)
         if attached:
             self.libraries.append(lib)
-            log.debug("tls: hooked %s (%s, %d probes)", lib.display_path, lib.kind, attached)
+            log.debug("tls: hooked %s (%s, %d %s)", lib.display_path, lib.kind, attached,
+                      "uprobe_multi links" if self.multi else "probes")
             for cb in self._library_callbacks:
                 cb(lib)
         elif lib.functions:
             log.warning("could not hook %s: %s", lib.display_path,
                         self.attach_failures[-1] if self.attach_failures else "no probe attached")
+
+    def _cookie(self, lib: TlsLibrary, func: str, key_bits: int) -> int:
+        return FUNC_IDS.get(func, 0) | (COOKIE_LAYOUT if lib.openssl_layout else 0) | key_bits
+
+    @staticmethod
+    def _programs_for(func: str) -> tuple[tuple[str, bool], ...]:
+        if func == "SSL_free":
+            return (("tls_free", False),)
+        if func in HANDSHAKE_FUNCS:
+            return (("tls_hs_enter", False), ("tls_hs_return", True))
+        return (("tls_data_enter", False), ("tls_data_return", True))
+
+    def _hook_multi(self, lib: TlsLibrary) -> int:
+        key_bits = self.key_cookie(lib) if self.key_cookie else 0  # keys/extractor.py: layout slot
+        groups: dict[tuple[str, bool], list[str]] = {}
+        for func in lib.functions:
+            if func in lib.offsets:
+                for key in self._programs_for(func):
+                    groups.setdefault(key, []).append(func)
+        attached = 0
+        for (prog, ret), funcs in groups.items():
+            offsets = [lib.offsets[f] for f in funcs]
+            cookies = [self._cookie(lib, f, key_bits) for f in funcs]
+            for pid in self.pids or [0]:
+                what = f"{prog} {lib.display_path}:{','.join(funcs)}"
+                try:
+                    fd = uprobe_multi_link(self.obj.program(prog).fd, lib.path, offsets, cookies, ret, pid)
+                except OSError as exc:
+                    first = not any(isinstance(link, MultiLink) for link in self.obj.links)
+                    if first and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, 524, errno.ENOSYS):
+                        raise _NoUprobeMulti(exc.strerror) from None  # nothing hooked yet: fall back
+                    self.attach_failures.append(f"{what}: {exc.strerror}")
+                    log.debug("tls: attaching %s failed: %s", what, exc.strerror)
+                    continue
+                self.obj.links.append(MultiLink(fd, what))
+                attached += 1
+        return attached
+
+    def _hook_each(self, lib: TlsLibrary) -> int:
+        key_bits = self.key_cookie(lib) if self.key_cookie else 0
+        attached = 0
+        for func in lib.functions:
+            for pid in self.pids or [-1]:
+                for prog, ret in self._programs_for(func):
+                    try:
+                        self.obj.attach_uprobe(prog, lib.path, func_name=func, pid=pid, retprobe=ret,
+                                               cookie=self._cookie(lib, func, key_bits))
+                        attached += 1
+                    except TracerError as exc:
+                        self.attach_failures.append(str(exc).splitlines()[0])
+                        log.debug("tls: %s", exc)
+        return attached
 
     def _dispatch(self, raw: bytes) -> None:
         rtype = int.from_bytes(raw[8:12], "little")
