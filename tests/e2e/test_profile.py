@@ -171,6 +171,9 @@ def test_known_counts(certs):
     assert files[cert]["type"] == "certificate" and files[cert]["access_count"] == 1
     assert files[key]["type"] == "private_key" and files[key]["access_count"] == 1
     assert files[cert]["flags"] == ["O_RDONLY"]
+    assert files[cert]["certificate"]["subject"] == "CN=profile.test"
+    assert files[cert]["certificate"]["days_left"] in (29, 30)
+    assert files[key]["key"]["algorithm"] == "RSA" and files[key]["key"]["key_size"] == 2048
     libs = {lib["path"]: lib for lib in s["libraries"]}
     version = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.split()[1]
     assert libs[LIBSSL]["version"] == version and libs[LIBSSL]["mapped_before_profile"] is True

@@ -102,7 +102,7 @@ class ProcessProfile:
         process["exe"] = redact(process.get("exe"))
         process["cmdline"] = redact_text(process.get("cmdline"))
         libraries = [dict(lib, path=redact(lib["path"])) for lib in self.libraries.values()]
-        files = [dict(f, path=redact(f["path"])) for f in self.files.values()]
+        files = [self._file_entry(f, redact) for f in self.files.values()]
         calls = list(api_calls)
         tls = tls_summary(calls)
         tls["connections"] = connections or []
@@ -127,6 +127,19 @@ class ProcessProfile:
                 "api_functions": len({c["function_name"] for c in calls}),
             },
         }
+
+
+    def _file_entry(self, f: dict, redact) -> dict:
+        """The file with snapshot's certificate/key insight (read through the process's root
+        while it runs, else from here)."""
+        from crypto_tracer import certinfo
+
+        entry = dict(f, path=redact(f["path"]))
+        read_path = inventory.root_path(self.pid, f["path"]) if self.exit is None else f["path"]
+        insight = certinfo.describe(read_path, f["type"]) or certinfo.describe(f["path"], f["type"])
+        if insight is not None:
+            entry["certificate" if f["type"] == "certificate" else "key"] = insight
+        return entry
 
 
 def tls_summary(calls: list[dict]) -> dict:
