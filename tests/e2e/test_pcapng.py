@@ -129,3 +129,41 @@ def test_leftovers_of_a_killed_run_are_removed(servers, tmp_path):
     assert _tc_state() == before  # ...and the next start removes them
     out = subprocess.run(["capinfos", str(tmp_path / "b.pcapng")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+LATE_CLIENT = r'''
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))))
+print("connected", flush=True)
+sys.stdin.readline()
+s.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+data = b""
+while b"resp-" not in data:
+    data += s.recv(4096)
+print(repr(data), flush=True)
+'''
+
+
+def test_connection_opened_before_the_capture_has_its_process(servers, tmp_path):
+    client = subprocess.Popen([sys.executable, "-c", LATE_CLIENT, str(PY_PORT)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    tracer = None
+    try:
+        assert client.stdout.readline().strip() == "connected"
+        pcap = tmp_path / "late.pcapng"
+        tracer = Tracer(["tls", "-m", "pcapng", "-w", str(pcap), "--pid", str(servers.nginx_pid),
+                         "port", str(PY_PORT)])
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert "resp-/late" in client.stdout.readline()
+        time.sleep(0.2)
+    finally:
+        if tracer:
+            tracer.stop()
+        client.kill()
+        client.wait(10)
+    out = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.comment", "-e", "tcp.len"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    with_data = [line.split("\t")[0] for line in out if line.split("\t")[-1] not in ("", "0")]
+    assert f"pid={client.pid} comm=python3" in with_data, out

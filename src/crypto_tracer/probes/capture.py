@@ -194,6 +194,55 @@ def cleanup_leftovers() -> int:
     return cleaned
 
 
+# --- connections that existed before the capture ------------------------------------------
+
+FLOW_KEY = struct.Struct("<IHH16s16s")
+FLOW_PROC = struct.Struct("<I4x16s")
+
+
+def _proc_net_addr(text: str, v6: bool) -> bytes:
+    raw = bytes.fromhex(text)
+    # /proc/net/tcp prints each 32-bit word in host (little-endian) order
+    return b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)) if v6 else raw[::-1]
+
+
+def existing_flows() -> dict[bytes, bytes]:
+    """flows-map entries for the TCP connections open now: 4-tuple -> owning pid and comm."""
+    sockets: dict[str, bytes] = {}  # socket inode -> flows key
+    for name, v6 in (("tcp", False), ("tcp6", True)):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A":  # listening
+                        continue
+                    (laddr, lport), (raddr, rport) = (c.split(":") for c in cols[1:3])
+                    la, ra = _proc_net_addr(laddr, v6), _proc_net_addr(raddr, v6)
+                    family = socket.AF_INET6 if v6 else socket.AF_INET
+                    if v6 and la[:12] == ra[:12] == b"\0" * 10 + b"\xff\xff":
+                        family, la, ra = socket.AF_INET, la[12:], ra[12:]
+                    sockets[cols[9]] = FLOW_KEY.pack(family, int(lport, 16), int(rport, 16), la, ra)
+        except (OSError, StopIteration, ValueError, IndexError):
+            continue
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                comm = f.read().strip()[:15]
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in sockets:
+                out[sockets[link[8:-1]]] = FLOW_PROC.pack(int(pid), comm)
+    return out
+
+
 # --- packets -------------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -241,6 +290,9 @@ class TcCapture:
         for ifc in self.interfaces:
             self.obj.map("cap_ifaces").update(struct.pack("<I", ifc.ifindex),
                                               IFACE.pack(14 if ifc.has_l2 else 0, int(ifc.arphrd == ARPHRD_LOOPBACK)))
+        flows = self.obj.map("flows")
+        for key, proc in existing_flows().items():  # connections opened before the capture
+            flows.update(key, proc)
         self.obj.attach_tracepoint("cap_connect_enter", "syscalls", "sys_enter_connect")
         self.obj.attach_tracepoint("cap_connect_exit", "syscalls", "sys_exit_connect")
         self.obj.attach_tracepoint("cap_accept4_exit", "syscalls", "sys_exit_accept4")
