@@ -312,6 +312,9 @@ class TcCapture:
         for prog, point in (("tc_ingress", m.BPF_TC_INGRESS), ("tc_egress", m.BPF_TC_EGRESS)):
             opts = _opts(self.obj.program(prog).fd)
             ret = m.bpf_tc_attach(ctypes.byref(_hook(ifc.ifindex, point)), ctypes.byref(opts))
+            if ret == -errno.EEXIST:
+                raise TracerError(f"another crypto-tracer capture is running on {ifc.name}", ExitStatus.ERROR,
+                                  "stop it first (one pcapng capture per interface)")
             if ret:
                 raise TracerError(f"attaching the TC capture to {ifc.name} failed: {os.strerror(-ret)}",
                                   ExitStatus.BPF_FAILURE)
