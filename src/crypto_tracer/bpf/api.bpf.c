@@ -8,7 +8,8 @@
  * The uprobe cookie says what to read (user space has the same table, probes/api.py):
  *   bits  0-15 function id
  *   bits 16-23 argument kind: none, C string, pointer to a NID (EVP_MD / EVP_CIPHER start
- *              with their NID in OpenSSL 1.1 and 3.x), NID by value, or a byte count
+ *              with their NID in OpenSSL 1.1 and 3.x; NULL: taken from the context), NID by
+ *              value, or a byte count
  *   bits 24-31 argument index (1-6)
  * Return probes: handshakes count only successful SSL_do_handshake returns (1); SSL_read/
  * SSL_write add their return value as bytes, the _ex variants the size_t their 4th argument
@@ -27,6 +28,10 @@ enum ct_arg_kind {
 	CT_ARG_NID_PTR = 2,
 	CT_ARG_NID = 3,
 	CT_ARG_SIZE = 4,
+	/* like CT_ARG_NID_PTR, but a NULL EVP_MD/EVP_CIPHER means "re-initialise the context
+	 * with its algorithm" (e.g. a new IV per TLS record): read the algorithm from the
+	 * context (argument 1), whose first member points to it in OpenSSL 1.1.1 and 3.x */
+	CT_ARG_NID_PTR_OR_CTX = 5,
 };
 
 struct api_key {
@@ -115,6 +120,13 @@ int api_enter(struct pt_regs *ctx)
 		else
 			__builtin_memset(key.arg, 0, sizeof(key.arg));
 		break;
+	case CT_ARG_NID_PTR_OR_CTX:
+		if (!arg) {
+			__u64 ctx_ptr = PT_REGS_PARM1_CORE(ctx);
+			if (ctx_ptr)
+				bpf_probe_read_user(&arg, sizeof(arg), (void *)ctx_ptr);
+		}
+		/* fall through */
 	case CT_ARG_NID_PTR:
 		if (arg && bpf_probe_read_user(&nid, sizeof(nid), (void *)arg) == 0) {
 			key.kind = CT_ARG_NID;

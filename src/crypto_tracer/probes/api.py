@@ -20,7 +20,7 @@ from crypto_tracer.errors import TracerError
 from crypto_tracer.log import log
 
 # argument kinds (bpf/api.bpf.c enum ct_arg_kind)
-NONE, STR, NID_PTR, NID, SIZE = 0, 1, 2, 3, 4
+NONE, STR, NID_PTR, NID, SIZE, NID_PTR_OR_CTX = 0, 1, 2, 3, 4, 5
 # program per probe shape
 ENTER, RET_OK, RET_BYTES, EX = "enter", "ret_ok", "ret_bytes", "ex"
 
@@ -54,16 +54,16 @@ FUNCTIONS: tuple[Function, ...] = (
     Function(14, "SSL_read_ex", "libssl", "tls_read", shape=EX),
     Function(15, "SSL_write_ex", "libssl", "tls_write", shape=EX),
     # libcrypto: EVP digests, ciphers, signatures, key exchange, key generation, randomness
-    Function(30, "EVP_DigestInit", "libcrypto", "digest", NID_PTR, 2),
-    Function(31, "EVP_DigestInit_ex", "libcrypto", "digest", NID_PTR, 2),
-    Function(32, "EVP_DigestInit_ex2", "libcrypto", "digest", NID_PTR, 2),
-    Function(40, "EVP_CipherInit", "libcrypto", "cipher", NID_PTR, 2),
-    Function(41, "EVP_CipherInit_ex", "libcrypto", "cipher", NID_PTR, 2),
-    Function(42, "EVP_CipherInit_ex2", "libcrypto", "cipher", NID_PTR, 2),
-    Function(43, "EVP_EncryptInit_ex", "libcrypto", "cipher", NID_PTR, 2),
-    Function(44, "EVP_EncryptInit_ex2", "libcrypto", "cipher", NID_PTR, 2),
-    Function(45, "EVP_DecryptInit_ex", "libcrypto", "cipher", NID_PTR, 2),
-    Function(46, "EVP_DecryptInit_ex2", "libcrypto", "cipher", NID_PTR, 2),
+    Function(30, "EVP_DigestInit", "libcrypto", "digest", NID_PTR_OR_CTX, 2),
+    Function(31, "EVP_DigestInit_ex", "libcrypto", "digest", NID_PTR_OR_CTX, 2),
+    Function(32, "EVP_DigestInit_ex2", "libcrypto", "digest", NID_PTR_OR_CTX, 2),
+    Function(40, "EVP_CipherInit", "libcrypto", "cipher", NID_PTR_OR_CTX, 2),
+    Function(41, "EVP_CipherInit_ex", "libcrypto", "cipher", NID_PTR_OR_CTX, 2),
+    Function(42, "EVP_CipherInit_ex2", "libcrypto", "cipher", NID_PTR_OR_CTX, 2),
+    Function(43, "EVP_EncryptInit_ex", "libcrypto", "cipher", NID_PTR_OR_CTX, 2),
+    Function(44, "EVP_EncryptInit_ex2", "libcrypto", "cipher", NID_PTR_OR_CTX, 2),
+    Function(45, "EVP_DecryptInit_ex", "libcrypto", "cipher", NID_PTR_OR_CTX, 2),
+    Function(46, "EVP_DecryptInit_ex2", "libcrypto", "cipher", NID_PTR_OR_CTX, 2),
     Function(50, "EVP_DigestSignInit", "libcrypto", "signature", NID_PTR, 3),
     Function(51, "EVP_DigestSignInit_ex", "libcrypto", "signature", STR, 3),
     Function(52, "EVP_DigestVerifyInit", "libcrypto", "signature", NID_PTR, 3),
