@@ -220,3 +220,57 @@ with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw) 
         data += chunk
 sys.stdout.write(data.decode(errors="replace"))
 '''
+
+
+# A TLS client driving a given libssl file through ctypes (OpenSSL 1.1.1-3.x), writing the
+# library's own key log: for libraries no installed program uses (bundled copies).
+CTYPES_CLIENT = r'''
+import ctypes, socket, sys
+sys.path.insert(0, sys.argv[5])
+from crypto_tracer.keys.calibrate_worker import OpenSSL
+ctypes.CDLL(None).prctl(15, b"ctclient")  # comm, for --name
+lib_path, port, keylog, version = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4], 16)
+o = OpenSSL(lib_path)
+lib = o.lib
+lib.SSL_set_fd.argtypes = [ctypes.c_void_p, ctypes.c_int]
+lib.SSL_connect.argtypes = [ctypes.c_void_p]
+ssl = lib.SSL_new(o._ctx(version, None, None, False))
+s = socket.create_connection(("127.0.0.1", port))
+lib.SSL_set_fd(ssl, s.fileno())
+assert lib.SSL_connect(ssl) == 1
+req = b"GET /ctypes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+lib.SSL_write(ssl, req, len(req))
+buf = ctypes.create_string_buffer(4096)
+data = b""
+while b"resp-" not in data:
+    n = lib.SSL_read(ssl, buf, 4096)
+    if n <= 0:
+        break
+    data += buf.raw[:n]
+with open(keylog, "w") as f:
+    f.write("".join(line + "\n" for _, line in o.keylog))
+print(data.decode(errors="replace"))
+'''
+
+
+def bundled_libssl(package: str, version: str) -> str | None:
+    """The libssl bundled in a PyPI wheel (e.g. psycopg2-binary 2.9.5: OpenSSL 1.1.1r), downloaded
+    once into ~/.cache/crypto-tracer-tests; None when it cannot be had."""
+    import glob
+    import subprocess
+    import sys
+    import zipfile
+
+    where = os.path.expanduser(f"~/.cache/crypto-tracer-tests/{package}-{version}")
+    found = glob.glob(os.path.join(where, "*.libs", "libssl*.so*"))
+    if not found:
+        os.makedirs(where, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                               "-d", where, f"{package}=={version}"], capture_output=True, timeout=300)
+        wheels = glob.glob(os.path.join(where, "*.whl"))
+        if proc.returncode != 0 or not wheels:
+            return None
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extractall(where, [n for n in z.namelist() if ".libs/" in n])
+        found = glob.glob(os.path.join(where, "*.libs", "libssl*.so*"))
+    return found[0] if found else None
