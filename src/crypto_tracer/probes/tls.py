@@ -284,9 +284,25 @@ class TlsTracer:
                   ", ".join(f"{lib.display_path} ({lib.kind})" for lib in self.libraries) or "none")
 
     def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms, then handle what is in the ring (at most 8 batches).
+
+        tls.bpf.c does not wake the reader for every record (only when the ring is a quarter
+        full), so what arrived during the wait is consumed here without a wake-up."""
         n = self.rb.poll(timeout_ms)
+        for _ in range(8):
+            got = self._consume()
+            n += got
+            if got < self.rb._batch:
+                break
         self._run_rescans()
         return n
+
+    def _consume(self) -> int:
+        from crypto_tracer.engine import lb
+
+        self.rb._count = 0
+        lb().ring_buffer__consume(self.rb._ptr)
+        return self.rb._count
 
     def drain(self) -> int:
         return self.rb.drain() if self.rb else 0
