@@ -16,3 +16,25 @@ def test_bad_arguments_exit_2(args, message):
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_output_to_a_device_or_fifo_keeps_its_mode(tmp_path):
+    """-w/-k/-o /dev/null must not chmod the device (it would lock every other user out)."""
+    import os
+
+    from crypto_tracer.sinks.output import open_private_fd
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o666)
+    os.chmod(fifo, 0o666)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.close(open_private_fd(str(fifo)))
+    finally:
+        os.close(reader)
+    assert os.stat(fifo).st_mode & 0o777 == 0o666
+    regular = tmp_path / "f"
+    regular.write_text("x")
+    regular.chmod(0o644)
+    os.close(open_private_fd(str(regular)))
+    assert os.stat(regular).st_mode & 0o777 == 0o600

@@ -79,10 +79,15 @@ def run(opts) -> int:
     tracer = TlsTracer(pids=[opts.pid] if opts.pid else None, uid=opts.uid, name=opts.name,
                        libssl=opts.libssl or (), capture_data=False, mapsize=opts.mapsize)
 
+    failures: list[TracerError] = []  # raised inside ring-buffer callbacks, re-raised by the loop
+
     def on_lines(lines, _rec):
-        text = keylog.add(lines)
-        if text and writer is not None:
-            writer.add_secrets(text)
+        try:
+            text = keylog.add(lines)
+            if text and writer is not None:
+                writer.add_secrets(text)
+        except TracerError as exc:  # e.g. the disk is full
+            failures.append(exc)
 
     keys = KeyExtractor(tracer, on_lines)
     stop = runloop.StopFlag().install()
@@ -107,6 +112,8 @@ def run(opts) -> int:
         def poll(timeout_ms: int) -> None:
             select.select(fds, [], [], timeout_ms / 1000)
             tracer.poll(0)  # keys first: their DSB must precede the packets they decrypt
+            if failures:
+                raise failures[0]
             if capture is not None:
                 capture.poll(0)
                 sink.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 
 from crypto_tracer.errors import ExitStatus, TracerError
@@ -21,7 +22,8 @@ def open_private_fd(path: str) -> int:
     """Create or truncate path with mode 0600 (it may hold plaintext or secrets)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)  # an existing file keeps its mode with O_CREAT: tighten it
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # never a device such as /dev/null
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode with O_CREAT: tighten it
         return fd
     except IsADirectoryError:
         raise TracerError(f"cannot write {path}: it is a directory", ExitStatus.BAD_ARGS) from None
