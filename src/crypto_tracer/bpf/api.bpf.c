@@ -32,7 +32,11 @@ enum ct_arg_kind {
 	 * with its algorithm" (e.g. a new IV per TLS record): read the algorithm from the
 	 * context (argument 1), whose first member points to it in OpenSSL 1.1.1 and 3.x */
 	CT_ARG_NID_PTR_OR_CTX = 5,
+	/* the key type name of an OpenSSL 3.x EVP_PKEY_CTX (argument 1): `const char *keytype`
+	 * at offset 24 (after operation, libctx, propquery); user space uses it for 3.x only */
+	CT_ARG_PKEY_CTX_TYPE = 6,
 };
+#define CT_PKEY_CTX_KEYTYPE_OFF 24
 
 struct api_key {
 	__u32 tgid;
@@ -114,6 +118,10 @@ int api_enter(struct pt_regs *ctx)
 
 	key_init(&key, cookie & 0xffff);
 	switch (kind) {
+	case CT_ARG_PKEY_CTX_TYPE:
+		if (arg && bpf_probe_read_user(&arg, sizeof(arg), (void *)(arg + CT_PKEY_CTX_KEYTYPE_OFF)))
+			arg = 0;
+		/* fall through */
 	case CT_ARG_STR:
 		if (arg && bpf_probe_read_user_str(key.arg, sizeof(key.arg), (void *)arg) > 0)
 			key.kind = CT_ARG_STR;

@@ -14,13 +14,13 @@ import os
 import struct
 from dataclasses import dataclass
 
-from crypto_tracer import inventory
+from crypto_tracer import classify, inventory
 from crypto_tracer.engine import BpfObject
 from crypto_tracer.errors import TracerError
 from crypto_tracer.log import log
 
 # argument kinds (bpf/api.bpf.c enum ct_arg_kind)
-NONE, STR, NID_PTR, NID, SIZE, NID_PTR_OR_CTX = 0, 1, 2, 3, 4, 5
+NONE, STR, NID_PTR, NID, SIZE, NID_PTR_OR_CTX, PKEY_CTX_TYPE = 0, 1, 2, 3, 4, 5, 6
 # program per probe shape
 ENTER, RET_OK, RET_BYTES, EX = "enter", "ret_ok", "ret_bytes", "ex"
 
@@ -68,8 +68,8 @@ FUNCTIONS: tuple[Function, ...] = (
     Function(51, "EVP_DigestSignInit_ex", "libcrypto", "signature", STR, 3),
     Function(52, "EVP_DigestVerifyInit", "libcrypto", "signature", NID_PTR, 3),
     Function(53, "EVP_DigestVerifyInit_ex", "libcrypto", "signature", STR, 3),
-    Function(60, "EVP_PKEY_derive", "libcrypto", "key_exchange"),
-    Function(61, "EVP_PKEY_generate", "libcrypto", "key_generation"),
+    Function(60, "EVP_PKEY_derive", "libcrypto", "key_exchange", PKEY_CTX_TYPE, 1),
+    Function(61, "EVP_PKEY_generate", "libcrypto", "key_generation", PKEY_CTX_TYPE, 1),
     Function(62, "EVP_PKEY_CTX_new_from_name", "libcrypto", "key_context", STR, 2),
     Function(63, "EVP_PKEY_CTX_new_id", "libcrypto", "key_context", NID, 1),
     Function(70, "RAND_bytes_ex", "libcrypto", "random", SIZE, 3),
@@ -101,8 +101,8 @@ _syscall.restype = ctypes.c_long
 _syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_uint]
 
 
-def cookie(f: Function, arg: int | None = None) -> int:
-    return f.id | (f.kind << 16) | ((arg if arg is not None else f.arg) << 24)
+def cookie(f: Function, arg: int | None = None, kind: int | None = None) -> int:
+    return f.id | ((f.kind if kind is None else kind) << 16) | ((arg if arg is not None else f.arg) << 24)
 
 
 _nid_names = None
@@ -244,6 +244,9 @@ class ApiProbe:
         """(function, symbol hooked, cookie, file offset) for what the file exports."""
         names = [f.name for f in FUNCTIONS if f.library in libraries] + list(FALLBACKS.values())
         offsets = inventory.symbol_file_offsets(path, names)
+        # the EVP_PKEY_CTX layout read by PKEY_CTX_TYPE is OpenSSL 3's
+        version = classify.library_version(path, "libcrypto") if "libcrypto" in libraries else None
+        openssl3 = bool(version and version.startswith("3."))
         out = []
         for f in FUNCTIONS:
             if f.library not in libraries:
@@ -253,7 +256,8 @@ class ApiProbe:
                 name = FALLBACKS[name]
                 arg = FALLBACK_ARG.get(name)
             if name in offsets:
-                out.append((f, name, cookie(f, arg), offsets[name]))
+                kind = NONE if f.kind == PKEY_CTX_TYPE and not openssl3 else None
+                out.append((f, name, cookie(f, arg, kind), offsets[name]))
         return out
 
     def _attach_file(self, pid: int, path: str, libraries: tuple[str, ...]) -> int:
