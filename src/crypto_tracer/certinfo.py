@@ -16,6 +16,7 @@ processes is parsed once. ``cryptography`` is imported only when a file is parse
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from datetime import datetime, timezone
 
@@ -45,6 +46,8 @@ def describe(path: str, file_type: str | None) -> dict | None:
     try:
         st = os.stat(path)
     except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
         return None
     key = (st.st_dev, st.st_ino, st.st_mtime_ns, file_type)
     if key not in _cache:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -188,13 +189,21 @@ def scan_fds(pid: int) -> tuple[list[dict], list[int]]:
             continue
         if target.endswith(" (deleted)"):
             target = target[:-10]
-        if target in seen or classify.type_from_name(target) is None:
+        if target in seen or classify.type_from_name(target) is None or not _is_regular(entry.path):
             continue
         seen.add(target)
         ftype = classify.file_type(target, read_path=entry.path)
         if ftype:
             files.append({"path": target, "type": ftype, "fd": int(entry.name), "read_path": entry.path})
     return files, sockets
+
+
+def _is_regular(path: str) -> bool:
+    """Only regular files are read: opening a FIFO named x.pem would block the scan."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def scan_process(pid: int) -> ProcessCrypto | None:

@@ -93,3 +93,14 @@ def test_summary_counts_unique_paths():
     assert "  /etc/x.crt [certificate] (2 processes)" in text
     assert "  /etc/x.crt: expired" in text
     assert "Not readable: 3 processes" in text
+
+
+def test_a_fifo_named_like_a_certificate_does_not_block(tmp_path):
+    fifo = tmp_path / "trap.pem"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open by this process
+    try:
+        files, _ = inventory.scan_fds(os.getpid())  # must return, not block in open()
+        assert str(fifo) not in [f["path"] for f in files]
+    finally:
+        os.close(fd)
