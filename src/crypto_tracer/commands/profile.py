@@ -298,11 +298,7 @@ class Profiler:
             if not os.path.exists(f"/proc/{pid}"):  # exited before the exit tracepoint was attached
                 section.exit = {"time": when, "exit_code": None, "signal": None}
                 continue
-            try:
-                _files, inodes = inventory.scan_fds(pid)
-            except inventory.Unreadable:
-                continue
-            section.add_sockets(tables.sockets(pid, inodes), when)
+            section.add_sockets(tables.sockets(pid, inventory.socket_inodes(pid)), when)
             libs = inventory.crypto_libraries(pid)
             if any(lib["path"] not in section.libraries for lib in libs):
                 section.add_mapped_libraries(libs, when, False)
