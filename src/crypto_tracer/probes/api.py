@@ -4,7 +4,12 @@
 exports it, what it shows, and which argument carries the algorithm. Functions that call
 another hooked function are left out (SSL_CTX_new -> SSL_CTX_new_ex, RAND_bytes ->
 RAND_bytes_ex, EVP_PKEY_keygen -> EVP_PKEY_generate, SSL_connect/SSL_accept ->
-SSL_do_handshake), so one call is counted once.
+SSL_do_handshake), so one call is counted once; EVP_{En,De}cryptInit_ex(2), which call
+EVP_CipherInit_ex(2), are hooked both and the inner call is subtracted (NESTED).
+
+What is not seen: calls inside a library that do not go through an exported function
+(e.g. node drives its handshakes from SSL_read/SSL_write, so SSL_do_handshake never runs),
+and calls made between a library being mapped (or a fork) and the probes being attached.
 """
 
 from __future__ import annotations
