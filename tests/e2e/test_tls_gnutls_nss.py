@@ -17,6 +17,12 @@ from test_tls_openssl import assert_tuple  # noqa: E402
 pytestmark = pytest.mark.ebpf
 
 
+@pytest.fixture(autouse=True)
+def _no_tracer_left_running():
+    yield
+    tp.stop_all()
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     need_root()

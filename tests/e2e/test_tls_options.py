@@ -18,6 +18,12 @@ import tlspeers as tp  # noqa: E402
 from conftest import need_root, need_tool  # noqa: E402
 
 pytestmark = pytest.mark.ebpf
+
+
+@pytest.fixture(autouse=True)
+def _no_tracer_left_running():
+    yield
+    tp.stop_all()
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 
 # A Python client (the _ex calls) that starts after the tool and waits before importing ssl, so

@@ -179,11 +179,24 @@ def curl(url, data_file=None, out=None, extra=(), put=False) -> int:
 
 # --- running the tracer ---------------------------------------------------------------------
 
+_RUNNING = []
+
+
+def stop_all() -> None:
+    """Kill tracers a failed test left running (each would keep tracing the whole host)."""
+    while _RUNNING:
+        p = _RUNNING.pop().proc
+        if p.poll() is None:
+            p.kill()
+            p.wait(60)
+
+
 class Tracer:
     """crypto-tracer tls in the background; stop() sends SIGINT and returns (stdout, stderr)."""
 
     def __init__(self, args, only_peers=True):
         self.proc = start_tracer(["tls"] + list(args) + (["--name", PEER_PREFIX] if only_peers else []))
+        _RUNNING.append(self)
         self.stderr_lines = []
         end = time.monotonic() + 30
         while time.monotonic() < end:
