@@ -206,3 +206,26 @@ def test_sigint_mid_transfer_leaves_valid_output(server, tmp_path):
     m = re.search(r"Events output: (\d+)", err)
     assert m and int(m.group(1)) == len(events)
     assert "Events processed" in err
+
+
+def test_libssl_option_hooks_a_file_no_process_uses_yet(tmp_path):
+    copy = tmp_path / "libssl-extra.so.3"
+    shutil.copy(LIBSSL, copy)
+    tracer = tp.Tracer(["-m", "json", "-o", str(tmp_path / "e.json"), "-v", "--libssl", str(copy)])
+    _, err = tracer.stop()
+    assert tracer.proc.returncode == 0
+    assert f"hooked {copy} (openssl" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--libssl", "/nonexistent/libssl.so"], "no such file"),
+    (["--libssl", "/bin/ls"], "exports no SSL_read"),
+    (["port", "notaport"], "capture filter"),
+    (["-m", "json", "-f", "summary"], "summary is not available"),
+])
+def test_bad_arguments_exit_2(args, message):
+    from conftest import run_tracer
+
+    r = run_tracer(["tls", "-d", "1"] + args, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr

@@ -349,20 +349,18 @@ class TlsTracer:
                                                       min(self.max_payload, 0xFFFFFFFF)))
 
     def _add_extra(self, path: str) -> None:
+        """--libssl PATH: a library or executable with OpenSSL, GnuTLS or NSPR functions."""
         if not os.path.isfile(path):
             raise TracerError(f"--libssl {path}: no such file", ExitStatus.BAD_ARGS)
-        elf = discovery.read_elf(path)
-        if elf is None:
+        if discovery.read_elf(path) is None:
             raise TracerError(f"--libssl {path}: not an ELF file", ExitStatus.BAD_ARGS)
         lib = self.discovery.examine(path, path)
-        if lib is None and (os.stat(path).st_dev, os.stat(path).st_ino) not in self.discovery.seen:
-            raise TracerError(f"--libssl {path}: exports no SSL_read/SSL_write, gnutls_record_* or PR_* function",
-                              ExitStatus.BAD_ARGS)
         if lib is None:
-            known = self.discovery.seen.get((os.stat(path).st_dev, os.stat(path).st_ino))
-            if known is None:
-                raise TracerError(f"--libssl {path}: not a TLS library this tool can hook", ExitStatus.BAD_ARGS)
-            return
+            st = os.stat(path)
+            if self.discovery.seen.get((st.st_dev, st.st_ino)) is None:
+                raise TracerError(f"--libssl {path}: exports no SSL_read/SSL_write, gnutls_record_* or PR_* "
+                                  f"function", ExitStatus.BAD_ARGS)
+            return  # the same file was given twice
         self._hook(lib)
 
     def _hook(self, lib: TlsLibrary) -> None:
