@@ -73,7 +73,7 @@ def test_record_decoding_round_trip():
 def test_layout_value_packs_every_offset():
     lay = Layout(version="3.0.19", client_random=(-1, 352), tls_version=0, session=2328, master_key=80, cipher=760,
                  cipher_id=24, hs_a=1412, hs_b=1796, client_app=1860, server_app=1924, exporter=1988)
-    assert struct.unpack("<I12i", records.layout_value(lay)) == (1, -1, 352, 0, 2328, 80, 760, 24, 1412, 1796,
-                                                                 1860, 1924, 1988)
-    assert records.layout_value(None) == bytes(52)
+    assert struct.unpack("<I16i", records.layout_value(lay)) == (1, -1, 352, 0, 2328, 80, 760, 24, 1412, 1796,
+                                                                 1860, 1924, 1988, -1, 0, 1, 0)
+    assert records.layout_value(None) == bytes(68)
     assert Layout.from_json(lay.to_json()) == lay

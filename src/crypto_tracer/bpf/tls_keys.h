@@ -20,7 +20,8 @@
 #define CT_TLS_KEYS_SLOTS 16 /* slot 0: no keys */
 #define CT_TLS_KEYS_SLOT(cookie) (((cookie) >> 16) & (CT_TLS_KEYS_SLOTS - 1))
 
-/* Offsets in bytes; a negative cr_deref means client_random is in the SSL object itself. */
+/* Offsets in bytes; a negative cr_deref means client_random is in the SSL object itself, a
+ * negative session_off that the master key is too (GnuTLS). */
 struct ct_keys_layout {
 	__u32 enabled;
 	__s32 cr_deref;
@@ -35,6 +36,10 @@ struct ct_keys_layout {
 	__s32 client_app_off;
 	__s32 server_app_off;
 	__s32 exporter_off;
+	__s32 version_deref;     /* >= 0: the version is behind a pointer (GnuTLS) */
+	__s32 version_be;        /* two bytes major, minor instead of an int 0x0304 */
+	__s32 cipher_in_session; /* the cipher pointer is in the session (OpenSSL) or the object */
+	__s32 cipher_id_be;      /* two bytes of the suite id (GnuTLS) */
 };
 
 /* One CT_EV_TLS_KEYS record (464 bytes); decoded by crypto_tracer/keys/records.py. */
@@ -89,6 +94,11 @@ static __always_inline __u64 tls_keys_ptr_at(__u64 base, __s32 off)
 	return p;
 }
 
+static __always_inline __u32 tls_keys_swap16(__u32 v)
+{
+	return ((v & 0xff) << 8) | ((v >> 8) & 0xff);
+}
+
 static __always_inline bool tls_keys_nonzero(const __u8 *b)
 {
 	return *(const __u64 *)b != 0;
@@ -114,7 +124,12 @@ static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_k
 	struct ct_tls_keys_event *e = bpf_map_lookup_elem(&keys_scratch, &zero);
 	if (!e)
 		return;
-	bpf_probe_read_user(&e->version, sizeof(e->version), (void *)(ssl + lay->version_off));
+	__u64 vbase = lay->version_deref >= 0 ? tls_keys_ptr_at(ssl, lay->version_deref) : ssl;
+	e->version = 0;
+	if (vbase)
+		bpf_probe_read_user(&e->version, sizeof(e->version), (void *)(vbase + lay->version_off));
+	if (lay->version_be)
+		e->version = tls_keys_swap16(e->version);
 	bpf_probe_read_user(e->client_random, sizeof(e->client_random), (void *)(cr_base + lay->cr_off));
 	if (e->version == 0x0304) {
 		bpf_probe_read_user(e->hs_a, sizeof(e->hs_a), (void *)(ssl + lay->hs_a_off));
@@ -129,7 +144,7 @@ static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_k
 	} else {
 		__builtin_memset(e->hs_a, 0, sizeof(e->hs_a) * 5);
 	}
-	__u64 session = tls_keys_ptr_at(ssl, lay->session_off);
+	__u64 session = lay->session_off >= 0 ? tls_keys_ptr_at(ssl, lay->session_off) : ssl;
 	if (!session)
 		return;
 	if (e->version != 0x0304) {
@@ -137,10 +152,12 @@ static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_k
 		if (!tls_keys_nonzero(e->master_key))
 			return;
 	}
-	__u64 cipher = tls_keys_ptr_at(session, lay->cipher_off);
+	__u64 cipher = tls_keys_ptr_at(lay->cipher_in_session ? session : ssl, lay->cipher_off);
 	e->cipher_id = 0;
 	if (cipher)
 		bpf_probe_read_user(&e->cipher_id, sizeof(e->cipher_id), (void *)(cipher + lay->cipher_id_off));
+	if (lay->cipher_id_be)
+		e->cipher_id = tls_keys_swap16(e->cipher_id);
 	if (!e->cipher_id)
 		return;
 

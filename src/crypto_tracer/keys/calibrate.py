@@ -1,4 +1,5 @@
-"""The layout of a library's SSL object: from the cache, by calibration, or unknown.
+"""The layout of a library's SSL (or GnuTLS session) object: from the cache, by calibration,
+or unknown.
 
 * A shared libssl is calibrated in a subprocess (``calibrate_worker``) on that exact file,
   and the verified layout is cached by ELF build-id.
@@ -63,11 +64,14 @@ def _store(bid: str, lay: Layout) -> None:
             continue
 
 
-def _run_worker(path: str) -> tuple[Layout | None, str]:
+WORKERS = {"openssl": "crypto_tracer.keys.calibrate_worker", "gnutls": "crypto_tracer.keys.calibrate_gnutls_worker"}
+
+
+def _run_worker(path: str, kind: str = "openssl") -> tuple[Layout | None, str]:
     src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src_root, os.environ.get("PYTHONPATH")])))
     try:
-        proc = subprocess.run([sys.executable, "-m", "crypto_tracer.keys.calibrate_worker", path],
+        proc = subprocess.run([sys.executable, "-m", WORKERS[kind], path],
                               capture_output=True, text=True, timeout=60, env=env)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as exc:
@@ -92,14 +96,14 @@ def _safe_to_load(path: str) -> str | None:
     return None
 
 
-def _calibrated(path: str, bid: str) -> tuple[Layout | None, str]:
+def _calibrated(path: str, bid: str, kind: str = "openssl") -> tuple[Layout | None, str]:
     lay = _cached(bid)
     if lay is not None:
         return lay, "cache"
     unsafe = _safe_to_load(path)
     if unsafe:
         return None, unsafe
-    lay, how = _run_worker(path)
+    lay, how = _run_worker(path, kind)
     if lay is None:
         return None, how
     if lay.verified < MIN_VERIFIED:
@@ -127,14 +131,16 @@ def _same_version_layout(version: str) -> tuple[Layout | None, str]:
     return None, f"no shared libssl of OpenSSL {version} to learn its layout from"
 
 
-def layout_for(path: str) -> LayoutResult:
-    """The verified layout of the OpenSSL in this file, or None with the reason."""
+def layout_for(path: str, kind: str = "openssl") -> LayoutResult:
+    """The verified layout of the OpenSSL (or GnuTLS) in this file, or None with the reason."""
     try:
         bid = build_id(path)
     except OSError as exc:
         return LayoutResult(path, "", None, f"cannot read it: {exc.strerror}")
-    if ".so" in os.path.basename(path):
-        lay, how = _calibrated(path, bid)
+    if kind not in WORKERS:
+        return LayoutResult(path, bid, None, f"reading {kind} session secrets is not supported")
+    if ".so" in os.path.basename(path) or kind != "openssl":
+        lay, how = _calibrated(path, bid, kind)
     else:
         version = openssl_version(path)
         if version is None:

@@ -266,10 +266,11 @@ def learn(ossl: OpenSSL, client: int, client12: int, others: list[int]) -> Layou
                   client_app=client_app, server_app=server_app, exporter=exporter, hs_direct=direct)
 
 
-def verify(ossl: OpenSSL, lay: Layout, ssls: list[int]) -> int:
-    """Every key log line of every SSL object must come out of the layout exactly."""
+def verify_lines(library, lay: Layout, ssls: list[int]) -> int:
+    """Every key log line of every SSL object must come out of the layout exactly
+    (library.lines_for(ssl) gives the library's own lines: label -> (client_random, secret))."""
     for ssl in ssls:
-        want = {(label, cr, secret) for label, (cr, secret) in ossl.lines_for(ssl).items()}
+        want = {(label, cr, secret) for label, (cr, secret) in library.lines_for(ssl).items()}
         got = set(read_material(read, ssl, lay).lines())
         if not want or got != want:
             raise RuntimeError("the learned layout does not reproduce the library's own key log")
@@ -280,7 +281,7 @@ def calibrate(path: str) -> Layout:
     ossl = OpenSSL(path)
     pairs = [ossl.handshake(*r) for r in ROUNDS for _ in range(2)]
     lay = learn(ossl, pairs[0][0], pairs[6][0], [s for pair in pairs[1:] for s in pair])
-    lay.verified = verify(ossl, lay, [s for pair in pairs for s in pair])
+    lay.verified = verify_lines(ossl, lay, [s for pair in pairs for s in pair])
     lay.version = ossl.version().split()[1]
     return lay
 

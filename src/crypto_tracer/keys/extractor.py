@@ -41,12 +41,12 @@ class KeyExtractor:
 
     def _cookie(self, lib) -> int:
         """Cookie bits for a library about to be hooked: its layout slot (0: no keys)."""
-        if lib.kind != "openssl":
+        if lib.kind not in ("openssl", "gnutls"):
             if lib.kind not in self.unsupported:
                 self.unsupported.append(lib.kind)
             log.debug("keys: reading %s secrets is not supported (%s)", lib.kind, lib.display_path)
             return 0
-        result = layout_for(lib.path)
+        result = layout_for(lib.path, lib.kind)
         if result.layout is None:
             message = f"no TLS keys for {lib.display_path or lib.path}: its SSL object layout could not be " \
                       f"learned ({result.how})"
@@ -56,10 +56,11 @@ class KeyExtractor:
             return 0
         slot = self._slot(result.layout)
         if slot is None:
-            log.warning("no TLS keys for %s: too many different OpenSSL layouts in one run", lib.display_path)
+            log.warning("no TLS keys for %s: too many different layouts in one run", lib.display_path)
             return 0
-        log.debug("keys: %s: OpenSSL %s, layout slot %d (%s)", lib.display_path, result.layout.version, slot,
-                  result.how)
+        what = result.layout.version if result.layout.version.startswith(lib.kind) else \
+            f"{lib.kind} {result.layout.version}"
+        log.debug("keys: %s: %s, layout slot %d (%s)", lib.display_path, what, slot, result.how)
         return slot << records.SLOT_SHIFT
 
     def _slot(self, lay: Layout) -> int | None:

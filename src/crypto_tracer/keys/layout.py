@@ -23,7 +23,7 @@ class Layout:
     version: str  # OpenSSL version the layout was learned on, e.g. "3.0.19"
     client_random: tuple[int, int]
     tls_version: int  # offset of the int version in the SSL object
-    session: int  # offset of the SSL_SESSION pointer
+    session: int  # offset of the SSL_SESSION pointer (-1: the master key is in the object itself)
     master_key: int  # in the session
     cipher: int  # offset of the SSL_CIPHER pointer in the session
     cipher_id: int  # offset of the u32 id in SSL_CIPHER
@@ -33,6 +33,11 @@ class Layout:
     server_app: int
     exporter: int
     hs_direct: bool = False
+    # GnuTLS keeps some fields elsewhere; the defaults are OpenSSL's way
+    version_deref: int = -1  # >= 0: the version is behind a pointer at this offset
+    version_be: bool = False  # two bytes major, minor (GnuTLS) instead of an int 0x0304
+    cipher_in_session: bool = True  # the cipher pointer is in the session (OpenSSL), else in the object
+    cipher_id_be: bool = False  # two bytes of the suite id (GnuTLS) instead of OpenSSL's 0x0300XXXX
     verified: int = 0  # handshakes whose every key log line this layout reproduced
     source: dict = field(default_factory=dict)  # build-id and path it was learned on
 
@@ -59,13 +64,19 @@ def read_material(read: Reader, ssl: int, lay: Layout) -> KeyMaterial:
     def ptr(base: int, off: int) -> int:
         return struct.unpack("<Q", at(base, off, 8))[0]
 
+    def swap16(v: int) -> int:
+        return ((v & 0xFF) << 8) | ((v >> 8) & 0xFF)
+
     deref, off = lay.client_random
     cr_base = ptr(ssl, deref) if deref >= 0 else ssl
-    session = ptr(ssl, lay.session)
-    cipher = ptr(session, lay.cipher)
+    session = ptr(ssl, lay.session) if lay.session >= 0 else ssl
+    cipher = ptr(session if lay.cipher_in_session else ssl, lay.cipher)
+    version_base = ptr(ssl, lay.version_deref) if lay.version_deref >= 0 else ssl
+    version = struct.unpack("<i", at(version_base, lay.tls_version, 4))[0]
+    cipher_id = struct.unpack("<I", at(cipher, lay.cipher_id, 4))[0]
     return KeyMaterial(
-        version=struct.unpack("<i", at(ssl, lay.tls_version, 4))[0],
-        cipher_id=struct.unpack("<I", at(cipher, lay.cipher_id, 4))[0],
+        version=swap16(version) if lay.version_be else version,
+        cipher_id=swap16(cipher_id) if lay.cipher_id_be else cipher_id,
         client_random=at(cr_base, off, 32),
         master_key=at(session, lay.master_key, MASTER_KEY_LEN),
         hs_a=at(ssl, lay.hs_a, SECRET_LEN), hs_b=at(ssl, lay.hs_b, SECRET_LEN),

@@ -14,7 +14,7 @@ LIB_OPENSSL = 1
 SLOTS = 16  # keys_layouts entries; slot 0 means "no keys"
 SLOT_SHIFT = 16  # the slot's place in a uprobe cookie
 
-_LAYOUT = struct.Struct("<I12i")
+_LAYOUT = struct.Struct("<I16i")
 _HEADER = struct.Struct("<QIIII16s")
 _KEYS = struct.Struct("<QIiII32s48s64s64s64s64s64s")
 RECORD_SIZE = _HEADER.size + _KEYS.size  # 464
@@ -26,7 +26,8 @@ def layout_value(lay: Layout | None) -> bytes:
         return bytes(_LAYOUT.size)
     deref, off = lay.client_random
     return _LAYOUT.pack(1, deref, off, lay.tls_version, lay.session, lay.master_key, lay.cipher, lay.cipher_id,
-                        lay.hs_a, lay.hs_b, lay.client_app, lay.server_app, lay.exporter)
+                        lay.hs_a, lay.hs_b, lay.client_app, lay.server_app, lay.exporter, lay.version_deref,
+                        int(lay.version_be), int(lay.cipher_in_session), int(lay.cipher_id_be))
 
 
 @dataclass
