@@ -229,3 +229,49 @@ def test_bad_arguments_exit_2(args, message):
     r = run_tracer(["tls", "-d", "1"] + args, timeout=60)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+# Connects and makes a first request before the tool starts, a second one after.
+KEEPALIVE_CLIENT = r"""
+import ssl, sys, time, http.client
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ctx)
+c.request("POST", "/first", body=b"before"); c.getresponse().read()
+print(c.sock.getsockname()[1], flush=True)
+sys.stdin.readline()
+c.request("POST", "/second", body=open(sys.argv[2], "rb").read()); c.getresponse().read()
+"""
+
+
+def test_connection_opened_before_the_tool_started(server, tmp_path):
+    srv, resp = server
+    req = tp.body(2048, b"second-")
+    (tmp_path / "req").write_bytes(req)
+    client = subprocess.Popen([tp.peer("python"), "-c", KEEPALIVE_CLIENT, "18430", str(tmp_path / "req")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    local_port = int(client.stdout.readline())
+    out = str(tmp_path / "events.json")
+    tracer = tp.Tracer(["-m", "json", "-o", out])
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    assert client.wait(30) == 0
+    tracer.stop()
+    events = tp.data_events(tp.read_events(out), pid=client.pid)
+    assert req in tp.stream(events, direction="write") and resp in tp.stream(events, direction="read")
+    assert {(e["local_port"], e["remote_port"], e["remote_addr"]) for e in events} == {(local_port, 18430,
+                                                                                        "127.0.0.1")}
+
+
+def test_payload_beyond_max_payload_is_marked_truncated(certs, tmp_path):
+    resp = tp.body(1 << 20, b"big-resp-")
+    (tmp_path / "resp").write_bytes(resp)
+    out = str(tmp_path / "events.json")
+    with tp.python_server(18434, *certs, str(tmp_path / "resp")) as srv:
+        tracer = tp.Tracer(["-m", "json", "-o", out, "--max-payload", "100K"])
+        tp.curl("https://127.0.0.1:18434/t", data_file=__file__)
+        tracer.stop()
+    big = [e for e in tp.data_events(tp.read_events(out), pid=srv.pid, direction="write")
+           if e["length"] == 1 << 20]
+    assert big and all(e["truncated"] for e in big)
+    assert sorted(e["offset"] for e in big)[0] == 0
+    assert tp.stream(big) == resp[:100 * 1024]  # exactly the first 100 KiB, cut visibly
