@@ -45,7 +45,7 @@ def _body(text: str) -> str:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     need_root()
-    need_tool("nginx", "curl", "node", "tshark", "tc")
+    need_tool("nginx", "curl", "node", "tshark", "tc", "gnutls-cli")
     d = tmp_path_factory.mktemp("pcapng")
     cert, key = make_cert(str(d))
     procs = [subprocess.Popen(["nginx", "-c", nginx_conf(str(d), NGINX_PORT, cert, key), "-p", str(d)],
@@ -81,6 +81,11 @@ def test_capture_decrypts_in_tshark_alone(servers):
         tokens[f"python-{version}"] = tok = token()
         subprocess.run([sys.executable, "-c", PYCLIENT, str(PY_PORT), f"/{tok}", version, str(peer_keys)],
                        check=True, capture_output=True, timeout=20)
+    tokens["gnutls-cli"] = tok = token()
+    chacha13 = "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+CHACHA20-POLY1305"
+    subprocess.run(["gnutls-cli", "--insecure", "--priority", chacha13, "-p", str(PY_PORT), "127.0.0.1"],
+                   input=f"GET /{tok} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                   env=env, check=True, capture_output=True, text=True, timeout=20)
     tokens["node"] = tok = token()
     subprocess.run(["node", f"--tls-keylog={peer_keys}", "-e",
                     f"require('https').get({{host:'127.0.0.1',port:{NGINX_PORT},path:'/{tok}',"

@@ -68,3 +68,16 @@ def test_a_library_others_could_write_is_not_run(cache, tmp_path):
     shutil.copy(_system_libssl(), lib)
     result = calibrate.layout_for(str(lib))
     assert result.layout is None and "writable by others than root" in result.how
+
+
+def test_gnutls_layout_is_learned_on_libgnutls(cache):
+    for path in ("/usr/lib/x86_64-linux-gnu/libgnutls.so.30", "/usr/lib64/libgnutls.so.30"):
+        if os.path.exists(path):
+            break
+    else:
+        pytest.skip("needs libgnutls30")
+    result = calibrate.layout_for(path, "gnutls")
+    assert result.layout is not None, result.how
+    assert result.layout.hs_direct and result.layout.version.startswith("gnutls ")
+    assert result.layout.verified >= calibrate.MIN_VERIFIED
+    assert calibrate.layout_for(path, "nss").layout is None
