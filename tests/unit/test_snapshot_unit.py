@@ -82,6 +82,7 @@ def test_summary_counts_unique_paths():
     assert s["total_processes"] == 2 and s["total_libraries"] == 1 and s["total_files"] == 1
     assert s["libraries"] == [{"path": lib["path"], "name": "libssl", "version": "3.0.19", "processes": 2}]
     assert s["files_by_type"] == {"certificate": 1}
+    assert s["libraries_by_name"] == [{"name": "libssl", "version": "3.0.19", "files": 1, "processes": 2}]
     assert s["file_flags"] == {"expired": 1, "not_quantum_safe": 1}
     doc = {"generated_at": "2026-01-02T03:04:05.000000Z", "summary": s, "processes": [proc(1), proc(2)],
            "scan": {"processes_unreadable": 3}}

@@ -129,9 +129,10 @@ def summarize(processes: list[dict]) -> dict:
             for flag in (f.get("certificate") or f.get("key") or {}).get("flags", ()):
                 flags.setdefault(flag, set()).add(f["path"])
         static += p["static_tls"] is not None
-    by_version: dict[tuple, int] = {}
+    by_version: dict[tuple, tuple[int, set]] = {}
     for lib in libraries.values():
-        by_version[(lib["name"], lib["version"])] = by_version.get((lib["name"], lib["version"]), 0) + 1
+        files_count, pids = by_version.get((lib["name"], lib["version"]), (0, set()))
+        by_version[(lib["name"], lib["version"])] = (files_count + 1, pids | lib["pids"])
     by_type: dict[str, int] = {}
     for f in files.values():
         by_type[f["type"]] = by_type.get(f["type"], 0) + 1
@@ -140,8 +141,8 @@ def summarize(processes: list[dict]) -> dict:
         "total_libraries": len(libraries),
         "total_files": len(files),
         "static_tls_processes": static,
-        "libraries_by_name": [{"name": n, "version": v, "files": c} for (n, v), c in
-                              sorted(by_version.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))],
+        "libraries_by_name": [{"name": n, "version": v, "files": c, "processes": len(pids)} for (n, v), (c, pids)
+                              in sorted(by_version.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))],
         "files_by_type": dict(sorted(by_type.items())),
         "file_flags": {flag: len(paths) for flag, paths in sorted(flags.items())},
         "libraries": [{"path": path, "name": lib["name"], "version": lib["version"], "processes": len(lib["pids"])}
