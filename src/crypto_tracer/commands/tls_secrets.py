@@ -152,10 +152,9 @@ class _DropWatch:
 def _finish(tracer, capture, sink) -> None:
     try:
         if tracer.rb is not None:
-            tracer.drain()
+            tracer.drain()  # the last keys first, so that their DSBs precede the last packets
         if capture is not None and capture.rb is not None:
             capture.drain()
-        tracer.drain() if tracer.rb is not None else None
         if sink is not None:
             sink.flush(everything=True)
     finally:
@@ -166,7 +165,7 @@ def _finish(tracer, capture, sink) -> None:
 
 
 def _report(opts, keylog, keys, tracer, capture, sink) -> None:
-    lines = [f"crypto-tracer: {keys.sessions} TLS sessions, {keylog.lines_written} key log lines"]
+    lines = [f"crypto-tracer: {keylog.sessions} TLS sessions, {keylog.lines_written} key log lines"]
     if capture is not None:
         c = capture.counters_at_end
         lines.append(f"crypto-tracer: {sink.writer.packets} packets written to {opts.pcapfile} "

@@ -29,6 +29,11 @@ class KeyLog:
         self.lines_written += len(new)
         return text
 
+    @property
+    def sessions(self) -> int:
+        """Distinct sessions (client randoms) with at least one line."""
+        return len({client_random for _, client_random in self._seen})
+
     def close(self) -> None:
         if self._out is not None:
             self._out.close()
