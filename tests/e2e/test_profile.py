@@ -65,10 +65,10 @@ import hashlib, os, subprocess, sys, time
 print("ready", flush=True)
 sys.stdin.readline()
 child = subprocess.Popen([sys.executable, "-c",
-    "import hashlib, time; time.sleep(1.0)\nfor _ in range(400): hashlib.new('sha512_224', b'c').digest()"])
+    "import hashlib, time; time.sleep(1.5)\nfor _ in range(400): hashlib.new('sha512_224', b'c').digest()"])
 pid = os.fork()
 if pid == 0:
-    time.sleep(1.0)
+    time.sleep(1.5)  # margin for the attach (pid set sampled every 200 ms)
     for _ in range(300):
         hashlib.sha256(b"f").digest()
     os._exit(0)
@@ -194,7 +194,7 @@ def test_name_started_before_the_process(certs, tmp_path):
         wait_ready(tracer)
         time.sleep(0.5)
         work = start_workload(WORKLOAD, *certs, PORT + 1, 1, 250, 0, exe=str(exe), env=dict(os.environ, LINGER="0"))
-        time.sleep(1.0)  # the profiler hooks libcrypto when its load is seen
+        time.sleep(1.5)  # the profiler hooks libcrypto when its load is seen
         work.stdin.write("go\n")
         work.stdin.flush()
         assert work.stdout.readline().strip() == "done"
