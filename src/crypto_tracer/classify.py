@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 
 # file name suffix -> file type (lower-case comparison)
 SUFFIX_TYPES: dict[str, str] = {
@@ -100,13 +101,27 @@ def pem_type(data: bytes) -> str | None:
     return best
 
 
-def sniff_file(path: str) -> str | None:
-    """Type of a .pem file by reading its first bytes; None if unreadable or not PEM."""
+def read_head(path: str, size: int) -> bytes | None:
+    """The first bytes of a regular file; None for anything else (a FIFO or device named
+    *.pem must never block or be consumed)."""
     try:
-        with open(path, "rb") as f:
-            return pem_type(f.read(PEM_SNIFF_BYTES))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def sniff_file(path: str) -> str | None:
+    """Type of a .pem file by reading its first bytes; None if unreadable or not PEM."""
+    head = read_head(path, PEM_SNIFF_BYTES)
+    return pem_type(head) if head is not None else None
 
 
 def file_type(path: str, read_path: str | None = None) -> str | None:
@@ -174,6 +189,8 @@ def library_version(path: str, name: str | None = None) -> str | None:
     try:
         st = os.stat(path)
     except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
         return None
     key = (st.st_dev, st.st_ino, st.st_mtime_ns)
     if key in _version_cache:

@@ -62,6 +62,12 @@ def test_pem_by_content(tmp_path, content, ftype):
     assert classify.file_type(str(p)) == (ftype or "pem")
 
 
+def test_a_fifo_named_pem_is_not_read(tmp_path):
+    fifo = tmp_path / "trap.pem"
+    os.mkfifo(fifo)
+    assert classify.file_type(str(fifo)) == "pem"  # returns at once instead of blocking
+
+
 def test_unreadable_pem_is_not_guessed(tmp_path):
     assert classify.file_type(str(tmp_path / "missing.pem")) == "pem"
 
