@@ -66,6 +66,9 @@ def libssl_path() -> str:
 def wrk(seconds: int) -> float:
     out = subprocess.run(["wrk", "-t1", "-c16", f"-d{seconds}s", f"https://127.0.0.1:{PORT}/bench"],
                          capture_output=True, text=True, check=True).stdout
+    errors = re.findall(r"(Socket errors:.*|Non-2xx or 3xx responses:.*)", out)
+    if errors:  # a failing request is quick: such a run measures nothing
+        print(f"  warning: wrk saw errors ({'; '.join(errors)}): this run is not comparable")
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
