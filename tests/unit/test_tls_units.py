@@ -91,6 +91,7 @@ def test_text_sink_header_payload_and_tsize():
     out = _Buf()
     sink = TextSink(out, tsize=3)
     sink.write(_event(), b"hello")
+    sink.flush()
     text = out.data.decode()
     assert text.startswith("2026-01-01T00:00:00.000000Z curl pid=1 tid=1 fd=5 127.0.0.1:40000 -> "
                            "127.0.0.1:443 write 5 bytes [openssl SSL_write]\nhel\n")
@@ -99,7 +100,9 @@ def test_text_sink_header_payload_and_tsize():
 
 def test_text_sink_chunks_and_truncation():
     out = _Buf()
-    TextSink(out).write(_event(length=100, offset=60, truncated=True), b"x" * 20, last_chunk=True)
+    sink = TextSink(out)
+    sink.write(_event(length=100, offset=60, truncated=True), b"x" * 20, last_chunk=True)
+    sink.flush()
     text = out.data.decode()
     assert "write 100 bytes (bytes 60-80 of the call)" in text
     assert "[TRUNCATED: the call moved 100 bytes, 20 beyond --max-payload were not captured]" in text

@@ -279,12 +279,16 @@ static __always_inline int resolve_fd(struct stash *st, __u32 tgid)
 {
 	struct ssl_key key = {.tgid = tgid, .ssl = st->ssl};
 	__u64 id = bpf_get_current_pid_tgid();
-
-	if (st->fd >= 0 && fd_sock(st->fd)) {
-		bpf_map_update_elem(&ssl_fd, &key, &st->fd, BPF_ANY);
-		return st->fd;
-	}
 	__s32 *cached = bpf_map_lookup_elem(&ssl_fd, &key);
+
+	if (st->fd >= 0) {
+		if (cached && *cached == st->fd)
+			return st->fd; /* the steady state: no socket walk, no map update */
+		if (fd_sock(st->fd)) {
+			bpf_map_update_elem(&ssl_fd, &key, &st->fd, BPF_ANY);
+			return st->fd;
+		}
+	}
 	if (cached)
 		return *cached;
 	bpf_map_update_elem(&pending_bind, &id, &st->ssl, BPF_ANY);
@@ -515,7 +519,7 @@ static __always_inline void announce_session(struct stash *st, __u32 tgid, int f
 	__s32 server = 0, version = 0;
 	__u8 one = 1, role = 0;
 
-	if (bpf_map_update_elem(&sessions, &key, &one, BPF_NOEXIST))
+	if (bpf_map_lookup_elem(&sessions, &key) || bpf_map_update_elem(&sessions, &key, &one, BPF_NOEXIST))
 		return; /* already announced */
 	if (st->cookie & CT_COOKIE_LAYOUT) {
 		bpf_probe_read_user(&version, sizeof(version), (void *)st->ssl);

@@ -34,9 +34,10 @@ def run(opts) -> int:
 
 
 class ProcessInfo:
-    """ppid and exe by pid, read once from /proc (None when the process is gone)."""
+    """ppid and exe (redacted unless --no-redact) by pid, read once from /proc (None when gone)."""
 
-    def __init__(self):
+    def __init__(self, redact_paths: bool = True):
+        self.redact = redact_paths
         self._cache: dict[int, tuple[int | None, str | None]] = {}
 
     def get(self, pid: int) -> tuple[int | None, str | None]:
@@ -49,6 +50,8 @@ class ProcessInfo:
                 exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
             except (OSError, ValueError, IndexError):
                 pass
+            if exe and self.redact:
+                exe = redact(exe)
             info = self._cache[pid] = (ppid, exe)
             if len(self._cache) > 4096:
                 self._cache.clear()
@@ -66,7 +69,7 @@ class Capture:
         self.net_filter = compile_filter(opts.filter)  # bad filters are argument errors: before privileges
         self.text = opts.model == "text"
         self.redact = not opts.no_redact
-        self.procs = ProcessInfo()
+        self.procs = ProcessInfo(self.redact)
         self.batch: list[bytes] = []
         self.sink = None
         self.stats = None
@@ -166,9 +169,7 @@ class Capture:
         self.sink.flush()
 
     def _write(self, rtype: int, rec) -> None:
-        ppid, exe = self.procs.get(rec.pid)
-        if exe and self.redact:
-            exe = redact(exe)
+        ppid, exe = self.procs.get(rec.pid)  # exe already redacted
         # The fields in the order of events.EVENT_FIELDS (built inline: this is the hot path).
         if rtype == CT_EV_TLS_DATA:
             ev = {"event_type": "tls_data", "timestamp": self.clock.iso(rec.ts_ns), "pid": rec.pid, "ppid": ppid,

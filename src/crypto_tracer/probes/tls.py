@@ -176,13 +176,23 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
+_DATA_RECORD = struct.Struct(HEADER.format + DATA.format[1:])  # one unpack for the hot path
+_COMMS: dict[bytes, str] = {}
+_DIRECTIONS = {f: ("write" if f in WRITE_FUNCS else "read") for f in FUNC_NAMES}
+
+
 def decode_data(raw: bytes) -> TlsData:
-    ts, _type, pid, tid, uid, comm = HEADER.unpack_from(raw, 0)
-    (ssl, length, offset, chunk_len, fd, lib, func, truncated, family, lport, rport, laddr,
-     raddr) = DATA.unpack_from(raw, HEADER.size)
-    la, lp, ra, rp = _conn(family, lport, rport, laddr, raddr)
-    return TlsData(ts, pid, tid, uid, _comm(comm), LIB_NAMES.get(lib, str(lib)), FUNC_NAMES.get(func, str(func)),
-                   "write" if func in WRITE_FUNCS else "read", fd if fd >= 0 else None, la, lp, ra, rp,
+    (ts, _type, pid, tid, uid, comm, ssl, length, offset, chunk_len, fd, lib, func, truncated, family, lport,
+     rport, laddr, raddr) = _DATA_RECORD.unpack_from(raw, 0)
+    name = _COMMS.get(comm)
+    if name is None:
+        name = _COMMS[comm] = _comm(comm)
+    if family == AF_INET or family == AF_INET6:
+        la, ra = address(family, laddr), address(family, raddr)
+    else:
+        la = ra = lport = rport = None
+    return TlsData(ts, pid, tid, uid, name, LIB_NAMES.get(lib, str(lib)), FUNC_NAMES.get(func, str(func)),
+                   _DIRECTIONS.get(func, "read"), fd if fd >= 0 else None, la, lport, ra, rport,
                    length, offset, bool(truncated), ssl, raw[DATA_OFFSET:DATA_OFFSET + chunk_len])
 
 

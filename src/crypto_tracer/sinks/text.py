@@ -54,6 +54,7 @@ class TextSink:
     def __init__(self, out: Output, hex_output: bool = False, tsize: int = 0):
         self.out, self.hex, self.tsize = out, hex_output, tsize
         self.count = 0
+        self._pending: list[str] = []
 
     def format(self, ev: dict, data: bytes = b"", last_chunk: bool = True) -> str:
         lines = [header_line(ev, len(data))]
@@ -69,11 +70,15 @@ class TextSink:
         return "\n".join(lines) + "\n\n"
 
     def write(self, ev: dict, data: bytes = b"", last_chunk: bool = True) -> None:
-        self.out.write(self.format(ev, data, last_chunk).encode("utf-8", "replace"))
+        self._pending.append(self.format(ev, data, last_chunk))
         self.count += 1
 
     def flush(self) -> None:
+        if self._pending:  # one write per batch of events
+            self.out.write("".join(self._pending).encode("utf-8", "replace"))
+            self._pending.clear()
         self.out.flush()
 
     def close(self) -> None:
+        self.flush()
         self.out.close()
