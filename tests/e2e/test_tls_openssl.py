@@ -183,3 +183,4 @@ def test_twenty_concurrent_clients(certs, tmp_path):
     assert m and m.group(1) == "0", err
     out_n = int(re.search(r"Events output: (\d+)", err).group(1))
     assert out_n == len(events)
+    assert "accounting mismatch" not in err  # kernel submitted == user space received
