@@ -145,7 +145,6 @@ class Tracer:
     """crypto-tracer running in the background; ready once it says what it writes."""
 
     def __init__(self, args: list[str], timeout: float = 60.0):
-        import signal  # noqa: F401
         import threading
         import time
 

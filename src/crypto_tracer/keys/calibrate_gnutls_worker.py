@@ -26,7 +26,6 @@ SCAN = 16384  # bytes of the session searched (the secrets sit around 6 KB in 3.
 GNUTLS_SERVER, GNUTLS_CLIENT = 1, 2
 GNUTLS_CRD_CERTIFICATE = 1
 GNUTLS_X509_FMT_DER = 0
-GNUTLS_E_AGAIN = -28
 
 
 class Datum(ctypes.Structure):
@@ -179,10 +178,8 @@ def learn(g: GnuTLS, pairs: list[tuple[int, int, int, bool]]) -> Layout:
 
     cr = _one(_find_all(read(c13, 512), g.client_random(c13)), "client_random")
     master = _one(_find_all(read(c12, SCAN), bytes.fromhex(g.lines_for(c12)["CLIENT_RANDOM"][1])), "master secret")
-    sessions = [s for c, sv, _, _ in pairs for s in (c, sv)]
     version = _pointer_field([(s, bytes([3, 4 if tls13 else 3])) for c, sv, _, tls13 in pairs for s in (c, sv)])
     cipher = _pointer_field([(s, struct.pack(">H", suite)) for c, sv, suite, _ in pairs for s in (c, sv)])
-    del sessions
     return Layout(version="", client_random=(-1, cr), tls_version=version[1], session=-1, master_key=master,
                   cipher=cipher[0], cipher_id=cipher[1], hs_a=where("CLIENT_HANDSHAKE_TRAFFIC_SECRET"),
                   hs_b=where("SERVER_HANDSHAKE_TRAFFIC_SECRET"), client_app=where("CLIENT_TRAFFIC_SECRET_0"),

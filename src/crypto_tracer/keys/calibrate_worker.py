@@ -21,7 +21,7 @@ from ctypes import c_char_p, c_int, c_long, c_void_p
 
 from crypto_tracer.keys.hkdf import hkdf_expand_label
 from crypto_tracer.keys.layout import Layout, read_material
-from crypto_tracer.keys.material import TLS1_3, tls13_hash
+from crypto_tracer.keys.material import TLS1_3
 
 SSL_CTRL_SET_MIN_PROTO_VERSION = 123
 SSL_CTRL_SET_MAX_PROTO_VERSION = 124
