@@ -273,3 +273,38 @@ def bundled_libssl(package: str, version: str) -> str | None:
             z.extractall(where, [n for n in z.namelist() if ".libs/" in n])
         found = glob.glob(os.path.join(where, "*.libs", "libssl*.so*"))
     return found[0] if found else None
+
+
+def pcapng_blocks(path: str):
+    """(block type, body) of every block of a pcapng file (little-endian sections only)."""
+    import struct
+
+    data = open(path, "rb").read()
+    pos = 0
+    while pos + 12 <= len(data):
+        btype, length = struct.unpack_from("<II", data, pos)
+        yield btype, data[pos + 8:pos + length - 4]
+        pos += length
+
+
+def secrets_before_packets(path: str) -> tuple[set, set, list]:
+    """Walk a pcapng in order: (client randoms given by DSBs, client randoms of the
+    ClientHellos captured, ClientHellos whose secrets had not come before them)."""
+    import struct
+
+    from crypto_tracer.probes.capture import client_hello_random
+
+    given, hellos, early = set(), set(), []
+    for btype, body in pcapng_blocks(path):
+        if btype == 0x0000000A:
+            _, length = struct.unpack_from("<II", body)
+            for line in body[8:8 + length].decode().splitlines():
+                given.add(line.split()[1])
+        elif btype == 0x00000006:
+            caplen = struct.unpack_from("<I", body, 12)[0]
+            cr = client_hello_random(body[20:20 + caplen], True)
+            if cr is not None:
+                hellos.add(cr.hex())
+                if cr.hex() not in given:
+                    early.append(cr.hex())
+    return given, hellos, early

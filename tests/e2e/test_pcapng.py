@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import need_root, need_tool
 from tests.tls_helpers import (PYCLIENT, PYSERVER, Tracer, by_client_random, make_cert, nginx_conf, read_keylog,
-                               token, wait_port)
+                               secrets_before_packets, token, wait_port)
 
 NGINX_PORT, PY_PORT = 18530, 18531
 
@@ -109,6 +109,12 @@ def test_capture_decrypts_in_tshark_alone(servers):
         assert f"resp-/{tok}" in bodies, f"response to /{tok} not decrypted"
     comments = {c for c, uri, _ in rows if uri}
     assert any(c.startswith("pid=") and "comm=curl" in c for c in comments), comments
+    # each session's secrets come before its ClientHello, and no others are in the file
+    given, hellos, early = secrets_before_packets(str(pcap))
+    peer_randoms = {line[1] for line in read_keylog(peer_keys)}
+    assert peer_randoms <= hellos
+    assert not [cr for cr in early if cr in peer_randoms]
+    assert given <= hellos
     # the key log written at the same time matches the peers' own
     want = read_keylog(peer_keys) | read_keylog(d / "pyserver.keys")
     got = read_keylog(keys)

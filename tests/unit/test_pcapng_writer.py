@@ -110,3 +110,16 @@ def test_blocks_comments_and_direction(tmp_path):
     assert "Number of decryption secrets in file: 1" in info or "decryption secrets" not in info
     raw = path.read_bytes()
     assert struct.unpack_from("<I", raw, 0)[0] == 0x0A0D0D0A
+
+
+def test_client_hello_random_is_found_in_the_first_packet(tmp_path):
+    from crypto_tracer.probes.capture import client_hello_random
+
+    wire, keylog = _tls_session(tmp_path, ssl.TLSVersion.TLSv1_3, b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n")
+    flow = TcpFlow(40002, 18545)
+    hello = flow.frame(True, wire[0][1])
+    want = keylog.split()[1].decode()
+    assert client_hello_random(hello, True).hex() == want
+    assert client_hello_random(hello[14:], False).hex() == want  # a raw-IP interface
+    assert client_hello_random(flow.frame(False, wire[1][1]), True) is None  # ServerHello
+    assert client_hello_random(b"\0" * 10, True) is None

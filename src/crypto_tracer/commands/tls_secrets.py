@@ -2,9 +2,9 @@
 
 keylog: every TLS session's secrets, as an NSS key log (-k FILE, else -o FILE, else stdout).
 pcapng: packets captured by TC on the -i interfaces (default lo), each with the pid and
-command of its process where known, and the secrets in Decryption Secrets Blocks that come
-before the packets they decrypt (packets are held back HOLD_S so the keys of their session,
-known when its handshake returns, are written first). -k writes the key log as well.
+command of its process where known, and each session's secrets in a Decryption Secrets
+Block just before its ClientHello (packets are held back HOLD_S so the keys of their
+session, known when its handshake returns, are there in time). -k writes the key log too.
 """
 
 from __future__ import annotations
@@ -22,14 +22,30 @@ MAX_HELD = 200_000  # packets; beyond this the oldest go out without waiting
 
 
 class PacketSink:
-    """Writes held packets to the pcapng once their keys had time to arrive."""
+    """Writes held packets to the pcapng once their keys had time to arrive.
+
+    A session's secrets go into a Decryption Secrets Block just before its ClientHello
+    (found by its client_random), so they precede every packet they decrypt; secrets of
+    sessions that are not in the capture are not put in the file at all.
+    """
 
     def __init__(self, writer, interfaces, clock):
         self.writer = writer
         self.clock = clock
         self.ids = {ifc.ifindex: writer.add_interface(ifc.name, ifc.linktype) for ifc in interfaces}
+        self.has_l2 = {ifc.ifindex: ifc.has_l2 for ifc in interfaces}
         self.held: collections.deque = collections.deque()
         self.truncated = 0
+        self.pending: dict[bytes, bytes] = {}  # client_random -> key log text, ClientHello not written yet
+        self.hellos: set[bytes] = set()  # client randoms whose ClientHello is in the file
+        self.late_secrets = 0  # sessions whose keys came after their ClientHello had been written
+
+    def add_secrets(self, client_random: bytes, text: bytes) -> None:
+        if client_random in self.hellos:
+            self.late_secrets += 1  # the packets written from now on still decrypt
+            self.writer.add_secrets(text)
+        else:
+            self.pending[client_random] = self.pending.get(client_random, b"") + text
 
     def add(self, raw: bytes) -> None:
         self.held.append((time.monotonic(), raw))
@@ -43,9 +59,14 @@ class PacketSink:
         self.writer.flush()
 
     def _write(self, raw: bytes) -> None:
-        from crypto_tracer.probes.capture import decode
+        from crypto_tracer.probes.capture import client_hello_random, decode
 
         pkt = decode(raw)
+        client_random = client_hello_random(pkt.data, self.has_l2.get(pkt.ifindex, True))
+        if client_random is not None:
+            self.hellos.add(client_random)
+            if client_random in self.pending:
+                self.writer.add_secrets(self.pending.pop(client_random))
         if pkt.orig_len > len(pkt.data):
             self.truncated += 1
         comment = f"pid={pkt.pid} comm={pkt.comm}" if pkt.pid else None
@@ -84,8 +105,8 @@ def run(opts) -> int:
     def on_lines(lines, _rec):
         try:
             text = keylog.add(lines)
-            if text and writer is not None:
-                writer.add_secrets(text)
+            if text and sink is not None:
+                sink.add_secrets(bytes.fromhex(lines[0][1]), text)
         except TracerError as exc:  # e.g. the disk is full
             failures.append(exc)
 
@@ -172,11 +193,17 @@ def _report(opts, keylog, keys, tracer, capture, sink) -> None:
                      f"(seen {c['seen']}, filtered out {c['kernel_filtered']}, dropped {c['dropped']}, "
                      f"submitted {c['submitted']}"
                      f"{f', truncated {sink.truncated}' if sink.truncated else ''})")
+        if sink.pending:
+            lines.append(f"crypto-tracer: secrets of {len(sink.pending)} sessions whose handshake is not in the "
+                         "capture were left out of the pcapng")
+        if sink.late_secrets:
+            lines.append(f"crypto-tracer: warning: the secrets of {sink.late_secrets} sessions came after their "
+                         "first packets; those packets may not decrypt")
         if c["dropped"]:
             lines.append("crypto-tracer: warning: packets were dropped (ring buffer full): raise --mapsize")
     if keys.unsupported:
         lines.append(f"crypto-tracer: session secrets are not read from {', '.join(keys.unsupported)} "
-                     "(OpenSSL only)")
+                     "(OpenSSL and GnuTLS only)")
     for message in keys.unusable:
         lines.append(f"crypto-tracer: {message}")
     print("\n".join(lines), file=sys.stderr)

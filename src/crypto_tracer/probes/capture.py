@@ -262,6 +262,32 @@ def decode(raw: bytes) -> Packet:
                   raw[HEAD.size:HEAD.size + cap_len])
 
 
+def client_hello_random(frame: bytes, has_l2: bool) -> bytes | None:
+    """The client_random of a TLS ClientHello starting this TCP packet's payload, else None."""
+    pos = 0
+    if has_l2:
+        if len(frame) < 14:
+            return None
+        ethertype = int.from_bytes(frame[12:14], "big")
+        pos = 14
+    else:
+        ethertype = 0x0800 if frame[:1] and frame[0] >> 4 == 4 else 0x86DD
+    if ethertype == 0x0800 and len(frame) >= pos + 20 and frame[pos + 9] == socket.IPPROTO_TCP:
+        pos += (frame[pos] & 0x0F) * 4
+    elif ethertype == 0x86DD and len(frame) >= pos + 40 and frame[pos + 6] == socket.IPPROTO_TCP:
+        pos += 40
+    else:
+        return None
+    if len(frame) < pos + 20:
+        return None
+    pos += (frame[pos + 12] >> 4) * 4
+    # TLS record: handshake (22), version 3.x; handshake: ClientHello (1); then version (2), random (32)
+    hello = frame[pos:pos + 43]
+    if len(hello) == 43 and hello[0] == 22 and hello[1] == 3 and hello[5] == 1:
+        return hello[11:43]
+    return None
+
+
 class TcCapture:
     """Captures packets on interfaces with TC; records go to handler(raw bytes)."""
 
