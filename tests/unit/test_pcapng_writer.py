@@ -118,7 +118,7 @@ def test_client_hello_random_is_found_in_the_first_packet(tmp_path):
     wire, keylog = _tls_session(tmp_path, ssl.TLSVersion.TLSv1_3, b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n")
     flow = TcpFlow(40002, 18545)
     hello = flow.frame(True, wire[0][1])
-    want = keylog.split()[1].decode()
+    want = next(line for line in keylog.decode().splitlines() if not line.startswith("#")).split()[1]
     assert client_hello_random(hello, True).hex() == want
     assert client_hello_random(hello[14:], False).hex() == want  # a raw-IP interface
     assert client_hello_random(flow.frame(False, wire[1][1]), True) is None  # ServerHello
