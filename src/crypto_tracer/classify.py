@@ -200,6 +200,8 @@ def library_version(path: str, name: str | None = None) -> str | None:
         sibling = re.sub(r"libssl(\.so)", r"libcrypto\1", path)
         if sibling != path:
             version = library_version(sibling, "libcrypto")
+        if version is None:
+            return None  # the sibling may be unreachable only now (its process exited): don't cache
     _version_cache[key] = version
     return version
 
