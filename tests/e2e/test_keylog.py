@@ -188,3 +188,18 @@ def test_unknown_layout_gives_a_message_and_no_keys(tmp_path):
     assert f"no TLS keys for {node}" in tracer.stderr
     assert "no OpenSSL version string" in tracer.stderr
     assert read_keylog(tmp_path / "tracer.keys") == set()
+
+
+def test_key_log_to_stdout_without_k(peers):
+    d, _ = peers
+    keys = d / "curl-stdout.keys"
+    tracer = Tracer(["tls", "-m", "keylog", "--name", "curl"])
+    try:
+        subprocess.run(["curl", "-sk", f"https://127.0.0.1:{NGINX_PORT}/{token()}"],
+                       env=dict(os.environ, SSLKEYLOGFILE=str(keys)), capture_output=True, timeout=20, check=True)
+        time.sleep(0.5)
+    finally:
+        tracer.stop()
+    out = tracer.proc.stdout.read()
+    want = {" ".join(line) for line in read_keylog(keys)}
+    assert want and want <= set(out.splitlines())
