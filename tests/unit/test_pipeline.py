@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -169,3 +170,19 @@ def test_output_failure_keeps_file_valid(tmp_path, monkeypatch):
     monkeypatch.setattr(output_mod.os, "write", real_write)
     sink.close()
     assert json.loads(path.read_text()) == EVENTS[:1]
+
+
+def test_output_to_a_device_keeps_its_mode():
+    before = os.stat("/dev/null").st_mode
+    out = Output("/dev/null")
+    out.write(b"x\n")
+    out.close()
+    assert os.stat("/dev/null").st_mode == before
+
+
+def test_output_tightens_an_existing_regular_file(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text("old")
+    path.chmod(0o644)
+    Output(str(path)).close()
+    assert (path.stat().st_mode & 0o777) == 0o600 and path.read_text() == ""
