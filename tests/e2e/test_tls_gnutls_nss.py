@@ -16,6 +16,10 @@ from test_tls_openssl import assert_tuple  # noqa: E402
 
 pytestmark = pytest.mark.ebpf
 
+# Free ports, chosen per run: two runs of these tests on one machine must not meet.
+GNUTLS_PORT = tp.free_port()
+NSS_PORT = tp.free_port()
+
 
 @pytest.fixture(autouse=True)
 def _no_tracer_left_running():
@@ -57,7 +61,7 @@ def gnutls_echo(port, data: bytes) -> tuple[int, bytes]:
 def test_gnutls_cli_and_serv(certs, tmp_path):
     need_tool("gnutls-serv", "gnutls-cli")
     cert, key = certs
-    port = 18420
+    port = GNUTLS_PORT
     out = str(tmp_path / "events.json")
     sizes = (2, 10 * 1024, 1 << 20)
     with tp.process([tp.peer("gnutls-serv"), "--echo", "-p", str(port), "--x509certfile", cert,
@@ -103,7 +107,7 @@ def nssdb(certs, tmp_path_factory):
 
 
 def test_nss_tstclnt_and_selfserv(nssdb, tmp_path):
-    port = 18421
+    port = NSS_PORT
     out = str(tmp_path / "events.json")
     with tp.process([tp.peer("selfserv"), "-d", nssdb, "-n", "srv", "-p", str(port), "-V", "tls1.2:tls1.3"],
                     port=port) as server:

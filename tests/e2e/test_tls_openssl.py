@@ -16,6 +16,11 @@ from conftest import need_root, need_tool  # noqa: E402
 
 pytestmark = pytest.mark.ebpf
 
+# Free ports, chosen per run: two runs of these tests on one machine must not meet.
+PY_PORT = tp.free_port()
+NODE_PORT = tp.free_port()
+MANY_PORT = tp.free_port()
+
 
 @pytest.fixture(autouse=True)
 def _no_tracer_left_running():
@@ -69,7 +74,7 @@ def check_exchange(events, client, server, req, resp, h2=False):
 
 def test_curl_and_python_ssl_server(certs, tmp_path):
     cert, key = certs
-    port = 18410
+    port = PY_PORT
     out = str(tmp_path / "events.json")
     exchanges = [bodies(tmp_path, size, b"py%d" % size) for size in tp.SIZES]
     resp_file = str(tmp_path / "resp")
@@ -107,7 +112,7 @@ def test_curl_and_python_ssl_server(certs, tmp_path):
 def test_curl_and_nginx(certs, tmp_path, http2):
     need_tool("nginx")
     cert, key = certs
-    port = 18411 + int(http2)
+    port = tp.free_port()
     out = str(tmp_path / "events.json")
     www = tmp_path / "www"
     www.mkdir()
@@ -137,7 +142,7 @@ def test_curl_and_nginx(certs, tmp_path, http2):
 def test_node_client_and_server(certs, tmp_path):
     need_tool("node")
     cert, key = certs
-    port = 18413
+    port = NODE_PORT
     out = str(tmp_path / "events.json")
     for size in tp.SIZES:
         req, resp, rq, rs = bodies(tmp_path, size, b"node%d" % size)
@@ -161,7 +166,7 @@ def test_node_client_and_server(certs, tmp_path):
 
 def test_twenty_concurrent_clients(certs, tmp_path):
     cert, key = certs
-    port = 18414
+    port = MANY_PORT
     out = str(tmp_path / "events.json")
     resp = tp.body(10 * 1024, b"shared-resp-")
     (tmp_path / "resp").write_bytes(resp)

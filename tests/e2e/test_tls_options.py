@@ -19,6 +19,13 @@ from conftest import need_root, need_tool  # noqa: E402
 
 pytestmark = pytest.mark.ebpf
 
+# Free ports, chosen per run: two runs of these tests on one machine must not meet.
+SERVER_PORT = tp.free_port()
+NEIGHBOUR_PORT = tp.free_port()
+OTHER_PORT = tp.free_port()
+V6_PORT = tp.free_port()
+BIG_PORT = tp.free_port()
+
 
 @pytest.fixture(autouse=True)
 def _no_tracer_left_running():
@@ -51,10 +58,10 @@ def certs(tmp_path_factory):
 
 @pytest.fixture
 def server(certs, tmp_path):
-    """A Python HTTPS server on 127.0.0.1:18430 answering a random 10 KiB body."""
+    """A Python HTTPS server on 127.0.0.1:SERVER_PORT answering a random 10 KiB body."""
     resp = tp.body(10240, b"opt-resp-")
     (tmp_path / "resp").write_bytes(resp)
-    with tp.python_server(18430, *certs, str(tmp_path / "resp")) as p:
+    with tp.python_server(SERVER_PORT, *certs, str(tmp_path / "resp")) as p:
         yield p, resp
 
 
@@ -62,10 +69,10 @@ def test_pid_captures_one_process_not_its_neighbour(certs, server, tmp_path):
     srv, resp = server
     (tmp_path / "resp2").write_bytes(b"neighbour")
     out = str(tmp_path / "events.json")
-    with tp.python_server(18431, *certs, str(tmp_path / "resp2")) as neighbour:
+    with tp.python_server(NEIGHBOUR_PORT, *certs, str(tmp_path / "resp2")) as neighbour:
         tracer = tp.Tracer(["-m", "json", "-o", out, "--pid", str(srv.pid)], only_peers=False)
-        tp.curl("https://127.0.0.1:18430/a", data_file=__file__)
-        tp.curl("https://127.0.0.1:18431/b", data_file=__file__)
+        tp.curl(f"https://127.0.0.1:{SERVER_PORT}/a", data_file=__file__)
+        tp.curl(f"https://127.0.0.1:{NEIGHBOUR_PORT}/b", data_file=__file__)
         _, err = tracer.stop()
     events = tp.read_events(out)
     assert events and {e["pid"] for e in events} == {srv.pid}
@@ -77,11 +84,11 @@ def test_uid_zero_is_selectable_and_others_are_filtered_in_the_kernel(server, tm
     srv, resp = server
     out = str(tmp_path / "events.json")
     tracer = tp.Tracer(["-m", "json", "-o", out, "--uid", "0"])
-    pid = tp.curl("https://127.0.0.1:18430/uid0", data_file=__file__)
+    pid = tp.curl(f"https://127.0.0.1:{SERVER_PORT}/uid0", data_file=__file__)
     _, err = tracer.stop()
     assert resp in tp.stream(tp.read_events(out), pid=pid, direction="read")
     tracer = tp.Tracer(["-m", "json", "-o", out, "--uid", "4242"], only_peers=False)
-    tp.curl("https://127.0.0.1:18430/uid4242", data_file=__file__)
+    tp.curl(f"https://127.0.0.1:{SERVER_PORT}/uid4242", data_file=__file__)
     _, err = tracer.stop()
     assert tp.read_events(out) == []
     m = re.search(r"Events filtered: (\d+) \(kernel (\d+)", err)
@@ -92,13 +99,13 @@ def test_port_filter(certs, server, tmp_path):
     srv, resp = server
     (tmp_path / "resp2").write_bytes(b"other port")
     out = str(tmp_path / "events.json")
-    with tp.python_server(18432, *certs, str(tmp_path / "resp2")):
-        tracer = tp.Tracer(["-m", "json", "-o", out, "port", "18432", "or", "port", "1"])
-        tp.curl("https://127.0.0.1:18430/a", data_file=__file__)
-        tp.curl("https://127.0.0.1:18432/b", data_file=__file__)
+    with tp.python_server(OTHER_PORT, *certs, str(tmp_path / "resp2")):
+        tracer = tp.Tracer(["-m", "json", "-o", out, "port", f"{OTHER_PORT}", "or", "port", "1"])
+        tp.curl(f"https://127.0.0.1:{SERVER_PORT}/a", data_file=__file__)
+        tp.curl(f"https://127.0.0.1:{OTHER_PORT}/b", data_file=__file__)
         _, err = tracer.stop()
     events = tp.read_events(out)
-    assert events and all(18432 in (e["local_port"], e["remote_port"]) for e in events)
+    assert events and all(OTHER_PORT in (e["local_port"], e["remote_port"]) for e in events)
     assert b"other port" in tp.stream(events, direction="read")
     assert int(re.search(r"user space (\d+)", err).group(1)) > 0
 
@@ -106,7 +113,7 @@ def test_port_filter(certs, server, tmp_path):
 def run_late_client(tmp_path, env=None, prefix=()):
     req = tp.body(4096, b"late-req-")
     (tmp_path / "req").write_bytes(req)
-    p = subprocess.Popen(list(prefix) + [tp.peer("python"), "-c", LATE_CLIENT, "127.0.0.1", "18430", "0.5",
+    p = subprocess.Popen(list(prefix) + [tp.peer("python"), "-c", LATE_CLIENT, "127.0.0.1", f"{SERVER_PORT}", "0.5",
                                          str(tmp_path / "req")], env=env, stdout=subprocess.PIPE, text=True)
     out, _ = p.communicate(timeout=30)
     assert p.returncode == 0 and int(out) > 0
@@ -153,33 +160,33 @@ def test_ipv6(certs, tmp_path):
     resp = tp.body(1000, b"v6-")
     (tmp_path / "resp").write_bytes(resp)
     out = str(tmp_path / "events.json")
-    with tp.python_server(18433, *certs, str(tmp_path / "resp"), host="::1") as srv:
+    with tp.python_server(V6_PORT, *certs, str(tmp_path / "resp"), host="::1") as srv:
         tracer = tp.Tracer(["-m", "json", "-o", out])
-        pid = tp.curl("https://[::1]:18433/six", data_file=__file__)
+        pid = tp.curl(f"https://[::1]:{V6_PORT}/six", data_file=__file__)
         _, err = tracer.stop()
     events = tp.read_events(out)
     client, server_ev = tp.data_events(events, pid=pid), tp.data_events(events, pid=srv.pid)
     assert client and server_ev
-    assert all((e["local_addr"], e["remote_addr"], e["remote_port"]) == ("::1", "::1", 18433) for e in client)
-    assert all((e["local_addr"], e["local_port"], e["remote_addr"]) == ("::1", 18433, "::1") for e in server_ev)
+    assert all((e["local_addr"], e["remote_addr"], e["remote_port"]) == ("::1", "::1", V6_PORT) for e in client)
+    assert all((e["local_addr"], e["local_port"], e["remote_addr"]) == ("::1", V6_PORT, "::1") for e in server_ev)
     assert resp in tp.stream(events, pid=pid, direction="read")
 
 
 def test_text_hex_and_tsize(server, tmp_path):
     srv, resp = server
     tracer = tp.Tracer(["--hex", "-t", "32"])
-    pid = tp.curl("https://127.0.0.1:18430/hex", data_file=__file__)
+    pid = tp.curl(f"https://127.0.0.1:{SERVER_PORT}/hex", data_file=__file__)
     out, err = tracer.stop()
     lines = out.splitlines()
     header = [i for i, line in enumerate(lines) if f" pid={pid} " in line and " write " in line][0]
-    assert re.search(rf"Z ctpeer-curl pid={pid} tid={pid} fd=\d+ 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:18430 write "
+    assert re.search(rf"Z ctpeer-curl pid={pid} tid={pid} fd=\d+ 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{SERVER_PORT} write "
                      rf"\d+ bytes \[openssl SSL_write\]$", lines[header])
     # "POST /hex" as a hex dump, 16 bytes a line, cut after 32 bytes
     assert lines[header + 1].startswith("00000000  50 4f 53 54 20 2f 68 65 78")
     assert lines[header + 2].startswith("00000010  ")
     assert re.match(r"\.\.\. \(\d+ more bytes not shown, -t 32\)", lines[header + 3])
     tracer = tp.Tracer([])
-    pid = tp.curl("https://127.0.0.1:18430/text", data_file=__file__)
+    pid = tp.curl(f"https://127.0.0.1:{SERVER_PORT}/text", data_file=__file__)
     out, err = tracer.stop()
     assert "POST /text HTTP/1.1" in out and resp.decode() in out
 
@@ -190,7 +197,7 @@ def test_sigint_mid_transfer_leaves_valid_output(server, tmp_path):
     big = tmp_path / "big"
     big.write_bytes(tp.body(1 << 20, b"big-"))
     loop = subprocess.Popen(["sh", "-c", f"while true; do {tp.peer('curl')} -sk -o /dev/null --data-binary @{big} "
-                             f"https://127.0.0.1:18430/loop; done"])
+                             f"https://127.0.0.1:{SERVER_PORT}/loop; done"])
     try:
         tracer = tp.Tracer(["-m", "json", "-f", "json-array", "-o", out])
         time.sleep(1.5)
@@ -247,7 +254,7 @@ def test_connection_opened_before_the_tool_started(server, tmp_path):
     srv, resp = server
     req = tp.body(2048, b"second-")
     (tmp_path / "req").write_bytes(req)
-    client = subprocess.Popen([tp.peer("python"), "-c", KEEPALIVE_CLIENT, "18430", str(tmp_path / "req")],
+    client = subprocess.Popen([tp.peer("python"), "-c", KEEPALIVE_CLIENT, f"{SERVER_PORT}", str(tmp_path / "req")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     local_port = int(client.stdout.readline())
     out = str(tmp_path / "events.json")
@@ -258,7 +265,7 @@ def test_connection_opened_before_the_tool_started(server, tmp_path):
     tracer.stop()
     events = tp.data_events(tp.read_events(out), pid=client.pid)
     assert req in tp.stream(events, direction="write") and resp in tp.stream(events, direction="read")
-    assert {(e["local_port"], e["remote_port"], e["remote_addr"]) for e in events} == {(local_port, 18430,
+    assert {(e["local_port"], e["remote_port"], e["remote_addr"]) for e in events} == {(local_port, SERVER_PORT,
                                                                                         "127.0.0.1")}
 
 
@@ -266,9 +273,9 @@ def test_payload_beyond_max_payload_is_marked_truncated(certs, tmp_path):
     resp = tp.body(1 << 20, b"big-resp-")
     (tmp_path / "resp").write_bytes(resp)
     out = str(tmp_path / "events.json")
-    with tp.python_server(18434, *certs, str(tmp_path / "resp")) as srv:
+    with tp.python_server(BIG_PORT, *certs, str(tmp_path / "resp")) as srv:
         tracer = tp.Tracer(["-m", "json", "-o", out, "--max-payload", "100K"])
-        tp.curl("https://127.0.0.1:18434/t", data_file=__file__)
+        tp.curl(f"https://127.0.0.1:{BIG_PORT}/t", data_file=__file__)
         tracer.stop()
     big = [e for e in tp.data_events(tp.read_events(out), pid=srv.pid, direction="write")
            if e["length"] == 1 << 20]

@@ -1,7 +1,7 @@
 """Real TLS peers on loopback for the tls tests: certificates, servers, clients, and the
 helpers that run crypto-tracer tls and reassemble what it captured.
 
-Ports 18400-18499 belong to these tests. Run as a script, this module is the Python
+The servers listen on free ports chosen at run time (free_port()). Run as a script, this module is the Python
 HTTPS server (python tlspeers.py pyserver PORT CERT KEY RESPONSE_FILE [HOST]).
 """
 
@@ -56,6 +56,20 @@ def make_certs(d: str) -> tuple[str, str]:
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1"],
                    check=True, capture_output=True)
     return cert, key
+
+
+_GIVEN_PORTS = set()
+
+
+def free_port() -> int:
+    """A port nothing listens on (the kernel's choice), so concurrent runs never share one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
