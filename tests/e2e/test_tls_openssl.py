@@ -182,12 +182,13 @@ def test_twenty_concurrent_clients(certs, tmp_path):
         assert all(p.wait(30) == 0 for p in procs)
         _, err = tracer.stop()
     events = tp.read_events(out)
-    server_read = tp.stream(events, pid=server.pid, direction="read")
-    by_pid = {p.pid: tp.stream(events, pid=p.pid, direction="write") for p in procs}
     for p, req in zip(procs, reqs):
-        assert req in by_pid[p.pid]
-        assert req in server_read
+        assert req in tp.stream(events, pid=p.pid, direction="write")
         assert resp in tp.stream(events, pid=p.pid, direction="read")
+        # the server side of this very connection (20 threads interleave: match by the 4-tuple)
+        (client_port,) = {e["local_port"] for e in tp.data_events(events, pid=p.pid)}
+        assert req in tp.stream(events, pid=server.pid, direction="read", remote_port=client_port)
+        assert resp in tp.stream(events, pid=server.pid, direction="write", remote_port=client_port)
     # every byte the server read is one of the 20 requests (headers + body), nothing else
     assert tp.stream(events, pid=server.pid, direction="write").count(resp) == 20
     m = re.search(r"Events dropped: (\d+)", err)
