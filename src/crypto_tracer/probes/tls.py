@@ -296,8 +296,8 @@ class TlsTracer:
     def poll(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms, then handle what is in the ring (at most 8 batches).
 
-        tls.bpf.c does not wake the reader for every record (only when the ring is a quarter
-        full), so what arrived during the wait is consumed here without a wake-up."""
+        tls.bpf.c does not wake the reader for every small record (only for big ones or when
+        the ring is an eighth full), so what arrived during the wait is consumed here."""
         n = self.rb.poll(timeout_ms)
         for _ in range(8):
             got = self._consume()
