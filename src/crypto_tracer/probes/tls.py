@@ -186,6 +186,8 @@ def decode_data(raw: bytes) -> TlsData:
      rport, laddr, raddr) = _DATA_RECORD.unpack_from(raw, 0)
     name = _COMMS.get(comm)
     if name is None:
+        if len(_COMMS) > 4096:
+            _COMMS.clear()
         name = _COMMS[comm] = _comm(comm)
     if family == AF_INET or family == AF_INET6:
         la, ra = address(family, laddr), address(family, raddr)
