@@ -9,6 +9,8 @@ In one run, alternating, each mode R times (the median is reported):
                libssl, which nginx and wrk both use): what the kernel's trap alone costs
   text, json   crypto-tracer tls -m text / -m json, output to a file, whole host
   text-pid, json-pid   the same with --pid <nginx worker> (uprobes attached for it only)
+  hooks, count the real programs with data capture off / with capture on but a reader that
+               only counts records: where the cost beyond the floor comes from
 For each: requests/s and p99 latency, and their ratios to untraced (same run) and to the
 floor; the tracer's CPU (user+sys seconds per wall second) and peak RSS; events lost.
 Targets: capture >= 0.9x the floor, 0 events lost, RSS <= 50 MB.
@@ -66,6 +68,25 @@ class EmptyFloor:
         self.obj.close()
 
 
+IN_PROCESS = r"""
+import signal, sys
+from crypto_tracer.probes.tls import TlsTracer, CT_EV_TLS_DATA
+count = [0]
+t = TlsTracer(capture_data=sys.argv[1] == "count")
+t.on(CT_EV_TLS_DATA, lambda raw: count.__setitem__(0, count[0] + 1))
+t.start()
+print("ready", flush=True)
+stop = []
+signal.signal(signal.SIGINT, lambda *a: stop.append(1))
+while not stop:
+    t.poll(100)
+t.detach(); t.drain()
+c = t.counters()
+print(f"Events output: {count[0]}", file=sys.stderr)
+print(f"Events dropped: {c['dropped']}", file=sys.stderr)
+"""
+
+
 def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -80,9 +101,10 @@ def proc_hwm_mb(pid: int) -> float:
     return 0.0
 
 
-def run_traced(args: list[str], seconds: int) -> dict:
-    p = subprocess.Popen(TRACER + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
+def run_traced(args: list[str], seconds: int, command=None) -> dict:
+    p = subprocess.Popen(command or TRACER + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    for line in (p.stdout if command else p.stderr):
         if "ready" in line:
             break
     else:
@@ -114,7 +136,9 @@ def main() -> int:
     cert, key = tlspeers.make_certs(tmp)
     nginx = subprocess.Popen(["nginx", "-c", tlspeers.nginx_conf(tmp, PORT, cert, key), "-p", tmp],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    modes = ("untraced", "floor", "text", "json", "text-pid", "json-pid")
+    # hooks: the real programs with data capture off (what the kernel side costs alone);
+    # count: capture on, but user space only counts records (no decoding, no output).
+    modes = ("untraced", "floor", "hooks", "count", "text", "json", "text-pid", "json-pid")
     results: dict[str, list[dict]] = {m: [] for m in modes}
     try:
         tlspeers.wait_port(PORT)
@@ -128,6 +152,8 @@ def main() -> int:
             rps, p99 = wrk(args.seconds)
             floor.close()
             results["floor"].append({"rps": rps, "p99": p99})
+            for mode in ("hooks", "count"):
+                results[mode].append(run_traced([], args.seconds, [sys.executable, "-c", IN_PROCESS, mode]))
             for mode in ("text", "json"):
                 out = os.path.join(tmp, f"out.{mode}")
                 base = ["-m", mode, "-o", out]
@@ -151,9 +177,9 @@ def main() -> int:
                  else f"{'-':>5s} {'-':>7s} {'-':>8s} {'-':>5s}")
         print(f"{m:9s} {r['rps']:9.0f} {r['rps'] / base['rps']:10.3f} {r['rps'] / floor['rps']:8.3f} "
               f"{r['p99']:8.2f} {r['p99'] / base['p99']:6.2f} {extra}")
-    worst = min(med[m]["rps"] / floor["rps"] for m in modes[2:])
-    lost = sum(r["lost"] for m in modes[2:] for r in results[m])
-    rss = max(r["rss"] for m in modes[2:] for r in results[m])
+    worst = min(med[m]["rps"] / floor["rps"] for m in modes[4:])
+    lost = sum(r["lost"] for m in modes[4:] for r in results[m])
+    rss = max(r["rss"] for m in modes[4:] for r in results[m])
     print(f"targets: capture/floor >= 0.9: {worst:.3f} ({'ok' if worst >= 0.9 else 'MISSED'}); "
           f"events lost 0: {lost:.0f} ({'ok' if lost == 0 else 'MISSED'}); "
           f"RSS <= 50 MB: {rss:.1f} ({'ok' if rss <= 50 else 'MISSED'})")
