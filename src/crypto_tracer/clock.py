@@ -22,6 +22,10 @@ class WallClock:
     def iso(self, mono_ns: int) -> str:
         return iso_from_ns(mono_ns + self.offset_ns, self)
 
+    def second_prefix(self, sec: int) -> str:
+        """'YYYY-MM-DDTHH:MM:SS' of an epoch second: iso() is this + f".{us:06d}Z"."""
+        return self._prefix_for(sec)
+
     def _prefix_for(self, sec: int) -> str:
         if sec != self._sec:
             self._sec = sec

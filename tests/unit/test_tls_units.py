@@ -157,3 +157,90 @@ def test_json_events_follow_the_schema(tmp_path):
     assert list(ev) == list(events.COMMON_FIELDS) + list(events.EVENT_FIELDS["tls_data"])
     assert (ev["data_b64"], ev["length"], ev["truncated"], ev["remote_port"]) == ("c2VjcmV0", 6, False, 443)
     assert (cap.stats.received, cap.stats.user_filtered, cap.stats.output) == (2, 1, 1)
+
+
+def _reference_event(raw, clock, max_payload=1 << 20):
+    """The event as the general code builds it: decode_data, then the fields in schema order."""
+    rec = probe.decode_data(raw)
+    ev = dict(event_type="tls_data", timestamp=clock.iso(rec.ts_ns), pid=rec.pid, ppid=None, uid=rec.uid,
+              process=rec.comm, exe=None, tid=rec.tid, library=rec.library, function=rec.function,
+              direction=rec.direction, fd=rec.fd, local_addr=rec.local_addr, local_port=rec.local_port,
+              remote_addr=rec.remote_addr, remote_port=rec.remote_port, length=rec.length, offset=rec.offset,
+              truncated=rec.truncated)
+    last = rec.offset + len(rec.data) >= min(rec.length, max_payload)
+    return ev, rec.data, last
+
+
+def _varied_records():
+    v6 = bytes(15) + b"\x01"
+    recs = [_data_record(b"GET / HTTP/1.1\r\n"), _data_record(b"GET / HTTP/1.1\r\n"),  # the second from the cache
+            _data_record(b"caf\xc3\xa9 \x00\x01"), _data_record(b"\xff\xfe\x00"), _data_record(b""),
+            _data_record(b"x" * 40, length=100, offset=60, truncated=1), _data_record(b"y" * 30, length=90),
+            _data_record(b"z", family=0, fd=-1, func=2), _data_record(b"six", family=10, laddr=v6),
+            _data_record(b"%s %d \"q\" \\ \x7f\t\n", func=8)]
+    header = probe.HEADER.pack(2_000_000_000, probe.CT_EV_TLS_DATA, 2**31, 3, 65534, b"a%s\"\\\xc3(\x01nul\0x")
+    body = probe.DATA.pack(1, 5, 0, 5, 3, 3, 12, 0, 2, 1, 2, bytes(16), bytes(16))
+    recs.append(header + body + b"hello")  # an odd comm, NSS, no addresses
+    return recs
+
+
+@pytest.mark.parametrize("mode, fmt", [("json", "json-stream"), ("json", "json-array"), ("json", "json-pretty"),
+                                       ("text", None), ("text-hex", None), ("text-tsize", None)])
+def test_hot_path_matches_the_general_formatting(tmp_path, mode, fmt):
+    """Capture.process's per-connection templates give exactly the bytes of the general code."""
+    import base64
+    import types
+
+    import orjson
+
+    from crypto_tracer.clock import WallClock
+    from crypto_tracer.commands.tls import Capture
+    from crypto_tracer.sinks.json import make_json_sink
+    from crypto_tracer.sinks.output import Output
+
+    out = tmp_path / "fast"
+    opts = types.SimpleNamespace(model="text" if mode.startswith("text") else "json", format=fmt or "json-stream",
+                                 filter=[], no_redact=False, output=str(out), hex=mode == "text-hex",
+                                 tsize=4 if mode == "text-tsize" else 0, max_payload=1 << 20)
+    cap = Capture(opts)
+    cap.procs.get = lambda pid: (None, None)  # no /proc lookups: the reference has none either
+    clock = WallClock()
+    clock.offset_ns = 1_790_000_000_999_999_000  # crosses a second within the records
+    cap.sink, cap.clock = cap._open_sink(), clock
+    cap.stats = types.SimpleNamespace(received=0, user_filtered=0, output=0)
+    recs = _varied_records()
+    for i, raw in enumerate(recs):  # timestamps 1 us apart, then across the second
+        recs[i] = (123 + i * 1000).to_bytes(8, "little") + raw[8:]
+    cap.batch += recs[:5]
+    cap.process()  # two batches: the cache and the second prefix carry over
+    cap.batch += recs[5:]
+    cap.process()
+    cap.sink.close()
+    assert cap.stats.output == len(recs)
+
+    ref_path = tmp_path / "ref"
+    if opts.model == "text":
+        sink = TextSink(Output(str(ref_path)), hex_output=opts.hex, tsize=opts.tsize)
+        for raw in recs:
+            sink.write(*_reference_event(raw, clock))
+    else:
+        sink = make_json_sink(opts.format, Output(str(ref_path)))
+        for raw in recs:
+            ev, data, _ = _reference_event(raw, clock)
+            ev["data_b64"] = base64.b64encode(data).decode("ascii")
+            sink.write(ev)
+    sink.close()
+    assert out.read_bytes() == ref_path.read_bytes()
+    if fmt == "json-stream":
+        lines = out.read_bytes().splitlines()
+        assert [orjson.loads(line)["process"] for line in lines][-1] == 'a%s"\\\ufffd(\x01nul'
+        assert all(orjson.dumps(orjson.loads(line)) == line for line in lines)
+
+
+def test_data_record_offsets():
+    raw = _data_record(b"abc", length=9, offset=6, truncated=1)
+    assert probe.DATA_CHANGING.unpack_from(raw) == (123, 9, 6, 3)
+    assert raw[probe.DATA_TRUNCATED] == 1 and raw[probe.DATA_OFFSET:] == b"abc"
+    # the key covers every field but ts, ssl, length, offset and chunk_len (and nothing of the payload)
+    (a, b), (c, d) = probe.DATA_KEY_SPANS
+    assert (a, b, c, d) == (8, probe.HEADER.size, probe.HEADER.size + 28, probe.DATA_OFFSET)

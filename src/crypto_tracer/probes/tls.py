@@ -176,7 +176,13 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
-_DATA_RECORD = struct.Struct(HEADER.format + DATA.format[1:])  # one unpack for the hot path
+_DATA_RECORD = struct.Struct(HEADER.format + DATA.format[1:])  # one unpack of every field
+# The hot path of `tls` unpacks only what changes from call to call (ts, length, offset,
+# chunk_len; truncated is the byte at DATA_TRUNCATED) and looks the rest up by the raw
+# bytes DATA_KEY_SPANS cover (type, pid, tid, uid, comm; fd, lib, func, truncated, conn).
+DATA_CHANGING = struct.Struct("<Q40xQQI")
+DATA_TRUNCATED = 74
+DATA_KEY_SPANS = ((8, 40), (68, DATA_OFFSET))
 _COMMS: dict[bytes, str] = {}
 _DIRECTIONS = {f: ("write" if f in WRITE_FUNCS else "read") for f in FUNC_NAMES}
 

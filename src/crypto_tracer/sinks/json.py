@@ -20,6 +20,16 @@ class JsonStreamSink:
         self.out.write(orjson.dumps(event) + b"\n")
         self.count += 1
 
+    @staticmethod
+    def encode(event: dict) -> bytes:
+        return orjson.dumps(event) + b"\n"
+
+    def write_encoded(self, lines: list[bytes]) -> None:
+        """Lines already encoded as encode() would (tls's hot path), one record each."""
+        if lines:
+            self.out.write_many(lines)
+            self.count += len(lines)
+
     def write_many(self, events: list[dict]) -> None:
         if events:
             dumps = orjson.dumps

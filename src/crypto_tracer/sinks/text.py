@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from crypto_tracer.sinks.output import Output
 
-_PRINTABLE = bytes(b if (32 <= b < 127 or b in (9, 10, 13)) else ord(".") for b in range(256))
+PRINTABLE = bytes(b if (32 <= b < 127 or b in (9, 10, 13)) else ord(".") for b in range(256))
+_PRINTABLE = PRINTABLE
 _VISIBLE = bytes(b if 32 <= b < 127 else ord(".") for b in range(256))  # hex dump column
 
 
@@ -72,6 +73,11 @@ class TextSink:
     def write(self, ev: dict, data: bytes = b"", last_chunk: bool = True) -> None:
         self._pending.append(self.format(ev, data, last_chunk))
         self.count += 1
+
+    def write_formatted(self, texts: list[str]) -> None:
+        """Events already formatted as format() would (tls's hot path)."""
+        self._pending += texts
+        self.count += len(texts)
 
     def flush(self) -> None:
         if self._pending:  # one write per batch of events
