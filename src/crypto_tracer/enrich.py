@@ -64,8 +64,11 @@ class Enricher:
     def __call__(self, rec: tuple) -> dict | None:
         """One event dict, or None when user space decides it is not a crypto event."""
         kind, ts, pid, _tid, uid, comm, ppid = rec[:7]
+        if kind == EV_FILE or kind == EV_LIB:
+            if rec[7] is not None:
+                self.procs.set_exe(pid, rec[7])
         if kind == EV_FILE:
-            name, base, flags, result = rec[7:]
+            name, base, flags, result = rec[8:]
             path = name if name.startswith("/") or base is None else os.path.normpath(os.path.join(base, name))
             ftype = self._file_type(path, pid)
             if ftype is None:
@@ -74,7 +77,7 @@ class Enricher:
                     "uid": uid, "process": comm, "exe": self.procs.exe(pid), "file": path,
                     "file_type": ftype, "flags": decode_open_flags(flags), "result": result}
         if kind == EV_LIB:
-            path = rec[7]
+            path = rec[8]
             name = classify.library_name(path)
             if name is None:
                 return None

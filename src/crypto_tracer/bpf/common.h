@@ -92,30 +92,41 @@ static __always_inline char ct_lower(char c)
 	return (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c;
 }
 
-/* Case-insensitive: does comm contain needle[0..len)? */
+struct ct_comm_match {
+	char comm[CT_COMM_LEN];
+	char needle[CT_COMM_LEN];
+	__u32 len;
+	__u32 found;
+};
+
+/* Does the needle match comm at position start? (one bpf_loop step) */
+static long ct_comm_match_at(__u32 start, struct ct_comm_match *m)
+{
+	if (start + m->len > CT_COMM_LEN - 1)
+		return 1;
+	for (int j = 0; j < CT_COMM_LEN - 1; j++) {
+		if (j >= m->len)
+			break;
+		if (ct_lower(m->comm[(start + j) & (CT_COMM_LEN - 1)]) != m->needle[j])
+			return 0;
+	}
+	m->found = 1;
+	return 1;
+}
+
+/* Case-insensitive: does comm contain needle[0..len)? The outer loop runs under bpf_loop,
+ * so the verifier checks one position, not all of them (shorter load, faster start-up). */
 static __always_inline bool ct_comm_contains(const char *comm, const char *needle, __u32 len)
 {
 	if (len == 0)
 		return true;
 	if (len > CT_COMM_LEN - 1)
 		return false;
-	for (int start = 0; start < CT_COMM_LEN - 1; start++) {
-		if (start + len > CT_COMM_LEN - 1)
-			return false;
-		bool match = true;
-		for (int j = 0; j < CT_COMM_LEN - 1; j++) {
-			if (j >= len)
-				break;
-			int k = (start + j) & (CT_COMM_LEN - 1);
-			if (ct_lower(comm[k]) != needle[j & (CT_COMM_LEN - 1)]) {
-				match = false;
-				break;
-			}
-		}
-		if (match)
-			return true;
-	}
-	return false;
+	struct ct_comm_match m = {.len = len};
+	__builtin_memcpy(m.comm, comm, CT_COMM_LEN);
+	__builtin_memcpy(m.needle, needle, CT_COMM_LEN);
+	bpf_loop(CT_COMM_LEN - 1, ct_comm_match_at, &m, 0);
+	return m.found;
 }
 
 /* True when the current task passes the process filter. */

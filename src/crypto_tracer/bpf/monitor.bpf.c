@@ -7,11 +7,12 @@
  * written by user space from classify.py at start-up, so there is one source of truth.
  */
 #include "common.h"
-#include "paths.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
 #define FNAME_MAX 256
+#define CT_PATH_BUF 4096
+#define CT_NAME_MAX 256
 #define ARGS_MAX 4096
 #define AT_FDCWD -100
 #define PROT_EXEC 0x4
@@ -95,6 +96,14 @@ struct {
 	__type(value, __u8);
 } lib_seen SEC(".maps");
 
+/* Process images whose executable path user space already got (sent once per image). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct lib_seen_key); /* mm and tgid; ino/dev unused (0) */
+	__type(value, __u8);
+} exe_sent SEC(".maps");
+
 /* --- records ---------------------------------------------------------------------------- */
 
 struct exec_rec {
@@ -121,8 +130,8 @@ struct file_rec {
 	__u32 name_len;   /* raw file name, NUL included */
 	__u32 base_parts; /* components of the base directory, when the name is relative */
 	__u32 base_len;
-	__u32 pad;
-	char data[FNAME_MAX + CT_PATH_BUF + CT_NAME_MAX];
+	__u32 exe_len;    /* the executable's path, once per process image (0 = already sent) */
+	char data[FNAME_MAX + 2 * (CT_PATH_BUF + CT_NAME_MAX)];
 };
 
 struct lib_rec {
@@ -132,7 +141,9 @@ struct lib_rec {
 	__u32 len;
 	__u32 dev;
 	__u64 ino;
-	char data[CT_PATH_BUF + CT_NAME_MAX];
+	__u32 exe_len; /* as in file_rec */
+	__u32 pad;
+	char data[2 * (CT_PATH_BUF + CT_NAME_MAX)];
 };
 
 /* One scratch area per CPU, large enough for any record. */
@@ -154,6 +165,14 @@ static __always_inline void *get_scratch(void)
 	__u32 zero = 0;
 	return bpf_map_lookup_elem(&scratch, &zero);
 }
+
+/* paths.h walks write into this per-CPU scratch area, at offsets into the records. */
+#define CT_PATH_AREA_SIZE sizeof(union scratch)
+static void *ct_path_area(void)
+{
+	return get_scratch();
+}
+#include "paths.h"
 
 static __always_inline __u32 task_ppid(struct task_struct *task)
 {
@@ -178,6 +197,23 @@ static __always_inline bool current_wanted(void)
 	return false;
 }
 
+/* Append the executable's path at buf the first time this process image reports something,
+ * so user space knows the exe even when the process is gone before it could read /proc.
+ * Returns the bytes written (0 when already sent or unknown). */
+static __always_inline __u32 append_exe_once(struct task_struct *task, __u32 offset)
+{
+	struct mm_struct *mm = BPF_CORE_READ(task, mm);
+	struct lib_seen_key key = {.mm = (__u64)mm, .tgid = bpf_get_current_pid_tgid() >> 32};
+	__u8 one = 1;
+	if (!mm || bpf_map_update_elem(&exe_sent, &key, &one, BPF_NOEXIST))
+		return 0;
+	struct file *exe = BPF_CORE_READ(mm, exe_file);
+	if (!exe)
+		return 0;
+	struct ct_path_result p = ct_walk_path(BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt), offset);
+	return p.len;
+}
+
 /* --- process exec / exit / fork -------------------------------------------------------- */
 
 SEC("tp/sched/sched_process_exec")
@@ -198,8 +234,11 @@ int handle_exec(struct trace_event_raw_sched_process_exec *ctx)
 	if (exe) {
 		struct dentry *d = BPF_CORE_READ(exe, f_path.dentry);
 		struct vfsmount *m = BPF_CORE_READ(exe, f_path.mnt);
-		p = ct_walk_path(d, m, r->data);
+		p = ct_walk_path(d, m, offsetof(struct exec_rec, data));
 	}
+	struct lib_seen_key sent = {.mm = (__u64)BPF_CORE_READ(task, mm), .tgid = r->h.pid};
+	__u8 one = 1;
+	bpf_map_update_elem(&exe_sent, &sent, &one, BPF_ANY);
 	r->exe_parts = p.parts;
 	__u32 exe_len = p.len;
 	if (exe_len > CT_PATH_BUF)
@@ -431,6 +470,7 @@ static __always_inline int finish_open(long ret)
 	r->name_len = name_len;
 	r->base_parts = 0;
 	r->base_len = 0;
+	r->exe_len = 0;
 
 	if (r->data[0] != '/') {
 		/* relative name: resolve the directory it is relative to (cwd or dirfd) */
@@ -447,12 +487,16 @@ static __always_inline int finish_open(long ret)
 			}
 		}
 		if (d && m) {
-			struct ct_path_result p = ct_walk_path(d, m, r->data + (name_len & (FNAME_MAX - 1)));
+			struct ct_path_result p = ct_walk_path(d, m, offsetof(struct file_rec, data) + name_len);
 			r->base_parts = p.parts;
 			r->base_len = p.len;
 		}
 	}
-	__u64 size = offsetof(struct file_rec, data) + name_len + r->base_len;
+	__u32 off = name_len + r->base_len;
+	if (off > FNAME_MAX + CT_PATH_BUF)
+		off = FNAME_MAX + CT_PATH_BUF;
+	r->exe_len = append_exe_once(task, offsetof(struct file_rec, data) + off);
+	__u64 size = offsetof(struct file_rec, data) + off + r->exe_len;
 	if (size > sizeof(*r))
 		size = sizeof(*r);
 	ct_output(r, size);
@@ -535,10 +579,14 @@ int enter_mmap(struct trace_event_raw_sys_enter *ctx)
 	r->ppid = task_ppid(task);
 	r->dev = key.dev;
 	r->ino = key.ino;
-	struct ct_path_result p = ct_walk_path(d, BPF_CORE_READ(f, f_path.mnt), r->data);
+	struct ct_path_result p = ct_walk_path(d, BPF_CORE_READ(f, f_path.mnt), offsetof(struct lib_rec, data));
 	r->parts = p.parts;
-	r->len = p.len;
-	__u64 size = offsetof(struct lib_rec, data) + p.len;
+	__u32 len = p.len;
+	if (len > CT_PATH_BUF)
+		len = CT_PATH_BUF;
+	r->len = len;
+	r->exe_len = append_exe_once(task, offsetof(struct lib_rec, data) + len);
+	__u64 size = offsetof(struct lib_rec, data) + len + r->exe_len;
 	if (size > sizeof(*r))
 		size = sizeof(*r);
 	ct_output(r, size);

@@ -1,9 +1,14 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Kernel path helpers: turn a (dentry, vfsmount) or an fd into path components.
  *
- * Components are written leaf first, each NUL-terminated, into buf; user space reverses
- * them and joins with '/'. The walk crosses mount points and stops at the root of the
- * task's mount tree, so paths are as the process sees them (container paths in containers).
+ * Components are written leaf first, each NUL-terminated, into a scratch area; user space
+ * reverses them and joins with '/'. The walk crosses mount points and stops at the root of
+ * the task's mount tree, so paths are as the process sees them (container paths in
+ * containers). It runs under bpf_loop, so the verifier checks one step, not every depth:
+ * that keeps load time (start-up) short however many walks a program does.
+ *
+ * The includer provides `static void *ct_path_area(void)` (per-CPU scratch memory of
+ * CT_PATH_AREA_SIZE bytes) before including this file; walks write at an offset into it.
  */
 #ifndef CT_PATHS_H
 #define CT_PATHS_H
@@ -12,11 +17,20 @@
 
 #define CT_PATH_DEPTH 32
 #define CT_NAME_MAX 256
-#define CT_PATH_BUF 4096 /* components area; must be a power of two */
+#define CT_PATH_BUF 4096 /* bytes of components one walk may write */
 
 struct ct_path_result {
-	__u32 len;   /* bytes used in buf */
+	__u32 len;   /* bytes written */
 	__u32 parts; /* components written */
+};
+
+struct ct_walk {
+	__u64 dentry; /* struct dentry * */
+	__u64 mnt;    /* struct mount * */
+	__u32 pos;    /* next write offset in the area */
+	__u32 end;    /* no component starts at or after this offset */
+	__u32 parts;
+	__u32 pad;
 };
 
 static __always_inline struct mount *ct_real_mount(struct vfsmount *vfsmnt)
@@ -24,38 +38,52 @@ static __always_inline struct mount *ct_real_mount(struct vfsmount *vfsmnt)
 	return (struct mount *)((void *)vfsmnt - bpf_core_field_offset(struct mount, mnt));
 }
 
-/* buf must have at least CT_PATH_BUF + CT_NAME_MAX bytes. */
-static __always_inline struct ct_path_result ct_walk_path(struct dentry *dentry, struct vfsmount *vfsmnt, char *buf)
+static long ct_walk_step(__u32 i, struct ct_walk *w)
 {
-	struct ct_path_result r = {};
-	struct mount *mnt = ct_real_mount(vfsmnt);
-	__u32 off = 0;
+	char *area = ct_path_area();
+	if (!area)
+		return 1;
+	struct dentry *dentry = (struct dentry *)w->dentry;
+	struct mount *mnt = (struct mount *)w->mnt;
+	struct dentry *parent = BPF_CORE_READ(dentry, d_parent);
 
-	for (int i = 0; i < CT_PATH_DEPTH; i++) {
-		struct dentry *parent = BPF_CORE_READ(dentry, d_parent);
-		struct dentry *mnt_root = BPF_CORE_READ(mnt, mnt.mnt_root);
-
-		if (dentry == mnt_root) {
-			struct mount *mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
-			if (mnt_parent == mnt)
-				break; /* root of the mount tree */
-			dentry = BPF_CORE_READ(mnt, mnt_mountpoint);
-			mnt = mnt_parent;
-			continue;
-		}
-		if (dentry == parent)
-			break; /* filesystem root that is not a mount root (detached) */
-		const unsigned char *name = BPF_CORE_READ(dentry, d_name.name);
-		if (off > CT_PATH_BUF - 1)
-			break;
-		int n = bpf_probe_read_kernel_str(buf + (off & (CT_PATH_BUF - 1)), CT_NAME_MAX, name);
-		if (n <= 0)
-			break;
-		off += n;
-		r.parts++;
-		dentry = parent;
+	if (dentry == BPF_CORE_READ(mnt, mnt.mnt_root)) {
+		struct mount *mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
+		if (mnt_parent == mnt)
+			return 1; /* root of the mount tree */
+		w->dentry = (__u64)BPF_CORE_READ(mnt, mnt_mountpoint);
+		w->mnt = (__u64)mnt_parent;
+		return 0;
 	}
-	r.len = off > CT_PATH_BUF ? CT_PATH_BUF : off;
+	if (dentry == parent)
+		return 1; /* filesystem root that is not a mount root (detached) */
+	__u32 pos = w->pos;
+	if (pos >= w->end || pos > CT_PATH_AREA_SIZE - CT_NAME_MAX)
+		return 1;
+	int n = bpf_probe_read_kernel_str(area + pos, CT_NAME_MAX, BPF_CORE_READ(dentry, d_name.name));
+	if (n <= 0)
+		return 1;
+	w->pos = pos + n;
+	w->parts++;
+	w->dentry = (__u64)parent;
+	return 0;
+}
+
+/* Walk from (dentry, vfsmnt) writing at `offset` of the scratch area, at most CT_PATH_BUF
+ * bytes of components (plus the last one's overflow, below CT_NAME_MAX). */
+static __always_inline struct ct_path_result ct_walk_path(struct dentry *dentry, struct vfsmount *vfsmnt,
+							  __u32 offset)
+{
+	struct ct_walk w = {
+		.dentry = (__u64)dentry,
+		.mnt = (__u64)ct_real_mount(vfsmnt),
+		.pos = offset,
+		.end = offset + CT_PATH_BUF,
+	};
+	bpf_loop(CT_PATH_DEPTH, ct_walk_step, &w, 0);
+	struct ct_path_result r = {.len = w.pos - offset, .parts = w.parts};
+	if (r.len > CT_PATH_BUF)
+		r.len = CT_PATH_BUF;
 	return r;
 }
 

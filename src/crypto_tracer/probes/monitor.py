@@ -19,13 +19,12 @@ EV_EXEC, EV_EXIT, EV_FILE, EV_LIB = 1, 2, 3, 4
 HEADER = struct.Struct("<QIIII16s")  # ts_ns, type, pid, tid, uid, comm
 EXEC = struct.Struct("<IIII")  # ppid, exe_parts, exe_len, args_len
 EXIT = struct.Struct("<II")  # ppid, exit_code
-FILE = struct.Struct("<IiIIIIII")  # ppid, result, flags, fclass, name_len, base_parts, base_len, pad
-LIB = struct.Struct("<IIIIQ")  # ppid, parts, len, dev, ino
+FILE = struct.Struct("<IiIIIIII")  # ppid, result, flags, fclass, name_len, base_parts, base_len, exe_len
+LIB = struct.Struct("<IIIIQII")  # ppid, parts, len, dev, ino, exe_len, pad
 EXEC_DATA = HEADER.size + EXEC.size
 FILE_DATA = HEADER.size + FILE.size
 LIB_DATA = HEADER.size + LIB.size
 
-COUNTER_NAMES = ("seen", "kernel_filtered", "dropped", "submitted")
 FILTER = struct.Struct("<IIII16s")  # struct ct_filter
 TRUST_PREFIX = struct.Struct("<I40s")
 FNV_INIT, FNV_PRIME, MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
@@ -120,11 +119,7 @@ class MonitorProbe:
         return self.ring
 
     def counters(self) -> dict[str, int]:
-        m = self.obj.map("counters")
-        out = {}
-        for i, name in enumerate(COUNTER_NAMES):
-            out[name] = sum(struct.unpack("<Q", v)[0] for v in m.lookup_percpu(struct.pack("<I", i)))
-        return out
+        return self.obj.counters()
 
     def close(self) -> None:
         if self.ring:
@@ -134,20 +129,26 @@ class MonitorProbe:
 
 
 def decode(raw: bytes) -> tuple | None:
-    """Decode one record into a tuple (kind, ts_ns, pid, tid, uid, comm, ppid, *fields)."""
+    """Decode one record into a tuple (kind, ts_ns, pid, tid, uid, comm, ppid, *fields).
+
+    File and library records carry the executable's path (or None) right after ppid: the
+    kernel sends it once per process image, so it is known even for processes already gone."""
     ts, kind, pid, tid, uid, comm = HEADER.unpack_from(raw)
     comm = comm.split(b"\0", 1)[0].decode(errors="replace")
     if kind == EV_FILE:
-        ppid, result, flags, _cls, name_len, base_parts, base_len, _ = FILE.unpack_from(raw, HEADER.size)
+        ppid, result, flags, _cls, name_len, base_parts, base_len, exe_len = FILE.unpack_from(raw, HEADER.size)
         name = raw[FILE_DATA:FILE_DATA + name_len].split(b"\0", 1)[0].decode(errors="replace")
         base = None
+        start = FILE_DATA + name_len
         if base_len or base_parts:
-            start = FILE_DATA + name_len
             base = path_from_parts(raw[start:start + base_len])
-        return kind, ts, pid, tid, uid, comm, ppid, name, base, flags, result
+        exe = path_from_parts(raw[start + base_len:start + base_len + exe_len]) if exe_len else None
+        return kind, ts, pid, tid, uid, comm, ppid, exe, name, base, flags, result
     if kind == EV_LIB:
-        ppid, _parts, length, dev, ino = LIB.unpack_from(raw, HEADER.size)
-        return kind, ts, pid, tid, uid, comm, ppid, path_from_parts(raw[LIB_DATA:LIB_DATA + length]), dev, ino
+        ppid, _parts, length, dev, ino, exe_len, _ = LIB.unpack_from(raw, HEADER.size)
+        end = LIB_DATA + length
+        exe = path_from_parts(raw[end:end + exe_len]) if exe_len else None
+        return kind, ts, pid, tid, uid, comm, ppid, exe, path_from_parts(raw[LIB_DATA:end]), dev, ino
     if kind == EV_EXEC:
         ppid, parts, exe_len, args_len = EXEC.unpack_from(raw, HEADER.size)
         exe = path_from_parts(raw[EXEC_DATA:EXEC_DATA + exe_len]) if parts else None
