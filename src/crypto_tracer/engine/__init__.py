@@ -163,6 +163,10 @@ class Link:
             self._ptr = None
 
 
+# Slots of every object's per-CPU `counters` map (bpf/common.h, enum ct_counter).
+COUNTER_NAMES = ("seen", "kernel_filtered", "dropped", "submitted")
+
+
 class BpfObject:
     """One CO-RE object: open, tune maps, load, attach; close() detaches everything."""
 
@@ -204,6 +208,16 @@ class BpfObject:
             if not ptr:
                 return out
             out.append(Program(self, ptr, lb().bpf_program__name(ptr).decode()))
+
+    def counter_totals(self, slots: int = len(COUNTER_NAMES)) -> list[int]:
+        """The `counters` map summed over CPUs, slot by slot."""
+        m = self.map("counters")
+        return [sum(int.from_bytes(v, "little") for v in m.lookup_percpu(i.to_bytes(4, "little")))
+                for i in range(slots)]
+
+    def counters(self) -> dict[str, int]:
+        """The accounting counters every object keeps: seen, kernel_filtered, dropped, submitted."""
+        return dict(zip(COUNTER_NAMES, self.counter_totals()))
 
     def load(self) -> None:
         ret = lb().bpf_object__load(self._ptr)

@@ -97,7 +97,6 @@ NESTED = {"EVP_CipherInit_ex": ("EVP_EncryptInit_ex", "EVP_DecryptInit_ex"),
 
 KEY = struct.Struct("<IHH32s")
 VAL = struct.Struct("<QQ")
-COUNTER_NAMES = ("seen", "kernel_filtered", "dropped", "submitted")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -326,9 +325,7 @@ class ApiProbe:
         return out
 
     def counters(self) -> dict[str, int]:
-        m = self.obj.map("counters")
-        return {name: sum(struct.unpack("<Q", v)[0] for v in m.lookup_percpu(struct.pack("<I", i)))
-                for i, name in enumerate(COUNTER_NAMES)}
+        return self.obj.counters()
 
     def close(self) -> None:
         """Detach every uprobe: each detach waits for a grace period, so they run in parallel

@@ -363,13 +363,9 @@ class TcCapture:
         return self.rb.drain() if self.rb else 0
 
     def counters(self) -> dict:
-        totals = [0] * 4
-        if self.obj is not None:
-            cmap = self.obj.map("counters")
-            for i in range(4):
-                for cpu in cmap.lookup_percpu(struct.pack("<I", i)):
-                    totals[i] += struct.unpack("<Q", cpu)[0]
-        return {"seen": totals[0], "kernel_filtered": totals[1], "dropped": totals[2], "submitted": totals[3]}
+        if self.obj is None:
+            return {"seen": 0, "kernel_filtered": 0, "dropped": 0, "submitted": 0}
+        return self.obj.counters()
 
     def detach(self) -> None:
         """Remove every filter and qdisc we added (the ring can still be drained)."""
