@@ -244,3 +244,30 @@ def test_data_record_offsets():
     # the key covers every field but ts, ssl, length, offset and chunk_len (and nothing of the payload)
     (a, b), (c, d) = probe.DATA_KEY_SPANS
     assert (a, b, c, d) == (8, probe.HEADER.size, probe.HEADER.size + 28, probe.DATA_OFFSET)
+
+
+def test_output_write_many_keeps_record_boundaries(tmp_path, monkeypatch):
+    """A disk that fills in the middle of a batch leaves only whole records in the file."""
+    import errno
+
+    from crypto_tracer.sinks import output as output_mod
+
+    path = tmp_path / "out"
+    out = output_mod.Output(str(path))
+    out.write(b"a\n")
+    out.write_many([b"bb\n", b"", b"ccc\n"])
+    out.write_many(iter([b"dddd\n"]))
+    assert out._ends == [2, 5, 5, 9, 14]
+    real_write = os.write
+
+    def short_write(fd, data):  # 7 bytes fit, then the disk is full
+        if len(data) > 7:
+            return real_write(fd, bytes(data[:7]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output_mod.os, "write", short_write)
+    with pytest.raises(TracerError):
+        out.flush()
+    monkeypatch.undo()
+    out.close()
+    assert path.read_bytes() == b"a\nbb\n"

@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 import sys
+from itertools import accumulate
 
 from crypto_tracer.errors import ExitStatus, TracerError
 
@@ -63,10 +64,14 @@ class Output:
         """Several records at once, each keeping its own boundary."""
         if self.failed or self.closed:
             return
-        buf, ends = self._buf, self._ends
-        for rec in records:
-            buf += rec
-            ends.append(len(buf))
+        if not isinstance(records, (list, tuple)):
+            records = list(records)
+        # the boundaries are the running sum of the lengths (a C loop, not one per record)
+        ends = accumulate(map(len, records), initial=len(self._buf))
+        next(ends)
+        self._ends += ends
+        buf = self._buf
+        buf += b"".join(records)
         if self._line_flush or len(buf) >= BUFFER_BYTES:
             self.flush()
 
