@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 from crypto_tracer import discovery
 from crypto_tracer.discovery import GNUTLS, NSS, OPENSSL, TlsLibrary
+from crypto_tracer.engine.ringread import DirectRing
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
 
@@ -34,6 +35,7 @@ WRITE_FUNCS = frozenset(FUNC_IDS[f] for f in ("SSL_write", "SSL_write_ex", "gnut
                                                "PR_Send", "PR_Writev"))
 HANDSHAKE_FUNCS = frozenset(("SSL_do_handshake", "SSL_connect", "SSL_accept", "gnutls_handshake"))
 COOKIE_LAYOUT = 0x100
+READ_BATCH = 2048  # records handled per read of the ring (as RingBuffer's batch)
 
 HEADER = struct.Struct("<QIIII16s")  # struct ct_header
 DATA = struct.Struct("<QQQIiBBBx" "BxHHxx16s16s")  # struct tls_data_rec up to data[]
@@ -239,6 +241,7 @@ class TlsTracer:
         self.libraries: list[TlsLibrary] = []  # hooked, in order
         self.attach_failures: list[str] = []
         self._handlers: dict[int, Callable[[bytes], None]] = {}
+        self._raw_handlers: dict[bytes, Callable[[bytes], None]] = {}  # the same by raw type bytes
         self._library_callbacks: list[Callable[[TlsLibrary], None]] = []
         self._rescans: deque[tuple[float, int]] = deque()
         self.obj = None
@@ -251,6 +254,7 @@ class TlsTracer:
     def on(self, record_type: int, handler: Callable[[bytes], None]) -> None:
         """Raw records of record_type (CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS...)."""
         self._handlers[record_type] = handler
+        self._raw_handlers[record_type.to_bytes(4, "little")] = handler
 
     def on_library(self, callback: Callable[[TlsLibrary], None]) -> None:
         """Called with each library once it is hooked (also the ones hooked by start())."""
@@ -289,8 +293,12 @@ class TlsTracer:
         self._write_config()
         self.obj.attach("tls_sys_enter")
         self.obj.attach_tracepoint("tls_exec", "sched", "sched_process_exec")
-        self.rb = RingBuffer()
-        self.rb.add(self.obj.map("events"), self._dispatch)
+        events = self.obj.map("events")
+        if DirectRing.supported:  # see engine/ringread.py: no ctypes call per record
+            self.rb = DirectRing(events.fd, lb().bpf_map__max_entries(events._ptr))
+        else:
+            self.rb = RingBuffer()
+            self.rb.add(events, self._dispatch)
         for path in self.extra_paths:
             self._add_extra(path)
         for pid in self.pids:
@@ -306,6 +314,16 @@ class TlsTracer:
 
         tls.bpf.c does not wake the reader for every small record (only for big ones or when
         the ring is an eighth full), so what arrived during the wait is consumed here."""
+        if isinstance(self.rb, DirectRing):
+            self.rb.wait(timeout_ms)
+            n = 0
+            for _ in range(8):
+                got = self._dispatch_many(self.rb.read(READ_BATCH))
+                n += got
+                if got < READ_BATCH:
+                    break
+            self._run_rescans()
+            return n
         n = self.rb.poll(timeout_ms)
         for _ in range(8):
             got = self._consume()
@@ -315,6 +333,17 @@ class TlsTracer:
         self._run_rescans()
         return n
 
+    def _dispatch_many(self, raws: list[bytes]) -> int:
+        get = self._raw_handlers.get
+        dispatch = self._dispatch
+        for raw in raws:
+            handler = get(raw[8:12])  # the record type's raw bytes: no int conversion per record
+            if handler is not None:
+                handler(raw)
+            else:
+                dispatch(raw)
+        return len(raws)
+
     def _consume(self) -> int:
         from crypto_tracer.engine import lb
 
@@ -323,6 +352,11 @@ class TlsTracer:
         return self.rb._count
 
     def drain(self) -> int:
+        if isinstance(self.rb, DirectRing):
+            n = 0
+            while raws := self.rb.read(READ_BATCH):
+                n += self._dispatch_many(raws)
+            return n
         return self.rb.drain() if self.rb else 0
 
     def counters(self) -> dict:

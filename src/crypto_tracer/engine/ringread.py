@@ -1,0 +1,84 @@
+"""A BPF ring buffer read straight from its mmap'ed pages, records returned as a list of bytes.
+
+libbpf's ring_buffer__consume calls back into Python through ctypes for every record (plus
+a ctypes string_at to copy it): about 0.9 us per record here, a sizeable part of what
+`tls` costs at ~50,000 records/s. Reading the ring's pages directly costs a fraction of it.
+
+The layout is the kernel's (kernel/bpf/ringbuf.c), as libbpf reads it: page 0 holds the
+consumer position (we write it), page 1 the producer position, then the data area, mapped
+twice in a row so that a record that wraps around is contiguous. Each record starts with
+an 8-byte header: u32 length with BUSY (not committed yet) and DISCARD bits, u32 page
+offset; records are 8-byte aligned. libbpf uses acquire loads and a release store for the
+positions and the header; on x86-64 ordinary aligned loads and stores have those semantics
+(TSO), so this reader is used there only (``supported``), and libbpf's elsewhere. The
+positions and headers are read and the consumer position written as single aligned
+native words (memoryview casts), never byte by byte.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+
+BUSY_BIT, DISCARD_BIT = 1 << 31, 1 << 30
+HEADER_SIZE = 8
+
+
+class DirectRing:
+    supported = os.uname().machine == "x86_64"
+
+    def __init__(self, map_fd: int, size: int):
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"ring size {size} is not a power of two")
+        page = mmap.PAGESIZE
+        self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._data_map = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._cons = memoryview(self._cons_map).cast("Q")  # [0]: consumer position
+        self._prod = memoryview(self._data_map).cast("Q")  # [0]: producer position
+        self._words = memoryview(self._data_map).cast("I")  # record headers, by byte offset // 4
+        self._page, self._mask = page, size - 1
+        self._epoll = select.epoll()
+        self._epoll.register(map_fd, select.EPOLLIN)
+
+    @property
+    def epoll_fd(self) -> int:
+        return self._epoll.fileno()
+
+    def wait(self, timeout_ms: int) -> None:
+        """Until the kernel signals data (the programs rarely wake us) or timeout_ms."""
+        try:
+            self._epoll.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1)
+        except InterruptedError:
+            pass
+
+    def read(self, limit: int) -> list[bytes]:
+        """Up to limit committed records, in order; their space is returned to the kernel."""
+        data, words, page, mask = self._data_map, self._words, self._page, self._mask
+        cons = self._cons[0]
+        prod = self._prod[0]
+        out: list[bytes] = []
+        append = out.append
+        while cons < prod and len(out) < limit:
+            pos = page + (cons & mask)
+            header = words[pos >> 2]
+            if header & BUSY_BIT:  # reserved, not committed yet: stop here, in order
+                break
+            size = header & ~(BUSY_BIT | DISCARD_BIT)
+            if not header & DISCARD_BIT:
+                append(data[pos + HEADER_SIZE:pos + HEADER_SIZE + size])
+            cons += (size + HEADER_SIZE + 7) & ~7
+            if cons >= prod:
+                prod = self._prod[0]
+        self._cons[0] = cons  # one aligned 8-byte store
+        return out
+
+    def close(self) -> None:
+        if self._epoll is None:
+            return
+        self._epoll.close()
+        self._epoll = None
+        for view in (self._cons, self._prod, self._words):
+            view.release()
+        self._cons_map.close()
+        self._data_map.close()
