@@ -164,16 +164,21 @@ class Capture:
         if not raws:
             return
         if self.text:
-            written = self._process_text(raws)
+            handle = self._process_text
         elif self.opts.format == "json-stream":
-            written = self._process_stream(raws)
+            handle = self._process_stream
         else:
-            written = self._process_dicts(raws)
+            handle = self._process_dicts
+        written = 0
+        # a poll can bring 16k records: formatted and written a slice at a time, the text of
+        # the whole batch is never in memory at once
+        for i in range(0, len(raws), WRITE_SLICE):
+            written += handle(raws[i:i + WRITE_SLICE])
+            self.sink.flush()
         self.stats.received += len(raws)
         self.stats.user_filtered += len(raws) - written
         self.stats.output += written
         raws.clear()
-        self.sink.flush()
 
     def _process_stream(self, raws: list[bytes]) -> int:
         conns, get, new_entry = self._conns, self._conns.get, self._entry
@@ -335,6 +340,7 @@ class Capture:
 
 _MISSING = object()
 _NOT_DATA = object()
+WRITE_SLICE = 512  # records per write (~250 KB of json-stream)
 CONN_CACHE_SIZE = 4096  # connections (per thread) remembered; cleared when full
 _STREAM_MIDDLE = ("pid", "ppid", "uid", "process", "exe", "tid", "library", "function", "direction", "fd",
                   "local_addr", "local_port", "remote_addr", "remote_port")
