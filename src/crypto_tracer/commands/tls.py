@@ -181,7 +181,7 @@ class Capture:
         raws.clear()
 
     def _process_stream(self, raws: list[bytes]) -> int:
-        conns, get, new_entry = self._conns, self._conns.get, self._entry
+        get, new_entry = self._conns.get, self._entry
         unpack, b64 = DATA_CHANGING.unpack_from, b2a_base64
         offset_ns, (last_sec, prefix) = self.clock.offset_ns, self._second
         encode = self.sink.encode
@@ -210,7 +210,7 @@ class Capture:
         return len(lines)
 
     def _process_text(self, raws: list[bytes]) -> int:
-        conns, get, new_entry = self._conns, self._conns.get, self._entry
+        get, new_entry = self._conns.get, self._entry
         unpack = DATA_CHANGING.unpack_from
         offset_ns, (last_sec, prefix) = self.clock.offset_ns, self._second
         sink = self.sink
@@ -250,7 +250,7 @@ class Capture:
 
     def _process_dicts(self, raws: list[bytes]) -> int:
         """json-array and json-pretty: a copy of the connection's prepared event per record."""
-        conns, get, new_entry = self._conns, self._conns.get, self._entry
+        get, new_entry = self._conns.get, self._entry
         offset_ns, (last_sec, prefix) = self.clock.offset_ns, self._second
         evs = []
         for raw in raws:
@@ -288,8 +288,9 @@ class Capture:
         drops it; _NOT_DATA for other record types (not cached)."""
         from crypto_tracer.probes.tls import decode_data
 
-        if int.from_bytes(raw[8:12], "little") != CT_EV_TLS_DATA:
-            return _NOT_DATA if int.from_bytes(raw[8:12], "little") == CT_EV_TLS_HANDSHAKE else None
+        rtype = int.from_bytes(raw[8:12], "little")
+        if rtype != CT_EV_TLS_DATA:
+            return _NOT_DATA if rtype == CT_EV_TLS_HANDSHAKE else None
         rec = decode_data(raw)
         entry = None
         if self.net_filter is None or self.net_filter((rec.local_addr, rec.local_port, rec.remote_addr,
