@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import select
-import sys
 import time
 
 from crypto_tracer.errors import ExitStatus, TracerError
@@ -124,10 +123,9 @@ def run(opts) -> int:
         tracer.start()
         if not tracer.libraries:
             log.warning("no TLS library found yet; processes started from now on are followed")
-        if not opts.quiet:
-            what = f"packets on {', '.join(i.name for i in interfaces)} to {opts.pcapfile}" if pcap else \
-                f"TLS keys to {keylog_path if keylog_path not in (None, '-') else 'stdout'}"
-            print(f"crypto-tracer: writing {what}; Ctrl-C to stop", file=sys.stderr)
+        what = f"packets on {', '.join(i.name for i in interfaces)} to {opts.pcapfile}" if pcap else \
+            f"TLS keys to {keylog_path if keylog_path not in (None, '-') else 'stdout'}"
+        log.info("crypto-tracer ready, writing %s; Ctrl-C to stop", what)
         fds = [tracer.rb.epoll_fd] + ([capture.rb.epoll_fd] if capture else [])
 
         def poll(timeout_ms: int) -> None:
@@ -149,8 +147,7 @@ def run(opts) -> int:
         keylog.close()
         if writer is not None:
             writer.close()
-    if not opts.quiet:
-        _report(opts, keylog, keys, tracer, capture, sink)
+    _report(opts, keylog, keys, tracer, capture, sink)
     return ExitStatus.OK
 
 
@@ -165,7 +162,7 @@ class _DropWatch:
         self.clock.resync()
         dropped = self.tracer.counters()["dropped"] + (self.capture.counters()["dropped"] if self.capture else 0)
         if dropped > self.seen:
-            log.warning("%d records dropped in the last second (ring buffer full): raise --mapsize",
+            log.warning("Ring buffer backpressure detected, %d events dropped (raise --mapsize)",
                         dropped - self.seen)
             self.seen = dropped
 
@@ -186,24 +183,22 @@ def _finish(tracer, capture, sink) -> None:
 
 
 def _report(opts, keylog, keys, tracer, capture, sink) -> None:
-    lines = [f"crypto-tracer: {keylog.sessions} TLS sessions, {keylog.lines_written} key log lines"]
+    """End-of-run figures through the logger (INFO is hidden by --quiet, warnings are not)."""
+    log.info("%d TLS sessions, %d key log lines", keylog.sessions, keylog.lines_written)
     if capture is not None:
         c = capture.counters_at_end
-        lines.append(f"crypto-tracer: {sink.writer.packets} packets written to {opts.pcapfile} "
-                     f"(seen {c['seen']}, filtered out {c['kernel_filtered']}, dropped {c['dropped']}, "
-                     f"submitted {c['submitted']}"
-                     f"{f', truncated {sink.truncated}' if sink.truncated else ''})")
+        log.info("%d packets written to %s (seen %d, filtered out %d, dropped %d, submitted %d%s)",
+                 sink.writer.packets, opts.pcapfile, c["seen"], c["kernel_filtered"], c["dropped"], c["submitted"],
+                 f", truncated {sink.truncated}" if sink.truncated else "")
         if sink.pending:
-            lines.append(f"crypto-tracer: secrets of {len(sink.pending)} sessions whose handshake is not in the "
-                         "capture were left out of the pcapng")
+            log.info("secrets of %d sessions whose handshake is not in the capture were left out of the pcapng",
+                     len(sink.pending))
         if sink.late_secrets:
-            lines.append(f"crypto-tracer: warning: the secrets of {sink.late_secrets} sessions came after their "
-                         "first packets; those packets may not decrypt")
+            log.warning("the secrets of %d sessions came after their first packets; those packets may not decrypt",
+                        sink.late_secrets)
         if c["dropped"]:
-            lines.append("crypto-tracer: warning: packets were dropped (ring buffer full): raise --mapsize")
+            log.warning("packets were dropped (ring buffer full): raise --mapsize")
     if keys.unsupported:
-        lines.append(f"crypto-tracer: session secrets are not read from {', '.join(keys.unsupported)} "
-                     "(OpenSSL and GnuTLS only)")
+        log.info("session secrets are not read from %s (OpenSSL and GnuTLS only)", ", ".join(keys.unsupported))
     for message in keys.unusable:
-        lines.append(f"crypto-tracer: {message}")
-    print("\n".join(lines), file=sys.stderr)
+        log.warning("%s", message)
