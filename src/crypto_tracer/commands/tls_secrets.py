@@ -200,5 +200,5 @@ def _report(opts, keylog, keys, tracer, capture, sink) -> None:
             log.warning("packets were dropped (ring buffer full): raise --mapsize")
     if keys.unsupported:
         log.info("session secrets are not read from %s (OpenSSL and GnuTLS only)", ", ".join(keys.unsupported))
-    for message in keys.unusable:
-        log.warning("%s", message)
+    if keys.unusable:  # each was said when its library was hooked
+        log.info("%d TLS libraries got no keys: their layout could not be learned", len(keys.unusable))
