@@ -360,12 +360,9 @@ class TlsTracer:
         return self.rb.drain() if self.rb else 0
 
     def counters(self) -> dict:
-        totals = [0] * 5
-        if self.obj is not None:
-            cmap = self.obj.map("counters")
-            for i in range(5):
-                for cpu in cmap.lookup_percpu(struct.pack("<I", i)):
-                    totals[i] += struct.unpack("<Q", cpu)[0]
+        if self.obj is None:
+            return {"seen": 0, "kernel_filtered": 0, "dropped": 0, "submitted": 0, "control_dropped": 0}
+        totals = self.obj.counter_totals(CNT_CTRL_DROPPED + 1)
         return {"seen": totals[CNT_SEEN], "kernel_filtered": totals[CNT_KFILTERED],
                 "dropped": totals[CNT_DROPPED], "submitted": totals[CNT_SUBMITTED],
                 "control_dropped": totals[CNT_CTRL_DROPPED]}
