@@ -370,9 +370,7 @@ class TlsTracer:
     def detach(self) -> None:
         """Remove every probe (the ring buffer stays readable for drain())."""
         if self.obj is not None:
-            for link in reversed(self.obj.links):
-                link.destroy()
-            self.obj.links.clear()
+            self.obj.detach()
 
     def close(self) -> None:
         if self.rb is not None:
