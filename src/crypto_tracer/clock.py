@@ -1,7 +1,6 @@
 """Kernel monotonic timestamps to wall-clock ISO-8601 UTC with microseconds."""
 
 import time
-from datetime import datetime, timezone
 
 
 class WallClock:
@@ -23,17 +22,12 @@ class WallClock:
         return iso_from_ns(mono_ns + self.offset_ns, self)
 
     def second_prefix(self, sec: int) -> str:
-        """'YYYY-MM-DDTHH:MM:SS' of an epoch second: iso() is this + f".{us:06d}Z"."""
-        return self._prefix_for(sec)
-
-    def _prefix_for(self, sec: int) -> str:
+        """'YYYY-MM-DDTHH:MM:SS' of an epoch second (cached: events come second by second);
+        iso() is this + f".{us:06d}Z"."""
         if sec != self._sec:
             self._sec = sec
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         return self._prefix
-
-
-_default = None
 
 
 def iso_from_ns(epoch_ns: int, cache: WallClock | None = None) -> str:
@@ -41,13 +35,9 @@ def iso_from_ns(epoch_ns: int, cache: WallClock | None = None) -> str:
     if cache is None:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
     else:
-        prefix = cache._prefix_for(sec)
+        prefix = cache.second_prefix(sec)
     return f"{prefix}.{ns // 1000:06d}Z"
 
 
 def now_iso() -> str:
     return iso_from_ns(time.time_ns())
-
-
-def iso_from_datetime(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
