@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.e2e.tlspeers import wait_port  # noqa: F401  (one implementation for every TLS test)
+
 
 def make_cert(directory: str, name: str = "localhost") -> tuple[str, str]:
     """A self-signed EC certificate for localhost/127.0.0.1; returns (cert path, key path)."""
@@ -110,19 +112,6 @@ def nginx_conf(directory: str, port: int, cert: str, key: str) -> str:
     with open(path, "w") as f:
         f.write(NGINX_CONF.format(prefix=directory, port=port, cert=cert, key=key))
     return path
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    import socket
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def read_keylog(path: str) -> set[tuple[str, str, str]]:
