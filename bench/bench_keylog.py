@@ -28,20 +28,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_tls import EmptyFloor  # noqa: E402  the issue's one floor: tls's uprobes, empty programs
 ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
 TRACER = [sys.executable, "-m", "crypto_tracer"]
 PORT = 18540
-LIBSSL_FUNCS = ("SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex", "SSL_peek", "SSL_peek_ex",
-                "SSL_do_handshake", "SSL_connect", "SSL_accept")
-
-EMPTY_BPF = r'''
-#include "vmlinux.h"
-#include <bpf/bpf_helpers.h>
-SEC("uprobe") int empty_enter(void *ctx) { return 0; }
-SEC("uretprobe") int empty_return(void *ctx) { return 0; }
-char LICENSE[] SEC("license") = "GPL";
-'''
-
 HOOKS_ONLY = r'''
 import signal, sys, time
 from crypto_tracer.probes.tls import TlsTracer
@@ -56,13 +47,6 @@ t.close()
 '''
 
 
-def libssl_path() -> str:
-    for p in ("/usr/lib/x86_64-linux-gnu/libssl.so.3", "/lib64/libssl.so.3", "/usr/lib64/libssl.so.3"):
-        if os.path.exists(p):
-            return p
-    sys.exit("libssl.so.3 not found")
-
-
 def wrk(seconds: int) -> float:
     out = subprocess.run(["wrk", "-t1", "-c16", f"-d{seconds}s", f"https://127.0.0.1:{PORT}/bench"],
                          capture_output=True, text=True, check=True).stdout
@@ -70,29 +54,6 @@ def wrk(seconds: int) -> float:
     if errors:  # a failing request is quick: such a run measures nothing
         print(f"  warning: wrk saw errors ({'; '.join(errors)}): this run is not comparable")
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-
-
-class EmptyFloor:
-    """Empty uprobes/uretprobes on the SSL_* functions of libssl (compiled here with clang)."""
-
-    def __init__(self, tmp: str):
-        from crypto_tracer.bpf.build import find_clang
-        from crypto_tracer.engine import BpfObject
-
-        src, obj = os.path.join(tmp, "empty.bpf.c"), os.path.join(tmp, "empty.bpf.o")
-        with open(src, "w") as f:
-            f.write(EMPTY_BPF)
-        bpf_dir = os.path.join(REPO, "src", "crypto_tracer", "bpf")
-        subprocess.run([find_clang(), "-O2", "-g", "-target", "bpf", "-I", bpf_dir, "-c", src, "-o", obj], check=True)
-        self.obj = BpfObject(obj)
-        self.obj.load()
-        lib = libssl_path()
-        for func in LIBSSL_FUNCS:
-            self.obj.attach_uprobe("empty_enter", lib, func_name=func)
-            self.obj.attach_uprobe("empty_return", lib, func_name=func, retprobe=True)
-
-    def close(self):
-        self.obj.close()
 
 
 def start_and_wait(args: list[str], ready: str, timeout: float = 60) -> subprocess.Popen:
@@ -142,7 +103,7 @@ def main() -> int:
         wrk(1)  # warm-up
         for _ in range(args.rounds):
             results["untraced"].append(wrk(args.seconds))
-            floor = EmptyFloor(tmp)
+            floor = EmptyFloor()
             results["floor"].append(wrk(args.seconds))
             floor.close()
             hooks = start_and_wait([sys.executable, "-c", HOOKS_ONLY], "ready")
