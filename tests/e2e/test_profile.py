@@ -101,6 +101,13 @@ def start_workload(script, *args, env=None, exe=None):
     return proc
 
 
+def run_to_done(work):
+    """Release a workload waiting for 'go' on stdin and wait until it says 'done'."""
+    work.stdin.write("go\n")
+    work.stdin.flush()
+    assert work.stdout.readline().strip() == "done"
+
+
 def wait_ready(tracer, timeout=15):
     """The profiler logs 'Profiling ...' once its probes are attached."""
     deadline = time.time() + timeout
@@ -129,9 +136,7 @@ def test_known_counts(certs):
     tracer = start_tracer(["profile", "-p", str(work.pid), "-d", "30"])
     try:
         wait_ready(tracer)
-        work.stdin.write("go\n")
-        work.stdin.flush()
-        assert work.stdout.readline().strip() == "done"
+        run_to_done(work)
         doc = finish(tracer)
     finally:
         work.kill()
@@ -195,9 +200,7 @@ def test_name_started_before_the_process(certs, tmp_path):
         time.sleep(0.5)
         work = start_workload(WORKLOAD, *certs, PORT + 1, 1, 250, 0, exe=str(exe), env=dict(os.environ, LINGER="0"))
         time.sleep(1.5)  # the profiler hooks libcrypto when its load is seen
-        work.stdin.write("go\n")
-        work.stdin.flush()
-        assert work.stdout.readline().strip() == "done"
+        run_to_done(work)
         work.wait(timeout=10)
         doc = finish(tracer)
     finally:
@@ -292,9 +295,7 @@ def test_node_static_openssl():
     tracer = start_tracer(["profile", "-p", str(node.pid), "-d", "20"])
     try:
         wait_ready(tracer)
-        node.stdin.write("go\n")
-        node.stdin.flush()
-        assert node.stdout.readline().strip() == "done"
+        run_to_done(node)
         doc = finish(tracer)
     finally:
         node.kill()
@@ -321,9 +322,7 @@ def test_process_in_own_mount_namespace(tmp_path):
     tracer = start_tracer(["profile", "-p", str(work.pid), "-d", "20"])
     try:
         wait_ready(tracer)
-        work.stdin.write("go\n")
-        work.stdin.flush()
-        assert work.stdout.readline().strip() == "done"
+        run_to_done(work)
         work.wait(timeout=10)
         doc = finish(tracer)
     finally:
@@ -355,9 +354,7 @@ def test_summary_format(certs):
     tracer = start_tracer(["profile", "-p", str(work.pid), "-d", "20", "-f", "summary"])
     try:
         wait_ready(tracer)
-        work.stdin.write("go\n")
-        work.stdin.flush()
-        assert work.stdout.readline().strip() == "done"
+        run_to_done(work)
         out, err = tracer.communicate(timeout=40)
     finally:
         work.kill()
