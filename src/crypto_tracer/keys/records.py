@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from crypto_tracer.keys.layout import Layout
 from crypto_tracer.keys.material import KeyMaterial
+from crypto_tracer.probes.common import HEADER as _HEADER
 
 CT_EV_TLS_KEYS = 8
 LIB_OPENSSL = 1
@@ -15,7 +16,6 @@ SLOTS = 16  # keys_layouts entries; slot 0 means "no keys"
 SLOT_SHIFT = 16  # the slot's place in a uprobe cookie
 
 _LAYOUT = struct.Struct("<I16i")
-_HEADER = struct.Struct("<QIIII16s")
 _KEYS = struct.Struct("<QIiII32s48s64s64s64s64s64s")
 RECORD_SIZE = _HEADER.size + _KEYS.size  # 464
 

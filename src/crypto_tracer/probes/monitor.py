@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
 from crypto_tracer import classify
 from crypto_tracer.engine import BpfObject, RingBuffer
+from crypto_tracer.probes.common import HEADER, ProcessFilter, add_to_pid_set  # noqa: F401 (ProcessFilter: API)
 
 # record types (bpf/common.h enum ct_event_type)
 EV_EXEC, EV_EXIT, EV_FILE, EV_LIB = 1, 2, 3, 4
 
-HEADER = struct.Struct("<QIIII16s")  # ts_ns, type, pid, tid, uid, comm
 EXEC = struct.Struct("<IIII")  # ppid, exe_parts, exe_len, args_len
 EXIT = struct.Struct("<II")  # ppid, exit_code
 FILE = struct.Struct("<IiIIIIII")  # ppid, result, flags, fclass, name_len, base_parts, base_len, exe_len
@@ -25,7 +24,6 @@ EXEC_DATA = HEADER.size + EXEC.size
 FILE_DATA = HEADER.size + FILE.size
 LIB_DATA = HEADER.size + LIB.size
 
-FILTER = struct.Struct("<IIII16s")  # struct ct_filter
 TRUST_PREFIX = struct.Struct("<I40s")
 FNV_INIT, FNV_PRIME, MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 
@@ -51,19 +49,6 @@ def path_from_parts(data: bytes) -> str:
     return "/" + "/".join(p.decode(errors="replace") for p in parts)
 
 
-@dataclass
-class ProcessFilter:
-    pid: int | None = None
-    uid: int | None = None
-    name: str | None = None
-    use_pid_set: bool = False
-
-    def pack(self) -> bytes:
-        name = (self.name or "").lower().encode()[:15]
-        return FILTER.pack(self.pid or 0, 0xFFFFFFFF if self.uid is None else self.uid, len(name),
-                           int(self.use_pid_set), name)
-
-
 class MonitorProbe:
     """Loads monitor.bpf.o for the given event types and process filter."""
 
@@ -85,7 +70,7 @@ class MonitorProbe:
     def load(self) -> None:
         self.obj.load()
         self._write_tables()
-        self.obj.map("filter").update(b"\0\0\0\0", self.proc_filter.pack())
+        self.proc_filter.write(self.obj)
         self.obj.map("mon_config").update(b"\0\0\0\0", struct.pack("<II", int(self.follow_children), os.getpid()))
 
     def _write_tables(self) -> None:
@@ -104,9 +89,7 @@ class MonitorProbe:
 
     def add_pids(self, pids) -> None:
         """Members of the pid set (with use_pid_set); children join it in the kernel."""
-        m = self.obj.map("pid_set")
-        for pid in pids:
-            m.update(struct.pack("<I", pid), b"\1")
+        add_to_pid_set(self.obj, pids)
 
     def attach(self) -> None:
         for prog in self.obj.programs():

@@ -21,6 +21,7 @@ from crypto_tracer.discovery import GNUTLS, NSS, OPENSSL, TlsLibrary
 from crypto_tracer.engine.ringread import DirectRing
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
+from crypto_tracer.probes.common import HEADER, ProcessFilter, add_to_pid_set
 
 # Record types (bpf/common.h) and the library/function ids of tls.bpf.c.
 CT_EV_PROCESS_EXEC, CT_EV_LIB_LOAD, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_DATA, CT_EV_TLS_KEYS = 1, 4, 6, 7, 8
@@ -37,7 +38,6 @@ HANDSHAKE_FUNCS = frozenset(("SSL_do_handshake", "SSL_connect", "SSL_accept", "g
 COOKIE_LAYOUT = 0x100
 READ_BATCH = 2048  # records handled per read of the ring (as RingBuffer's batch)
 
-HEADER = struct.Struct("<QIIII16s")  # struct ct_header
 DATA = struct.Struct("<QQQIiBBBx" "BxHHxx16s16s")  # struct tls_data_rec up to data[]
 HANDSHAKE = struct.Struct("<QiiBBBBI" "BxHHxx16s16s")
 DATA_OFFSET = HEADER.size + DATA.size  # 116
@@ -383,14 +383,11 @@ class TlsTracer:
     # --- internals -------------------------------------------------------------------------
 
     def _write_config(self) -> None:
-        pid = self.pids[0] if len(self.pids) == 1 else 0
-        name = (self.name or "").lower().encode()[:15]
-        uid = 0xFFFFFFFF if self.uid is None else self.uid
-        use_set = 1 if len(self.pids) > 1 else 0
-        self.obj.map("filter").update(struct.pack("<I", 0),
-                                      struct.pack("<IIII16s", pid, uid, len(name), use_set, name))
-        for p in self.pids if use_set else ():
-            self.obj.map("pid_set").update(struct.pack("<I", p), b"\x01")
+        use_set = len(self.pids) > 1
+        ProcessFilter(pid=self.pids[0] if len(self.pids) == 1 else None, uid=self.uid, name=self.name,
+                      use_pid_set=use_set).write(self.obj)
+        if use_set:
+            add_to_pid_set(self.obj, self.pids)
         self.obj.map("tls_config").update(struct.pack("<I", 0),
                                           struct.pack("<II", int(self.capture_data),
                                                       min(self.max_payload, 0xFFFFFFFF)))
