@@ -15,6 +15,23 @@ from crypto_tracer.log import log
 DROP_WARNING_INTERVAL = 5.0  # seconds between backpressure warnings
 
 
+class DropWarner:
+    """Warns while running when the kernel had to drop records (ring buffer full), at most
+    once every DROP_WARNING_INTERVAL seconds; remembers what it already reported."""
+
+    def __init__(self, hint: str = ""):
+        self.reported = 0
+        self._last = 0.0
+        self._hint = hint
+
+    def check(self, dropped: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if dropped > self.reported and (final or now - self._last >= DROP_WARNING_INTERVAL):
+            log.warning("Ring buffer backpressure detected, %d events dropped%s", dropped - self.reported,
+                        self._hint)
+            self.reported, self._last = dropped, now
+
+
 class RunStats:
     def __init__(self, counters_fn):
         """counters_fn() -> dict(seen, kernel_filtered, dropped, submitted), summed over objects."""
@@ -23,8 +40,7 @@ class RunStats:
         self.user_filtered = 0
         self.output = 0
         self.started = time.monotonic()
-        self._warned_drops = 0
-        self._last_warning = 0.0
+        self.drops = DropWarner()
         self._last_tick = (self.started, 0, 0, 0)
 
     def kernel(self) -> dict[str, int]:
@@ -35,9 +51,7 @@ class RunStats:
         k = self.kernel()
         now = time.monotonic()
         dropped = k["dropped"]
-        if dropped > self._warned_drops and now - self._last_warning >= DROP_WARNING_INTERVAL:
-            log.warning("Ring buffer backpressure detected, %d events dropped", dropped - self._warned_drops)
-            self._warned_drops, self._last_warning = dropped, now
+        self.drops.check(dropped)
         if verbose:
             t0, recv0, out0, drop0 = self._last_tick
             dt = max(now - t0, 1e-6)
@@ -65,8 +79,7 @@ class RunStats:
     def report(self) -> dict:
         """Log the end-of-run statistics (INFO: hidden by --quiet) and return them."""
         s = self.final()
-        if s["dropped"] > self._warned_drops:
-            log.warning("Ring buffer backpressure detected, %d events dropped", s["dropped"] - self._warned_drops)
+        self.drops.check(s["dropped"], final=True)
         log.info("Events processed: %d", s["processed"])
         log.info("Events filtered: %d (kernel %d, user space %d)", s["filtered"], s["filtered_kernel"],
                  s["filtered_user"])

@@ -15,6 +15,7 @@ import time
 
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
+from crypto_tracer.stats import DropWarner
 
 HOLD_S = 1.0  # how long a packet waits for its session's keys
 MAX_HELD = 200_000  # packets; beyond this the oldest go out without waiting
@@ -156,15 +157,12 @@ class _DropWatch:
 
     def __init__(self, tracer, capture, clock):
         self.tracer, self.capture, self.clock = tracer, capture, clock
-        self.seen = 0
+        self.drops = DropWarner(" (raise --mapsize)")
 
     def tick(self) -> None:
         self.clock.resync()
-        dropped = self.tracer.counters()["dropped"] + (self.capture.counters()["dropped"] if self.capture else 0)
-        if dropped > self.seen:
-            log.warning("Ring buffer backpressure detected, %d events dropped (raise --mapsize)",
-                        dropped - self.seen)
-            self.seen = dropped
+        self.drops.check(self.tracer.counters()["dropped"]
+                         + (self.capture.counters()["dropped"] if self.capture else 0))
 
 
 def _finish(tracer, capture, sink) -> None:
