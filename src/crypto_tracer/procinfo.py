@@ -8,6 +8,14 @@ import os
 MAX_CACHED_PROCESSES = 16384
 
 
+def read_exe(pid: int) -> str | None:
+    """The executable of a live process, without the kernel's ' (deleted)' mark; None if gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
 class ProcessCache:
     """exe by pid. Exec events seed it; exits evict; others read /proc once.
 
@@ -22,12 +30,7 @@ class ProcessCache:
             return self._exe[pid]
         except KeyError:
             pass
-        try:
-            path = os.readlink(f"/proc/{pid}/exe")
-            if path.endswith(" (deleted)"):
-                path = path[:-10]
-        except OSError:
-            path = None
+        path = read_exe(pid)
         self._remember(pid, path)
         return path
 

@@ -5,7 +5,6 @@ kernel (tls.bpf.c) -> ring buffer -> decode -> enrich -> capture filter -> text/
 
 from __future__ import annotations
 
-import os
 import time
 from binascii import b2a_base64
 
@@ -16,6 +15,7 @@ from crypto_tracer.probes.tls import DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET
 from crypto_tracer.sinks.text import PRINTABLE, as_text, endpoint
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import is_verbose, log
+from crypto_tracer.procinfo import read_exe
 from crypto_tracer.redact import redact
 
 CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE = 7, 6  # bpf/common.h
@@ -53,7 +53,7 @@ class ProcessInfo:
             try:
                 with open(f"/proc/{pid}/stat", "rb") as f:
                     ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-                exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+                exe = read_exe(pid)
             except (OSError, ValueError, IndexError):
                 pass
             if exe and self.redact:
