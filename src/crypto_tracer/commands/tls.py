@@ -28,13 +28,8 @@ SECRET_MODELS = ("keylog", "key", "pcap", "pcapng")
 
 def run(opts) -> int:
     if opts.model in SECRET_MODELS:
-        try:
-            from crypto_tracer.commands import tls_secrets
-        except ModuleNotFoundError as exc:
-            if exc.name != "crypto_tracer.commands.tls_secrets":
-                raise
-            raise TracerError(f"-m {opts.model} is not available in this build", ExitStatus.ERROR,
-                              "use -m text or -m json") from None
+        from crypto_tracer.commands import tls_secrets
+
         return tls_secrets.run(opts)
     return Capture(opts).run()
 
@@ -82,14 +77,6 @@ class Capture:
         self.sink = None
         self.stats = None
 
-    def _preflight(self) -> None:
-        try:
-            from crypto_tracer.preflight import check_bpf_privileges, check_kernel_features
-        except ImportError:
-            return
-        check_bpf_privileges()
-        check_kernel_features()
-
     def _open_sink(self):
         from crypto_tracer.sinks.output import Output
 
@@ -109,7 +96,9 @@ class Capture:
         from crypto_tracer.stats import RunStats
 
         opts = self.opts
-        self._preflight()
+        from crypto_tracer.preflight import preflight
+
+        preflight()
         tracer = TlsTracer(pids=[opts.pid] if opts.pid else None, uid=opts.uid, name=opts.name,
                            libssl=opts.libssl or (), capture_data=True,
                            mapsize=opts.mapsize or DEFAULT_RINGBUF, max_payload=opts.max_payload)
