@@ -93,6 +93,8 @@ class Enricher:
                     "cmdline": shlex.join(argv) if argv else None}
         if kind == EV_EXIT:
             exit_code, sig = decode_exit(rec[7])
+            if rec[8] is not None:
+                self.procs.set_exe(pid, rec[8])
             ev = {"event_type": "process_exit", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
                   "uid": uid, "process": comm, "exe": self.procs.exe(pid), "exit_code": exit_code,
                   "signal": sig}

@@ -133,10 +133,14 @@ def test_exec_and_exit_events():
                "ts=[threading.Thread(target=time.sleep,args=(0.2,)) for _ in range(4)]\\n" \\
                "[t.start() for t in ts]; [t.join() for t in ts]; sys.exit(7)"
         t = subprocess.Popen([__import__("sys").executable, "-c", code]); t.wait()
-        print(t.pid)
+        forked = os.fork()
+        if forked == 0:
+            os._exit(5)  # a fork that never execs and opens nothing
+        os.waitpid(forked, 0)
+        print(t.pid, forked)
     """)
     t = Tracer(["monitor"])
-    threaded_pid = int(w.go().strip())
+    threaded_pid, forked_pid = map(int, w.go().split())
     time.sleep(0.3)
     out, err, rc = t.stop()
     assert rc == 0, err
@@ -151,6 +155,11 @@ def test_exec_and_exit_events():
     assert exits[sleeper]["exit_code"] is None and exits[sleeper]["signal"] == "SIGKILL"
     # a process with 5 threads exits once, with its code
     assert [e["exit_code"] for e in events if e["event_type"] == "process_exit" and e["pid"] == threaded_pid] == [7]
+    # a fork gone before /proc could be read still has its exe (sent by the kernel at exit)
+    from crypto_tracer.redact import redact
+
+    assert exits[forked_pid]["exit_code"] == 5
+    assert exits[forked_pid]["exe"] == redact(os.path.realpath(sys.executable))
 
 
 def test_uid_file_and_library_filters(tmp_path):

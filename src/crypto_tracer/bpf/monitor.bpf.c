@@ -119,6 +119,9 @@ struct exit_rec {
 	struct ct_header h;
 	__u32 ppid;
 	__u32 exit_code; /* raw task->exit_code: (status << 8) | signal */
+	__u32 exe_len;   /* as in file_rec: a process that never reported anything (a fork) */
+	__u32 pad;
+	char data[CT_PATH_BUF + CT_NAME_MAX];
 };
 
 struct file_rec {
@@ -149,6 +152,7 @@ struct lib_rec {
 /* One scratch area per CPU, large enough for any record. */
 union scratch {
 	struct exec_rec exec;
+	struct exit_rec exit;
 	struct file_rec file;
 	struct lib_rec lib;
 };
@@ -271,13 +275,17 @@ int handle_exit(void *ctx)
 	ct_count(CT_CNT_SEEN);
 	if (!current_wanted())
 		return 0;
-	struct exit_rec *r = ct_reserve(sizeof(*r));
+	struct exit_rec *r = get_scratch();
 	if (!r)
 		return 0;
 	ct_fill_header(&r->h, CT_EV_PROCESS_EXIT);
 	r->ppid = task_ppid(task);
 	r->exit_code = BPF_CORE_READ(task, exit_code);
-	ct_submit(r);
+	r->exe_len = append_exe_once(task, offsetof(struct exit_rec, data));
+	__u64 size = offsetof(struct exit_rec, data) + r->exe_len;
+	if (size > sizeof(*r))
+		size = sizeof(*r);
+	ct_output(r, size);
 	return 0;
 }
 

@@ -17,12 +17,13 @@ from crypto_tracer.probes.common import HEADER, ProcessFilter, add_to_pid_set  #
 EV_EXEC, EV_EXIT, EV_FILE, EV_LIB = 1, 2, 3, 4
 
 EXEC = struct.Struct("<IIII")  # ppid, exe_parts, exe_len, args_len
-EXIT = struct.Struct("<II")  # ppid, exit_code
+EXIT = struct.Struct("<IIII")  # ppid, exit_code, exe_len, pad
 FILE = struct.Struct("<IiIIIIII")  # ppid, result, flags, fclass, name_len, base_parts, base_len, exe_len
 LIB = struct.Struct("<IIIIQII")  # ppid, parts, len, dev, ino, exe_len, pad
 EXEC_DATA = HEADER.size + EXEC.size
 FILE_DATA = HEADER.size + FILE.size
 LIB_DATA = HEADER.size + LIB.size
+EXIT_DATA = HEADER.size + EXIT.size
 
 TRUST_PREFIX = struct.Struct("<I40s")
 FNV_INIT, FNV_PRIME, MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
@@ -114,8 +115,9 @@ class MonitorProbe:
 def decode(raw: bytes) -> tuple | None:
     """Decode one record into a tuple (kind, ts_ns, pid, tid, uid, comm, ppid, *fields).
 
-    File and library records carry the executable's path (or None) right after ppid: the
-    kernel sends it once per process image, so it is known even for processes already gone."""
+    File and library records carry the executable's path (or None) right after ppid, exit
+    records last: the kernel sends it once per process image, so it is known even for
+    processes already gone."""
     ts, kind, pid, tid, uid, comm = HEADER.unpack_from(raw)
     comm = comm.split(b"\0", 1)[0].decode(errors="replace")
     if kind == EV_FILE:
@@ -139,6 +141,7 @@ def decode(raw: bytes) -> tuple | None:
         argv = [a.decode(errors="replace") for a in args.rstrip(b"\0").split(b"\0")] if args else []
         return kind, ts, pid, tid, uid, comm, ppid, exe, argv
     if kind == EV_EXIT:
-        ppid, code = EXIT.unpack_from(raw, HEADER.size)
-        return kind, ts, pid, tid, uid, comm, ppid, code
+        ppid, code, exe_len, _ = EXIT.unpack_from(raw, HEADER.size)
+        exe = path_from_parts(raw[EXIT_DATA:EXIT_DATA + exe_len]) if exe_len else None
+        return kind, ts, pid, tid, uid, comm, ppid, code, exe
     return None
