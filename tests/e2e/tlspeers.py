@@ -19,8 +19,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-from conftest import start_tracer  # noqa: E402
 
 SIZES = (1, 10 * 1024, 1 << 20)
 # Our peers run under names starting with PEER_PREFIX (symlinks: the kernel takes comm from
@@ -209,6 +207,8 @@ class Tracer:
     """crypto-tracer tls in the background; stop() sends SIGINT and returns (stdout, stderr)."""
 
     def __init__(self, args, only_peers=True):
+        from tests.conftest import start_tracer  # not at the top: `pyserver` runs with no pytest
+
         self.proc = start_tracer(["tls"] + list(args) + (["--name", PEER_PREFIX] if only_peers else []))
         _RUNNING.append(self)
         self.stderr_lines = []
