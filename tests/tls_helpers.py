@@ -253,7 +253,11 @@ def bundled_libssl(package: str, version: str) -> str | None:
     found = glob.glob(os.path.join(where, "*.libs", "libssl*.so*"))
     if not found:
         os.makedirs(where, exist_ok=True)
+        # only its .so files are used: a fixed Python tag and platform, so it does not depend on the running
+        # Python (old releases have no wheel for a newer one, e.g. psycopg2-binary 2.9.5 for 3.13)
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                               "--python-version", "3.11", "--implementation", "cp", "--platform",
+                               "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
                                "-d", where, f"{package}=={version}"], capture_output=True, timeout=300)
         wheels = glob.glob(os.path.join(where, "*.whl"))
         if proc.returncode != 0 or not wheels:

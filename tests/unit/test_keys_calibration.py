@@ -9,6 +9,7 @@ import pytest
 
 from crypto_tracer.keys import calibrate
 from crypto_tracer.keys.elfinfo import build_id, openssl_version
+from tests.conftest import STATIC_NODE_OPENSSL, static_node, static_node_layout_cache
 
 
 def _system_libssl():
@@ -39,14 +40,13 @@ def test_shared_libssl_is_calibrated_then_cached(cache):
 
 
 def test_static_build_reuses_a_layout_of_the_same_version(cache):
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("needs node (static OpenSSL)")
-    lib = _system_libssl()
-    if openssl_version(node) != calibrate.layout_for(lib).layout.version:
-        pytest.skip("node's OpenSSL differs from the system's")
+    """A real pair: the test extra's node (static OpenSSL 3.5.4) and psycopg-binary's shared libssl 3.5.4."""
+    node = static_node()
+    assert openssl_version(node) == STATIC_NODE_OPENSSL
+    lib = static_node_layout_cache(cache)
     result = calibrate.layout_for(node)
-    assert result.layout is not None and result.how.startswith("same version as")
+    assert result.layout is not None and result.how == f"same version as {lib}"
+    assert result.layout == calibrate.layout_for(lib).layout
 
 
 def test_no_layout_for_files_without_openssl(cache, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from crypto_tracer import inventory
 from crypto_tracer.commands import snapshot
 from crypto_tracer.sinks.snapshot_summary import render
+from tests.conftest import static_node
 
 
 def test_parse_stat_with_parenthesis_in_comm():
@@ -60,10 +61,8 @@ def test_tcp6_address_decoding():
 def test_static_tls_detection_reads_exports_not_imports():
     openssl = shutil.which("openssl")  # imports SSL_write from libssl: not static
     assert inventory.defined_dynamic_symbols(os.path.realpath(openssl), inventory.STATIC_TLS_SYMBOLS) == []
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("needs node")
-    info = inventory.static_tls(os.path.realpath(node))
+    node = static_node()
+    info = inventory.static_tls(node)
     assert info["library"] == "openssl"
     assert {"SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex"} <= set(info["symbols"])
     version = subprocess.run([node, "-p", "process.versions.openssl"], capture_output=True, text=True).stdout
