@@ -1,6 +1,6 @@
 """Decoded monitor records -> events in the schema of events.py, enriched from /proc.
 
-Enrichment: wall-clock time, exe (cached per pid), absolute paths (relative names joined
+Enrichment: wall-clock time, exe, root and mnt_ns (cached per pid), absolute paths (relative names joined
 to the directory the kernel resolved), file type (.pem by content), decoded open flags,
 library name and version, and the decoded exit status. Redaction comes later, after the
 user filters (so globs match real paths): see redact.redact_event.
@@ -16,7 +16,7 @@ import time
 from crypto_tracer import classify
 from crypto_tracer.clock import WallClock
 from crypto_tracer.probes.monitor import EV_EXEC, EV_EXIT, EV_FILE, EV_LIB
-from crypto_tracer.procinfo import ProcessCache
+from crypto_tracer.procinfo import ProcessCache, outer_view
 
 _ACCMODE = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")
 _FLAG_BITS = (  # x86-64/generic values; O_SYNC includes O_DSYNC's bit, so it is checked first
@@ -62,58 +62,59 @@ class Enricher:
         self._pem_types: dict[str, tuple[float, str | None]] = {}
 
     def __call__(self, rec: tuple) -> dict | None:
-        """One event dict, or None when user space decides it is not a crypto event."""
-        kind, ts, pid, _tid, uid, comm, ppid = rec[:7]
-        if kind == EV_FILE or kind == EV_LIB:
-            if rec[7] is not None:
-                self.procs.set_exe(pid, rec[7])
+        """One event dict, or None when user space decides it is not a crypto event.
+        Paths are in the process's own view, as the kernel walks them (see procinfo)."""
+        kind, ts, pid, _tid, uid, comm, ppid, sent = rec[:8]
+        if kind == EV_EXEC:
+            self.procs.forget(pid)  # a new image: nothing cached of the old one holds
+        if sent[0] is not None or sent[1] is not None:
+            self.procs.update(pid, *sent)
+        exe, root, mnt_ns = self.procs.view(pid)
         if kind == EV_FILE:
             name, base, flags, result = rec[8:]
             path = name if name.startswith("/") or base is None else os.path.normpath(os.path.join(base, name))
-            ftype = self._file_type(path, pid)
+            ftype = self._file_type(path, pid, root)
             if ftype is None:
                 return None
             return {"event_type": "file_open", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
-                    "uid": uid, "process": comm, "exe": self.procs.exe(pid), "file": path,
+                    "uid": uid, "process": comm, "exe": exe, "root": root, "mnt_ns": mnt_ns, "file": path,
                     "file_type": ftype, "flags": decode_open_flags(flags), "result": result}
         if kind == EV_LIB:
             path = rec[8]
             name = classify.library_name(path)
             if name is None:
                 return None
-            version = classify.library_version(f"/proc/{pid}/root{path}", name) or classify.library_version(path, name)
+            version = (classify.library_version(f"/proc/{pid}/root{path}", name)
+                       or classify.library_version(outer_view(path, root), name))
             return {"event_type": "lib_load", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
-                    "uid": uid, "process": comm, "exe": self.procs.exe(pid), "library": path,
+                    "uid": uid, "process": comm, "exe": exe, "root": root, "mnt_ns": mnt_ns, "library": path,
                     "library_name": name, "version": version}
         if kind == EV_EXEC:
-            exe, argv = rec[7:]
-            self.procs.set_exe(pid, exe)
+            argv = rec[8]
             return {"event_type": "process_exec", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
-                    "uid": uid, "process": comm, "exe": exe,
+                    "uid": uid, "process": comm, "exe": exe, "root": root, "mnt_ns": mnt_ns,
                     "cmdline": shlex.join(argv) if argv else None}
         if kind == EV_EXIT:
-            exit_code, sig = decode_exit(rec[7])
-            if rec[8] is not None:
-                self.procs.set_exe(pid, rec[8])
-            ev = {"event_type": "process_exit", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
-                  "uid": uid, "process": comm, "exe": self.procs.exe(pid), "exit_code": exit_code,
-                  "signal": sig}
+            exit_code, sig = decode_exit(rec[8])
             self.procs.forget(pid)
-            return ev
+            return {"event_type": "process_exit", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
+                    "uid": uid, "process": comm, "exe": exe, "root": root, "mnt_ns": mnt_ns,
+                    "exit_code": exit_code, "signal": sig}
         return None
 
-    def _file_type(self, path: str, pid: int) -> str | None:
+    def _file_type(self, path: str, pid: int, root: str | None) -> str | None:
         if not path.lower().endswith(".pem"):
             return classify.type_from_name(path)
+        outer = outer_view(path, root)  # one cache entry per file, whatever the root
         now = time.monotonic()
-        hit = self._pem_types.get(path)
+        hit = self._pem_types.get(outer)
         if hit and hit[0] > now:
             return hit[1]
         ftype = classify.file_type(path, read_path=f"/proc/{pid}/root{path}")
         if ftype == "pem":  # the process may be gone; try the path from our own root
-            ftype = classify.file_type(path)
+            ftype = classify.file_type(path, read_path=outer)
         if ftype != "pem":  # content unknown (e.g. a file being created): ask again next time
             if len(self._pem_types) > 4096:
                 self._pem_types.clear()
-            self._pem_types[path] = (now + PEM_CACHE_SECONDS, ftype)
+            self._pem_types[outer] = (now + PEM_CACHE_SECONDS, ftype)
         return ftype

@@ -3,7 +3,9 @@
 Per process it reads ``stat``, ``maps`` and the ``fd`` links; everything else (status,
 cmdline, sockets, container, the executable's ELF symbols) only for processes that use
 crypto. Files are read through ``/proc/PID/fd/N`` and libraries through ``/proc/PID/root``,
-so processes in other mount namespaces (containers) are classified by their own files.
+so processes in other mount namespaces (containers) are classified by their own files. Paths
+are in the process's own view (a chrooted process's /proc links, which show the host's view,
+are made relative to its root: procinfo.own_view), with the root beside them.
 Per-file work (library versions, ELF symbols, certificate parsing) is cached by
 (device, inode, mtime).
 """
@@ -17,6 +19,7 @@ import struct
 from dataclasses import dataclass, field
 
 from crypto_tracer import classify
+from crypto_tracer.procinfo import own_view, read_mnt_ns, read_root
 
 # Exported functions that show an executable carries a TLS library inside it (statically linked).
 STATIC_TLS_SYMBOLS: dict[bytes, str] = {
@@ -32,7 +35,8 @@ TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5:
 
 @dataclass
 class ProcessCrypto:
-    """What one process uses; paths are as the process sees them (not redacted)."""
+    """What one process uses; paths are as the process sees them (not redacted), root is its
+    root directory as the top of its mount tree sees it."""
     pid: int
     name: str
     ppid: int | None
@@ -41,6 +45,7 @@ class ProcessCrypto:
     files: list[dict] = field(default_factory=list)  # {path, type, fd, read_path}
     socket_inodes: list[int] = field(default_factory=list)
     exe: str | None = None
+    root: str | None = None
     static_tls: dict | None = None
 
     @property
@@ -149,15 +154,18 @@ class Unreadable(Exception):
     """The process's maps or fds are not readable by us (another user's process)."""
 
 
-def crypto_libraries(pid: int, maps: bytes | None = None) -> list[dict]:
-    """Crypto libraries mapped by pid: [{path, name, version}], version read through its root."""
+def crypto_libraries(pid: int, maps: bytes | None = None, root: str | None = None) -> list[dict]:
+    """Crypto libraries mapped by pid: [{path, name, version}], in its own view (root: its root,
+    read when not given), version read through its root."""
+    if root is None:
+        root = read_root(pid)
     if maps is None:
         maps = read_bytes(f"/proc/{pid}/maps", 16 << 20)
         if maps is None:
             return []
     out, seen = [], set()
     for m in _MAPS_LIB_RE.finditer(maps):
-        path = m.group(1).decode(errors="replace")
+        path = own_view(m.group(1).decode(errors="replace"), root)
         if path in seen:
             continue
         seen.add(path)
@@ -167,9 +175,9 @@ def crypto_libraries(pid: int, maps: bytes | None = None) -> list[dict]:
     return out
 
 
-def scan_fds(pid: int) -> tuple[list[dict], list[int]]:
-    """Open crypto files [{path, type, fd, read_path}] and socket inodes of pid.
-    Raises Unreadable when the fd directory cannot be listed."""
+def scan_fds(pid: int, root: str | None = None) -> tuple[list[dict], list[int]]:
+    """Open crypto files [{path, type, fd, read_path}] (path in pid's own view, given its root)
+    and socket inodes of pid. Raises Unreadable when the fd directory cannot be listed."""
     files, sockets = [], []
     base = f"/proc/{pid}/fd"
     try:
@@ -189,6 +197,7 @@ def scan_fds(pid: int) -> tuple[list[dict], list[int]]:
             continue
         if target.endswith(" (deleted)"):
             target = target[:-10]
+        target = own_view(target, root)
         if target in seen or classify.type_from_name(target) is None or not _is_regular(entry.path):
             continue
         seen.add(target)
@@ -234,10 +243,12 @@ def scan_process(pid: int) -> ProcessCrypto | None:
         return None
     if not maps:  # kernel threads have no memory map: nothing to see
         return None
-    files, sockets = scan_fds(pid)
+    root = read_root(pid)
+    files, sockets = scan_fds(pid, root)
     proc = ProcessCrypto(pid=pid, name=name, ppid=ppid, start_ticks=start_ticks,
-                         libraries=crypto_libraries(pid, maps), files=files, socket_inodes=sockets)
-    proc.exe = readlink(f"/proc/{pid}/exe")
+                         libraries=crypto_libraries(pid, maps, root), files=files, socket_inodes=sockets)
+    proc.root = root
+    proc.exe = own_view(readlink(f"/proc/{pid}/exe"), root)
     if proc.exe:
         proc.static_tls = static_tls(f"/proc/{pid}/exe")
     return proc
@@ -390,8 +401,8 @@ def list_pids() -> list[int]:
 
 
 def process_info(pid: int) -> dict | None:
-    """The profile's process facts, all from /proc: pid, ppid, name, exe, cmdline, uid, gid,
-    start_time (ISO-8601 UTC). None if the process is gone."""
+    """The profile's process facts, all from /proc: pid, ppid, name, exe (in its own view), root,
+    mnt_ns, cmdline, uid, gid, start_time (ISO-8601 UTC). None if the process is gone."""
     stat = read_bytes(f"/proc/{pid}/stat", 4096)
     parsed = parse_stat(stat) if stat else None
     if parsed is None:
@@ -400,8 +411,9 @@ def process_info(pid: int) -> dict | None:
 
     name, ppid, start_ticks = parsed
     uid, gid = read_status_ids(pid)
-    return {"pid": pid, "ppid": ppid, "name": name, "exe": readlink(f"/proc/{pid}/exe"),
-            "cmdline": read_cmdline(pid), "uid": uid, "gid": gid,
+    root = read_root(pid)
+    return {"pid": pid, "ppid": ppid, "name": name, "exe": own_view(readlink(f"/proc/{pid}/exe"), root),
+            "root": root, "mnt_ns": read_mnt_ns(pid), "cmdline": read_cmdline(pid), "uid": uid, "gid": gid,
             "start_time": iso_from_ns(int(start_time_epoch(start_ticks) * 1e9))}
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from crypto_tracer.events import PATH_FIELDS
+
 _CMDLINE_HOME = re.compile(r"(?<![\w/.])/home/[^/\s]+")
 _CMDLINE_ROOT = re.compile(r"(?<![\w/.])/root(?=/|\s|$)")
 
@@ -29,7 +31,7 @@ def redact_text(text: str | None) -> str | None:
 
 def redact_event(ev: dict) -> dict:
     """Redact the path fields and the command line of an event, in place."""
-    for key in ("exe", "file", "library"):
+    for key in PATH_FIELDS:
         value = ev.get(key)
         if value and (value.startswith("/home/") or value.startswith("/root")):
             ev[key] = redact(value)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import need_root, need_tool
+from tests.conftest import need_root, need_tool, static_node
 from tests.tls_helpers import (PYCLIENT, PYSERVER, Tracer, by_client_random, make_cert, nginx_conf, read_keylog,
                                token, wait_port)
 
@@ -48,9 +48,9 @@ def _wait_lines(path, want, timeout=5.0):
 
 
 @pytest.fixture(scope="module")
-def peers(tmp_path_factory):
+def peers(tmp_path_factory, static_node_keys):
     need_root()
-    need_tool("nginx", "curl", "node", "openssl")
+    need_tool("nginx", "curl", "openssl")
     d = tmp_path_factory.mktemp("keylog")
     cert, key = make_cert(str(d))
     nginx = d / "ctsrv-nginx"  # a copy, for its command name
@@ -58,7 +58,7 @@ def peers(tmp_path_factory):
     procs = [subprocess.Popen([str(nginx), "-c", nginx_conf(str(d), NGINX_PORT, cert, key), "-p", str(d)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
              subprocess.Popen([sys.executable, "-c", PYSERVER, str(PY_PORT), cert, key, str(d / "pyserver.keys")]),
-             subprocess.Popen(["node", f"--tls-keylog={d / 'nodeserver.keys'}", "-e", NODE_SERVER,
+             subprocess.Popen([static_node_keys, f"--tls-keylog={d / 'nodeserver.keys'}", "-e", NODE_SERVER,
                                str(NODE_PORT), key, cert])]
     tracers = {}
     try:
@@ -120,11 +120,11 @@ def test_python_client_and_server(peers, version):
 
 
 @pytest.mark.parametrize("version", ["1.3", "1.2"])
-def test_node_client_static_openssl(peers, version):
+def test_node_client_static_openssl(peers, static_node_keys, version):
     d, _ = peers
     keys = d / f"nodeclient-{version}.keys"
     tok = token()
-    out = subprocess.run(["node", f"--tls-keylog={keys}", "-e", NODE_CLIENT, str(NGINX_PORT), f"/{tok}", version],
+    out = subprocess.run([static_node_keys, f"--tls-keylog={keys}", "-e", NODE_CLIENT, str(NGINX_PORT), f"/{tok}", version],
                          capture_output=True, text=True, timeout=20)
     assert out.stdout.strip() == f"resp-/{tok}"
     _check(d, ["all", "servers"], keys)
@@ -162,9 +162,9 @@ def test_keylog_file_is_private(peers):
 def test_unknown_layout_gives_a_message_and_no_keys(tmp_path):
     """A static OpenSSL whose version cannot be identified: said so, and no keys from it."""
     need_root()
-    need_tool("node", "curl")
+    need_tool("curl")
     node = tmp_path / "node-unknown"
-    data = open(shutil.which("node"), "rb").read()
+    data = open(static_node(), "rb").read()
     patched = data.replace(b"OpenSSL 3.", b"OpenXYZ 3.")
     assert patched != data
     node.write_bytes(patched)

@@ -88,8 +88,9 @@ def test_file_open_events_have_exact_fields(tmp_path):
         (f"{d}/new.key", "private_key", "O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC", True),
     ], opens
     first = next(e for e in events if e["event_type"] == "file_open")
-    assert list(first) == ["event_type", "timestamp", "pid", "ppid", "uid", "process", "exe", "file", "file_type",
-                           "flags", "result"]
+    assert list(first) == ["event_type", "timestamp", "pid", "ppid", "uid", "process", "exe", "root", "mnt_ns", "file",
+                           "file_type", "flags", "result"]
+    assert first["root"] == "/" and first["mnt_ns"] == int(os.readlink("/proc/self/ns/mnt")[5:-1])
     assert first["ppid"] == os.getpid() and first["uid"] == 0 and first["process"].startswith("python")
     assert first["exe"] == os.path.realpath(sys.executable) or first["exe"].startswith("/home/ROOT")
     assert ISO_US.match(first["timestamp"])

@@ -43,9 +43,9 @@ def _body(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def servers(tmp_path_factory, static_node_keys):
     need_root()
-    need_tool("nginx", "curl", "node", "tshark", "tc", "gnutls-cli")
+    need_tool("nginx", "curl", "tshark", "tc", "gnutls-cli")
     d = tmp_path_factory.mktemp("pcapng")
     cert, key = make_cert(str(d))
     procs = [subprocess.Popen(["nginx", "-c", nginx_conf(str(d), NGINX_PORT, cert, key), "-p", str(d)],
@@ -54,7 +54,7 @@ def servers(tmp_path_factory):
     try:
         for port in (NGINX_PORT, PY_PORT):
             wait_port(port)
-        yield types.SimpleNamespace(dir=d, nginx_pid=procs[0].pid)
+        yield types.SimpleNamespace(dir=d, nginx_pid=procs[0].pid, node=static_node_keys)
     finally:
         for p in procs:
             p.terminate()
@@ -87,7 +87,7 @@ def test_capture_decrypts_in_tshark_alone(servers):
                    input=f"GET /{tok} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                    env=env, check=True, capture_output=True, text=True, timeout=20)
     tokens["node"] = tok = token()
-    subprocess.run(["node", f"--tls-keylog={peer_keys}", "-e",
+    subprocess.run([servers.node, f"--tls-keylog={peer_keys}", "-e",
                     f"require('https').get({{host:'127.0.0.1',port:{NGINX_PORT},path:'/{tok}',"
                     "rejectUnauthorized:false}, r => r.resume())"], check=True, capture_output=True, timeout=20)
     # 20 concurrent sessions

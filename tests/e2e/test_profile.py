@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import need_root, need_tool, run_tracer, start_tracer
+from tests.conftest import need_root, need_tool, run_tracer, start_tracer, static_node
 
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 LIBCRYPTO = "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
@@ -285,12 +285,11 @@ def test_idle_process_gives_empty_lists():
 
 def test_node_static_openssl():
     need_root()
-    need_tool("node")
     n = 200
     script = ("const c = require('crypto'); process.stdin.once('data', () => { "
               f"for (let i = 0; i < {n}; i++) c.createHash('sha384').update('x').digest(); "
               "console.log('done'); setTimeout(() => process.exit(0), 200); }); console.log('ready');")
-    node = subprocess.Popen(["node", "-e", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    node = subprocess.Popen([static_node(), "-e", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert node.stdout.readline().strip() == "ready"
     tracer = start_tracer(["profile", "-p", str(node.pid), "-d", "20"])
     try:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import REPO, need_root, need_tool, run_tracer
+from tests.conftest import REPO, STATIC_NODE_OPENSSL, need_root, need_tool, run_tracer, static_node
 
 LIBCRYPTO = "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
@@ -203,30 +203,18 @@ def test_mount_namespace_with_own_libcrypto(workdir):
         proc.wait()
 
 
-def node_links_libssl() -> bool:
-    """nodesource/official node builds carry OpenSSL inside; Debian's nodejs links libssl.so.3."""
-    out = subprocess.run(["ldd", os.path.realpath(shutil.which("node"))], capture_output=True, text=True).stdout
-    return "libssl" in out
-
-
 def test_node_static_openssl():
-    need_tool("node")
-    node = subprocess.Popen(["node", "-e", f"require('net').createServer().listen({PORT + 1}, '127.0.0.1', "
+    node_exe = static_node()
+    node = subprocess.Popen([node_exe, "-e", f"require('net').createServer().listen({PORT + 1}, '127.0.0.1', "
                              "() => console.log('ready')); setTimeout(() => {{}}, 30000)"],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert node.stdout.readline().strip() == "ready"
         doc = json.loads(snapshot("-f", "json-stream").stdout)
         p = by_pid(doc, node.pid)
-        version = subprocess.run(["node", "-p", "process.versions.openssl"], capture_output=True,
-                                 text=True).stdout.strip().split("+")[0]
-        if node_links_libssl():  # a node without its own OpenSSL: seen through its libraries instead
-            assert p["static_tls"] is None
-            assert {lib["name"] for lib in p["libraries"]} >= {"libssl", "libcrypto"}
-            return
-        assert p["static_tls"]["library"] == "openssl" and p["static_tls"]["version"] == version
+        assert p["static_tls"]["library"] == "openssl" and p["static_tls"]["version"] == STATIC_NODE_OPENSSL
         assert "SSL_write" in p["static_tls"]["symbols"]
-        assert p["exe"] == os.path.realpath(shutil.which("node"))
+        assert p["exe"] == os.path.realpath(node_exe)
         assert {"local_addr": "127.0.0.1", "local_port": PORT + 1, "remote_addr": "0.0.0.0", "remote_port": 0,
                 "state": "LISTEN"} in p["tls_sockets"]
         assert doc["summary"]["static_tls_processes"] >= 1

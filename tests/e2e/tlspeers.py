@@ -30,14 +30,18 @@ PEER_DIR = f"/tmp/{PEER_PREFIX}-bin"
 
 def peer(tool: str) -> str:
     """Path of a symlink named ctpeer-<tool> to the real tool."""
-    target = sys.executable if tool == "python" else shutil.which(tool)
+    if tool == "node":  # the test extra's node (static OpenSSL), the same on every distribution
+        from tests.conftest import static_node
+        target = static_node()
+    else:
+        target = sys.executable if tool == "python" else shutil.which(tool)
     os.makedirs(PEER_DIR, exist_ok=True)
     link = os.path.join(PEER_DIR, f"{PEER_PREFIX}-{tool}"[:15])
-    if not os.path.islink(link):
-        try:
-            os.symlink(target, link)
-        except FileExistsError:
-            pass
+    if os.path.islink(link) and os.readlink(link) == target:
+        return link
+    tmp = f"{link}.{os.getpid()}"  # replaced atomically: a link left by an older run may point elsewhere
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
     return link
 
 
@@ -148,7 +152,9 @@ def nginx(d, port, cert, key):
     return process([peer("nginx"), "-c", conf, "-p", d], port=port)
 
 
+# node 24 names its main thread (the process's comm) "MainThread"; the title puts the peer's name back
 NODE_SERVER = r"""
+process.title = 'ctpeer-node';
 const https = require('https'), fs = require('fs');
 const [port, cert, key, resp] = process.argv.slice(1);
 const body = fs.readFileSync(resp);
@@ -158,6 +164,7 @@ https.createServer({cert: fs.readFileSync(cert), key: fs.readFileSync(key)}, (re
 """
 
 NODE_CLIENT = r"""
+process.title = 'ctpeer-node';
 const https = require('https'), fs = require('fs');
 const [port, reqfile, outfile] = process.argv.slice(1);
 const data = fs.readFileSync(reqfile);

@@ -96,36 +96,54 @@ struct {
 	__type(value, __u8);
 } lib_seen SEC(".maps");
 
-/* Process images whose executable path user space already got (sent once per image). */
+/* Process images whose exe and root user space already got, with the root sent (a chroot,
+ * setns or unshare changes it: then the root is sent again). */
+struct image_view {
+	__u64 root_dentry;
+	__u64 root_mnt;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, struct lib_seen_key); /* mm and tgid; ino/dev unused (0) */
-	__type(value, __u8);
-} exe_sent SEC(".maps");
+	__type(value, struct image_view);
+} image_sent SEC(".maps");
 
 /* --- records ---------------------------------------------------------------------------- */
 
-struct exec_rec {
-	struct ct_header h;
-	__u32 ppid;
-	__u32 exe_parts;
-	__u32 exe_len;
-	__u32 args_len;
-	char data[CT_PATH_BUF + CT_NAME_MAX + ARGS_MAX];
+/* In every record, after the header: what the data ends with. Paths are in the process's
+ * own view (walks stop at its root). The exe is sent once per process image, the root (in
+ * the view of the top of the process's mount tree) and mount namespace once per image and
+ * again when the root changes, so user space knows them for processes already gone. */
+struct ct_view {
+	__u32 exe_len;  /* bytes of the exe's components (0 = already sent, or unknown) */
+	__u32 root_len; /* 0 = unchanged since sent; else 1 + bytes of the root's components */
+	__u32 mnt_ns;   /* mount namespace inode, sent with the root */
+	__u32 pad;
 };
 
-struct exit_rec {
+#define VIEW_BUF (2 * (CT_PATH_BUF + CT_NAME_MAX))
+
+struct exec_rec { /* data: args, exe, root */
 	struct ct_header h;
+	struct ct_view v;
+	__u32 ppid;
+	__u32 args_len;
+	char data[ARGS_MAX + VIEW_BUF];
+};
+
+struct exit_rec { /* data: exe, root (a fork that never reported anything still has them) */
+	struct ct_header h;
+	struct ct_view v;
 	__u32 ppid;
 	__u32 exit_code; /* raw task->exit_code: (status << 8) | signal */
-	__u32 exe_len;   /* as in file_rec: a process that never reported anything (a fork) */
-	__u32 pad;
-	char data[CT_PATH_BUF + CT_NAME_MAX];
+	char data[VIEW_BUF];
 };
 
-struct file_rec {
+struct file_rec { /* data: name, base directory, exe, root */
 	struct ct_header h;
+	struct ct_view v;
 	__u32 ppid;
 	__s32 result;
 	__u32 flags;
@@ -133,20 +151,19 @@ struct file_rec {
 	__u32 name_len;   /* raw file name, NUL included */
 	__u32 base_parts; /* components of the base directory, when the name is relative */
 	__u32 base_len;
-	__u32 exe_len;    /* the executable's path, once per process image (0 = already sent) */
-	char data[FNAME_MAX + 2 * (CT_PATH_BUF + CT_NAME_MAX)];
+	__u32 has_base;   /* the base directory was resolved (it may be "/": no components) */
+	char data[FNAME_MAX + CT_PATH_BUF + CT_NAME_MAX + VIEW_BUF];
 };
 
-struct lib_rec {
+struct lib_rec { /* data: library, exe, root */
 	struct ct_header h;
+	struct ct_view v;
 	__u32 ppid;
 	__u32 parts;
 	__u32 len;
 	__u32 dev;
 	__u64 ino;
-	__u32 exe_len; /* as in file_rec */
-	__u32 pad;
-	char data[2 * (CT_PATH_BUF + CT_NAME_MAX)];
+	char data[CT_PATH_BUF + CT_NAME_MAX + VIEW_BUF];
 };
 
 /* One scratch area per CPU, large enough for any record. */
@@ -201,21 +218,50 @@ static __always_inline bool current_wanted(void)
 	return false;
 }
 
-/* Append the executable's path at buf the first time this process image reports something,
- * so user space knows the exe even when the process is gone before it could read /proc.
- * Returns the bytes written (0 when already sent or unknown). */
-static __always_inline __u32 append_exe_once(struct task_struct *task, __u32 offset)
+/* The task's root directory (fs->root); zeroed when unknown (walks then go to the top). */
+static __always_inline struct path task_root(struct task_struct *task)
 {
+	struct path root = {};
+	BPF_CORE_READ_INTO(&root, task, fs, root);
+	return root;
+}
+
+/* Append at `offset` what user space lacks of this process image (struct ct_view): the exe
+ * the first time the image reports something (or always, with new_image: at exec), the root
+ * and mount namespace then and whenever the root changed. The usual case costs one lookup.
+ * Returns the bytes appended. */
+static __always_inline __u32 append_view(struct task_struct *task, struct ct_view *v, const struct path *root,
+					 __u32 offset, bool new_image)
+{
+	v->exe_len = 0;
+	v->root_len = 0;
+	v->mnt_ns = 0;
+	v->pad = 0;
 	struct mm_struct *mm = BPF_CORE_READ(task, mm);
+	if (!mm)
+		return 0;
 	struct lib_seen_key key = {.mm = (__u64)mm, .tgid = bpf_get_current_pid_tgid() >> 32};
-	__u8 one = 1;
-	if (!mm || bpf_map_update_elem(&exe_sent, &key, &one, BPF_NOEXIST))
+	struct image_view now = {.root_dentry = (__u64)root->dentry, .root_mnt = (__u64)root->mnt};
+	struct image_view *sent = new_image ? NULL : bpf_map_lookup_elem(&image_sent, &key);
+	if (sent && sent->root_dentry == now.root_dentry && sent->root_mnt == now.root_mnt)
 		return 0;
-	struct file *exe = BPF_CORE_READ(mm, exe_file);
-	if (!exe)
-		return 0;
-	struct ct_path_result p = ct_walk_path(BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt), offset);
-	return p.len;
+	bool send_exe = !sent;
+	bpf_map_update_elem(&image_sent, &key, &now, BPF_ANY);
+	__u32 n = 0;
+	struct file *exe = send_exe ? BPF_CORE_READ(mm, exe_file) : NULL;
+	if (exe) {
+		struct ct_path_result p =
+			ct_walk_path(BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt), root, offset);
+		n = p.len;
+	}
+	v->exe_len = n;
+	struct path top = {};
+	struct ct_path_result r = {};
+	if (root->dentry)
+		r = ct_walk_path(root->dentry, root->mnt, &top, offset + n);
+	v->root_len = r.len + 1;
+	v->mnt_ns = BPF_CORE_READ(task, nsproxy, mnt_ns, ns.inum);
+	return n + r.len;
 }
 
 /* --- process exec / exit / fork -------------------------------------------------------- */
@@ -233,32 +279,18 @@ int handle_exec(struct trace_event_raw_sched_process_exec *ctx)
 	ct_fill_header(&r->h, CT_EV_PROCESS_EXEC);
 	r->ppid = task_ppid(task);
 
-	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
-	struct ct_path_result p = {};
-	if (exe) {
-		struct dentry *d = BPF_CORE_READ(exe, f_path.dentry);
-		struct vfsmount *m = BPF_CORE_READ(exe, f_path.mnt);
-		p = ct_walk_path(d, m, offsetof(struct exec_rec, data));
-	}
-	struct lib_seen_key sent = {.mm = (__u64)BPF_CORE_READ(task, mm), .tgid = r->h.pid};
-	__u8 one = 1;
-	bpf_map_update_elem(&exe_sent, &sent, &one, BPF_ANY);
-	r->exe_parts = p.parts;
-	__u32 exe_len = p.len;
-	if (exe_len > CT_PATH_BUF)
-		exe_len = CT_PATH_BUF;
-	r->exe_len = exe_len;
-
 	unsigned long arg_start = BPF_CORE_READ(task, mm, arg_start);
 	unsigned long arg_end = BPF_CORE_READ(task, mm, arg_end);
 	__u32 args_len = arg_end > arg_start ? arg_end - arg_start : 0;
 	if (args_len > ARGS_MAX)
 		args_len = ARGS_MAX;
-	if (args_len && bpf_probe_read_user(r->data + exe_len, args_len, (void *)arg_start))
+	if (args_len && bpf_probe_read_user(r->data, args_len, (void *)arg_start))
 		args_len = 0;
 	r->args_len = args_len;
 
-	__u64 size = offsetof(struct exec_rec, data) + exe_len + args_len;
+	struct path root = task_root(task);
+	__u32 view_len = append_view(task, &r->v, &root, offsetof(struct exec_rec, data) + args_len, true);
+	__u64 size = offsetof(struct exec_rec, data) + args_len + view_len;
 	if (size > sizeof(*r))
 		size = sizeof(*r);
 	ct_output(r, size);
@@ -281,8 +313,8 @@ int handle_exit(void *ctx)
 	ct_fill_header(&r->h, CT_EV_PROCESS_EXIT);
 	r->ppid = task_ppid(task);
 	r->exit_code = BPF_CORE_READ(task, exit_code);
-	r->exe_len = append_exe_once(task, offsetof(struct exit_rec, data));
-	__u64 size = offsetof(struct exit_rec, data) + r->exe_len;
+	struct path root = task_root(task);
+	__u64 size = offsetof(struct exit_rec, data) + append_view(task, &r->v, &root, offsetof(struct exit_rec, data), false);
 	if (size > sizeof(*r))
 		size = sizeof(*r);
 	ct_output(r, size);
@@ -478,7 +510,8 @@ static __always_inline int finish_open(long ret)
 	r->name_len = name_len;
 	r->base_parts = 0;
 	r->base_len = 0;
-	r->exe_len = 0;
+	r->has_base = 0;
+	struct path root = task_root(task);
 
 	if (r->data[0] != '/') {
 		/* relative name: resolve the directory it is relative to (cwd or dirfd) */
@@ -495,16 +528,17 @@ static __always_inline int finish_open(long ret)
 			}
 		}
 		if (d && m) {
-			struct ct_path_result p = ct_walk_path(d, m, offsetof(struct file_rec, data) + name_len);
+			struct ct_path_result p = ct_walk_path(d, m, &root, offsetof(struct file_rec, data) + name_len);
 			r->base_parts = p.parts;
 			r->base_len = p.len;
+			r->has_base = 1;
 		}
 	}
 	__u32 off = name_len + r->base_len;
 	if (off > FNAME_MAX + CT_PATH_BUF)
 		off = FNAME_MAX + CT_PATH_BUF;
-	r->exe_len = append_exe_once(task, offsetof(struct file_rec, data) + off);
-	__u64 size = offsetof(struct file_rec, data) + off + r->exe_len;
+	__u64 size = offsetof(struct file_rec, data) + off +
+		     append_view(task, &r->v, &root, offsetof(struct file_rec, data) + off, false);
 	if (size > sizeof(*r))
 		size = sizeof(*r);
 	ct_output(r, size);
@@ -587,14 +621,15 @@ int enter_mmap(struct trace_event_raw_sys_enter *ctx)
 	r->ppid = task_ppid(task);
 	r->dev = key.dev;
 	r->ino = key.ino;
-	struct ct_path_result p = ct_walk_path(d, BPF_CORE_READ(f, f_path.mnt), offsetof(struct lib_rec, data));
+	struct path root = task_root(task);
+	struct ct_path_result p = ct_walk_path(d, BPF_CORE_READ(f, f_path.mnt), &root, offsetof(struct lib_rec, data));
 	r->parts = p.parts;
 	__u32 len = p.len;
 	if (len > CT_PATH_BUF)
 		len = CT_PATH_BUF;
 	r->len = len;
-	r->exe_len = append_exe_once(task, offsetof(struct lib_rec, data) + len);
-	__u64 size = offsetof(struct lib_rec, data) + len + r->exe_len;
+	__u64 size = offsetof(struct lib_rec, data) + len +
+		     append_view(task, &r->v, &root, offsetof(struct lib_rec, data) + len, false);
 	if (size > sizeof(*r))
 		size = sizeof(*r);
 	ct_output(r, size);

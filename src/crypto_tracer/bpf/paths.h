@@ -2,10 +2,11 @@
 /* Kernel path helpers: turn a (dentry, vfsmount) or an fd into path components.
  *
  * Components are written leaf first, each NUL-terminated, into a scratch area; user space
- * reverses them and joins with '/'. The walk crosses mount points and stops at the root of
- * the task's mount tree, so paths are as the process sees them (container paths in
- * containers). It runs under bpf_loop, so the verifier checks one step, not every depth:
- * that keeps load time (start-up) short however many walks a program does.
+ * reverses them and joins with '/'. The walk crosses mount points and stops at the given
+ * root (the task's fs->root, as d_path does: paths as the process itself sees them, also
+ * in a chroot) or else at the root of the mount tree (container paths in containers).
+ * It runs under bpf_loop, so the verifier checks one step, not every depth: that keeps
+ * load time (start-up) short however many walks a program does.
  *
  * The includer provides `static void *ct_path_area(void)` (per-CPU scratch memory of
  * CT_PATH_AREA_SIZE bytes) before including this file; walks write at an offset into it.
@@ -27,6 +28,8 @@ struct ct_path_result {
 struct ct_walk {
 	__u64 dentry; /* struct dentry * */
 	__u64 mnt;    /* struct mount * */
+	__u64 root_dentry; /* stop here (with root_mnt); 0 = walk to the top of the mount tree */
+	__u64 root_mnt;    /* struct mount * */
 	__u32 pos;    /* next write offset in the area */
 	__u32 end;    /* no component starts at or after this offset */
 	__u32 parts;
@@ -47,6 +50,8 @@ static long ct_walk_step(__u32 i, struct ct_walk *w)
 	struct mount *mnt = (struct mount *)w->mnt;
 	struct dentry *parent = BPF_CORE_READ(dentry, d_parent);
 
+	if (w->dentry == w->root_dentry && w->mnt == w->root_mnt)
+		return 1; /* the process's root (chroot, container root) */
 	if (dentry == BPF_CORE_READ(mnt, mnt.mnt_root)) {
 		struct mount *mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
 		if (mnt_parent == mnt)
@@ -69,14 +74,17 @@ static long ct_walk_step(__u32 i, struct ct_walk *w)
 	return 0;
 }
 
-/* Walk from (dentry, vfsmnt) writing at `offset` of the scratch area, at most CT_PATH_BUF
- * bytes of components (plus the last one's overflow, below CT_NAME_MAX). */
+/* Walk from (dentry, vfsmnt) up to root (root->dentry NULL: the top of the mount tree),
+ * writing at `offset` of the scratch area, at most CT_PATH_BUF bytes of components (plus
+ * the last one's overflow, below CT_NAME_MAX). */
 static __always_inline struct ct_path_result ct_walk_path(struct dentry *dentry, struct vfsmount *vfsmnt,
-							  __u32 offset)
+							  const struct path *root, __u32 offset)
 {
 	struct ct_walk w = {
 		.dentry = (__u64)dentry,
 		.mnt = (__u64)ct_real_mount(vfsmnt),
+		.root_dentry = (__u64)root->dentry,
+		.root_mnt = root->dentry ? (__u64)ct_real_mount(root->mnt) : 0,
 		.pos = offset,
 		.end = offset + CT_PATH_BUF,
 	};

@@ -33,8 +33,8 @@ class ProcessProfile:
 
     def __init__(self, pid: int, info: dict | None, started_before: bool):
         self.pid = pid
-        self.process = info or {"pid": pid, "ppid": None, "name": None, "exe": None, "cmdline": None,
-                                "uid": None, "gid": None, "start_time": None}
+        self.process = info or {"pid": pid, "ppid": None, "name": None, "exe": None, "root": None, "mnt_ns": None,
+                                "cmdline": None, "uid": None, "gid": None, "start_time": None}
         self.started_before_profile = started_before
         self.libraries: dict[str, dict] = {}
         self.files: dict[str, dict] = {}
@@ -55,7 +55,8 @@ class ProcessProfile:
         self.events += 1
         kind = ev["event_type"]
         if self.process["name"] is None:  # gone before /proc could be read: what the event knows
-            self.process.update(name=ev["process"], ppid=ev["ppid"], uid=ev["uid"], exe=ev.get("exe"))
+            self.process.update(name=ev["process"], ppid=ev["ppid"], uid=ev["uid"], exe=ev.get("exe"),
+                                root=ev.get("root"), mnt_ns=ev.get("mnt_ns"))
         if kind == "file_open":
             f = self.files.get(ev["file"])
             if f is None:
@@ -75,7 +76,8 @@ class ProcessProfile:
                                                  "mapped_before_profile": False}
         elif kind == "process_exec":
             self.execs += 1
-            self.process.update({k: ev[k] for k in ("ppid", "uid", "exe", "cmdline") if ev.get(k) is not None})
+            self.process.update({k: ev[k] for k in ("ppid", "uid", "exe", "root", "mnt_ns", "cmdline")
+                                 if ev.get(k) is not None})
             self.process["name"] = ev["process"]
         elif kind == "process_exit":
             self.exit = {"time": ev["timestamp"], "exit_code": ev["exit_code"], "signal": ev["signal"]}
@@ -100,6 +102,7 @@ class ProcessProfile:
                  connections: list[dict] | None = None) -> dict:
         process = dict(self.process)
         process["exe"] = redact(process.get("exe"))
+        process["root"] = redact(process.get("root"))
         process["cmdline"] = redact_text(process.get("cmdline"))
         libraries = [dict(lib, path=redact(lib["path"])) for lib in self.libraries.values()]
         files = [self._file_entry(f, redact) for f in self.files.values()]

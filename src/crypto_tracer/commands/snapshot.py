@@ -93,6 +93,7 @@ def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inve
         "ppid": proc.ppid,
         "name": proc.name,
         "exe": redact(proc.exe),
+        "root": redact(proc.root),
         "cmdline": redact_text(inventory.read_cmdline(proc.pid)),
         "running_as": inventory.user_name(uid),
         "uid": uid,

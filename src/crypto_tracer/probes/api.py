@@ -23,6 +23,7 @@ from crypto_tracer import classify, inventory
 from crypto_tracer.engine import BpfObject
 from crypto_tracer.errors import TracerError
 from crypto_tracer.log import log
+from crypto_tracer.procinfo import own_view, read_root
 
 # argument kinds (bpf/api.bpf.c enum ct_arg_kind)
 NONE, STR, NID_PTR, NID, SIZE, NID_PTR_OR_CTX, PKEY_CTX_TYPE = 0, 1, 2, 3, 4, 5, 6
@@ -227,7 +228,7 @@ class ApiProbe:
         exe = f"/proc/{pid}/exe"
         info = inventory.static_tls(exe)
         if info and info["library"] == "openssl":
-            exe_path = inventory.readlink(exe)
+            exe_path = own_view(inventory.readlink(exe), read_root(pid))  # root_path wants its own view
             if exe_path:
                 targets.append((inventory.root_path(pid, exe_path), ("libssl", "libcrypto")))
         new = 0

@@ -16,14 +16,16 @@ from crypto_tracer.probes.common import HEADER, ProcessFilter, add_to_pid_set  #
 # record types (bpf/common.h enum ct_event_type)
 EV_EXEC, EV_EXIT, EV_FILE, EV_LIB = 1, 2, 3, 4
 
-EXEC = struct.Struct("<IIII")  # ppid, exe_parts, exe_len, args_len
-EXIT = struct.Struct("<IIII")  # ppid, exit_code, exe_len, pad
-FILE = struct.Struct("<IiIIIIII")  # ppid, result, flags, fclass, name_len, base_parts, base_len, exe_len
-LIB = struct.Struct("<IIIIQII")  # ppid, parts, len, dev, ino, exe_len, pad
-EXEC_DATA = HEADER.size + EXEC.size
-FILE_DATA = HEADER.size + FILE.size
-LIB_DATA = HEADER.size + LIB.size
-EXIT_DATA = HEADER.size + EXIT.size
+VIEW = struct.Struct("<IIII")  # struct ct_view: exe_len, root_len (1 + bytes; 0 = unchanged), mnt_ns, pad
+EXEC = struct.Struct("<II")  # ppid, args_len
+EXIT = struct.Struct("<II")  # ppid, exit_code
+FILE = struct.Struct("<IiIIIIII")  # ppid, result, flags, fclass, name_len, base_parts, base_len, has_base
+LIB = struct.Struct("<IIIIQ")  # ppid, parts, len, dev, ino
+OWN = HEADER.size + VIEW.size
+EXEC_DATA = OWN + EXEC.size
+FILE_DATA = OWN + FILE.size
+LIB_DATA = OWN + LIB.size
+EXIT_DATA = OWN + EXIT.size
 
 TRUST_PREFIX = struct.Struct("<I40s")
 FNV_INIT, FNV_PRIME, MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
@@ -112,36 +114,44 @@ class MonitorProbe:
         self.obj.close()
 
 
-def decode(raw: bytes) -> tuple | None:
-    """Decode one record into a tuple (kind, ts_ns, pid, tid, uid, comm, ppid, *fields).
+def decode_view(raw: bytes, start: int) -> tuple:
+    """(exe, root, mnt_ns) from a record's ct_view and the data at start; None for what the
+    kernel did not send (already sent for this process image)."""
+    exe_len, root_len, mnt_ns, _ = VIEW.unpack_from(raw, HEADER.size)
+    exe = path_from_parts(raw[start:start + exe_len]) if exe_len else None
+    if not root_len:
+        return exe, None, None
+    start += exe_len
+    return exe, path_from_parts(raw[start:start + root_len - 1]), mnt_ns
 
-    File and library records carry the executable's path (or None) right after ppid, exit
-    records last: the kernel sends it once per process image, so it is known even for
-    processes already gone."""
+
+def decode(raw: bytes) -> tuple | None:
+    """Decode one record into a tuple (kind, ts_ns, pid, tid, uid, comm, ppid, view, *fields).
+
+    view is (exe, root, mnt_ns): paths in the process's own view, each None unless the kernel
+    sent it with this record (once per process image; the root again when it changed), so
+    they are known even for processes already gone."""
     ts, kind, pid, tid, uid, comm = HEADER.unpack_from(raw)
     comm = comm.split(b"\0", 1)[0].decode(errors="replace")
     if kind == EV_FILE:
-        ppid, result, flags, _cls, name_len, base_parts, base_len, exe_len = FILE.unpack_from(raw, HEADER.size)
+        ppid, result, flags, _cls, name_len, _parts, base_len, has_base = FILE.unpack_from(raw, OWN)
         name = raw[FILE_DATA:FILE_DATA + name_len].split(b"\0", 1)[0].decode(errors="replace")
         base = None
         start = FILE_DATA + name_len
-        if base_len or base_parts:
+        if has_base:  # "/" (the process's root) has no components
             base = path_from_parts(raw[start:start + base_len])
-        exe = path_from_parts(raw[start + base_len:start + base_len + exe_len]) if exe_len else None
-        return kind, ts, pid, tid, uid, comm, ppid, exe, name, base, flags, result
+        view = decode_view(raw, start + base_len)
+        return kind, ts, pid, tid, uid, comm, ppid, view, name, base, flags, result
     if kind == EV_LIB:
-        ppid, _parts, length, dev, ino, exe_len, _ = LIB.unpack_from(raw, HEADER.size)
+        ppid, _parts, length, dev, ino = LIB.unpack_from(raw, OWN)
         end = LIB_DATA + length
-        exe = path_from_parts(raw[end:end + exe_len]) if exe_len else None
-        return kind, ts, pid, tid, uid, comm, ppid, exe, path_from_parts(raw[LIB_DATA:end]), dev, ino
+        return kind, ts, pid, tid, uid, comm, ppid, decode_view(raw, end), path_from_parts(raw[LIB_DATA:end]), dev, ino
     if kind == EV_EXEC:
-        ppid, parts, exe_len, args_len = EXEC.unpack_from(raw, HEADER.size)
-        exe = path_from_parts(raw[EXEC_DATA:EXEC_DATA + exe_len]) if parts else None
-        args = raw[EXEC_DATA + exe_len:EXEC_DATA + exe_len + args_len]
+        ppid, args_len = EXEC.unpack_from(raw, OWN)
+        args = raw[EXEC_DATA:EXEC_DATA + args_len]
         argv = [a.decode(errors="replace") for a in args.rstrip(b"\0").split(b"\0")] if args else []
-        return kind, ts, pid, tid, uid, comm, ppid, exe, argv
+        return kind, ts, pid, tid, uid, comm, ppid, decode_view(raw, EXEC_DATA + args_len), argv
     if kind == EV_EXIT:
-        ppid, code, exe_len, _ = EXIT.unpack_from(raw, HEADER.size)
-        exe = path_from_parts(raw[EXIT_DATA:EXIT_DATA + exe_len]) if exe_len else None
-        return kind, ts, pid, tid, uid, comm, ppid, code, exe
+        ppid, code = EXIT.unpack_from(raw, OWN)
+        return kind, ts, pid, tid, uid, comm, ppid, decode_view(raw, EXIT_DATA), code
     return None

@@ -1,0 +1,70 @@
+"""The process's own view of paths (procinfo) and the monitor records' view trailer, without a kernel."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from crypto_tracer import procinfo
+from crypto_tracer.probes import monitor
+from crypto_tracer.procinfo import ProcessCache, outer_view, own_view
+from crypto_tracer.redact import redact_event
+
+
+def test_own_view_and_outer_view():
+    assert own_view("/srv/jail/usr/bin/cat", "/srv/jail") == "/usr/bin/cat"
+    assert own_view("/srv/jail", "/srv/jail") == "/"
+    assert own_view("/srv/jailbreak/x.pem", "/srv/jail") == "/srv/jailbreak/x.pem"  # not under the root
+    assert own_view("/usr/sbin/sshd", "/run/sshd") == "/usr/sbin/sshd"  # exe of a process that chrooted later
+    assert own_view("/usr/bin/cat", "/") == "/usr/bin/cat"
+    assert own_view("/usr/bin/cat", None) == "/usr/bin/cat" and own_view(None, "/srv/jail") is None
+    assert outer_view("/tmp/x.pem", "/srv/jail") == "/srv/jail/tmp/x.pem"
+    assert outer_view("/", "/srv/jail") == "/srv/jail"
+    assert outer_view("/tmp/x.pem", "/") == "/tmp/x.pem"
+
+
+def test_read_view_of_this_process():
+    exe, root, ns = procinfo.read_view(os.getpid())
+    assert exe == os.path.realpath("/proc/self/exe") and root == "/"
+    assert ns == os.stat("/proc/self/ns/mnt").st_ino
+
+
+def test_cache_keeps_what_the_kernel_sent_and_takes_a_new_root():
+    c = ProcessCache()
+    pid = 2 ** 22 + 1  # beyond pid_max: /proc has nothing, so nothing is read from it
+    c.update(pid, "/usr/bin/cat", "/", 4026531841)
+    c.update(pid, None, None, None)  # nothing sent: unchanged
+    assert c.view(pid) == ("/usr/bin/cat", "/", 4026531841)
+    c.update(pid, None, "/srv/jail", 4026531841)  # chroot after exec: the root alone is sent again
+    assert c.view(pid) == ("/usr/bin/cat", "/srv/jail", 4026531841)
+    c.forget(pid)
+    c.update(pid, None, "/srv/jail", 7)  # exe not sent and not cached: /proc (gone here) -> unknown
+    assert c.view(pid) == (None, "/srv/jail", 7)
+
+
+def record(kind, own: bytes, data: bytes, exe: bytes, root: bytes | None, ns: int) -> bytes:
+    head = monitor.HEADER.pack(123, kind, 10, 10, 0, b"cat")
+    view = monitor.VIEW.pack(len(exe), 0 if root is None else len(root) + 1, ns if root is not None else 0, 0)
+    return head + view + own + data + exe + (root or b"")
+
+
+def test_decode_view_trailer():
+    # components leaf first, NUL-terminated; root "/" has none, so it is sent as length 1
+    exe, jail = b"cat\0bin\0usr\0", b"jail\0srv\0"
+    raw = record(monitor.EV_EXIT, monitor.EXIT.pack(1, 0), b"", exe, jail, 99)
+    assert monitor.decode(raw)[7] == ("/usr/bin/cat", "/srv/jail", 99)
+    raw = record(monitor.EV_EXIT, monitor.EXIT.pack(1, 0), b"", exe, b"", 99)
+    assert monitor.decode(raw)[7] == ("/usr/bin/cat", "/", 99)
+    raw = record(monitor.EV_EXIT, monitor.EXIT.pack(1, 0), b"", b"", None, 0)
+    assert monitor.decode(raw)[7] == (None, None, None)
+    # a relative name opened in the process's root: the base is "/" (no components)
+    name = b"tmp/x.pem\0"
+    own = monitor.FILE.pack(1, 3, 0, 1, len(name), 0, 0, 1)
+    rec = monitor.decode(record(monitor.EV_FILE, own, name, b"", None, 0))
+    assert rec[7:] == ((None, None, None), "tmp/x.pem", "/", 0, 3)
+
+
+def test_root_is_redacted_like_the_other_paths():
+    ev = {"exe": "/usr/bin/cat", "root": "/root/jail", "mnt_ns": 1, "file": "/home/alice/k.pem"}
+    assert redact_event(ev) == {"exe": "/usr/bin/cat", "root": "/home/ROOT/jail", "mnt_ns": 1,
+                                "file": "/home/USER/k.pem"}
