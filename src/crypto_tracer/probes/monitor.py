@@ -22,6 +22,8 @@ EXIT = struct.Struct("<II")  # ppid, exit_code
 FILE = struct.Struct("<IiIIIIII")  # ppid, result, flags, fclass, name_len, base_parts, base_len, has_base
 LIB = struct.Struct("<IIIIQ")  # ppid, parts, len, dev, ino
 OWN = HEADER.size + VIEW.size
+FILE_V = struct.Struct("<IIII" + FILE.format[1:])  # ct_view + file fields: one unpack in the hot path
+NO_VIEW = (None, None, None)
 EXEC_DATA = OWN + EXEC.size
 FILE_DATA = OWN + FILE.size
 LIB_DATA = OWN + LIB.size
@@ -134,13 +136,14 @@ def decode(raw: bytes) -> tuple | None:
     ts, kind, pid, tid, uid, comm = HEADER.unpack_from(raw)
     comm = comm.split(b"\0", 1)[0].decode(errors="replace")
     if kind == EV_FILE:
-        ppid, result, flags, _cls, name_len, _parts, base_len, has_base = FILE.unpack_from(raw, OWN)
+        exe_len, root_len, _ns, _, ppid, result, flags, _cls, name_len, _parts, base_len, has_base = \
+            FILE_V.unpack_from(raw, HEADER.size)
         name = raw[FILE_DATA:FILE_DATA + name_len].split(b"\0", 1)[0].decode(errors="replace")
         base = None
         start = FILE_DATA + name_len
         if has_base:  # "/" (the process's root) has no components
             base = path_from_parts(raw[start:start + base_len])
-        view = decode_view(raw, start + base_len)
+        view = decode_view(raw, start + base_len) if exe_len or root_len else NO_VIEW
         return kind, ts, pid, tid, uid, comm, ppid, view, name, base, flags, result
     if kind == EV_LIB:
         ppid, _parts, length, dev, ino = LIB.unpack_from(raw, OWN)
