@@ -14,9 +14,11 @@ import struct
 from dataclasses import dataclass, field
 
 OPENSSL, GNUTLS, NSS = "openssl", "gnutls", "nss"
+FLAT_SSL, SPLIT_SSL = "1.1.1-3.1", "3.2+"
 
 # Functions hooked per library kind (only those the file exports are attached).
-OPENSSL_DATA = ("SSL_read", "SSL_read_ex", "SSL_peek", "SSL_peek_ex", "SSL_write", "SSL_write_ex")
+OPENSSL_DATA = ("SSL_read", "SSL_read_ex", "SSL_peek", "SSL_peek_ex", "SSL_write", "SSL_write_ex",
+                "SSL_write_ex2")  # 3.3+; SSL_write_ex may call it (one event: see tls.bpf.c)
 OPENSSL_HANDSHAKE = ("SSL_do_handshake", "SSL_connect", "SSL_accept")
 GNUTLS_FUNCS = ("gnutls_record_recv", "gnutls_record_send", "gnutls_handshake")
 NSS_FUNCS = ("PR_Read", "PR_Recv", "PR_Write", "PR_Send", "PR_Writev")
@@ -43,7 +45,9 @@ class TlsLibrary:
     dev_ino: tuple[int, int]
     functions: tuple[str, ...] = ()
     offsets: dict = field(default_factory=dict)
-    openssl_layout: bool = False  # 1.1.1-3.1: ssl->version at 0, ssl->server at 56
+    # OpenSSL's SSL object (tls.bpf.c ossl_fields): FLAT_SSL (1.1.1-3.1: ssl->version at 0, ssl->server
+    # at 56), SPLIT_SSL (3.2+: ssl_connection_st, checked per object in the kernel) or None (unknown)
+    openssl_layout: str | None = None
     display_path: str = ""  # the path as the process sees it
     pids: set = field(default_factory=set)
 
@@ -124,6 +128,14 @@ def kind_of(name: str, elf: ElfInfo) -> str | None:
     return None
 
 
+def openssl_layout(kind: str, elf: ElfInfo) -> str | None:
+    """Which SSL object layout an OpenSSL has, from its exports: SSL_read_ex is 1.1.1+,
+    SSL_is_connection 3.2+ (the split object). 1.1.0 and older: None."""
+    if kind != OPENSSL or "SSL_read_ex" not in elf.symbols:
+        return None
+    return SPLIT_SSL if "SSL_is_connection" in elf.symbols else FLAT_SSL
+
+
 def functions_for(kind: str, elf: ElfInfo) -> tuple[str, ...]:
     wanted = {OPENSSL: OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free",), GNUTLS: GNUTLS_FUNCS,
               NSS: NSS_FUNCS}[kind]
@@ -199,8 +211,7 @@ class Discovery:
             return None
         lib = TlsLibrary(path=path, kind=kind, build_id=elf.build_id, dev_ino=key,
                          functions=functions_for(kind, elf), offsets=elf.offsets, display_path=display,
-                         openssl_layout=(kind == OPENSSL and "SSL_read_ex" in elf.symbols
-                                         and "SSL_is_connection" not in elf.symbols))
+                         openssl_layout=openssl_layout(kind, elf))
         if pid is not None:
             lib.pids.add(pid)
         self.seen[key] = lib

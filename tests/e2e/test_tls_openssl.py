@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tlspeers as tp  # noqa: E402
-from conftest import need_root, need_tool  # noqa: E402
+from tests.conftest import need_root, need_tool  # noqa: E402
 
 pytestmark = pytest.mark.ebpf
 
@@ -102,9 +102,13 @@ def test_curl_and_python_ssl_server(certs, tmp_path):
         assert [e["offset"] for e in chunks] == list(range(0, 1 << 20, 30720))
         assert tp.stream(chunks) == exchanges[-1][1]  # the whole 1 MiB body of one SSL_write_ex
     assert {e["function"] for e in tp.data_events(events, pid=server.pid)} <= {"SSL_read_ex", "SSL_write_ex"}
+    # role and version from the SSL object: OpenSSL 3.0's flat ssl_st and 3.2+'s ssl_connection_st
+    # alike (curl calls SSL_connect; Python's server SSL_do_handshake, which does not say the role)
     hs = [e for e in events if e["event_type"] == "tls_handshake"]
-    assert {(e["role"], e["result"]) for e in hs if e["pid"] in pids} == {("client", "success")}
-    assert any(e["pid"] == server.pid and e["role"] == "server" and e["tls_version"] == "TLSv1.3" for e in hs)
+    assert sorted((e["pid"], e["role"], e["result"], e["tls_version"]) for e in hs if e["pid"] in pids) == \
+        sorted((pid, "client", "success", "TLSv1.3") for pid in pids)
+    served = [(e["role"], e["result"], e["tls_version"]) for e in hs if e["pid"] == server.pid]
+    assert served == [("server", "success", "TLSv1.3")] * len(pids)
     assert "Events dropped: 0" in err
 
 
@@ -126,10 +130,21 @@ def test_curl_and_nginx(certs, tmp_path, http2):
         for i, (_req, _resp, rq, _rs) in enumerate(exchanges):
             pids.append(tp.curl(f"https://127.0.0.1:{port}/upload/u{i}", data_file=rq, extra=proto, put=True))
             pids.append(tp.curl(f"https://127.0.0.1:{port}/r{i}", extra=proto))
+        # TLS 1.2 too: role and version of both sides read from the SSL objects (nginx and curl
+        # on Debian 12 use OpenSSL 3.0, on Debian 13 3.5)
+        pid12 = tp.curl(f"https://127.0.0.1:{port}/r0", extra=proto + ["--tls-max", "1.2"])
         _, err = tracer.stop()
     assert tracer.proc.returncode == 0, err
     events = tp.read_events(out)
     srv = {"process": "ctpeer-nginx", "local_port": port}  # our nginx: other tests may run one too
+    hs = [e for e in events if e["event_type"] == "tls_handshake"]
+    assert sorted((e["pid"], e["role"], e["result"], e["tls_version"]) for e in hs if e["pid"] in pids + [pid12]) == \
+        sorted([(pid, "client", "success", "TLSv1.3") for pid in pids] + [(pid12, "client", "success", "TLSv1.2")])
+    ports = {e["local_port"]: e["pid"] for e in hs if e["pid"] in pids + [pid12]}
+    served = sorted((ports[e["remote_port"]], e["role"], e["result"], e["tls_version"]) for e in hs
+                    if e["process"] == "ctpeer-nginx" and e["local_port"] == port)
+    assert served == sorted([(pid, "server", "success", "TLSv1.3") for pid in pids] +
+                            [(pid12, "server", "success", "TLSv1.2")])
     for i, (req, resp, _rq, _rs) in enumerate(exchanges):
         put, get = {"pid": pids[2 * i]}, {"pid": pids[2 * i + 1]}
         assert req in side(events, "write", put, http2) and req in side(events, "read", srv, http2)

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tlspeers as tp  # noqa: E402
-from conftest import need_root, need_tool  # noqa: E402
+from tests.conftest import need_root, need_tool  # noqa: E402
 
 pytestmark = pytest.mark.ebpf
 
@@ -231,7 +231,7 @@ def test_libssl_option_hooks_a_file_no_process_uses_yet(tmp_path):
     (["-m", "json", "-f", "summary"], "summary is not available"),
 ])
 def test_bad_arguments_exit_2(args, message):
-    from conftest import run_tracer
+    from tests.conftest import run_tracer
 
     r = run_tracer(["tls", "-d", "1"] + args, timeout=60)
     assert r.returncode == 2, r.stderr

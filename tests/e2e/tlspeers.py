@@ -137,6 +137,7 @@ http {{
         listen [::1]:{port} ssl http2;
         ssl_certificate {cert};
         ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;  # nginx 1.22 (Debian 12) leaves TLS 1.3 out by default, 1.26 not
         client_max_body_size 4m;
         root {root};
         location /upload/ {{ dav_methods PUT; create_full_put_path on; client_body_buffer_size 4m; }}

@@ -2,6 +2,7 @@
 record decoding, addresses and the ELF reader of discovery."""
 
 import os
+import ssl
 import struct
 import sys
 
@@ -132,7 +133,10 @@ def test_discovery_finds_each_file_once():
     if not os.path.exists(libssl):
         pytest.skip("libssl3 not installed")
     lib = d.examine(libssl, libssl, pid=1)
-    assert lib is not None and lib.kind == "openssl" and lib.openssl_layout
+    major, minor = (int(x) for x in ssl.OPENSSL_VERSION.split()[1].split(".")[:2])  # the system's libssl.so.3
+    want = discovery.SPLIT_SSL if (major, minor) >= (3, 2) else discovery.FLAT_SSL
+    assert lib is not None and lib.kind == "openssl" and lib.openssl_layout == want
+    assert ("SSL_write_ex2" in lib.functions) == ((major, minor) >= (3, 3))
     assert d.examine(libssl, libssl, pid=2) is None and lib.pids == {1, 2}
 
 

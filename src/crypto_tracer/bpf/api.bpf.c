@@ -13,7 +13,9 @@
  *   bits 24-31 argument index (1-6)
  * Return probes: handshakes count only successful SSL_do_handshake returns (1); SSL_read/
  * SSL_write add their return value as bytes, the _ex variants the size_t their 4th argument
- * points to (stashed at entry by pid_tgid).
+ * points to (stashed at entry by pid_tgid). SSL_write_ex2 (3.3+) is hooked too; Debian's 3.5
+ * SSL_write_ex tail-jumps into it: a nested entry with the same size_t * is the same call, counted
+ * once under the outer function's name.
  * Uprobes are attached per profiled pid, so no other process ever traps here.
  */
 #include "common.h"
@@ -57,12 +59,17 @@ struct {
 	__type(value, struct api_val);
 } api_counts SEC(".maps");
 
-/* SSL_read_ex/SSL_write_ex: the size_t *out argument, from entry to return. */
+/* SSL_read_ex/SSL_write_ex(2): the size_t *out argument and the cookie, from entry to return. */
+struct ex_call {
+	__u64 out;
+	__u64 cookie;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);
 	__type(key, __u64);
-	__type(value, __u64);
+	__type(value, struct ex_call);
 } ex_stash SEC(".maps");
 
 /* Argument n (1-5). Read with the CORE variant: a direct ctx access at a variable offset
@@ -184,8 +191,13 @@ SEC("uprobe")
 int api_ex_enter(struct pt_regs *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	__u64 out = PT_REGS_PARM4(ctx);
-	bpf_map_update_elem(&ex_stash, &id, &out, BPF_ANY);
+	struct ex_call call = {.cookie = bpf_get_attach_cookie(ctx)};
+	/* size_t *out: argument 4, or the one the cookie names (SSL_write_ex2's is the 5th) */
+	call.out = arg_n(ctx, (call.cookie >> 24) & 0xff ? (call.cookie >> 24) & 0xff : 4);
+	struct ex_call *outer = bpf_map_lookup_elem(&ex_stash, &id);
+	if (outer && outer->out == call.out)
+		return 0; /* SSL_write_ex -> SSL_write_ex2: one call */
+	bpf_map_update_elem(&ex_stash, &id, &call, BPF_ANY);
 	return 0;
 }
 
@@ -193,15 +205,15 @@ SEC("uretprobe")
 int api_ex_ret(struct pt_regs *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	__u64 *out = bpf_map_lookup_elem(&ex_stash, &id);
-	if (!out)
-		return 0;
-	__u64 ptr = *out, bytes = 0;
+	struct ex_call *call = bpf_map_lookup_elem(&ex_stash, &id);
+	if (!call)
+		return 0; /* the outer return of a nested call: counted by the inner one */
+	__u64 ptr = call->out, cookie = call->cookie, bytes = 0;
 	bpf_map_delete_elem(&ex_stash, &id);
 	if ((int)PT_REGS_RC(ctx) != 1 || !ptr || bpf_probe_read_user(&bytes, sizeof(bytes), (void *)ptr))
 		return 0;
 	struct api_key key = {};
-	key_init(&key, bpf_get_attach_cookie(ctx) & 0xffff);
+	key_init(&key, cookie & 0xffff);
 	bump(&key, bytes);
 	return 0;
 }

@@ -14,8 +14,8 @@
  * of its TLS calls. The 4-tuple is read from the socket behind the fd (CO-RE), so it is
  * also known for connections opened before the tool started.
  *
- * The uprobe cookie carries the function id (low byte) and CT_COOKIE_LAYOUT when the
- * OpenSSL struct layout of 1.1.1-3.1 is known (ssl->version at 0, ssl->server at 56).
+ * The uprobe cookie carries the function id (low byte) and which OpenSSL object layout the
+ * library has (CT_COOKIE_LAYOUT: 1.1.1-3.1, CT_COOKIE_SPLIT: 3.2+, see ossl_fields).
  */
 #include "common.h"
 #include <bpf/bpf_endian.h>
@@ -28,7 +28,8 @@
 
 #define CT_TLS_CHUNK 30720   /* data bytes per record: the record fits a 32 KiB per-CPU slot */
 #define CT_TLS_MAX_CHUNKS 4096
-#define CT_COOKIE_LAYOUT 0x100
+#define CT_COOKIE_LAYOUT 0x100 /* OpenSSL 1.1.1-3.1: struct ssl_st */
+#define CT_COOKIE_SPLIT 0x200  /* OpenSSL 3.2+: struct ssl_connection_st, checked per object */
 #define CT_CNT_CTRL_DROPPED 4 /* exec/library records lost (not part of the event accounting) */
 
 #define AF_INET 2
@@ -40,14 +41,19 @@
 enum tls_func {
 	F_SSL_READ = 1, F_SSL_READ_EX, F_SSL_PEEK, F_SSL_PEEK_EX, F_SSL_WRITE, F_SSL_WRITE_EX,
 	F_GNUTLS_RECV, F_GNUTLS_SEND,
-	F_PR_READ, F_PR_RECV, F_PR_WRITE, F_PR_SEND, F_PR_WRITEV,
+	F_PR_READ, F_PR_RECV, F_PR_WRITE, F_PR_SEND, F_PR_WRITEV, F_SSL_WRITE_EX2,
 	F_SSL_DO_HANDSHAKE = 20, F_SSL_CONNECT, F_SSL_ACCEPT, F_GNUTLS_HANDSHAKE,
 };
 
+static __always_inline bool func_has_count_ptr(__u32 f)
+{
+	return f == F_SSL_READ_EX || f == F_SSL_PEEK_EX || f == F_SSL_WRITE_EX || f == F_SSL_WRITE_EX2;
+}
+
 static __always_inline bool func_is_write(__u32 f)
 {
-	return f == F_SSL_WRITE || f == F_SSL_WRITE_EX || f == F_GNUTLS_SEND || f == F_PR_WRITE || f == F_PR_SEND ||
-	       f == F_PR_WRITEV;
+	return f == F_SSL_WRITE || f == F_SSL_WRITE_EX || f == F_SSL_WRITE_EX2 || f == F_GNUTLS_SEND ||
+	       f == F_PR_WRITE || f == F_PR_SEND || f == F_PR_WRITEV;
 }
 
 static __always_inline __u32 func_lib(__u32 f)
@@ -322,11 +328,20 @@ int BPF_KPROBE(tls_data_enter, void *ssl, void *buf, __u64 num, void *count_ptr)
 	struct stash st = {.ssl = (__u64)ssl, .buf = (__u64)buf, .fd = -1, .cookie = cookie};
 	char comm[CT_COMM_LEN];
 
-	if (func == F_SSL_READ_EX || func == F_SSL_PEEK_EX || func == F_SSL_WRITE_EX)
+	if (func == F_SSL_WRITE_EX2) /* (ssl, buf, num, uint64_t flags, size_t *written) */
+		st.count_ptr = PT_REGS_PARM5(ctx);
+	else if (func_has_count_ptr(func))
 		st.count_ptr = (__u64)count_ptr;
 	if (func == F_PR_WRITEV) /* (fd, PRIOVec *iov, PRInt32 iov_size, timeout) */
 		st.count_ptr = num;
 	if (func_lib(func) == CT_LIB_NSS && !nss_is_ssl_fd((__u64)ssl))
+		return 0;
+	/* A hooked function that calls another one with the same arguments (OpenSSL 3.3+:
+	 * SSL_write_ex -> SSL_write_ex2, a tail jump in Debian's 3.5) is one call: the outer
+	 * stash is kept, and the first of the two returns emits it, the second finds nothing.
+	 * SSL_write_ex's size_t *written is SSL_write_ex2's 5th argument, so it is the same pointer. */
+	struct stash *outer = bpf_map_lookup_elem(&data_stash, &id);
+	if (outer && outer->ssl == st.ssl && outer->buf == st.buf && outer->count_ptr == st.count_ptr)
 		return 0;
 	bpf_get_current_comm(comm, sizeof(comm));
 	st.filtered = !ct_process_wanted(id >> 32, (__u32)bpf_get_current_uid_gid(), comm);
@@ -438,7 +453,7 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	/* Every call, also a failed one (a handshake in progress), learns the fd: node's calls do
 	 * no I/O themselves, the socket write that follows binds the SSL* to its fd. */
 	cc.fd = resolve_fd(&st, tgid);
-	if (func == F_SSL_READ_EX || func == F_SSL_PEEK_EX || func == F_SSL_WRITE_EX) {
+	if (func_has_count_ptr(func)) {
 		if ((int)ret != 1 || !st.count_ptr)
 			return 0;
 		bpf_probe_read_user(&cc.length, sizeof(cc.length), (void *)st.count_ptr);
@@ -496,6 +511,50 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 
 /* --- handshakes ------------------------------------------------------------------------- */
 
+struct ossl_fields {
+	__s32 version;
+	__s32 rwstate;
+	__s32 server;
+};
+
+/* version, rwstate and server of an OpenSSL SSL object; false when its layout is not known.
+ * 1.1.1-3.1 (CT_COOKIE_LAYOUT): struct ssl_st {int version; method; rbio; wbio; bbio; int rwstate
+ * (40); handshake_func; int server (56)}.
+ * 3.2+ (CT_COOKIE_SPLIT): the SSL* of a TLS connection is a struct ssl_connection_st {struct ssl_st
+ * (int type at 0: 0 for TLS, QUIC objects have others); SSL *user_ssl; int version; rbio; wbio;
+ * bbio; int rwstate (version+32); handshake_func; int server (version+48)} (openssl
+ * ssl/ssl_local.h). The ssl_st header is 0x38 bytes in 3.2-3.4 and 0x40 in 3.5-3.6, so nothing is
+ * assumed: an object counts as a plain TLS connection only when type is 0 and user_ssl at one of
+ * those two places points back to the object itself (measured on Debian 13's 3.5.9: user_ssl
+ * 0x40, version 0x48, rwstate 0x68, server 0x78). Anything else: unknown (role/version null). */
+static __always_inline bool ossl_fields(__u64 ssl, __u32 cookie, struct ossl_fields *f)
+{
+	__u64 base = 0;
+
+	if (cookie & CT_COOKIE_LAYOUT) {
+		bpf_probe_read_user(&f->version, sizeof(f->version), (void *)ssl);
+		bpf_probe_read_user(&f->rwstate, sizeof(f->rwstate), (void *)(ssl + 40));
+		bpf_probe_read_user(&f->server, sizeof(f->server), (void *)(ssl + 56));
+		return true;
+	}
+	if (!(cookie & CT_COOKIE_SPLIT))
+		return false;
+	struct { __s32 type; __s32 pad; __u64 ptr[9]; } head = {};  /* the first 0x48 bytes */
+	if (bpf_probe_read_user(&head, sizeof(head), (void *)ssl) || head.type != 0)
+		return false;
+	if (head.ptr[7] == ssl)       /* user_ssl at 0x40 (3.5+) */
+		base = ssl + 0x48;
+	else if (head.ptr[6] == ssl)  /* user_ssl at 0x38 (3.2-3.4) */
+		base = ssl + 0x40;
+	else
+		return false;
+	if (bpf_probe_read_user(&f->version, sizeof(f->version), (void *)base) ||
+	    bpf_probe_read_user(&f->rwstate, sizeof(f->rwstate), (void *)(base + 32)) ||
+	    bpf_probe_read_user(&f->server, sizeof(f->server), (void *)(base + 48)))
+		return false;
+	return true;
+}
+
 static __always_inline void emit_handshake(struct stash *st, __u32 func, int fd, struct conn *c, int result,
 					   __u8 ok, __u8 role, __u32 version)
 {
@@ -518,15 +577,15 @@ static __always_inline void emit_handshake(struct stash *st, __u32 func, int fd,
 static __always_inline void announce_session(struct stash *st, __u32 tgid, int fd, struct conn *c)
 {
 	struct ssl_key key = {.tgid = tgid, .ssl = st->ssl};
-	__s32 server = 0, version = 0;
+	struct ossl_fields of = {};
+	__u32 version = 0;
 	__u8 one = 1, role = 0;
 
 	if (bpf_map_lookup_elem(&sessions, &key) || bpf_map_update_elem(&sessions, &key, &one, BPF_NOEXIST))
 		return; /* already announced */
-	if (st->cookie & CT_COOKIE_LAYOUT) {
-		bpf_probe_read_user(&version, sizeof(version), (void *)st->ssl);
-		bpf_probe_read_user(&server, sizeof(server), (void *)(st->ssl + 56));
-		role = server ? 2 : 1;
+	if (func_lib(st->cookie & 0xff) == CT_LIB_OPENSSL && ossl_fields(st->ssl, st->cookie, &of)) {
+		version = of.version;
+		role = of.server ? 2 : 1;
 	} else if (func_lib(st->cookie & 0xff) == CT_LIB_GNUTLS) {
 		__u32 entity = 0;
 		bpf_probe_read_user(&entity, sizeof(entity), (void *)st->ssl);
@@ -584,27 +643,20 @@ int BPF_KRETPROBE(tls_hs_return, long ret)
 	} else {
 		/* 1 done, 0 failed; < 0 is "want read/write" (non-blocking) or a failure:
 		 * with the known layout ssl->rwstate (40) says which (1 = SSL_NOTHING: failure). */
-		if (result < 0) {
-			__s32 rwstate = 0;
-			if (!(st.cookie & CT_COOKIE_LAYOUT))
-				return 0;
-			bpf_probe_read_user(&rwstate, sizeof(rwstate), (void *)(st.ssl + 40));
-			if (rwstate != 1)
-				return 0;
-		}
+		struct ossl_fields of = {};
+		bool known = ossl_fields(st.ssl, st.cookie, &of);
+		if (result < 0 && (!known || of.rwstate != 1))
+			return 0;
 		ok = result == 1;
 		if (func == F_SSL_CONNECT)
 			role = 1;
 		else if (func == F_SSL_ACCEPT)
 			role = 2;
-		if (st.cookie & CT_COOKIE_LAYOUT) {
-			__s32 server = 0, v = 0;
-			bpf_probe_read_user(&v, sizeof(v), (void *)st.ssl);
-			bpf_probe_read_user(&server, sizeof(server), (void *)(st.ssl + 56));
+		if (known) {
 			if (!role)
-				role = server ? 2 : 1;
+				role = of.server ? 2 : 1;
 			if (ok)
-				version = v;
+				version = of.version;
 		}
 	}
 	fd = resolve_fd(&st, tgid);

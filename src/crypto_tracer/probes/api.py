@@ -59,6 +59,7 @@ FUNCTIONS: tuple[Function, ...] = (
     Function(13, "SSL_write", "libssl", "tls_write", shape=RET_BYTES),
     Function(14, "SSL_read_ex", "libssl", "tls_read", shape=EX),
     Function(15, "SSL_write_ex", "libssl", "tls_write", shape=EX),
+    Function(16, "SSL_write_ex2", "libssl", "tls_write", arg=5, shape=EX),  # 3.3+: written is argument 5
     # libcrypto: EVP digests, ciphers, signatures, key exchange, key generation, randomness
     Function(30, "EVP_DigestInit", "libcrypto", "digest", NID_PTR_OR_CTX, 2),
     Function(31, "EVP_DigestInit_ex", "libcrypto", "digest", NID_PTR_OR_CTX, 2),

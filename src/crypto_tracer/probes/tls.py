@@ -29,13 +29,13 @@ LIB_NAMES = {1: OPENSSL, 2: GNUTLS, 3: NSS}
 LIB_KIND_IDS = {v: k for k, v in LIB_NAMES.items()}
 FUNC_IDS = {"SSL_read": 1, "SSL_read_ex": 2, "SSL_peek": 3, "SSL_peek_ex": 4, "SSL_write": 5, "SSL_write_ex": 6,
             "gnutls_record_recv": 7, "gnutls_record_send": 8,
-            "PR_Read": 9, "PR_Recv": 10, "PR_Write": 11, "PR_Send": 12, "PR_Writev": 13,
+            "PR_Read": 9, "PR_Recv": 10, "PR_Write": 11, "PR_Send": 12, "PR_Writev": 13, "SSL_write_ex2": 14,
             "SSL_do_handshake": 20, "SSL_connect": 21, "SSL_accept": 22, "gnutls_handshake": 23}
 FUNC_NAMES = {v: k for k, v in FUNC_IDS.items()}
-WRITE_FUNCS = frozenset(FUNC_IDS[f] for f in ("SSL_write", "SSL_write_ex", "gnutls_record_send", "PR_Write",
-                                               "PR_Send", "PR_Writev"))
+WRITE_FUNCS = frozenset(FUNC_IDS[f] for f in ("SSL_write", "SSL_write_ex", "SSL_write_ex2", "gnutls_record_send",
+                                               "PR_Write", "PR_Send", "PR_Writev"))
 HANDSHAKE_FUNCS = frozenset(("SSL_do_handshake", "SSL_connect", "SSL_accept", "gnutls_handshake"))
-COOKIE_LAYOUT = 0x100
+COOKIE_LAYOUTS = {discovery.FLAT_SSL: 0x100, discovery.SPLIT_SSL: 0x200}  # CT_COOKIE_LAYOUT, _SPLIT
 READ_BATCH = 2048  # records handled per read of the ring (as RingBuffer's batch)
 
 DATA = struct.Struct("<QQQIiBBBx" "BxHHxx16s16s")  # struct tls_data_rec up to data[]
@@ -420,7 +420,7 @@ class TlsTracer:
                         self.attach_failures[-1] if self.attach_failures else "no probe attached")
 
     def _cookie(self, lib: TlsLibrary, func: str, key_bits: int) -> int:
-        return FUNC_IDS.get(func, 0) | (COOKIE_LAYOUT if lib.openssl_layout else 0) | key_bits
+        return FUNC_IDS.get(func, 0) | COOKIE_LAYOUTS.get(lib.openssl_layout, 0) | key_bits
 
     @staticmethod
     def _programs_for(func: str) -> tuple[tuple[str, bool], ...]:
