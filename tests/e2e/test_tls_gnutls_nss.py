@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tlspeers as tp  # noqa: E402
-from conftest import need_root, need_tool  # noqa: E402
+from tests.conftest import need_root, need_tool  # noqa: E402
 from test_tls_openssl import assert_tuple  # noqa: E402
 
 pytestmark = pytest.mark.ebpf
