@@ -125,31 +125,39 @@ def private_dir(tmp_path):
         subprocess.run(["umount", "-l", d], check=True)
 
 
-def test_unshared_mount_namespace_paths_are_its_own(private_dir):
+def test_unshared_mount_namespace_paths_are_its_own(private_dir, tmp_path_factory):
     need_tool("unshare")
     d = private_dir
     os.makedirs(f"{d}/work")
     write_key(f"{d}/hidden/k.pem")  # visible as {d}/work/k.pem inside the namespace only
     with open(f"{d}/work/k.pem", "w") as f:
         f.write("not a key\n")  # what the host sees at that path
-    script = f"mount --bind {d}/hidden {d}/work && read x && cd {d}/work && exec cat k.pem"
+    script = f"mount --bind {d}/hidden {d}/work && echo ready && read x && cd {d}/work && exec cat k.pem -"
     p = subprocess.Popen(["unshare", "--mount", "--propagation", "unchanged", "sh", "-c", script],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # the shell is in its namespace once unshare has exec'd it
-    deadline = time.monotonic() + 10
-    while mnt_ns(p.pid) == mnt_ns(os.getpid()):
-        assert time.monotonic() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else ""
-        time.sleep(0.01)
+    # the shell runs in its namespace, its mount made, before the tracer starts (so unshare's
+    # exec of sh is not in the trace)
+    assert p.stdout.readline() == "ready\n", p.stderr.read()
     ns = mnt_ns(p.pid)
-    t = Tracer(["monitor", "--pid", str(p.pid), "--no-redact"])
-    assert "PRIVATE KEY" in go(p)
-    out, err, rc = t.stop()
+    result = str(tmp_path_factory.mktemp("out") / "events.json")
+    t = Tracer(["monitor", "--pid", str(p.pid), "--no-redact", "-o", result])
+    # cat opens k.pem, then reads its stdin until EOF: it stays alive (so the key is read through
+    # its root, not the host's file at that path) until the event has been written
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    deadline = time.monotonic() + 20
+    while '"file_open"' not in open(result).read():
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.02)
+    out_text, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "PRIVATE KEY" in out_text, err
+    _, err, rc = t.stop()
     assert rc == 0, err
     assert ns != mnt_ns(os.getpid())
-    events = parse_stream(out)
+    events = parse_stream(open(result).read())
     cat = os.path.realpath(shutil.which("cat"))
     assert [view(e) for e in events] == [
-        ("process_exec", cat, "/", ns, None, "cat k.pem"),
+        ("process_exec", cat, "/", ns, None, "cat k.pem -"),
         ("file_open", cat, "/", ns, f"{d}/work/k.pem", None),  # relative: cwd walked across the bind mount
         ("process_exit", cat, "/", ns, None, None),
     ], out
