@@ -119,7 +119,7 @@ OPTIONS: dict[str, Opt] = {
     "max_payload": Opt(("--max-payload",), dict(type=_size, default=1 << 20, metavar="BYTES",
                        help="capture at most BYTES of each call, the rest is marked truncated (default 1M)")),
     "filter": Opt(("filter",), dict(nargs="*", metavar="FILTER",
-                  help="capture filter: 'port 443', 'host 10.0.0.1', joined with and/or")),
+                  help="connection filter: 'port 443', 'host 10.0.0.1 and not port 22' (see README)")),
 }
 
 # Which options each command takes, in help order.

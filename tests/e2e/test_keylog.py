@@ -203,3 +203,25 @@ def test_key_log_to_stdout_without_k(peers):
     out = tracer.proc.stdout.read()
     want = {" ".join(line) for line in read_keylog(keys)}
     assert want and want <= set(out.splitlines())
+
+
+def test_filter_keeps_the_keys_of_matching_connections_only(peers):
+    """`tls -m keylog port N`: the same connection filter as text/json, over each session's handshake."""
+    d, _ = peers
+    path = d / "tracer-nginx-port.keys"
+    tracer = Tracer(["tls", "-m", "keylog", "-k", str(path), "port", str(NGINX_PORT)])
+    try:
+        curl_keys, py_keys = d / "curl-filtered.keys", d / "pyclient-filtered.keys"
+        subprocess.run(["curl", "-sk", f"https://127.0.0.1:{NGINX_PORT}/{token()}"],
+                       env=dict(os.environ, SSLKEYLOGFILE=str(curl_keys)), capture_output=True, timeout=20, check=True)
+        want = read_keylog(curl_keys)
+        assert want and by_client_random(_wait_lines(path, want)) == by_client_random(want)
+        out = subprocess.run([sys.executable, "-c", PYCLIENT, str(PY_PORT), f"/{token()}", "1.3", str(py_keys)],
+                             capture_output=True, text=True, timeout=20)
+        assert "resp-/" in out.stdout
+    finally:
+        assert tracer.stop() == 0
+    # after the drain: the other port's session is not in the key log, the filtered one is
+    assert read_keylog(py_keys) and not {x[1] for x in read_keylog(py_keys)} & {x[1] for x in read_keylog(path)}
+    assert {x[1] for x in read_keylog(path)} == {x[1] for x in want}
+    assert "left out by the filter" in tracer.stderr

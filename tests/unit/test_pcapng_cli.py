@@ -7,14 +7,20 @@ from tests.conftest import run_tracer
 
 @pytest.mark.parametrize("args, message", [
     (["tls", "-m", "pcapng"], "needs an output file: -w FILE"),
-    (["tls", "-m", "keylog", "port", "443"], "capture filter only applies to -m pcapng"),
+    (["tls", "-m", "keylog", "udp"], "capture filter: 'udp' only applies to -m pcapng"),
+    (["tls", "-m", "json", "udp"], "capture filter: 'udp' only applies to -m pcapng"),
+    (["tls", "-m", "keylog", "port", "x"], "capture filter: 'x' is not a port number"),
     (["tls", "-m", "pcapng", "-w", "/tmp/x.pcapng", "net", "10.0.0.0/8"], "'net' is not supported"),
+    (["tls", "-m", "pcapng", "-w", "/tmp/x.pcapng", "not", "port", "22"],
+     "capture filter: 'not' is not supported by the kernel packet filter of -m pcapng"),
     (["tls", "-m", "pcapng", "-w", "/tmp/x.pcapng", "-i", "nosuchif0"], "no network interface 'nosuchif0'"),
 ])
 def test_bad_arguments_exit_2(args, message):
     out = run_tracer(args, timeout=30)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
+    if "capture filter" in message and "port number" not in message:  # refusals (not syntax errors) are one line
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "Traceback" not in out.stderr
 
 

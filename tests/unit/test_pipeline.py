@@ -4,7 +4,7 @@ import os
 import pytest
 
 from crypto_tracer.enrich import decode_exit, decode_open_flags
-from crypto_tracer.filters import UserFilter
+from crypto_tracer.filters.events import EventFilter
 from crypto_tracer.probes.monitor import path_from_parts
 from crypto_tracer.redact import redact, redact_event, redact_text
 from crypto_tracer.sinks.json import make_json_sink
@@ -74,26 +74,26 @@ EXEC_EV = {"event_type": "process_exec", "pid": 1}
 
 
 def test_file_glob_star_crosses_slashes():
-    f = UserFilter(file_globs=["*.pem"])
+    f = EventFilter(file_globs=["*.pem"])
     assert f(FILE_EV) and not f(LIB_EV) and not f(EXEC_EV)
-    assert UserFilter(file_globs=["/etc/ssl/*"])(FILE_EV)
-    assert not UserFilter(file_globs=["/var/*"])(FILE_EV)
-    assert not UserFilter(file_globs=["*.crt"])(FILE_EV)
-    assert UserFilter(file_globs=["*.crt", "*.pem"])(FILE_EV)  # repeatable: any matches
+    assert EventFilter(file_globs=["/etc/ssl/*"])(FILE_EV)
+    assert not EventFilter(file_globs=["/var/*"])(FILE_EV)
+    assert not EventFilter(file_globs=["*.crt"])(FILE_EV)
+    assert EventFilter(file_globs=["*.crt", "*.pem"])(FILE_EV)  # repeatable: any matches
 
 
 def test_file_glob_matches_real_and_redacted_paths():
     ev = {"event_type": "file_open", "file": "/root/k.key"}
-    assert UserFilter(file_globs=["/root/*"])(ev)
-    assert UserFilter(file_globs=["/home/ROOT/*"])(ev)
+    assert EventFilter(file_globs=["/root/*"])(ev)
+    assert EventFilter(file_globs=["/home/ROOT/*"])(ev)
 
 
 def test_library_filter_is_case_insensitive_substring():
-    assert UserFilter(libraries=["SsL"])(LIB_EV)
-    assert UserFilter(libraries=["libssl"])(LIB_EV)
-    assert not UserFilter(libraries=["gnutls"])(LIB_EV)
-    assert not UserFilter(libraries=["ssl"])(FILE_EV)  # no library field: filtered out
-    assert UserFilter()(FILE_EV) and not UserFilter().active
+    assert EventFilter(libraries=["SsL"])(LIB_EV)
+    assert EventFilter(libraries=["libssl"])(LIB_EV)
+    assert not EventFilter(libraries=["gnutls"])(LIB_EV)
+    assert not EventFilter(libraries=["ssl"])(FILE_EV)  # no library field: filtered out
+    assert EventFilter()(FILE_EV) and not EventFilter().active
 
 
 def _write(tmp_path, fmt, events):

@@ -1,5 +1,5 @@
-"""Unit tests of the tls pieces that need no privileges: the capture filter, the text sink,
-record decoding, addresses and the ELF reader of discovery."""
+"""Unit tests of the tls pieces that need no privileges: the text sink, record decoding,
+addresses and the ELF reader of discovery (the filter: test_connection_filter.py)."""
 
 import os
 import ssl
@@ -9,36 +9,11 @@ import sys
 import pytest
 
 from crypto_tracer import discovery
-from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.netfilter import compile_filter
+from crypto_tracer.errors import TracerError
 from crypto_tracer.probes import tls as probe
 from crypto_tracer.sinks.text import TextSink, as_text, endpoint, hex_dump
 
 CONN = ("127.0.0.1", 40000, "10.0.0.1", 443)
-
-
-@pytest.mark.parametrize("expr, expected", [
-    ("port 443", True), ("port 80", False), ("host 10.0.0.1", True), ("host 10.0.0.2", False),
-    ("port 443 and host 10.0.0.1", True), ("port 80 or host 127.0.0.1", True), ("not port 443", False),
-    ("src port 40000", True), ("dst port 40000", False), ("dst host 10.0.0.1", True),
-    ("tcp port 443", True), ("net 10.0.0.0/8", True), ("( port 1 or port 2 ) and host 10.0.0.1", False),
-    ("portrange 400-500", True), ("port 443 && !host 10.0.0.1", False), ("port 80 || port 443", True),
-])
-def test_capture_filter(expr, expected):
-    assert compile_filter(expr.split())(CONN) is expected
-
-
-def test_capture_filter_unknown_addresses_never_match():
-    assert compile_filter(["port", "443"])((None, None, None, None)) is False
-    assert compile_filter(["not", "port", "443"])((None, None, None, None)) is True
-    assert compile_filter([]) is None
-
-
-@pytest.mark.parametrize("expr", ["port", "port x", "port 70000", "host nothost", "foo 1", "( port 1", "port 1 )"])
-def test_capture_filter_errors_are_bad_arguments(expr):
-    with pytest.raises(TracerError) as exc:
-        compile_filter(expr.split())
-    assert exc.value.status == ExitStatus.BAD_ARGS
 
 
 def _data_record(payload, family=2, laddr=bytes([127, 0, 0, 1]) + bytes(12), func=5, length=None, offset=0,

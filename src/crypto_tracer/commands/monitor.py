@@ -1,6 +1,6 @@
 """monitor, libs and files: the live stream of crypto events.
 
-kernel (monitor.bpf.c) -> ring buffer -> decode -> enrich -> user filters -> redact -> sink
+kernel (monitor.bpf.c) -> ring buffer -> decode -> enrich -> event filter -> redact -> sink
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from crypto_tracer.clock import WallClock
 from crypto_tracer.enrich import Enricher
 from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.filters import UserFilter
+from crypto_tracer.filters.events import EventFilter
 from crypto_tracer.log import is_verbose, log
 from crypto_tracer.preflight import preflight
 from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
@@ -39,8 +39,8 @@ def make_sink(fmt: str, path: str | None):
 class Pipeline:
     """Turns batches of raw records into written events, counting every step."""
 
-    def __init__(self, sink, stats: RunStats, user_filter: UserFilter, redact_paths: bool, clock: WallClock):
-        self.sink, self.stats, self.filter = sink, stats, user_filter
+    def __init__(self, sink, stats: RunStats, event_filter: EventFilter, redact_paths: bool, clock: WallClock):
+        self.sink, self.stats, self.filter = sink, stats, event_filter
         self.enrich = Enricher(clock)
         self.redact = redact_paths
 
@@ -87,7 +87,7 @@ def run(opts, extra_pids=None, on_ready=None) -> int:
         sink = make_sink(opts.format, opts.output)
         clock = WallClock()
         stats = RunStats(probe.counters)
-        pipeline = Pipeline(sink, stats, UserFilter(opts.file, opts.library), not opts.no_redact, clock)
+        pipeline = Pipeline(sink, stats, EventFilter(opts.file, opts.library), not opts.no_redact, clock)
         batch: list[bytes] = []
         ring = probe.open_ring(batch.append)
         probe.attach()

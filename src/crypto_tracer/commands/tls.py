@@ -1,6 +1,6 @@
 """tls: TLS plaintext as text or JSON (-m text|json); key logs and pcapng live in tls_secrets.
 
-kernel (tls.bpf.c) -> ring buffer -> decode -> enrich -> capture filter -> text/json sink
+kernel (tls.bpf.c) -> ring buffer -> decode -> enrich -> connection filter -> text/json sink
 """
 
 from __future__ import annotations
@@ -61,13 +61,14 @@ class ProcessInfo:
 
 class Capture:
     def __init__(self, opts):
-        from crypto_tracer.netfilter import compile_filter
+        from crypto_tracer.filters.connections import compile_connection_filter
 
         self.opts = opts
         if opts.model == "json" and opts.format == "summary":
             raise TracerError("-f summary is not available for tls", ExitStatus.BAD_ARGS,
                               "use -f json-stream, json-array or json-pretty")
-        self.net_filter = compile_filter(opts.filter)  # bad filters are argument errors: before privileges
+        # bad filters are argument errors: before privileges
+        self.conn_filter = compile_connection_filter(opts.filter)
         self.text = opts.model == "text"
         self.redact = not opts.no_redact
         self.procs = ProcessInfo(self.redact)
@@ -273,7 +274,7 @@ class Capture:
         return ev, data, offset + chunk >= min(length, self.opts.max_payload)
 
     def _entry(self, raw: bytes, key: bytes):
-        """What a record's connection needs, cached under key: None when the capture filter
+        """What a record's connection needs, cached under key: None when the connection filter
         drops it; _NOT_DATA for other record types (not cached)."""
         from crypto_tracer.probes.tls import decode_data
 
@@ -282,8 +283,8 @@ class Capture:
             return _NOT_DATA if rtype == CT_EV_TLS_HANDSHAKE else None
         rec = decode_data(raw)
         entry = None
-        if self.net_filter is None or self.net_filter((rec.local_addr, rec.local_port, rec.remote_addr,
-                                                       rec.remote_port)):
+        if self.conn_filter is None or self.conn_filter((rec.local_addr, rec.local_port, rec.remote_addr,
+                                                         rec.remote_port)):
             entry = self._prepare(rec)
         if len(self._conns) >= CONN_CACHE_SIZE:
             self._conns.clear()
@@ -316,8 +317,8 @@ class Capture:
         from crypto_tracer.probes.tls import decode_handshake
 
         rec = decode_handshake(raw)
-        if self.net_filter is not None and not self.net_filter((rec.local_addr, rec.local_port, rec.remote_addr,
-                                                                rec.remote_port)):
+        if self.conn_filter is not None and not self.conn_filter((rec.local_addr, rec.local_port, rec.remote_addr,
+                                                                  rec.remote_port)):
             return None
         ppid, exe = self.procs.get(rec.pid)  # exe already redacted
         common = {"timestamp": self.clock.iso(rec.ts_ns), "pid": rec.pid, "ppid": ppid, "uid": rec.uid,

@@ -81,17 +81,20 @@ def run(opts) -> int:
     from crypto_tracer.probes.tls import TlsTracer
     from crypto_tracer.sinks.keylog import KeyLog
 
+    from crypto_tracer.filters.connections import SessionFilter, compile_connection_filter, compile_packet_filter
+
     pcap = opts.model in ("pcap", "pcapng")
-    interfaces, capture_filter = [], None
+    interfaces, packet_filter = [], None
     if pcap:
-        from crypto_tracer.probes.capture import interface, parse_filter
+        from crypto_tracer.probes.capture import interface
 
         if not opts.pcapfile:
             raise TracerError(f"-m {opts.model} needs an output file: -w FILE", ExitStatus.BAD_ARGS)
         interfaces = [interface(name) for name in dict.fromkeys(opts.ifname or ["lo"])]
-        capture_filter = parse_filter(opts.filter or [])
-    elif opts.filter:
-        raise TracerError("a capture filter only applies to -m pcapng", ExitStatus.BAD_ARGS)
+        packet_filter = compile_packet_filter(opts.filter)
+    # keys (key log and Decryption Secrets Blocks) only of sessions whose connection matches
+    match = compile_connection_filter(opts.filter, with_packets=pcap)
+    sessions = SessionFilter(match) if match is not None else None
     keylog_path = opts.keylogfile or (None if pcap else (opts.output or "-"))
 
     clock = WallClock()
@@ -102,7 +105,7 @@ def run(opts) -> int:
 
     failures: list[TracerError] = []  # raised inside ring-buffer callbacks, re-raised by the loop
 
-    def on_lines(lines, _rec):
+    def write_lines(lines):
         try:
             text = keylog.add(lines)
             if text and sink is not None:
@@ -110,7 +113,21 @@ def run(opts) -> int:
         except TracerError as exc:  # e.g. the disk is full
             failures.append(exc)
 
+    def on_lines(lines, rec):
+        if sessions is None:
+            write_lines(lines)
+        else:
+            sessions.keys(rec.pid, rec.ssl, lambda: write_lines(lines))
+
     keys = KeyExtractor(tracer, on_lines)
+    if sessions is not None:
+        from crypto_tracer.probes.tls import CT_EV_TLS_HANDSHAKE, decode_handshake
+
+        def on_handshake(raw):  # the connection of the session whose keys may be waiting
+            hs = decode_handshake(raw)
+            sessions.connection(hs.pid, hs.ssl, (hs.local_addr, hs.local_port, hs.remote_addr, hs.remote_port))
+
+        tracer.on(CT_EV_TLS_HANDSHAKE, on_handshake)
     stop = runloop.StopFlag().install()
     try:
         if pcap:
@@ -119,7 +136,7 @@ def run(opts) -> int:
 
             writer = PcapngWriter(opts.pcapfile)
             sink = PacketSink(writer, interfaces, clock)
-            capture = TcCapture(interfaces, capture_filter, sink.add, mapsize=opts.mapsize)
+            capture = TcCapture(interfaces, packet_filter, sink.add, mapsize=opts.mapsize)
             capture.start()
         tracer.start()
         if not tracer.libraries:
@@ -132,6 +149,8 @@ def run(opts) -> int:
         def poll(timeout_ms: int) -> None:
             select.select(fds, [], [], timeout_ms / 1000)
             tracer.poll(0)  # keys first: their DSB must precede the packets they decrypt
+            if sessions is not None:
+                sessions.expire()
             if failures:
                 raise failures[0]
             if capture is not None:
@@ -144,11 +163,11 @@ def run(opts) -> int:
         stop.restore()
         if capture is not None:
             capture.detach()  # nothing new arrives; what is in the ring is still read
-        _finish(tracer, capture, sink)
+        _finish(tracer, capture, sink, sessions)
         keylog.close()
         if writer is not None:
             writer.close()
-    _report(opts, keylog, keys, tracer, capture, sink)
+    _report(opts, keylog, keys, tracer, capture, sink, sessions)
     return ExitStatus.OK
 
 
@@ -165,10 +184,12 @@ class _DropWatch:
                          + (self.capture.counters()["dropped"] if self.capture else 0))
 
 
-def _finish(tracer, capture, sink) -> None:
+def _finish(tracer, capture, sink, sessions) -> None:
     try:
         if tracer.rb is not None:
             tracer.drain()  # the last keys first, so that their DSBs precede the last packets
+        if sessions is not None:
+            sessions.expire(everything=True)
         if capture is not None and capture.rb is not None:
             capture.drain()
         if sink is not None:
@@ -180,9 +201,12 @@ def _finish(tracer, capture, sink) -> None:
             capture.close()
 
 
-def _report(opts, keylog, keys, tracer, capture, sink) -> None:
+def _report(opts, keylog, keys, tracer, capture, sink, sessions) -> None:
     """End-of-run figures through the logger (INFO is hidden by --quiet, warnings are not)."""
     log.info("%d TLS sessions, %d key log lines", keylog.sessions, keylog.lines_written)
+    if sessions is not None and sessions.dropped:
+        log.info("keys of %d sessions left out by the filter (%d of them with an unknown connection)",
+                 sessions.dropped, sessions.unknown_dropped)
     if capture is not None:
         c = capture.counters_at_end
         log.info("%d packets written to %s (seen %d, filtered out %d, dropped %d, submitted %d%s)",

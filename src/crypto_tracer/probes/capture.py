@@ -1,4 +1,4 @@
-"""The user side of tc_capture.bpf.c: the capture filter, the clsact hooks on each interface
+"""The user side of tc_capture.bpf.c: the packet filter's map value, the clsact hooks on each interface
 (and their cleanup, also after a crash), and decoding of CT_EV_PACKET records.
 
 Cleanup: every run writes /run/crypto-tracer/tc-capture-<pid>.json naming what it attached.
@@ -11,15 +11,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
-import ipaddress
 import json
 import os
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from crypto_tracer.errors import ExitStatus, TracerError
+from crypto_tracer.filters.connections import MAX_HOSTS, MAX_PORTS, PacketFilter
 from crypto_tracer.log import log
 
 CT_EV_PACKET = 9
@@ -27,7 +27,6 @@ SNAPLEN = 256 * 1024  # lo carries pre-GSO packets of ~107 KB
 STATE_DIR = "/run/crypto-tracer"
 TC_HANDLE = 0xC7
 TC_PRIORITY = 0xC7
-MAX_PORTS = MAX_HOSTS = 8
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 LINKTYPE_ETHERNET, LINKTYPE_RAW = 1, 101
 
@@ -36,63 +35,16 @@ CONFIG = struct.Struct("<IIII8H" + "I16s" * MAX_HOSTS)
 IFACE = struct.Struct("<II")
 
 
-# --- the capture filter --------------------------------------------------------------------
+# --- the packet filter (filters/connections.compile_packet_filter) --------------------------
 
-@dataclass
-class CaptureFilter:
-    proto: int = 0
-    ports: list[int] = field(default_factory=list)
-    hosts: list[ipaddress._BaseAddress] = field(default_factory=list)
-
-    def value(self, snaplen: int) -> bytes:
-        ports = self.ports + [0] * (MAX_PORTS - len(self.ports))
-        hosts = []
-        for h in self.hosts + [None] * (MAX_HOSTS - len(self.hosts)):
-            hosts += [0, b""] if h is None else [socket.AF_INET if h.version == 4 else socket.AF_INET6, h.packed]
-        return CONFIG.pack(snaplen, self.proto, len(self.ports), len(self.hosts), *ports, *hosts)
-
-
-def parse_filter(words: list[str]) -> CaptureFilter:
-    """'tcp', 'udp', 'port N', 'host ADDR', joined with 'and'; 'or' only between terms of one
-    kind ('port 443 or port 8443'). Anything else is refused, never ignored."""
-    f = CaptureFilter()
-    tokens = " ".join(words).replace("(", " ").replace(")", " ").split()
-    kinds, i = [], 0
-    while i < len(tokens):
-        tok = tokens[i].lower()
-        if tok in ("and", "&&", "or", "||"):
-            kinds.append(tok)
-            i += 1
-            continue
-        if tok in ("tcp", "udp"):
-            f.proto = socket.IPPROTO_TCP if tok == "tcp" else socket.IPPROTO_UDP
-            kinds.append("proto")
-            i += 1
-            continue
-        if tok in ("port", "host") and i + 1 < len(tokens):
-            value = tokens[i + 1]
-            try:
-                if tok == "port":
-                    port = int(value)
-                    if not 0 < port < 65536:
-                        raise ValueError
-                    f.ports.append(port)
-                else:
-                    f.hosts.append(ipaddress.ip_address(value))
-            except ValueError:
-                raise TracerError(f"capture filter: invalid {tok} '{value}'", ExitStatus.BAD_ARGS) from None
-            kinds.append(tok)
-            i += 2
-            continue
-        raise TracerError(f"capture filter: '{tokens[i]}' is not supported", ExitStatus.BAD_ARGS,
-                          "use tcp/udp, port N, host ADDR, joined with and (or between ports or between hosts)")
-    for j, k in enumerate(kinds):
-        if k in ("or", "||") and not (0 < j < len(kinds) - 1 and kinds[j - 1] == kinds[j + 1] != "proto"):
-            raise TracerError("capture filter: 'or' is only supported between ports or between hosts",
-                              ExitStatus.BAD_ARGS, "e.g. 'port 443 or port 8443 and host 10.0.0.1'")
-    if len(f.ports) > MAX_PORTS or len(f.hosts) > MAX_HOSTS:
-        raise TracerError(f"capture filter: at most {MAX_PORTS} ports and {MAX_HOSTS} hosts", ExitStatus.BAD_ARGS)
-    return f
+def config_value(packet_filter: PacketFilter, snaplen: int) -> bytes:
+    """struct cap_config for the packet filter."""
+    f = packet_filter
+    ports = f.ports + [0] * (MAX_PORTS - len(f.ports))
+    hosts = []
+    for h in f.hosts + [None] * (MAX_HOSTS - len(f.hosts)):
+        hosts += [0, b""] if h is None else [socket.AF_INET if h.version == 4 else socket.AF_INET6, h.packed]
+    return CONFIG.pack(snaplen, f.proto, len(f.ports), len(f.hosts), *ports, *hosts)
 
 
 # --- interfaces and TC hooks ---------------------------------------------------------------
@@ -291,10 +243,10 @@ def client_hello_random(frame: bytes, has_l2: bool) -> bytes | None:
 class TcCapture:
     """Captures packets on interfaces with TC; records go to handler(raw bytes)."""
 
-    def __init__(self, interfaces: list[Interface], capture_filter: CaptureFilter, handler: Callable[[bytes], None],
+    def __init__(self, interfaces: list[Interface], packet_filter: PacketFilter, handler: Callable[[bytes], None],
                  snaplen: int = SNAPLEN, mapsize: int | None = None):
         self.interfaces = interfaces
-        self.filter = capture_filter
+        self.filter = packet_filter
         self.handler = handler
         self.snaplen = min(snaplen, SNAPLEN)
         self.mapsize = mapsize or (32 << 20)
@@ -312,7 +264,7 @@ class TcCapture:
         self.obj.map("events").set_max_entries(self.mapsize)
         self.obj.load()
         zero = struct.pack("<I", 0)
-        self.obj.map("cap_config").update(zero, self.filter.value(self.snaplen))
+        self.obj.map("cap_config").update(zero, config_value(self.filter, self.snaplen))
         for ifc in self.interfaces:
             self.obj.map("cap_ifaces").update(struct.pack("<I", ifc.ifindex),
                                               IFACE.pack(14 if ifc.has_l2 else 0, int(ifc.arphrd == ARPHRD_LOOPBACK)))

@@ -1,4 +1,4 @@
-"""User-space filters: --file globs and --library substrings (pid/uid/name are in the kernel).
+"""The event filter of monitor: --file globs and --library substrings (pid/uid/name are in the kernel).
 
 Filters AND together. A filter on a field drops events without that field, so
 `--file X` keeps only file events. '*' in --file globs crosses '/': '*.pem' matches
@@ -13,7 +13,7 @@ import re
 from crypto_tracer.redact import redact
 
 
-class UserFilter:
+class EventFilter:
     def __init__(self, file_globs: list[str] | None = None, libraries: list[str] | None = None,
                  event_types: tuple[str, ...] | None = None):
         self.file_res = [re.compile(fnmatch.translate(g)) for g in file_globs or []]
