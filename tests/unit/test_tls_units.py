@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from crypto_tracer import discovery
+from crypto_tracer.host import discovery
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.netfilter import compile_filter
 from crypto_tracer.probes import tls as probe
