@@ -72,30 +72,30 @@ def _tls_exports(f: elf.ElfFile) -> TlsExports:
     return info
 
 
-def kind_of(name: str, elf: TlsExports) -> str | None:
+def kind_of(name: str, exports: TlsExports) -> str | None:
     """Which TLS stack a mapped file is, from its name and exports."""
     base = os.path.basename(name)
     if base.startswith("libnspr4"):
         return NSS
-    if base.startswith("libgnutls.so") and "gnutls_record_send" in elf.symbols:
+    if base.startswith("libgnutls.so") and "gnutls_record_send" in exports.symbols:
         return GNUTLS
-    if "SSL_write" in elf.symbols and "SSL_read" in elf.symbols and not base.startswith("libssl3"):
+    if "SSL_write" in exports.symbols and "SSL_read" in exports.symbols and not base.startswith("libssl3"):
         return OPENSSL  # libssl.so.*, or an executable with a static OpenSSL (node)
     return None
 
 
-def openssl_layout(kind: str, elf: TlsExports) -> str | None:
+def openssl_layout(kind: str, exports: TlsExports) -> str | None:
     """Which SSL object layout an OpenSSL has, from its exports: SSL_read_ex is 1.1.1+,
     SSL_is_connection 3.2+ (the split object). 1.1.0 and older: None."""
-    if kind != OPENSSL or "SSL_read_ex" not in elf.symbols:
+    if kind != OPENSSL or "SSL_read_ex" not in exports.symbols:
         return None
-    return SPLIT_SSL if "SSL_is_connection" in elf.symbols else FLAT_SSL
+    return SPLIT_SSL if "SSL_is_connection" in exports.symbols else FLAT_SSL
 
 
-def functions_for(kind: str, elf: TlsExports) -> tuple[str, ...]:
+def functions_for(kind: str, exports: TlsExports) -> tuple[str, ...]:
     wanted = {OPENSSL: OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free",), GNUTLS: GNUTLS_FUNCS,
               NSS: NSS_FUNCS}[kind]
-    return tuple(f for f in wanted if f in elf.symbols)
+    return tuple(f for f in wanted if f in exports.symbols)
 
 
 def _candidate(path: str) -> bool:
@@ -148,14 +148,14 @@ class Discovery:
         if os.path.basename(display).startswith("libssl3.so"):
             self.seen[key] = None
             return None
-        elf = read_elf(path)
-        kind = kind_of(display, elf) if elf else None
+        exports = read_elf(path)
+        kind = kind_of(display, exports) if exports else None
         if kind is None:
             self.seen[key] = None
             return None
-        lib = TlsLibrary(path=path, kind=kind, build_id=elf.build_id, dev_ino=key,
-                         functions=functions_for(kind, elf), offsets=elf.offsets, display_path=display,
-                         openssl_layout=openssl_layout(kind, elf))
+        lib = TlsLibrary(path=path, kind=kind, build_id=exports.build_id, dev_ino=key,
+                         functions=functions_for(kind, exports), offsets=exports.offsets, display_path=display,
+                         openssl_layout=openssl_layout(kind, exports))
         if pid is not None:
             lib.pids.add(pid)
         self.seen[key] = lib
