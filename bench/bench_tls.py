@@ -52,7 +52,7 @@ class EmptyFloor:
     """tls.bpf.o's empty program on every uprobe and uretprobe `tls` would put on libssl."""
 
     def __init__(self):
-        from crypto_tracer import discovery
+        from crypto_tracer.host import discovery
         from crypto_tracer.engine import BpfObject
 
         path = "/usr/lib/x86_64-linux-gnu/libssl.so.3"

@@ -6,10 +6,11 @@ The kernel programs pre-filter with a copy of the suffix and library-name tables
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import stat
+
+from crypto_tracer.host import elf
 
 # file name suffix -> file type (lower-case comparison)
 SUFFIX_TYPES: dict[str, str] = {
@@ -170,9 +171,6 @@ def library_name(path: str) -> str | None:
     return name if name in CRYPTO_LIBRARIES else None
 
 
-_OPENSSL_RE = re.compile(rb"(OpenSSL|LibreSSL|BoringSSL|wolfSSL) (\d+\.\d+\.\d+[a-z]?)")
-_BORING_RE = re.compile(rb"BoringSSL")
-_BARE_VERSION_RE = re.compile(rb"\x00([1-9]\d?\.\d{1,3}\.\d{1,3})\x00")
 _version_cache: dict[tuple[int, int, int], str | None] = {}
 
 
@@ -207,17 +205,9 @@ def library_version(path: str, name: str | None = None) -> str | None:
 
 
 def _read_version(path: str, name: str) -> str | None:
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            family = CRYPTO_LIBRARIES.get(name)
-            if family in ("openssl", "wolfssl", "boringssl"):
-                m = _OPENSSL_RE.search(data)
-                if m:
-                    return m.group(2).decode()
-                return "BoringSSL" if _BORING_RE.search(data) else None
-            if family in ("gnutls", "nss", "libsodium", "libgcrypt"):
-                m = _BARE_VERSION_RE.search(data)
-                return m.group(1).decode() if m else None
-    except (OSError, ValueError):
-        return None
+    family = CRYPTO_LIBRARIES.get(name)
+    if family in ("openssl", "wolfssl", "boringssl"):
+        return elf.banner_version(path, openssl_family=True)
+    if family in ("gnutls", "nss", "libsodium", "libgcrypt"):
+        return elf.banner_version(path, openssl_family=False)
     return None

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from crypto_tracer.keys import calibrate
-from crypto_tracer.keys.elfinfo import build_id, openssl_version
+from crypto_tracer.host.elf import build_id_or_digest as build_id, openssl_version
 from tests.conftest import STATIC_NODE_OPENSSL, static_node, static_node_layout_cache
 
 

@@ -10,6 +10,7 @@ import time
 from datetime import datetime, timezone
 
 from crypto_tracer import inventory
+from crypto_tracer.host import discovery
 from crypto_tracer.commands.profile import ProcessProfile, render_summary, tls_summary
 from crypto_tracer.probes import api
 from crypto_tracer.redact import redact, redact_text
@@ -113,7 +114,7 @@ def test_function_table_and_cookies():
 
 def test_symbol_offsets_match_nm():
     lib = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
-    offsets = inventory.symbol_file_offsets(lib, ["SSL_write", "SSL_read", "SSL_do_handshake", "no_such_fn"])
+    offsets = discovery.function_offsets(lib, ["SSL_write", "SSL_read", "SSL_do_handshake", "no_such_fn"])
     assert set(offsets) == {"SSL_write", "SSL_read", "SSL_do_handshake"}
     if shutil.which("nm"):
         nm = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True).stdout

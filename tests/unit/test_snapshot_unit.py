@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from crypto_tracer import inventory
+from crypto_tracer.host import discovery, proc
 from crypto_tracer.commands import snapshot
 from crypto_tracer.sinks.snapshot_summary import render
 from tests.conftest import static_node
@@ -53,14 +54,14 @@ def test_tcp6_address_decoding():
     line = (b"  sl  local_address rem_address   st\n"
             b"   0: 00000000000000000000000001000000:1F90 0000000000000000FFFF00000100007F:D431 01 "
             b"00000000:00000000 00:00000000 00000000     0        0 777 1\n")
-    assert inventory.parse_tcp_table(line) == {777: {"local_addr": "::1", "local_port": 8080,
+    assert proc.parse_tcp_table(line) == {777: {"local_addr": "::1", "local_port": 8080,
                                                      "remote_addr": "127.0.0.1", "remote_port": 54321,
                                                      "state": "ESTABLISHED"}}
 
 
 def test_static_tls_detection_reads_exports_not_imports():
     openssl = shutil.which("openssl")  # imports SSL_write from libssl: not static
-    assert inventory.defined_dynamic_symbols(os.path.realpath(openssl), inventory.STATIC_TLS_SYMBOLS) == []
+    assert discovery.exported(os.path.realpath(openssl), discovery.STATIC_TLS_SYMBOLS) == []
     node = static_node()
     info = inventory.static_tls(node)
     assert info["library"] == "openssl"

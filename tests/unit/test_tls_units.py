@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from crypto_tracer import discovery
 from crypto_tracer.errors import TracerError
+from crypto_tracer.host import discovery
 from crypto_tracer.probes import tls as probe
 from crypto_tracer.sinks.text import TextSink, as_text, endpoint, hex_dump
 

@@ -15,7 +15,7 @@ from crypto_tracer.probes.tls import DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET
 from crypto_tracer.sinks.text import PRINTABLE, as_text, endpoint
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import is_verbose, log
-from crypto_tracer.procinfo import read_exe
+from crypto_tracer.host.proc import read_exe, read_stat
 from crypto_tracer.redact import redact
 
 CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE = 7, 6  # bpf/common.h
@@ -44,13 +44,9 @@ class ProcessInfo:
     def get(self, pid: int) -> tuple[int | None, str | None]:
         info = self._cache.get(pid)
         if info is None:
-            ppid = exe = None
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-                exe = read_exe(pid)
-            except (OSError, ValueError, IndexError):
-                pass
+            stat = read_stat(pid)
+            ppid = stat[1] if stat else None
+            exe = read_exe(pid) if stat else None
             if exe and self.redact:
                 exe = redact(exe)
             info = self._cache[pid] = (ppid, exe)

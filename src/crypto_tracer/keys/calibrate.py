@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from crypto_tracer.keys.elfinfo import build_id, openssl_version
+from crypto_tracer.host.elf import build_id_or_digest as build_id, openssl_version
 from crypto_tracer.keys.layout import Layout
 from crypto_tracer.log import log
 

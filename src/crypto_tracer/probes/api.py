@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from crypto_tracer import classify, inventory
+from crypto_tracer.host import discovery, proc
 from crypto_tracer.engine import BpfObject
 from crypto_tracer.errors import TracerError
 from crypto_tracer.log import log
@@ -249,7 +250,7 @@ class ApiProbe:
     def _functions_in(self, path: str, libraries: tuple[str, ...]) -> list[tuple[Function, str, int, int]]:
         """(function, symbol hooked, cookie, file offset) for what the file exports."""
         names = [f.name for f in FUNCTIONS if f.library in libraries] + list(FALLBACKS.values())
-        offsets = inventory.symbol_file_offsets(path, names)
+        offsets = discovery.function_offsets(path, names)
         # the EVP_PKEY_CTX layout read by PKEY_CTX_TYPE is OpenSSL 3's
         version = classify.library_version(path, "libcrypto") if "libcrypto" in libraries else None
         openssl3 = bool(version and version.startswith("3."))
@@ -346,14 +347,8 @@ class ApiProbe:
 
 
 def decode_peer(role: int, family: int, port: int, addr: bytes) -> dict | None:
-    import ipaddress
-
-    if family == 2:
-        remote = str(ipaddress.IPv4Address(addr[:4]))
-    elif family == 10:
-        a = ipaddress.IPv6Address(addr)
-        remote = str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
-    else:
+    remote = proc.address_text(family, addr)
+    if remote is None:
         return None
     if role == 1:
         return {"role": "client", "remote_addr": remote, "remote_port": port}

@@ -20,6 +20,7 @@ from typing import Callable
 
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.filters.connections import MAX_HOSTS, MAX_PORTS, PacketFilter
+from crypto_tracer.host import proc
 from crypto_tracer.log import log
 
 CT_EV_PACKET = 9
@@ -152,30 +153,20 @@ FLOW_KEY = struct.Struct("<IHH16s16s")
 FLOW_PROC = struct.Struct("<I4x16s")
 
 
-def _proc_net_addr(text: str, v6: bool) -> bytes:
-    raw = bytes.fromhex(text)
-    # /proc/net/tcp prints each 32-bit word in host (little-endian) order
-    return b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)) if v6 else raw[::-1]
-
-
 def existing_flows() -> dict[bytes, bytes]:
     """flows-map entries for the TCP connections open now: 4-tuple -> owning pid and comm."""
-    sockets: dict[str, bytes] = {}  # socket inode -> flows key
-    for name, v6 in (("tcp", False), ("tcp6", True)):
+    sockets: dict[int, bytes] = {}  # socket inode -> flows key
+    for name in ("tcp", "tcp6"):
+        data = proc.read_bytes(f"/proc/net/{name}", 64 << 20)
         try:
-            with open(f"/proc/net/{name}") as f:
-                next(f)
-                for line in f:
-                    cols = line.split()
-                    if cols[3] == "0A":  # listening
-                        continue
-                    (laddr, lport), (raddr, rport) = (c.split(":") for c in cols[1:3])
-                    la, ra = _proc_net_addr(laddr, v6), _proc_net_addr(raddr, v6)
-                    family = socket.AF_INET6 if v6 else socket.AF_INET
-                    if v6 and la[:12] == ra[:12] == b"\0" * 10 + b"\xff\xff":
-                        family, la, ra = socket.AF_INET, la[12:], ra[12:]
-                    sockets[cols[9]] = FLOW_KEY.pack(family, int(lport, 16), int(rport, 16), la, ra)
-        except (OSError, StopIteration, ValueError, IndexError):
+            for la, lport, ra, rport, state, inode in proc.tcp_rows(data or b""):
+                if state == proc.TCP_LISTEN:
+                    continue
+                family = proc.family_of(la)
+                if family == proc.AF_INET6 and la[:12] == ra[:12] == b"\0" * 10 + b"\xff\xff":
+                    family, la, ra = proc.AF_INET, la[12:], ra[12:]
+                sockets[inode] = FLOW_KEY.pack(family, lport, rport, la, ra)
+        except (ValueError, IndexError):
             continue
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -190,8 +181,9 @@ def existing_flows() -> dict[bytes, bytes]:
                 link = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            if link.startswith("socket:[") and link[8:-1] in sockets:
-                out[sockets[link[8:-1]]] = FLOW_PROC.pack(int(pid), comm)
+            inode = proc.socket_inode(link)
+            if inode in sockets:
+                out[sockets[inode]] = FLOW_PROC.pack(int(pid), comm)
     return out
 
 

@@ -8,7 +8,6 @@ and hands the raw records to the handlers registered with ``on()``.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import struct
 import time
@@ -16,8 +15,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from crypto_tracer import discovery
-from crypto_tracer.discovery import GNUTLS, NSS, OPENSSL, TlsLibrary
+from crypto_tracer.host import discovery
+from crypto_tracer.host.discovery import GNUTLS, NSS, OPENSSL, TlsLibrary
+from crypto_tracer.host.proc import AF_INET, AF_INET6, address_text
 from crypto_tracer.engine.ringread import DirectRing
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
@@ -42,7 +42,6 @@ DATA = struct.Struct("<QQQIiBBBx" "BxHHxx16s16s")  # struct tls_data_rec up to d
 HANDSHAKE = struct.Struct("<QiiBBBBI" "BxHHxx16s16s")
 DATA_OFFSET = HEADER.size + DATA.size  # 116
 CNT_SEEN, CNT_KFILTERED, CNT_DROPPED, CNT_SUBMITTED, CNT_CTRL_DROPPED = 0, 1, 2, 3, 4
-AF_INET, AF_INET6 = 2, 10
 
 UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free")
 BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, BPF_F_UPROBE_MULTI_RETURN = 28, 48, 1
@@ -109,17 +108,8 @@ def address(family: int, raw: bytes) -> str | None:
     if text == "":
         if len(_ADDRESSES) > 65536:
             _ADDRESSES.clear()
-        text = _ADDRESSES[key] = _address(family, raw)
+        text = _ADDRESSES[key] = address_text(family, raw)
     return text
-
-
-def _address(family: int, raw: bytes) -> str | None:
-    if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    if family == AF_INET6:
-        addr = ipaddress.IPv6Address(raw)
-        return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
-    return None
 
 
 @dataclass(slots=True)

@@ -8,10 +8,12 @@ Executables are kept when their ``.dynsym`` exports ``SSL_write`` (node's static
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
+
+from crypto_tracer import classify
+from crypto_tracer.host import elf, proc
 
 OPENSSL, GNUTLS, NSS = "openssl", "gnutls", "nss"
 FLAT_SSL, SPLIT_SSL = "1.1.1-3.1", "3.2+"
@@ -26,11 +28,11 @@ WANTED_SYMBOLS = frozenset(OPENSSL_DATA + OPENSSL_HANDSHAKE + GNUTLS_FUNCS + NSS
                            ("SSL_free", "SSL_is_connection", "SSL_ImportFD"))
 
 
-_KEY_NAMES = (b"\0SSL_write\0", b"\0gnutls_record_send\0", b"\0PR_Write\0")
+_KEY_NAMES = (b"SSL_write", b"gnutls_record_send", b"PR_Write")
 
 
 @dataclass
-class ElfInfo:
+class TlsExports:
     soname: str | None = None
     build_id: str | None = None
     symbols: frozenset = frozenset()  # exported functions among WANTED_SYMBOLS
@@ -52,94 +54,48 @@ class TlsLibrary:
     pids: set = field(default_factory=set)
 
 
-def read_elf(path: str) -> ElfInfo | None:
+def read_elf(path: str) -> TlsExports | None:
     """SONAME, build-id and the wanted exported functions of an ELF64 little-endian file."""
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return _parse_elf(m)
+        with elf.ElfFile.open(path) as f:
+            return _tls_exports(f)
     except (OSError, ValueError, struct.error):
         return None
 
 
-def _parse_elf(m) -> ElfInfo | None:
-    if m[:4] != b"\x7fELF" or m[4] != 2 or m[5] != 1:
-        return None
-    phoff, = struct.unpack_from("<Q", m, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", m, 0x36)
-    loads = []  # (vaddr, memsz, file offset) of PT_LOAD segments
-    for i in range(phnum):
-        ptype, _flags, off, vaddr, _paddr, _filesz, memsz = struct.unpack_from("<IIQQQQQ", m, phoff + i * phentsize)
-        if ptype == 1:
-            loads.append((vaddr, memsz, off))
-    shoff, = struct.unpack_from("<Q", m, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", m, 0x3A)
-    sections = []
-    for i in range(shnum):
-        name, stype, _flags, _addr, off, size, link, _info, _align, entsize = struct.unpack_from(
-            "<IIQQQQIIQQ", m, shoff + i * shentsize)
-        sections.append((name, stype, off, size, link, entsize))
-    info = ElfInfo()
-    symbols, offsets = set(), {}
-    for _name, stype, off, size, link, entsize in sections:
-        if stype == 11 and entsize:  # SHT_DYNSYM
-            stroff, strsize = sections[link][2], sections[link][3]
-            if not any(m.find(k, stroff, stroff + strsize) >= 0 for k in _KEY_NAMES):
-                continue  # cheap test first: most executables export nothing of interest
-            for pos in range(off, off + size, entsize):
-                st_name, st_info, _other, st_shndx, st_value = struct.unpack_from("<IBBHQ", m, pos)
-                if st_shndx == 0 or (st_info & 0xF) != 2:  # undefined, or not a function
-                    continue
-                end = m.find(b"\0", stroff + st_name)
-                sym = m[stroff + st_name:end].decode(errors="replace").split("@")[0]
-                if sym in WANTED_SYMBOLS:
-                    symbols.add(sym)
-                    for vaddr, memsz, off in loads:
-                        if vaddr <= st_value < vaddr + memsz:
-                            offsets[sym] = st_value - vaddr + off
-        elif stype == 7:  # SHT_NOTE
-            pos = off
-            while pos + 12 <= off + size:
-                namesz, descsz, ntype = struct.unpack_from("<III", m, pos)
-                name_end = pos + 12 + ((namesz + 3) & ~3)
-                if ntype == 3 and m[pos + 12:pos + 12 + namesz] == b"GNU\0":  # NT_GNU_BUILD_ID
-                    info.build_id = m[name_end:name_end + descsz].hex()
-                pos = name_end + ((descsz + 3) & ~3)
-        elif stype == 6 and entsize:  # SHT_DYNAMIC: DT_SONAME
-            dynstr = sections[link][2]
-            for pos in range(off, off + size, entsize):
-                tag, val = struct.unpack_from("<qQ", m, pos)
-                if tag == 14:
-                    end = m.find(b"\0", dynstr + val)
-                    info.soname = m[dynstr + val:end].decode(errors="replace")
-    info.symbols = frozenset(symbols)
-    info.offsets = offsets
+def _tls_exports(f: elf.ElfFile) -> TlsExports:
+    info = TlsExports(soname=f.soname, build_id=f.build_id)
+    if f.mentions(_KEY_NAMES):  # cheap test first: most executables export nothing of interest
+        syms = f.symbols(WANTED_SYMBOLS, types=(elf.STT_FUNC,))
+        info.symbols = frozenset(syms)
+        info.offsets = {name: s.offset for name, s in syms.items() if s.offset is not None}
     return info
 
 
-def kind_of(name: str, elf: ElfInfo) -> str | None:
+def kind_of(name: str, exports: TlsExports) -> str | None:
     """Which TLS stack a mapped file is, from its name and exports."""
     base = os.path.basename(name)
     if base.startswith("libnspr4"):
         return NSS
-    if base.startswith("libgnutls.so") and "gnutls_record_send" in elf.symbols:
+    if base.startswith("libgnutls.so") and "gnutls_record_send" in exports.symbols:
         return GNUTLS
-    if "SSL_write" in elf.symbols and "SSL_read" in elf.symbols and not base.startswith("libssl3"):
+    if "SSL_write" in exports.symbols and "SSL_read" in exports.symbols and not base.startswith("libssl3"):
         return OPENSSL  # libssl.so.*, or an executable with a static OpenSSL (node)
     return None
 
 
-def openssl_layout(kind: str, elf: ElfInfo) -> str | None:
+def openssl_layout(kind: str, exports: TlsExports) -> str | None:
     """Which SSL object layout an OpenSSL has, from its exports: SSL_read_ex is 1.1.1+,
     SSL_is_connection 3.2+ (the split object). 1.1.0 and older: None."""
-    if kind != OPENSSL or "SSL_read_ex" not in elf.symbols:
+    if kind != OPENSSL or "SSL_read_ex" not in exports.symbols:
         return None
-    return SPLIT_SSL if "SSL_is_connection" in elf.symbols else FLAT_SSL
+    return SPLIT_SSL if "SSL_is_connection" in exports.symbols else FLAT_SSL
 
 
-def functions_for(kind: str, elf: ElfInfo) -> tuple[str, ...]:
+def functions_for(kind: str, exports: TlsExports) -> tuple[str, ...]:
     wanted = {OPENSSL: OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free",), GNUTLS: GNUTLS_FUNCS,
               NSS: NSS_FUNCS}[kind]
-    return tuple(f for f in wanted if f in elf.symbols)
+    return tuple(f for f in wanted if f in exports.symbols)
 
 
 def _candidate(path: str) -> bool:
@@ -150,30 +106,18 @@ def _candidate(path: str) -> bool:
 def process_files(pid: int) -> list[tuple[str, str]]:
     """(path as the process sees it, path that reaches it from here) of the TLS candidates
     the process maps, plus its executable."""
+    maps = proc.read_maps(pid)
+    if maps is None:
+        return []
     out = {}
     root = f"/proc/{pid}/root"
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) < 6:  # any mapping: the executable one may be a moment away
-                    continue
-                path = parts[5].strip()
-                if path.startswith("/") and _candidate(path):
-                    out[path] = root + path
-    except OSError:
-        return []
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-        if not exe.endswith(" (deleted)"):
-            out.setdefault(exe, root + exe)
-    except OSError:
-        pass
+    for path, deleted in proc.mapped_libraries(maps):
+        if not deleted and path not in out and _candidate(path):
+            out[path] = root + path
+    exe = proc.readlink(f"/proc/{pid}/exe")
+    if exe and not exe.endswith(" (deleted)"):
+        out.setdefault(exe, root + exe)
     return list(out.items())
-
-
-def all_pids() -> list[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
 
 
 class Discovery:
@@ -204,14 +148,14 @@ class Discovery:
         if os.path.basename(display).startswith("libssl3.so"):
             self.seen[key] = None
             return None
-        elf = read_elf(path)
-        kind = kind_of(display, elf) if elf else None
+        exports = read_elf(path)
+        kind = kind_of(display, exports) if exports else None
         if kind is None:
             self.seen[key] = None
             return None
-        lib = TlsLibrary(path=path, kind=kind, build_id=elf.build_id, dev_ino=key,
-                         functions=functions_for(kind, elf), offsets=elf.offsets, display_path=display,
-                         openssl_layout=openssl_layout(kind, elf))
+        lib = TlsLibrary(path=path, kind=kind, build_id=exports.build_id, dev_ino=key,
+                         functions=functions_for(kind, exports), offsets=exports.offsets, display_path=display,
+                         openssl_layout=openssl_layout(kind, exports))
         if pid is not None:
             lib.pids.add(pid)
         self.seen[key] = lib
@@ -232,6 +176,62 @@ class Discovery:
 
     def scan(self, pids: list[int] | None = None) -> list[TlsLibrary]:
         found = []
-        for pid in pids if pids is not None else all_pids():
+        for pid in pids if pids is not None else proc.list_pids():
             found += self.scan_pid(pid)
         return found
+
+
+# --- what snapshot and profile ask of a file: static TLS, function offsets ---------------------
+
+# Exported functions that show an executable carries a TLS library inside it (statically linked).
+STATIC_TLS_SYMBOLS: dict[str, str] = {
+    "SSL_write": "openssl", "SSL_read": "openssl", "SSL_write_ex": "openssl", "SSL_read_ex": "openssl",
+    "gnutls_record_send": "gnutls", "gnutls_record_recv": "gnutls",
+    "wolfSSL_write": "wolfssl", "mbedtls_ssl_write": "mbedtls",
+}
+
+_static_cache: dict[tuple[int, int, int], dict | None] = {}
+
+
+def static_tls(path: str) -> dict | None:
+    """{library, symbols, version} if the ELF file at path defines (exports) a TLS API, else None.
+    Cached by (device, inode, mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    if key not in _static_cache:
+        symbols = exported(path, STATIC_TLS_SYMBOLS)
+        result = None
+        if symbols:
+            family = STATIC_TLS_SYMBOLS[symbols[0]]
+            version = classify.library_version(path, "libcrypto") if family == "openssl" else None
+            result = {"library": family, "symbols": symbols, "version": version}
+        _static_cache[key] = result
+    return _static_cache[key]
+
+
+def exported(path: str, names) -> list[str]:
+    """Which of names the ELF file at path defines in .dynsym (imports excluded), sorted."""
+    f = elf.open_or_none(path)
+    if f is None:
+        return []
+    with f:
+        try:
+            return f.exports(names)
+        except (ValueError, struct.error, IndexError):
+            return []
+
+
+def function_offsets(path: str, names) -> dict[str, int]:
+    """File offsets (what uprobes take) of the functions (FUNC, IFUNC) in names that the ELF
+    file at path defines in .dynsym."""
+    f = elf.open_or_none(path)
+    if f is None:
+        return {}
+    with f:
+        try:
+            return {n: s.offset for n, s in f.symbols(names).items() if s.offset is not None}
+        except (ValueError, struct.error, IndexError):
+            return {}
