@@ -185,8 +185,8 @@ def _usage() -> str:
     lines += [f"  {c.name:<{width}}  {c.summary}" for c in COMMANDS]
     lines += [f"  {'help':<{width}}  Show help for a command", f"  {'version':<{width}}  Show version", "",
               "Global options: -h/--help, -V/--version",
-              f"Exit codes: 0 ok, 1 error, 2 bad arguments, 3 missing privileges, 4 kernel feature missing, "
-              f"5 eBPF load/attach failure.", f"Run '{PROG} help <command>' for its options."]
+              "Exit codes: 0 ok, 1 error, 2 bad arguments, 3 missing privileges, 4 kernel feature missing, "
+              "5 eBPF load/attach failure.", f"Run '{PROG} help <command>' for its options."]
     return "\n".join(lines)
 
 

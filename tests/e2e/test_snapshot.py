@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import REPO, STATIC_NODE_OPENSSL, need_root, need_tool, run_tracer, static_node
+from tests.conftest import STATIC_NODE_OPENSSL, need_root, need_tool, run_tracer, static_node
 
 LIBCRYPTO = "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import need_root, need_tool, run_tracer
+from tests.conftest import need_root, need_tool
 from tests.e2e.helpers import Tracer, parse_stream
 
 pytestmark = pytest.mark.ebpf
@@ -160,7 +160,7 @@ def test_unshared_mount_namespace_paths_are_its_own(private_dir, tmp_path_factor
         ("process_exec", cat, "/", ns, None, "cat k.pem -"),
         ("file_open", cat, "/", ns, f"{d}/work/k.pem", None),  # relative: cwd walked across the bind mount
         ("process_exit", cat, "/", ns, None, None),
-    ], out
+    ], events
     # classified by the file the process opened (a key), not the host's file at that path
     assert next(e for e in events if e["event_type"] == "file_open")["file_type"] == "private_key"
 

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 from crypto_tracer import inventory
 from crypto_tracer.host import discovery, proc

@@ -3,7 +3,6 @@ addresses and the ELF reader of discovery (the filter: test_connection_filter.py
 
 import os
 import ssl
-import struct
 import sys
 
 import pytest

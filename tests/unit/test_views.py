@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 
 from crypto_tracer import procinfo
 from crypto_tracer.probes import monitor

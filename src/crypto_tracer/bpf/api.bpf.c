@@ -40,6 +40,17 @@ enum ct_arg_kind {
 };
 #define CT_PKEY_CTX_KEYTYPE_OFF 24
 
+/* Never called, never loaded: puts the enum into the BTF, where tests/unit/test_bpf_layouts.py
+ * checks probes/api.py's copy. */
+struct api_btf_anchor {
+	enum ct_arg_kind kind;
+};
+
+static __attribute__((used, noinline)) int api_btf_anchor(struct api_btf_anchor *a)
+{
+	return 0;
+}
+
 struct api_key {
 	__u32 tgid;
 	__u16 func;

@@ -137,6 +137,14 @@ def _btf_ext(ext: bytes, name, ref) -> dict:
     return out
 
 
+def btf_types(path: str) -> list:
+    """The object's BTF: [None, (kind, name, body), ...], type ids inside bodies as [REF, id]
+    (bpf/cstruct.py's declarations are checked against it)."""
+    with open(path, "rb") as f:
+        secs = _sections(f.read())
+    return _btf(next(s for s in secs if s["name"] == ".BTF")["data"])[0]
+
+
 def describe(path: str) -> dict:
     """The canonical content of a BPF object, as plain data."""
     with open(path, "rb") as f:

@@ -20,24 +20,32 @@
 #include "common.h"
 #include <bpf/bpf_endian.h>
 
-#define CT_LIB_OPENSSL 1
-#define CT_LIB_GNUTLS 2
-#define CT_LIB_NSS 3
+/* Library ids (records' lib, tls_keys_on_return's lib_kind); enums, so the BTF carries them. */
+enum tls_lib {
+	CT_LIB_OPENSSL = 1,
+	CT_LIB_GNUTLS = 2,
+	CT_LIB_NSS = 3,
+};
 
 #include "tls_keys.h"
 
 #define CT_TLS_CHUNK 30720   /* data bytes per record: the record fits a 32 KiB per-CPU slot */
 #define CT_TLS_MAX_CHUNKS 4096
-#define CT_COOKIE_LAYOUT 0x100 /* OpenSSL 1.1.1-3.1: struct ssl_st */
-#define CT_COOKIE_SPLIT 0x200  /* OpenSSL 3.2+: struct ssl_connection_st, checked per object */
-#define CT_CNT_CTRL_DROPPED 4 /* exec/library records lost (not part of the event accounting) */
+/* Cookie bits above the function id (low byte). */
+enum tls_cookie {
+	CT_COOKIE_LAYOUT = 0x100, /* OpenSSL 1.1.1-3.1: struct ssl_st */
+	CT_COOKIE_SPLIT = 0x200,  /* OpenSSL 3.2+: struct ssl_connection_st, checked per object */
+};
+enum tls_counter {
+	CT_CNT_CTRL_DROPPED = 4, /* exec/library records lost (not part of the event accounting) */
+};
 
 #define AF_INET 2
 #define AF_INET6 10
 #define PROT_EXEC 0x4
 #define PR_DESC_LAYERED 4
 
-/* Function ids (cookie low byte); user space has the same table. */
+/* Function ids (cookie low byte); probes/tls.py FUNC_IDS, checked against this BTF. */
 enum tls_func {
 	F_SSL_READ = 1, F_SSL_READ_EX, F_SSL_PEEK, F_SSL_PEEK_EX, F_SSL_WRITE, F_SSL_WRITE_EX,
 	F_GNUTLS_RECV, F_GNUTLS_SEND,
@@ -762,6 +770,26 @@ int BPF_PROG(tls_sys_enter, struct pt_regs *regs, long id)
  * that the uprobe trap alone costs. */
 SEC("uprobe")
 int tls_empty(void *ctx)
+{
+	return 0;
+}
+
+/* Records and constants user space reads that no map holds: never called, never loaded (and
+ * last, so no other function moves), it puts them into the BTF, where
+ * tests/unit/test_bpf_layouts.py checks probes/common.py, probes/tls.py and keys/records.py. */
+struct tls_btf_anchor {
+	enum ct_event_type type;
+	enum ct_counter counters;
+	struct tls_hs_rec hs;
+	struct tls_ctrl_rec ctrl;
+	enum tls_func func;
+	enum tls_lib lib;
+	enum tls_cookie cookie;
+	enum tls_counter counter;
+	enum tls_keys_const keys;
+};
+
+static __attribute__((used, noinline)) int tls_btf_anchor(struct tls_btf_anchor *a)
 {
 	return 0;
 }

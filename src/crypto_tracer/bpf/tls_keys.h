@@ -15,10 +15,13 @@
 #ifndef CT_TLS_KEYS_H
 #define CT_TLS_KEYS_H
 
-#define CT_TLS_SECRET_LEN 64
-#define CT_TLS_MASTER_KEY_LEN 48
-#define CT_TLS_KEYS_SLOTS 16 /* slot 0: no keys */
-#define CT_TLS_KEYS_SLOT(cookie) (((cookie) >> 16) & (CT_TLS_KEYS_SLOTS - 1))
+enum tls_keys_const {
+	CT_TLS_SECRET_LEN = 64,
+	CT_TLS_MASTER_KEY_LEN = 48,
+	CT_TLS_KEYS_SLOTS = 16, /* slot 0: no keys */
+	CT_TLS_KEYS_SLOT_SHIFT = 16,
+};
+#define CT_TLS_KEYS_SLOT(cookie) (((cookie) >> CT_TLS_KEYS_SLOT_SHIFT) & (CT_TLS_KEYS_SLOTS - 1))
 
 /* Offsets in bytes; a negative cr_deref means client_random is in the SSL object itself, a
  * negative session_off that the master key is too (GnuTLS). */

@@ -11,16 +11,17 @@ from binascii import b2a_base64
 import orjson
 
 from crypto_tracer import events
-from crypto_tracer.probes.tls import DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET
+from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, TYPE_SPAN
+from crypto_tracer.probes.tls import DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET, DATA_TRUNCATED, TLS_DATA_REC
 from crypto_tracer.sinks.text import PRINTABLE, as_text, endpoint
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import is_verbose, log
 from crypto_tracer.host.proc import read_exe, read_stat
 from crypto_tracer.redact import redact
 
-CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE = 7, 6  # bpf/common.h
-# the slices in the hot loops are written out: check they are DATA_KEY_SPANS and DATA_OFFSET
-assert DATA_KEY_SPANS == ((8, 40), (68, 116)) and DATA_OFFSET == 116
+# the hot loops slice with these (struct tls_data_rec, probes/tls.py), bound to locals
+(_K0, _K1), (_K2, _K3) = DATA_KEY_SPANS
+_TRUNC, _DATA = DATA_TRUNCATED, DATA_OFFSET
 
 DEFAULT_RINGBUF = 8 << 20
 SECRET_MODELS = ("keylog", "key", "pcap", "pcapng")
@@ -88,7 +89,7 @@ class Capture:
 
     def run(self) -> int:
         from crypto_tracer.clock import WallClock
-        from crypto_tracer.probes.tls import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS, TlsTracer
+        from crypto_tracer.probes.tls import CT_EV_TLS_KEYS, TlsTracer
         from crypto_tracer.runloop import StopFlag, run as run_loop
         from crypto_tracer.stats import RunStats
 
@@ -171,10 +172,11 @@ class Capture:
         unpack, b64 = DATA_CHANGING.unpack_from, b2a_base64
         offset_ns, (last_sec, prefix) = self.clock.offset_ns, self._second
         encode = self.sink.encode
+        k0, k1, k2, k3, trunc, dat = _K0, _K1, _K2, _K3, _TRUNC, _DATA
         lines = []
         append = lines.append
         for raw in raws:
-            key = raw[8:40] + raw[68:116]  # DATA_KEY_SPANS
+            key = raw[k0:k1] + raw[k2:k3]  # DATA_KEY_SPANS
             entry = get(key, _MISSING)
             if entry is _MISSING:
                 entry = new_entry(raw, key)
@@ -189,8 +191,8 @@ class Capture:
             sec, ns = divmod(ts + offset_ns, 1_000_000_000)
             if sec != last_sec:
                 last_sec, prefix = sec, self.clock.second_prefix(sec).encode()
-            append(entry[1] % (prefix, ns // 1000, length, offset, b"true" if raw[74] else b"false",
-                               b64(raw[116:116 + chunk], newline=False)))
+            append(entry[1] % (prefix, ns // 1000, length, offset, b"true" if raw[trunc] else b"false",
+                               b64(raw[dat:dat + chunk], newline=False)))
         self._second = (last_sec, prefix)  # bytes here (a Capture has one output mode)
         self.sink.write_encoded(lines)
         return len(lines)
@@ -202,10 +204,11 @@ class Capture:
         sink = self.sink
         # payloads longer than this, hex dumps, chunks and truncation go the general way
         plain_limit = -1 if sink.hex else (sink.tsize or 1 << 62)
+        k0, k1, k2, k3, trunc, dat = _K0, _K1, _K2, _K3, _TRUNC, _DATA
         lines = []
         append = lines.append
         for raw in raws:
-            key = raw[8:40] + raw[68:116]  # DATA_KEY_SPANS
+            key = raw[k0:k1] + raw[k2:k3]  # DATA_KEY_SPANS
             entry = get(key, _MISSING)
             if entry is _MISSING:
                 entry = new_entry(raw, key)
@@ -220,12 +223,12 @@ class Capture:
             sec, ns = divmod(ts + offset_ns, 1_000_000_000)
             if sec != last_sec:
                 last_sec, prefix = sec, self.clock.second_prefix(sec)
-            if offset or chunk != length or chunk > plain_limit or raw[74]:
+            if offset or chunk != length or chunk > plain_limit or raw[trunc]:
                 append(sink.format(*self._data_event(entry, raw, f"{prefix}.{ns // 1000:06d}Z")))
                 continue
             _base, _fmt, mid, tail = entry
             if chunk:
-                data = raw[116:116 + chunk]
+                data = raw[dat:dat + chunk]
                 body = data.translate(PRINTABLE).decode("ascii") if data.isascii() else as_text(data)
                 append(f"{prefix}.{ns // 1000:06d}Z{mid}{length}{tail}\n{body}\n\n")
             else:
@@ -238,9 +241,10 @@ class Capture:
         """json-array and json-pretty: a copy of the connection's prepared event per record."""
         get, new_entry = self._conns.get, self._entry
         offset_ns, (last_sec, prefix) = self.clock.offset_ns, self._second
+        k0, k1, k2, k3 = _K0, _K1, _K2, _K3
         evs = []
         for raw in raws:
-            key = raw[8:40] + raw[68:116]  # DATA_KEY_SPANS
+            key = raw[k0:k1] + raw[k2:k3]  # DATA_KEY_SPANS
             entry = get(key, _MISSING)
             if entry is _MISSING:
                 entry = new_entry(raw, key)
@@ -265,7 +269,7 @@ class Capture:
         """(event, payload chunk, whether it is the last captured chunk of the call)."""
         ts, length, offset, chunk = DATA_CHANGING.unpack_from(raw)
         ev = entry[0].copy()  # keeps the schema order of the prepared event
-        ev["timestamp"], ev["length"], ev["offset"], ev["truncated"] = timestamp, length, offset, bool(raw[74])
+        ev["timestamp"], ev["length"], ev["offset"], ev["truncated"] = timestamp, length, offset, bool(raw[_TRUNC])
         data = raw[DATA_OFFSET:DATA_OFFSET + chunk]
         return ev, data, offset + chunk >= min(length, self.opts.max_payload)
 
@@ -274,7 +278,7 @@ class Capture:
         drops it; _NOT_DATA for other record types (not cached)."""
         from crypto_tracer.probes.tls import decode_data
 
-        rtype = int.from_bytes(raw[8:12], "little")
+        rtype = int.from_bytes(raw[TYPE_SPAN[0]:TYPE_SPAN[1]], "little")
         if rtype != CT_EV_TLS_DATA:
             return _NOT_DATA if rtype == CT_EV_TLS_HANDSHAKE else None
         rec = decode_data(raw)
@@ -333,5 +337,8 @@ _STREAM_MIDDLE = ("pid", "ppid", "uid", "process", "exe", "tid", "library", "fun
                   "local_addr", "local_port", "remote_addr", "remote_port")
 
 
+_TS0, _TS1 = TLS_DATA_REC.span("h.ts_ns", "h.ts_ns")
+
+
 def raw_ts(raw: bytes) -> int:
-    return int.from_bytes(raw[:8], "little")
+    return int.from_bytes(raw[_TS0:_TS1], "little")

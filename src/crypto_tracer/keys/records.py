@@ -3,21 +3,31 @@ CT_EV_TLS_KEYS record read back."""
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
+from crypto_tracer.bpf.cstruct import CEnum, CStruct
 from crypto_tracer.keys.layout import Layout
 from crypto_tracer.keys.material import KeyMaterial
+from crypto_tracer.probes.common import CT_EV_TLS_KEYS, CT_HEADER  # noqa: F401 (CT_EV_TLS_KEYS: API)
 from crypto_tracer.probes.common import HEADER as _HEADER
 
-CT_EV_TLS_KEYS = 8
-LIB_OPENSSL = 1
-SLOTS = 16  # keys_layouts entries; slot 0 means "no keys"
-SLOT_SHIFT = 16  # the slot's place in a uprobe cookie
+# enum tls_keys_const (checked against tls.bpf.o's BTF by tests/unit/test_bpf_layouts.py)
+CT_TLS_SECRET_LEN = 64
+CT_TLS_MASTER_KEY_LEN = 48
+CT_TLS_KEYS_SLOTS = SLOTS = 16  # keys_layouts entries; slot 0 means "no keys"
+CT_TLS_KEYS_SLOT_SHIFT = SLOT_SHIFT = 16  # the slot's place in a uprobe cookie
+KEYS_CONST = CEnum.from_module("tls_keys_const", globals(), "CT_TLS_")
 
-_LAYOUT = struct.Struct("<I16i")
-_KEYS = struct.Struct("<QIiII32s48s64s64s64s64s64s")
-RECORD_SIZE = _HEADER.size + _KEYS.size  # 464
+KEYS_LAYOUT = CStruct("ct_keys_layout", "enabled I cr_deref i cr_off i version_off i session_off i master_key_off i "
+                      "cipher_off i cipher_id_off i hs_a_off i hs_b_off i client_app_off i server_app_off i "
+                      "exporter_off i version_deref i version_be i cipher_in_session i cipher_id_be i")
+_s, _m = f"{CT_TLS_SECRET_LEN}s", f"{CT_TLS_MASTER_KEY_LEN}s"
+KEYS_EVENT = CStruct("ct_tls_keys_event", ("h", CT_HEADER),
+                     f"ssl Q lib_kind I version i cipher_id I slot I client_random 32s master_key {_m} hs_a {_s} "
+                     f"hs_b {_s} client_app {_s} server_app {_s} exporter {_s}")
+_LAYOUT = KEYS_LAYOUT.struct
+_KEYS = KEYS_EVENT.after("h")
+RECORD_SIZE = KEYS_EVENT.size  # 464
 
 
 def layout_value(lay: Layout | None) -> bytes:

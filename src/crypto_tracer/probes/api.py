@@ -20,14 +20,18 @@ import struct
 from dataclasses import dataclass
 
 from crypto_tracer import classify, inventory
+from crypto_tracer.bpf.cstruct import CEnum, CStruct
 from crypto_tracer.host import discovery, proc
 from crypto_tracer.engine import BpfObject
 from crypto_tracer.errors import TracerError
 from crypto_tracer.log import log
 from crypto_tracer.procinfo import own_view, read_root
 
-# argument kinds (bpf/api.bpf.c enum ct_arg_kind)
+# argument kinds (bpf/api.bpf.c enum ct_arg_kind, checked against its BTF by tests/unit/test_bpf_layouts.py)
 NONE, STR, NID_PTR, NID, SIZE, NID_PTR_OR_CTX, PKEY_CTX_TYPE = 0, 1, 2, 3, 4, 5, 6
+ARG_KINDS = CEnum("ct_arg_kind", {"CT_ARG_" + k: v for k, v in (
+    ("NONE", NONE), ("STR", STR), ("NID_PTR", NID_PTR), ("NID", NID), ("SIZE", SIZE),
+    ("NID_PTR_OR_CTX", NID_PTR_OR_CTX), ("PKEY_CTX_TYPE", PKEY_CTX_TYPE))})
 # program per probe shape
 ENTER, RET_OK, RET_BYTES, EX = "enter", "ret_ok", "ret_bytes", "ex"
 
@@ -98,8 +102,8 @@ FALLBACK_ARG = {"RAND_bytes": 2, "RAND_priv_bytes": 2}
 NESTED = {"EVP_CipherInit_ex": ("EVP_EncryptInit_ex", "EVP_DecryptInit_ex"),
           "EVP_CipherInit_ex2": ("EVP_EncryptInit_ex2", "EVP_DecryptInit_ex2")}
 
-KEY = struct.Struct("<IHH32s")
-VAL = struct.Struct("<QQ")
+KEY = CStruct("api_key", "tgid I func H kind H arg 32s").struct
+VAL = CStruct("api_val", "count Q bytes Q").struct
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -163,7 +167,7 @@ def normalize_algorithm(name: str | None) -> str | None:
 
 PROGRAMS = ("api_enter", "api_ret_ok", "api_ret_bytes", "api_ex_enter", "api_ex_ret")
 TCP_PROGRAMS = ("api_tcp_state", "api_accept4_exit", "api_accept_exit")
-PEER_KEY = struct.Struct("<IBBHHH16s")
+PEER_KEY = CStruct("peer_key", "tgid I role B pad B family H port H pad2 H addr 16s").struct
 BPF_TRACE_UPROBE_MULTI = 48
 BPF_F_UPROBE_MULTI_RETURN = 1
 BPF_LINK_CREATE = 28

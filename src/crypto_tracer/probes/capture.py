@@ -18,12 +18,12 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+from crypto_tracer.bpf.cstruct import CStruct
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.filters.connections import MAX_HOSTS, MAX_PORTS, PacketFilter
 from crypto_tracer.host import proc
 from crypto_tracer.log import log
 
-CT_EV_PACKET = 9
 SNAPLEN = 256 * 1024  # lo carries pre-GSO packets of ~107 KB
 STATE_DIR = "/run/crypto-tracer"
 TC_HANDLE = 0xC7
@@ -31,9 +31,14 @@ TC_PRIORITY = 0xC7
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 LINKTYPE_ETHERNET, LINKTYPE_RAW = 1, 101
 
-HEAD = struct.Struct("<QII8x16x" "IIIIII16s")  # ct_header (ts, type, pid) + cap_rec fields
-CONFIG = struct.Struct("<IIII8H" + "I16s" * MAX_HOSTS)
-IFACE = struct.Struct("<II")
+# The structs of tc_capture.bpf.c (checked against its BTF by tests/unit/test_bpf_layouts.py).
+CAP_REC = CStruct("cap_rec", "h.ts_ns Q h.type I h.pid I h.tid 4x h.uid 4x h.comm 16x",
+                  "ifindex I egress I orig_len I cap_len I pid I pad I comm 16s", until="data")
+HEAD = CAP_REC.struct  # ct_header (ts, type, pid) + cap_rec fields
+CAP_HOST = CStruct("cap_host", "family I addr 16s")
+CONFIG = CStruct("cap_config", f"snaplen I proto I nports I nhosts I ports {MAX_PORTS * 'H'}",
+                 *[(f"hosts[{i}]", CAP_HOST) for i in range(MAX_HOSTS)]).struct
+IFACE = CStruct("cap_iface", "l2_len I egress_only I").struct
 
 
 # --- the packet filter (filters/connections.compile_packet_filter) --------------------------
@@ -149,8 +154,8 @@ def cleanup_leftovers() -> int:
 
 # --- connections that existed before the capture ------------------------------------------
 
-FLOW_KEY = struct.Struct("<IHH16s16s")
-FLOW_PROC = struct.Struct("<I4x16s")
+FLOW_KEY = CStruct("flow_key", "family I lport H rport H laddr 16s raddr 16s").struct
+FLOW_PROC = CStruct("flow_proc", "pid I pad 4x comm 16s").struct
 
 
 def existing_flows() -> dict[bytes, bytes]:
@@ -261,8 +266,8 @@ class TcCapture:
             self.obj.map("cap_ifaces").update(struct.pack("<I", ifc.ifindex),
                                               IFACE.pack(14 if ifc.has_l2 else 0, int(ifc.arphrd == ARPHRD_LOOPBACK)))
         flows = self.obj.map("flows")
-        for key, proc in existing_flows().items():  # connections opened before the capture
-            flows.update(key, proc)
+        for key, owner in existing_flows().items():  # connections opened before the capture
+            flows.update(key, owner)
         self.obj.attach_tracepoint("cap_connect_enter", "syscalls", "sys_enter_connect")
         self.obj.attach_tracepoint("cap_connect_exit", "syscalls", "sys_exit_connect")
         self.obj.attach_tracepoint("cap_accept4_exit", "syscalls", "sys_exit_accept4")

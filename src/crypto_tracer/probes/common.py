@@ -1,13 +1,41 @@
-"""The Python side of bpf/common.h, shared by every probe: the record header and the
-process filter (the `filter` map's slot 0 and the `pid_set` map)."""
+"""The Python side of bpf/common.h, shared by every probe: the record header, the record
+types, the counters and the process filter (the `filter` map's slot 0 and the `pid_set` map).
+Layouts and constants are checked against the objects' BTF (tests/unit/test_bpf_layouts.py)."""
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
-HEADER = struct.Struct("<QIIII16s")  # struct ct_header: ts_ns, type, pid, tid, uid, comm
-FILTER = struct.Struct("<IIII16s")  # struct ct_filter: pid, uid, name_len, use_pid_set, name
+from crypto_tracer.bpf.cstruct import CEnum, CStruct
+
+CT_HEADER = CStruct("ct_header", "ts_ns Q type I pid I tid I uid I comm 16s")
+HEADER = CT_HEADER.struct
+CT_FILTER = CStruct("ct_filter", "pid I uid I name_len I use_pid_set I name 16s")
+FILTER = CT_FILTER.struct
+TYPE_SPAN = CT_HEADER.span("type", "type")  # raw[8:12]: the record type's bytes
+PID_SPAN = CT_HEADER.span("pid", "pid")
+
+# enum ct_event_type: one numbering for all objects
+CT_EV_PROCESS_EXEC = 1
+CT_EV_PROCESS_EXIT = 2
+CT_EV_FILE_OPEN = 3
+CT_EV_LIB_LOAD = 4
+CT_EV_API_CALL = 5
+CT_EV_TLS_HANDSHAKE = 6
+CT_EV_TLS_DATA = 7
+CT_EV_TLS_KEYS = 8
+CT_EV_PACKET = 9
+CT_EV_CONNECT = 10
+EVENT_TYPES = CEnum.from_module("ct_event_type", globals(), "CT_EV_")
+
+# enum ct_counter: per-CPU accounting slots of the `counters` map
+CT_CNT_SEEN = 0
+CT_CNT_KFILTERED = 1
+CT_CNT_DROPPED = 2
+CT_CNT_SUBMITTED = 3
+CT_CNT_MAX = 8
+COUNTERS = CEnum.from_module("ct_counter", globals(), "CT_CNT_")
 
 
 @dataclass

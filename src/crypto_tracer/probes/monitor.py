@@ -10,26 +10,31 @@ import os
 import struct
 
 from crypto_tracer import classify
+from crypto_tracer.bpf.cstruct import CStruct
 from crypto_tracer.engine import BpfObject, RingBuffer
-from crypto_tracer.probes.common import HEADER, ProcessFilter, add_to_pid_set  # noqa: F401 (ProcessFilter: API)
+from crypto_tracer.probes.common import (CT_EV_FILE_OPEN, CT_EV_LIB_LOAD, CT_EV_PROCESS_EXEC, CT_EV_PROCESS_EXIT,
+                                         CT_HEADER, HEADER, ProcessFilter,  # noqa: F401 (ProcessFilter: API)
+                                         add_to_pid_set)
 
 # record types (bpf/common.h enum ct_event_type)
-EV_EXEC, EV_EXIT, EV_FILE, EV_LIB = 1, 2, 3, 4
+EV_EXEC, EV_EXIT, EV_FILE, EV_LIB = CT_EV_PROCESS_EXEC, CT_EV_PROCESS_EXIT, CT_EV_FILE_OPEN, CT_EV_LIB_LOAD
 
-VIEW = struct.Struct("<IIII")  # struct ct_view: exe_len, root_len (1 + bytes; 0 = unchanged), mnt_ns, pad
-EXEC = struct.Struct("<II")  # ppid, args_len
-EXIT = struct.Struct("<II")  # ppid, exit_code
-FILE = struct.Struct("<IiIIIIII")  # ppid, result, flags, fclass, name_len, base_parts, base_len, has_base
-LIB = struct.Struct("<IIIIQ")  # ppid, parts, len, dev, ino
-OWN = HEADER.size + VIEW.size
-FILE_V = struct.Struct("<IIII" + FILE.format[1:])  # ct_view + file fields: one unpack in the hot path
+# The records of monitor.bpf.c up to their data[] (checked against its BTF by
+# tests/unit/test_bpf_layouts.py); EXEC etc. unpack the fields after the header and the view.
+CT_VIEW = CStruct("ct_view", "exe_len I root_len I mnt_ns I pad I")  # root_len: 1 + bytes; 0 = unchanged
+EXEC_REC = CStruct("exec_rec", ("h", CT_HEADER), ("v", CT_VIEW), "ppid I args_len I", until="data")
+EXIT_REC = CStruct("exit_rec", ("h", CT_HEADER), ("v", CT_VIEW), "ppid I exit_code I", until="data")
+FILE_REC = CStruct("file_rec", ("h", CT_HEADER), ("v", CT_VIEW), "ppid I result i flags I fclass I name_len I "
+                   "base_parts I base_len I has_base I", until="data")
+LIB_REC = CStruct("lib_rec", ("h", CT_HEADER), ("v", CT_VIEW), "ppid I parts I len I dev I ino Q", until="data")
+VIEW = CT_VIEW.struct
+EXEC, EXIT, FILE, LIB = (r.tail("ppid") for r in (EXEC_REC, EXIT_REC, FILE_REC, LIB_REC))
+OWN = EXEC_REC.offset("ppid")  # header and view
+FILE_V = FILE_REC.tail("v.exe_len")  # ct_view + file fields: one unpack in the hot path
 NO_VIEW = (None, None, None)
-EXEC_DATA = OWN + EXEC.size
-FILE_DATA = OWN + FILE.size
-LIB_DATA = OWN + LIB.size
-EXIT_DATA = OWN + EXIT.size
-
-TRUST_PREFIX = struct.Struct("<I40s")
+EXEC_DATA, EXIT_DATA, FILE_DATA, LIB_DATA = (r.size for r in (EXEC_REC, EXIT_REC, FILE_REC, LIB_REC))
+MON_CONFIG = CStruct("mon_config", "follow_children I self_tgid I")
+TRUST_PREFIX = CStruct("trust_prefix", "len I s 40s").struct
 FNV_INIT, FNV_PRIME, MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 
 PROGRAMS_BY_TYPE = {
@@ -76,7 +81,7 @@ class MonitorProbe:
         self.obj.load()
         self._write_tables()
         self.proc_filter.write(self.obj)
-        self.obj.map("mon_config").update(b"\0\0\0\0", struct.pack("<II", int(self.follow_children), os.getpid()))
+        self.obj.map("mon_config").update(b"\0\0\0\0", MON_CONFIG.struct.pack(int(self.follow_children), os.getpid()))
 
     def _write_tables(self) -> None:
         """The kernel's copy of classify.py's tables (hashes of names and extensions)."""

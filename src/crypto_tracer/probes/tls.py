@@ -21,27 +21,46 @@ from crypto_tracer.host.proc import AF_INET, AF_INET6, address_text
 from crypto_tracer.engine.ringread import DirectRing
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
-from crypto_tracer.probes.common import HEADER, ProcessFilter, add_to_pid_set
+from crypto_tracer.bpf.cstruct import CEnum, CStruct
+from crypto_tracer.probes.common import (CT_CNT_DROPPED, CT_CNT_KFILTERED, CT_CNT_SEEN, CT_CNT_SUBMITTED,
+                                         CT_EV_LIB_LOAD, CT_EV_PROCESS_EXEC, CT_HEADER, HEADER, PID_SPAN, TYPE_SPAN, ProcessFilter,
+                                         add_to_pid_set)
 
-# Record types (bpf/common.h) and the library/function ids of tls.bpf.c.
-CT_EV_PROCESS_EXEC, CT_EV_LIB_LOAD, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_DATA, CT_EV_TLS_KEYS = 1, 4, 6, 7, 8
-LIB_NAMES = {1: OPENSSL, 2: GNUTLS, 3: NSS}
+# The constants and records of tls.bpf.c (checked against its BTF by tests/unit/test_bpf_layouts.py).
+# enum tls_lib
+CT_LIB_OPENSSL, CT_LIB_GNUTLS, CT_LIB_NSS = 1, 2, 3
+LIBS = CEnum.from_module("tls_lib", globals(), "CT_LIB_")
+LIB_NAMES = {CT_LIB_OPENSSL: OPENSSL, CT_LIB_GNUTLS: GNUTLS, CT_LIB_NSS: NSS}
 LIB_KIND_IDS = {v: k for k, v in LIB_NAMES.items()}
+# enum tls_func, by the symbol each id hooks (the C name: F_ + the symbol upper-cased, gnutls
+# without "_record")
 FUNC_IDS = {"SSL_read": 1, "SSL_read_ex": 2, "SSL_peek": 3, "SSL_peek_ex": 4, "SSL_write": 5, "SSL_write_ex": 6,
             "gnutls_record_recv": 7, "gnutls_record_send": 8,
             "PR_Read": 9, "PR_Recv": 10, "PR_Write": 11, "PR_Send": 12, "PR_Writev": 13, "SSL_write_ex2": 14,
             "SSL_do_handshake": 20, "SSL_connect": 21, "SSL_accept": 22, "gnutls_handshake": 23}
+FUNCS = CEnum("tls_func", {"F_" + f.upper().replace("_RECORD_", "_"): v for f, v in FUNC_IDS.items()})
 FUNC_NAMES = {v: k for k, v in FUNC_IDS.items()}
 WRITE_FUNCS = frozenset(FUNC_IDS[f] for f in ("SSL_write", "SSL_write_ex", "SSL_write_ex2", "gnutls_record_send",
                                                "PR_Write", "PR_Send", "PR_Writev"))
 HANDSHAKE_FUNCS = frozenset(("SSL_do_handshake", "SSL_connect", "SSL_accept", "gnutls_handshake"))
-COOKIE_LAYOUTS = {discovery.FLAT_SSL: 0x100, discovery.SPLIT_SSL: 0x200}  # CT_COOKIE_LAYOUT, _SPLIT
+COOKIE_LAYOUT, COOKIE_SPLIT = 0x100, 0x200  # enum tls_cookie: bits above the function id
+COOKIE = CEnum("tls_cookie", {"CT_COOKIE_LAYOUT": COOKIE_LAYOUT, "CT_COOKIE_SPLIT": COOKIE_SPLIT})
+COOKIE_LAYOUTS = {discovery.FLAT_SSL: COOKIE_LAYOUT, discovery.SPLIT_SSL: COOKIE_SPLIT}
+CNT_CTRL_DROPPED = 4  # after bpf/common.h's counters
+TLS_COUNTERS = CEnum("tls_counter", {"CT_CNT_CTRL_DROPPED": CNT_CTRL_DROPPED})
 READ_BATCH = 2048  # records handled per read of the ring (as RingBuffer's batch)
 
-DATA = struct.Struct("<QQQIiBBBx" "BxHHxx16s16s")  # struct tls_data_rec up to data[]
-HANDSHAKE = struct.Struct("<QiiBBBBI" "BxHHxx16s16s")
-DATA_OFFSET = HEADER.size + DATA.size  # 116
-CNT_SEEN, CNT_KFILTERED, CNT_DROPPED, CNT_SUBMITTED, CNT_CTRL_DROPPED = 0, 1, 2, 3, 4
+CONN = CStruct("conn", "family B pad x lport H rport H pad2 2x laddr 16s raddr 16s")
+TLS_DATA_REC = CStruct("tls_data_rec", ("h", CT_HEADER),
+                       "ssl Q length Q offset Q chunk_len I fd i lib B func B truncated B pad x", ("c", CONN),
+                       until="data")
+TLS_HS_REC = CStruct("tls_hs_rec", ("h", CT_HEADER),
+                     "ssl Q fd i result i lib B func B role B ok B version I", ("c", CONN))
+TLS_CTRL_REC = CStruct("tls_ctrl_rec", ("h", CT_HEADER), "name 32s")
+TLS_CONFIG = CStruct("tls_config", "capture_data I max_payload I")
+DATA = TLS_DATA_REC.after("h")  # struct tls_data_rec after its header, up to data[]
+HANDSHAKE = TLS_HS_REC.after("h")
+DATA_OFFSET = TLS_DATA_REC.size  # 116
 
 UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free")
 BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, BPF_F_UPROBE_MULTI_RETURN = 28, 48, 1
@@ -168,13 +187,13 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
-_DATA_RECORD = struct.Struct(HEADER.format + DATA.format[1:])  # one unpack of every field
+_DATA_RECORD = TLS_DATA_REC.struct  # one unpack of every field
 # The hot path of `tls` unpacks only what changes from call to call (ts, length, offset,
 # chunk_len; truncated is the byte at DATA_TRUNCATED) and looks the rest up by the raw
 # bytes DATA_KEY_SPANS cover (type, pid, tid, uid, comm; fd, lib, func, truncated, conn).
-DATA_CHANGING = struct.Struct("<Q40xQQI")
-DATA_TRUNCATED = 74
-DATA_KEY_SPANS = ((8, 40), (68, DATA_OFFSET))
+DATA_CHANGING = TLS_DATA_REC.unpacker("h.ts_ns", "length", "offset", "chunk_len")  # "<Q40xQQI"
+DATA_TRUNCATED = TLS_DATA_REC.offset("truncated")  # 74
+DATA_KEY_SPANS = (TLS_DATA_REC.span("h.type", "h.comm"), TLS_DATA_REC.span("fd", "c.raddr"))  # (8, 40), (68, 116)
 _COMMS: dict[bytes, str] = {}
 _DIRECTIONS = {f: ("write" if f in WRITE_FUNCS else "read") for f in FUNC_NAMES}
 
@@ -326,8 +345,9 @@ class TlsTracer:
     def _dispatch_many(self, raws: list[bytes]) -> int:
         get = self._raw_handlers.get
         dispatch = self._dispatch
+        t0, t1 = TYPE_SPAN
         for raw in raws:
-            handler = get(raw[8:12])  # the record type's raw bytes: no int conversion per record
+            handler = get(raw[t0:t1])  # the record type's raw bytes: no int conversion per record
             if handler is not None:
                 handler(raw)
             else:
@@ -353,8 +373,8 @@ class TlsTracer:
         if self.obj is None:
             return {"seen": 0, "kernel_filtered": 0, "dropped": 0, "submitted": 0, "control_dropped": 0}
         totals = self.obj.counter_totals(CNT_CTRL_DROPPED + 1)
-        return {"seen": totals[CNT_SEEN], "kernel_filtered": totals[CNT_KFILTERED],
-                "dropped": totals[CNT_DROPPED], "submitted": totals[CNT_SUBMITTED],
+        return {"seen": totals[CT_CNT_SEEN], "kernel_filtered": totals[CT_CNT_KFILTERED],
+                "dropped": totals[CT_CNT_DROPPED], "submitted": totals[CT_CNT_SUBMITTED],
                 "control_dropped": totals[CNT_CTRL_DROPPED]}
 
     def detach(self) -> None:
@@ -379,8 +399,8 @@ class TlsTracer:
         if use_set:
             add_to_pid_set(self.obj, self.pids)
         self.obj.map("tls_config").update(struct.pack("<I", 0),
-                                          struct.pack("<II", int(self.capture_data),
-                                                      min(self.max_payload, 0xFFFFFFFF)))
+                                          TLS_CONFIG.struct.pack(int(self.capture_data),
+                                                                 min(self.max_payload, 0xFFFFFFFF)))
 
     def _add_extra(self, path: str) -> None:
         """--libssl PATH: a library or executable with OpenSSL, GnuTLS or NSPR functions."""
@@ -462,12 +482,12 @@ class TlsTracer:
         return attached
 
     def _dispatch(self, raw: bytes) -> None:
-        rtype = int.from_bytes(raw[8:12], "little")
+        rtype = int.from_bytes(raw[TYPE_SPAN[0]:TYPE_SPAN[1]], "little")
         handler = self._handlers.get(rtype)
         if handler is not None:
             handler(raw)
         elif rtype in (CT_EV_PROCESS_EXEC, CT_EV_LIB_LOAD):
-            pid = int.from_bytes(raw[12:16], "little")
+            pid = int.from_bytes(raw[PID_SPAN[0]:PID_SPAN[1]], "little")
             if not self.pids or pid in self.pids:
                 self._schedule(pid, rtype == CT_EV_PROCESS_EXEC)
 
