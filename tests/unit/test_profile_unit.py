@@ -6,6 +6,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -139,10 +140,17 @@ def test_process_info_from_proc():
 
 
 def test_read_bytes_reads_proc_files_past_one_page():
-    import ssl  # noqa: F401 - makes this process's maps longer than a page
-
-    data = inventory.read_bytes(f"/proc/{os.getpid()}/maps")
-    assert len(data) > 4096 and data == open(f"/proc/{os.getpid()}/maps", "rb").read()
+    # A sleeping child's maps hold still (this process's change as the test allocates);
+    # importing ssl makes them longer than a page.
+    child = subprocess.Popen([sys.executable, "-c", "import ssl, sys; print(flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()
+        data = inventory.read_bytes(f"/proc/{child.pid}/maps")
+        assert len(data) > 4096 and data == open(f"/proc/{child.pid}/maps", "rb").read()
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_pids_named_is_case_insensitive():

@@ -9,6 +9,7 @@ import pytest
 
 from crypto_tracer.errors import TracerError
 from crypto_tracer.host import discovery
+from crypto_tracer.probes import common
 from crypto_tracer.probes import tls as probe
 from crypto_tracer.sinks.text import TextSink, as_text, endpoint, hex_dump
 
@@ -17,7 +18,7 @@ CONN = ("127.0.0.1", 40000, "10.0.0.1", 443)
 
 def _data_record(payload, family=2, laddr=bytes([127, 0, 0, 1]) + bytes(12), func=5, length=None, offset=0,
                  truncated=0, fd=7):
-    header = probe.HEADER.pack(123, probe.CT_EV_TLS_DATA, 10, 11, 0, b"curl")
+    header = probe.HEADER.pack(123, common.CT_EV_TLS_DATA, 10, 11, 0, b"curl")
     body = probe.DATA.pack(0xABC, length or len(payload), offset, len(payload), fd, 1, func, truncated, family,
                            40000, 443, laddr, bytes([10, 0, 0, 1]) + bytes(12))
     return header + body + payload
@@ -156,7 +157,7 @@ def _varied_records():
             _data_record(b"x" * 40, length=100, offset=60, truncated=1), _data_record(b"y" * 30, length=90),
             _data_record(b"z", family=0, fd=-1, func=2), _data_record(b"six", family=10, laddr=v6),
             _data_record(b"%s %d \"q\" \\ \x7f\t\n", func=8)]
-    header = probe.HEADER.pack(2_000_000_000, probe.CT_EV_TLS_DATA, 2**31, 3, 65534, b"a%s\"\\\xc3(\x01nul\0x")
+    header = probe.HEADER.pack(2_000_000_000, common.CT_EV_TLS_DATA, 2**31, 3, 65534, b"a%s\"\\\xc3(\x01nul\0x")
     body = probe.DATA.pack(1, 5, 0, 5, 3, 3, 12, 0, 2, 1, 2, bytes(16), bytes(16))
     recs.append(header + body + b"hello")  # an odd comm, NSS, no addresses
     return recs
