@@ -89,7 +89,8 @@ class Capture:
 
     def run(self) -> int:
         from crypto_tracer.clock import WallClock
-        from crypto_tracer.probes.tls import CT_EV_TLS_KEYS, TlsTracer
+        from crypto_tracer.probes.common import CT_EV_TLS_KEYS
+        from crypto_tracer.probes.tls import TlsTracer
         from crypto_tracer.runloop import StopFlag, run as run_loop
         from crypto_tracer.stats import RunStats
 

@@ -121,7 +121,8 @@ def run(opts) -> int:
 
     keys = KeyExtractor(tracer, on_lines)
     if sessions is not None:
-        from crypto_tracer.probes.tls import CT_EV_TLS_HANDSHAKE, decode_handshake
+        from crypto_tracer.probes.common import CT_EV_TLS_HANDSHAKE
+        from crypto_tracer.probes.tls import decode_handshake
 
         def on_handshake(raw):  # the connection of the session whose keys may be waiting
             hs = decode_handshake(raw)
