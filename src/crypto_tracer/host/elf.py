@@ -8,7 +8,9 @@ scanning every executable on a host stays cheap. What it gives:
   with their file offset, which is what uprobes take; ``exports(names)`` / ``imports(names)``;
 - ``file_offset(vaddr)``: virtual address -> file offset through the PT_LOAD segments (the
   one conversion used everywhere);
-- ``build_id``, ``soname``; ``search(regex)`` over the whole file (version strings).
+- ``build_id``, ``soname``; ``search(regex)`` over the whole file (version strings);
+- ``machine`` / ``elf_type`` (e_machine, e_type); ``pointer_at(vaddr)``: an 8-byte pointer in the
+  file as the loader leaves it (RELATIVE relocations applied: PIE data such as Go's moduledata).
 
 Module functions cover one-shot uses: ``open_or_none``, ``is_elf``, ``build_id_or_digest``,
 ``search_file``, ``openssl_version``, ``banner_version``. A new TLS stack (Go's .gopclntab, BoringSSL) reads its sections and
@@ -30,6 +32,10 @@ DYNSYM, SYMTAB = SHT_DYNSYM, SHT_SYMTAB
 STT_OBJECT, STT_FUNC, STT_GNU_IFUNC = 1, 2, 10
 FUNCTIONS = frozenset((STT_FUNC, STT_GNU_IFUNC))
 PT_LOAD = 1
+SHT_RELA = 4
+EM_X86_64, EM_AARCH64 = 62, 183
+ET_EXEC, ET_DYN = 2, 3
+R_X86_64_RELATIVE, R_AARCH64_RELATIVE = 8, 1027
 DT_SONAME = 14
 NT_GNU_BUILD_ID = 3
 
@@ -37,6 +43,7 @@ _EHDR = struct.Struct("<QQQIHHHHHH")  # e_entry .. e_shstrndx, from offset 0x18
 _PHDR = struct.Struct("<IIQQQQQ")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
 _SYM = struct.Struct("<IBBHQQ")
+_RELA = struct.Struct("<QQq")
 
 # "OpenSSL 3.0.19 27 Jan 2026": the dated banner (keys calibration: the exact OpenSSL version)
 OPENSSL_BANNER_RE = re.compile(rb"OpenSSL (\d+\.\d+\.\d+[a-z]?)(?:-[\w.~+]+)? +\d{1,2} \w{3} \d{4}")
@@ -92,6 +99,7 @@ class ElfFile:
         head = self.read(0, 64)
         if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
             raise NotElf("not an ELF64 little-endian file")
+        self.elf_type, self.machine = struct.unpack_from("<HH", head, 0x10)  # ET_*, EM_*
         (_entry, self.phoff, self.shoff, _flags, _ehsize, self.phentsize, self.phnum, self.shentsize,
          self.shnum, self.shstrndx) = _EHDR.unpack_from(head, 0x18)
         self._sections: list[Section] | None = None
@@ -192,6 +200,32 @@ class ElfFile:
             if start <= vaddr < start + memsz:
                 return vaddr - start + off
         return None
+
+    def pointer_at(self, vaddr: int) -> int | None:
+        """The 8-byte little-endian pointer stored at vaddr, as loaded at the link-time base: a
+        RELATIVE relocation's addend when one targets vaddr (PIE data), else the file's bytes.
+        None when vaddr is not in the file."""
+        off = self.file_offset(vaddr)
+        if off is None:
+            return None
+        raw = self.read(off, 8)
+        if len(raw) < 8:
+            return None
+        relative = {EM_X86_64: R_X86_64_RELATIVE, EM_AARCH64: R_AARCH64_RELATIVE}.get(self.machine)
+        if self.elf_type == ET_DYN and relative is not None:
+            key = struct.pack("<Q", vaddr)
+            for sec in self.sections_of_type(SHT_RELA):
+                if sec.entsize != _RELA.size:
+                    continue
+                table = self.read(sec.offset, sec.size)
+                pos = table.find(key)
+                while pos >= 0:
+                    if pos % _RELA.size == 0:
+                        _r_offset, info, addend = _RELA.unpack_from(table, pos)
+                        if info & 0xFFFFFFFF == relative:
+                            return addend
+                    pos = table.find(key, pos + 1)
+        return struct.unpack("<Q", raw)[0]
 
     def _string(self, pos: int) -> str:
         chunks = []
