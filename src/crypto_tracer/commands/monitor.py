@@ -13,7 +13,7 @@ from crypto_tracer.enrich import Enricher
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.filters.events import EventFilter
 from crypto_tracer.log import is_verbose, log
-from crypto_tracer.preflight import preflight
+from crypto_tracer.engine.preflight import preflight
 from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
 from crypto_tracer.redact import redact_event
 from crypto_tracer.runloop import StopFlag, run as run_loop
@@ -109,7 +109,7 @@ def run(opts, extra_pids=None, on_ready=None) -> int:
         if stop.signal:
             log.info("Shutdown requested, cleaning up...")
         # Detach first so nothing new arrives, then drain: every submitted record is handled.
-        probe.obj.detach()
+        probe.detach()
         ring.drain()
         pipeline.process(batch)
         stats.report()

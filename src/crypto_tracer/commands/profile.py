@@ -14,7 +14,6 @@ Sources, each for the profiled pids only:
 from __future__ import annotations
 
 import os
-import struct
 import time
 
 from crypto_tracer import inventory
@@ -256,7 +255,7 @@ class Profiler:
             duration = time.monotonic() - started
             self.interrupted = stop.signal is not None
             log.debug("profile ended after %.2f s, collecting", duration)
-            self.monitor.obj.detach()
+            self.monitor.detach()
             ring.drain()
             handle(batch)
             doc = self.document(started_at, duration, self.interrupted)
@@ -291,8 +290,8 @@ class Profiler:
             return
         self.tcp_sample_at = now + SOCKET_SAMPLE_SECONDS
         if self.follow:
-            for raw in list(self.monitor.obj.map("pid_set").keys()):
-                self.track(struct.unpack("<I", raw)[0])
+            for pid in self.monitor.pid_set():
+                self.track(pid)
         when = now_iso()
         tables = inventory.TcpTables()
         for pid, section in self.sections.items():
@@ -384,7 +383,7 @@ def render_summary(doc: dict) -> str:
 
 
 def run(opts) -> int:
-    from crypto_tracer.preflight import preflight
+    from crypto_tracer.engine.preflight import preflight
 
     preflight()
     return Profiler(opts).run()

@@ -95,7 +95,7 @@ class Capture:
         from crypto_tracer.stats import RunStats
 
         opts = self.opts
-        from crypto_tracer.preflight import preflight
+        from crypto_tracer.engine.preflight import preflight
 
         preflight()
         tracer = TlsTracer(pids=[opts.pid] if opts.pid else None, uid=opts.uid, name=opts.name,

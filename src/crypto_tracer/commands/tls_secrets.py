@@ -145,7 +145,7 @@ def run(opts) -> int:
         what = f"packets on {', '.join(i.name for i in interfaces)} to {opts.pcapfile}" if pcap else \
             f"TLS keys to {keylog_path if keylog_path not in (None, '-') else 'stdout'}"
         log.info("crypto-tracer ready, writing %s; Ctrl-C to stop", what)
-        fds = [tracer.rb.epoll_fd] + ([capture.rb.epoll_fd] if capture else [])
+        fds = [tracer.epoll_fd] + ([capture.epoll_fd] if capture else [])
 
         def poll(timeout_ms: int) -> None:
             select.select(fds, [], [], timeout_ms / 1000)
@@ -187,11 +187,10 @@ class _DropWatch:
 
 def _finish(tracer, capture, sink, sessions) -> None:
     try:
-        if tracer.rb is not None:
-            tracer.drain()  # the last keys first, so that their DSBs precede the last packets
+        tracer.drain()  # the last keys first, so that their DSBs precede the last packets
         if sessions is not None:
             sessions.expire(everything=True)
-        if capture is not None and capture.rb is not None:
+        if capture is not None:
             capture.drain()
         if sink is not None:
             sink.flush(everything=True)

@@ -1,7 +1,11 @@
 """The eBPF engine: load CO-RE objects, attach probes, read maps and ring buffers.
 
-A thin, typed layer over libbpf (see ``libbpf.py``). Everything here raises
-``TracerError`` with the documented exit status on failure (5 for load/attach).
+A thin, typed layer over libbpf (see ``libbpf.py``): ``BpfObject`` (programs, maps, the
+`counters` map), ``Link`` (tracepoints, uprobes, uprobe_multi links), ``TcHook`` (clsact
+qdisc and classifiers), ``RingBuffer`` (libbpf's callback reader) and ``ring_reader`` (records
+in lists: ``ringread.DirectRing`` on x86-64). Start-up checks live in ``preflight.py``.
+Everything here raises ``TracerError`` with the documented exit status on failure (5 for
+load/attach); attach failures are ``AttachError``, which carries the errno.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import collections
 import ctypes
 import errno
 import os
+import struct
 from importlib import resources
 from typing import Callable, Iterator
 
@@ -71,6 +76,19 @@ def _err(ret: int | None) -> int:
     return ctypes.get_errno() or errno.EINVAL
 
 
+class AttachError(TracerError):
+    """An attachment the kernel refused; ``errno`` says why (callers may fall back or rephrase)."""
+
+    def __init__(self, message: str, code: int, hint: str | None = None):
+        super().__init__(message, ExitStatus.BPF_FAILURE, hint)
+        self.errno = code
+        self.strerror = os.strerror(code)
+
+
+# errno of a uprobe_multi link on a kernel without them (before 6.6): EINVAL, EOPNOTSUPP, ENOTSUPP, ENOSYS
+UPROBE_MULTI_UNSUPPORTED = frozenset((errno.EINVAL, errno.EOPNOTSUPP, 524, errno.ENOSYS))
+
+
 class Map:
     def __init__(self, obj: "BpfObject", ptr: int, name: str):
         self._obj, self._ptr, self.name = obj, ptr, name
@@ -86,6 +104,10 @@ class Map:
     @property
     def value_size(self) -> int:
         return lb().bpf_map__value_size(self._ptr)
+
+    @property
+    def max_entries(self) -> int:
+        return lb().bpf_map__max_entries(self._ptr)
 
     def set_max_entries(self, n: int) -> None:
         ret = lb().bpf_map__set_max_entries(self._ptr, n)
@@ -150,17 +172,26 @@ class Program:
     def autoload(self) -> bool:
         return bool(lb().bpf_program__autoload(self._ptr))
 
+    def expect_uprobe_multi(self) -> None:
+        """Before load: make the program attachable with attach_uprobe_multi (Linux 6.6+);
+        such a program cannot be attached as a classic uprobe."""
+        lb().bpf_program__set_expected_attach_type(self._ptr, lb().BPF_TRACE_UPROBE_MULTI)
+
 
 class Link:
-    """An attachment; destroy() detaches it. Safe to call twice."""
+    """An attachment (a libbpf link, or the fd of a link made with the bpf syscall);
+    destroy() detaches it. Safe to call twice."""
 
-    def __init__(self, ptr: int, what: str):
-        self._ptr, self.what = ptr, what
+    def __init__(self, what: str, ptr: int | None = None, fd: int = -1):
+        self.what, self._ptr, self._fd = what, ptr, fd
 
     def destroy(self) -> None:
         if self._ptr:
             lb().bpf_link__destroy(self._ptr)
             self._ptr = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 # Slots of every object's per-CPU `counters` map (bpf/common.h, enum ct_counter).
@@ -215,9 +246,10 @@ class BpfObject:
         return [sum(int.from_bytes(v, "little") for v in m.lookup_percpu(i.to_bytes(4, "little")))
                 for i in range(slots)]
 
-    def counters(self) -> dict[str, int]:
-        """The accounting counters every object keeps: seen, kernel_filtered, dropped, submitted."""
-        return dict(zip(COUNTER_NAMES, self.counter_totals()))
+    def counters(self, names: tuple[str, ...] = COUNTER_NAMES) -> dict[str, int]:
+        """The accounting counters every object keeps (seen, kernel_filtered, dropped, submitted),
+        and the object's own slots after them when names lists them."""
+        return dict(zip(names, self.counter_totals(len(names))))
 
     def load(self) -> None:
         ret = lb().bpf_object__load(self._ptr)
@@ -235,9 +267,8 @@ class BpfObject:
     def _attached(self, ptr: int | None, what: str) -> Link:
         if not ptr:
             code = _err(None)
-            raise TracerError(f"attaching {what} failed: {os.strerror(code)}", ExitStatus.BPF_FAILURE,
-                              libbpf_tail(3) or None)
-        link = Link(ptr, what)
+            raise AttachError(f"attaching {what} failed: {os.strerror(code)}", code, libbpf_tail(3) or None)
+        link = Link(what, ptr=ptr)
         self.links.append(link)
         return link
 
@@ -262,11 +293,47 @@ class BpfObject:
         kind = "uretprobe" if retprobe else "uprobe"
         return self._attached(ptr, f"{kind} {binary}:{func_name or hex(offset)}")
 
-    def detach(self) -> None:
-        """Detach every link, in reverse order; maps stay readable until close()."""
-        for link in reversed(self.links):
-            link.destroy()
+    def attach_uprobe_multi(self, prog: str, binary: str, offsets: list[int], cookies: list[int],
+                            retprobe: bool = False, pid: int = 0, what: str | None = None) -> Link:
+        """One uprobe_multi link (Linux 6.6+) for every file offset of binary, each with its cookie,
+        for one pid or all (0). The program must have been marked with expect_uprobe_multi().
+        Detaching it costs one RCU grace period instead of one per probe (~0.1 s each here).
+        Made with the bpf syscall: libbpf 1.1 has no API for it."""
+        m = lb()
+        n = len(offsets)
+        path = ctypes.create_string_buffer(binary.encode())
+        offs = (ctypes.c_uint64 * n)(*offsets)
+        cks = (ctypes.c_uint64 * n)(*cookies)
+        # union bpf_attr, link_create: prog_fd, target_fd, attach_type, flags, then .uprobe_multi:
+        # path, offsets, ref_ctr_offsets, cookies, cnt, flags, pid (ends at byte 60)
+        attr = ctypes.create_string_buffer(64)
+        struct.pack_into("<IIII", attr, 0, self.program(prog).fd, 0, m.BPF_TRACE_UPROBE_MULTI, 0)
+        struct.pack_into("<QQQQIII", attr, 16, ctypes.addressof(path), ctypes.addressof(offs), 0,
+                         ctypes.addressof(cks), n, m.BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, max(pid, 0))
+        fd = m.syscall(m.SYS_BPF, m.BPF_LINK_CREATE, attr, ctypes.sizeof(attr))
+        what = what or f"{prog} {binary} ({n} uprobe_multi offsets)"
+        if fd < 0:
+            code = ctypes.get_errno() or errno.EINVAL
+            raise AttachError(f"attaching {what} failed: {os.strerror(code)}", code)
+        link = Link(what, fd=int(fd))
+        self.links.append(link)
+        return link
+
+    def detach(self, parallel: bool = False) -> None:
+        """Detach every link, in reverse order; maps stay readable until close().
+
+        Each uprobe detach waits for an RCU-tasks grace period (~0.2 s on these VMs):
+        parallel=True runs them in threads (close() and ctypes calls release the GIL)."""
+        links = list(reversed(self.links))
         self.links.clear()
+        if parallel and len(links) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(16, len(links))) as pool:
+                list(pool.map(Link.destroy, links))
+            return
+        for link in links:
+            link.destroy()
 
     def close(self) -> None:
         """Detach everything and free the object."""
@@ -312,6 +379,10 @@ class RingBuffer:
             if ret:
                 raise TracerError(f"cannot add ring buffer: {os.strerror(_err(ret))}", ExitStatus.BPF_FAILURE)
 
+    @property
+    def batch(self) -> int:
+        return self._batch
+
     def poll(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms for records and handle at most one batch; returns how many."""
         self._count = 0
@@ -320,14 +391,19 @@ class RingBuffer:
             raise TracerError(f"ring buffer poll failed: {os.strerror(-ret)}", ExitStatus.ERROR)
         return self._count
 
+    def consume(self) -> int:
+        """Handle at most one batch of what is in the rings now, without waiting; returns how many."""
+        self._count = 0
+        lb().ring_buffer__consume(self._ptr)
+        return self._count
+
     def drain(self) -> int:
         """Handle everything currently in the rings (used at shutdown)."""
         total = 0
         while True:
-            self._count = 0
-            lb().ring_buffer__consume(self._ptr)
-            total += self._count
-            if self._count < self._batch:
+            got = self.consume()
+            total += got
+            if got < self._batch:
                 return total
 
     @property
@@ -340,32 +416,88 @@ class RingBuffer:
             self._ptr = None
 
 
+class ListRing:
+    """libbpf's reader behind DirectRing's interface (wait, read, epoll_fd, close), where
+    DirectRing is not used: read() returns at most the ``batch`` given here."""
+
+    def __init__(self, bpf_map: Map, batch: int):
+        self._records: list[bytes] = []
+        self._rb = RingBuffer(batch)
+        self._rb.add(bpf_map, self._records.append)
+
+    @property
+    def epoll_fd(self) -> int:
+        return self._rb.epoll_fd
+
+    def wait(self, timeout_ms: int) -> None:
+        import select
+
+        try:
+            select.select([self.epoll_fd], [], [], timeout_ms / 1000 if timeout_ms >= 0 else None)
+        except InterruptedError:
+            pass
+
+    def read(self, limit: int) -> list[bytes]:
+        self._rb.consume()
+        out = self._records[:]
+        self._records.clear()
+        return out
+
+    def close(self) -> None:
+        self._rb.close()
+
+
+def ring_reader(bpf_map: Map, batch: int):
+    """A reader of one ring that returns records in lists (wait, read(batch), epoll_fd, close):
+    ringread.DirectRing on x86-64 (no ctypes call per record), else ListRing."""
+    from crypto_tracer.engine.ringread import DirectRing
+
+    if DirectRing.supported:
+        return DirectRing(bpf_map.fd, bpf_map.max_entries)
+    return ListRing(bpf_map, batch)
+
+
 class TcHook:
-    """A clsact qdisc on one interface with our classifiers; destroy() removes all of it."""
+    """The clsact qdisc of one interface and our classifiers on it, named by (handle, priority).
 
-    def __init__(self, ifindex: int):
-        m = lb()
-        self.ifindex = ifindex
-        self._hook = m.bpf_tc_hook(sz=ctypes.sizeof(m.bpf_tc_hook), ifindex=ifindex,
-                                   attach_point=m.BPF_TC_INGRESS | m.BPF_TC_EGRESS)
-        ret = m.bpf_tc_hook_create(ctypes.byref(self._hook))
-        if ret and ret != -errno.EEXIST:
-            raise TracerError(f"cannot create clsact qdisc on ifindex {ifindex}: {os.strerror(-ret)}",
-                              ExitStatus.BPF_FAILURE)
+    Nothing is kept but the interface, so a later run can remove what a dead one attached."""
 
-    def attach(self, program: Program, ingress: bool, handle: int = 1, priority: int = 1) -> None:
+    def __init__(self, ifindex: int, handle: int = 1, priority: int = 1):
+        self.ifindex, self.handle, self.priority = ifindex, handle, priority
+
+    def _hook(self, attach_point: int):
         m = lb()
-        hook = m.bpf_tc_hook(sz=ctypes.sizeof(m.bpf_tc_hook), ifindex=self.ifindex,
-                             attach_point=m.BPF_TC_INGRESS if ingress else m.BPF_TC_EGRESS)
-        opts = m.bpf_tc_opts(sz=ctypes.sizeof(m.bpf_tc_opts), prog_fd=program.fd, handle=handle,
-                             priority=priority)
-        ret = m.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+        return m.bpf_tc_hook(sz=ctypes.sizeof(m.bpf_tc_hook), ifindex=self.ifindex, attach_point=attach_point)
+
+    def _opts(self, prog_fd: int = 0):
+        m = lb()
+        return m.bpf_tc_opts(sz=ctypes.sizeof(m.bpf_tc_opts), prog_fd=prog_fd, handle=self.handle,
+                             priority=self.priority)
+
+    def create(self) -> bool:
+        """Add the clsact qdisc; False when it was there already (then it is not ours to remove)."""
+        m = lb()
+        ret = m.bpf_tc_hook_create(ctypes.byref(self._hook(m.BPF_TC_INGRESS | m.BPF_TC_EGRESS)))
+        if ret == -errno.EEXIST:
+            return False
         if ret:
-            raise TracerError(f"attaching TC program {program.name} failed: {os.strerror(-ret)}",
-                              ExitStatus.BPF_FAILURE)
+            raise AttachError(f"cannot add a clsact qdisc on ifindex {self.ifindex}: {os.strerror(-ret)}", -ret)
+        return True
+
+    def attach(self, program: Program, egress: bool) -> None:
+        m = lb()
+        hook = self._hook(m.BPF_TC_EGRESS if egress else m.BPF_TC_INGRESS)
+        ret = m.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(self._opts(program.fd)))
+        if ret:
+            raise AttachError(f"attaching TC program {program.name} failed: {os.strerror(-ret)}", -ret)
+
+    def detach(self) -> None:
+        """Remove our classifiers from both directions (absent ones are not an error)."""
+        m = lb()
+        for point in (m.BPF_TC_INGRESS, m.BPF_TC_EGRESS):
+            m.bpf_tc_detach(ctypes.byref(self._hook(point)), ctypes.byref(self._opts()))
 
     def destroy(self) -> None:
-        """Remove the qdisc with its filters (INGRESS|EGRESS, or the qdisc would stay)."""
-        if self._hook is not None:
-            lb().bpf_tc_hook_destroy(ctypes.byref(self._hook))
-            self._hook = None
+        """Remove the qdisc with every filter on it (INGRESS|EGRESS, or the qdisc would stay)."""
+        m = lb()
+        m.bpf_tc_hook_destroy(ctypes.byref(self._hook(m.BPF_TC_INGRESS | m.BPF_TC_EGRESS)))

@@ -50,6 +50,9 @@ PRINT_CB = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
 
 BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
+BPF_LINK_CREATE = 28  # bpf(2) command
+BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type
+BPF_F_UPROBE_MULTI_RETURN = 1
 
 
 def _decl(name: str, restype, *argtypes):
@@ -70,6 +73,7 @@ bpf_program__section_name = _decl("bpf_program__section_name", c_char_p, c_void_
 bpf_program__set_autoload = _decl("bpf_program__set_autoload", c_int, c_void_p, c_bool)
 bpf_program__autoload = _decl("bpf_program__autoload", c_bool, c_void_p)
 bpf_program__fd = _decl("bpf_program__fd", c_int, c_void_p)
+bpf_program__set_expected_attach_type = _decl("bpf_program__set_expected_attach_type", c_int, c_void_p, c_int)
 bpf_program__attach = _decl("bpf_program__attach", c_void_p, c_void_p)
 bpf_program__attach_tracepoint = _decl("bpf_program__attach_tracepoint", c_void_p, c_void_p, c_char_p, c_char_p)
 bpf_program__attach_uprobe_opts = _decl("bpf_program__attach_uprobe_opts", c_void_p, c_void_p, c_int, c_char_p,
@@ -111,6 +115,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 vsnprintf = _libc.vsnprintf
 vsnprintf.restype = c_int
 vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
+syscall = _libc.syscall
+syscall.restype = ctypes.c_long
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 malloc_trim = getattr(_libc, "malloc_trim", None)
 if malloc_trim is not None:
     malloc_trim.restype = c_int

@@ -70,7 +70,7 @@ class KeyExtractor:
         slot = FIRST_SLOT + len(self.slots)
         if slot >= records.SLOTS:
             return None
-        self.tracer.obj.map("keys_layouts").update(struct.pack("<I", slot), records.layout_value(lay))
+        self.tracer.map("keys_layouts").update(struct.pack("<I", slot), records.layout_value(lay))
         self.slots[slot] = lay
         return slot
 

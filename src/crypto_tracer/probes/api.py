@@ -14,15 +14,14 @@ and calls made between a library being mapped (or a fork) and the probes being a
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 from dataclasses import dataclass
 
 from crypto_tracer import classify, inventory
 from crypto_tracer.bpf.cstruct import CEnum, CStruct
+from crypto_tracer.engine import AttachError, BpfObject
 from crypto_tracer.host import discovery, proc
-from crypto_tracer.engine import BpfObject
 from crypto_tracer.errors import TracerError
 from crypto_tracer.log import log
 from crypto_tracer.procinfo import own_view, read_root
@@ -106,12 +105,6 @@ KEY = CStruct("api_key", "tgid I func H kind H arg 32s").struct
 VAL = CStruct("api_val", "count Q bytes Q").struct
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_uint]
-
-
 def cookie(f: Function, arg: int | None = None, kind: int | None = None) -> int:
     return f.id | ((f.kind if kind is None else kind) << 16) | ((arg if arg is not None else f.arg) << 24)
 
@@ -168,10 +161,6 @@ def normalize_algorithm(name: str | None) -> str | None:
 PROGRAMS = ("api_enter", "api_ret_ok", "api_ret_bytes", "api_ex_enter", "api_ex_ret")
 TCP_PROGRAMS = ("api_tcp_state", "api_accept4_exit", "api_accept_exit")
 PEER_KEY = CStruct("peer_key", "tgid I role B pad B family H port H pad2 H addr 16s").struct
-BPF_TRACE_UPROBE_MULTI = 48
-BPF_F_UPROBE_MULTI_RETURN = 1
-BPF_LINK_CREATE = 28
-NR_BPF = {"x86_64": 321, "aarch64": 280}
 
 
 def probe_points(f: Function) -> list[tuple[str, bool]]:
@@ -186,8 +175,7 @@ def probe_points(f: Function) -> list[tuple[str, bool]]:
 class ApiProbe:
     """Loads api.bpf.o once; attach(pid) hooks the crypto libraries that pid maps.
 
-    Preferred: one uprobe_multi link per (program, pid, file), made with the bpf syscall
-    (Linux 6.6+; libbpf 1.1 has no API for it). Detaching a link waits for an RCU-tasks
+    Preferred: one uprobe_multi link per (program, pid, file) (Linux 6.6+). Detaching a link waits for an RCU-tasks
     grace period (~0.2 s on these VMs), so 5 links instead of ~40 per library make the end of
     a profile take a second instead of eight. Older kernels get one perf uprobe per function.
     """
@@ -197,18 +185,14 @@ class ApiProbe:
         self.obj = self._open(multi=True)
         self.attached: set[tuple[int, int, int]] = set()  # (pid, dev, ino) of hooked files
         self.links = 0  # probe points attached
-        self.link_fds: list[int] = []
         self.failed: list[str] = []
 
     def _open(self, multi: bool) -> BpfObject:
         obj = BpfObject.from_package("api")
         obj.map("events").set_max_entries(4096)  # unused here: counts live in api_counts
         if multi:
-            from crypto_tracer.engine import lb
-
-            set_type = lb().lib.bpf_program__set_expected_attach_type
             for name in PROGRAMS:
-                set_type(ctypes.c_void_p(obj.program(name)._ptr), BPF_TRACE_UPROBE_MULTI)
+                obj.program(name).expect_uprobe_multi()
         return obj
 
     def load(self) -> None:
@@ -281,9 +265,10 @@ class ApiProbe:
                     groups.setdefault((prog, ret), []).append((offset, c))
             for (prog, ret), points in groups.items():
                 try:
-                    self.link_fds.append(self._uprobe_multi(prog, path, pid, points, ret))
+                    self.obj.attach_uprobe_multi(prog, path, [o for o, _ in points], [c for _, c in points],
+                                                 ret, pid)
                     count += len(points)
-                except OSError as exc:
+                except AttachError as exc:
                     self.failed.append(f"{prog} on {path}: {exc.strerror}")
                     log.debug("api probes: uprobe_multi %s on %s failed: %s", prog, path, exc.strerror)
         else:
@@ -296,22 +281,6 @@ class ApiProbe:
                         self.failed.append(f"{name} in {path}: {exc.args[0]}")
         log.debug("api probes: %d on %s for pid %d", count, path, pid)
         return count
-
-    def _uprobe_multi(self, prog: str, path: str, pid: int, points: list[tuple[int, int]], ret: bool) -> int:
-        """BPF_LINK_CREATE with attach type BPF_TRACE_UPROBE_MULTI; returns the link fd."""
-        n = len(points)
-        path_buf = ctypes.create_string_buffer(path.encode())
-        offsets = (ctypes.c_uint64 * n)(*[o for o, _ in points])
-        cookies = (ctypes.c_uint64 * n)(*[c for _, c in points])
-        attr = ctypes.create_string_buffer(64)
-        struct.pack_into("<IIII", attr, 0, self.obj.program(prog).fd, 0, BPF_TRACE_UPROBE_MULTI, 0)
-        struct.pack_into("<QQQQIII", attr, 16, ctypes.addressof(path_buf), ctypes.addressof(offsets), 0,
-                         ctypes.addressof(cookies), n, BPF_F_UPROBE_MULTI_RETURN if ret else 0, pid)
-        fd = _syscall(NR_BPF.get(os.uname().machine, 321), BPF_LINK_CREATE, attr, 64)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return fd
 
     def counts(self) -> dict[int, list[dict]]:
         """tgid -> [{function_name, library, category, algorithm, count, bytes}] from the kernel map."""
@@ -335,18 +304,8 @@ class ApiProbe:
         return self.obj.counters()
 
     def close(self) -> None:
-        """Detach every uprobe: each detach waits for a grace period, so they run in parallel
-        threads (os.close and ctypes calls release the GIL)."""
-        jobs = [lambda fd=fd: os.close(fd) for fd in self.link_fds] + \
-               [link.destroy for link in self.obj.links]
-        self.link_fds = []
-        if len(jobs) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
-                list(pool.map(lambda job: job(), jobs))
-        elif jobs:
-            jobs[0]()
+        """Detach every uprobe: each detach waits for a grace period, so they run in parallel."""
+        self.obj.detach(parallel=True)
         self.obj.close()
 
 

@@ -8,7 +8,6 @@ priority) and the clsact qdisc when that run had created it.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import glob
 import json
@@ -83,44 +82,29 @@ def interface(name: str) -> Interface:
     return Interface(name, ifindex, arphrd)
 
 
-def _hook(ifindex: int, attach_point: int):
-    from crypto_tracer.engine import lb
+def _tc(ifindex: int):
+    from crypto_tracer.engine import TcHook
 
-    m = lb()
-    return m.bpf_tc_hook(sz=ctypes.sizeof(m.bpf_tc_hook), ifindex=ifindex, attach_point=attach_point)
-
-
-def _opts(prog_fd: int = 0):
-    from crypto_tracer.engine import lb
-
-    m = lb()
-    return m.bpf_tc_opts(sz=ctypes.sizeof(m.bpf_tc_opts), prog_fd=prog_fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+    return TcHook(ifindex, TC_HANDLE, TC_PRIORITY)
 
 
 def _create_qdisc(ifindex: int) -> bool:
     """Add the clsact qdisc; False when it was there already (then it is not ours to remove)."""
-    from crypto_tracer.engine import lb
+    from crypto_tracer.engine import AttachError
 
-    m = lb()
-    ret = m.bpf_tc_hook_create(ctypes.byref(_hook(ifindex, m.BPF_TC_INGRESS | m.BPF_TC_EGRESS)))
-    if ret == -errno.EEXIST:
-        return False
-    if ret:
-        raise TracerError(f"cannot add a clsact qdisc on ifindex {ifindex}: {os.strerror(-ret)}",
-                          ExitStatus.NO_PRIVILEGES if ret == -errno.EPERM else ExitStatus.BPF_FAILURE,
-                          "pcapng capture needs CAP_NET_ADMIN")
-    return True
+    try:
+        return _tc(ifindex).create()
+    except AttachError as exc:
+        raise TracerError(str(exc), ExitStatus.NO_PRIVILEGES if exc.errno == errno.EPERM else ExitStatus.BPF_FAILURE,
+                          "pcapng capture needs CAP_NET_ADMIN") from None
 
 
 def _remove(ifindex: int, created_qdisc: bool) -> None:
-    """Detach our filters; remove the qdisc if we created it (INGRESS|EGRESS, or it stays)."""
-    from crypto_tracer.engine import lb
-
-    m = lb()
-    for point in (m.BPF_TC_INGRESS, m.BPF_TC_EGRESS):
-        m.bpf_tc_detach(ctypes.byref(_hook(ifindex, point)), ctypes.byref(_opts()))
+    """Detach our filters; remove the qdisc if we created it."""
+    hook = _tc(ifindex)
+    hook.detach()
     if created_qdisc:
-        m.bpf_tc_hook_destroy(ctypes.byref(_hook(ifindex, m.BPF_TC_INGRESS | m.BPF_TC_EGRESS)))
+        hook.destroy()
 
 
 def _alive(pid: int) -> bool:
@@ -278,21 +262,21 @@ class TcCapture:
             self._attach(ifc)
 
     def _attach(self, ifc: Interface) -> None:
-        from crypto_tracer.engine import lb
+        from crypto_tracer.engine import AttachError
 
-        m = lb()
         created = _create_qdisc(ifc.ifindex)
         self._attached.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created})
         self._save_state()
-        for prog, point in (("tc_ingress", m.BPF_TC_INGRESS), ("tc_egress", m.BPF_TC_EGRESS)):
-            opts = _opts(self.obj.program(prog).fd)
-            ret = m.bpf_tc_attach(ctypes.byref(_hook(ifc.ifindex, point)), ctypes.byref(opts))
-            if ret == -errno.EEXIST:
-                raise TracerError(f"another crypto-tracer capture is running on {ifc.name}", ExitStatus.ERROR,
-                                  "stop it first (one pcapng capture per interface)")
-            if ret:
-                raise TracerError(f"attaching the TC capture to {ifc.name} failed: {os.strerror(-ret)}",
-                                  ExitStatus.BPF_FAILURE)
+        hook = _tc(ifc.ifindex)
+        for prog, egress in (("tc_ingress", False), ("tc_egress", True)):
+            try:
+                hook.attach(self.obj.program(prog), egress)
+            except AttachError as exc:
+                if exc.errno == errno.EEXIST:
+                    raise TracerError(f"another crypto-tracer capture is running on {ifc.name}", ExitStatus.ERROR,
+                                      "stop it first (one pcapng capture per interface)") from None
+                raise TracerError(f"attaching the TC capture to {ifc.name} failed: {exc.strerror}",
+                                  ExitStatus.BPF_FAILURE) from None
         log.debug("capture: attached to %s (ifindex %d, qdisc %s)", ifc.name, ifc.ifindex,
                   "created" if created else "already there")
 
@@ -307,6 +291,11 @@ class TcCapture:
 
     def poll(self, timeout_ms: int) -> int:
         return self.rb.poll(timeout_ms)
+
+    @property
+    def epoll_fd(self) -> int:
+        """Readable when the kernel signals packets (for a caller's own select)."""
+        return self.rb.epoll_fd
 
     def drain(self) -> int:
         return self.rb.drain() if self.rb else 0

@@ -111,8 +111,16 @@ class MonitorProbe:
         self.ring.add(self.obj.map("events"), handler)
         return self.ring
 
+    def pid_set(self) -> list[int]:
+        """The tgids in the pid set now (with follow_children: forks the kernel added)."""
+        return [struct.unpack("<I", raw)[0] for raw in list(self.obj.map("pid_set").keys())]
+
     def counters(self) -> dict[str, int]:
         return self.obj.counters()
+
+    def detach(self) -> None:
+        """Remove every probe (the ring stays readable for a last drain)."""
+        self.obj.detach()
 
     def close(self) -> None:
         if self.ring:

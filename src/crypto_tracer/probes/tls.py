@@ -7,7 +7,6 @@ and hands the raw records to the handlers registered with ``on()``.
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import time
@@ -15,15 +14,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from crypto_tracer.engine import UPROBE_MULTI_UNSUPPORTED, AttachError
 from crypto_tracer.host import discovery
 from crypto_tracer.host.discovery import GNUTLS, NSS, OPENSSL, TlsLibrary
 from crypto_tracer.host.proc import AF_INET, AF_INET6, address_text
-from crypto_tracer.engine.ringread import DirectRing
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
 from crypto_tracer.bpf.cstruct import CEnum, CStruct
-from crypto_tracer.probes.common import (CT_CNT_DROPPED, CT_CNT_KFILTERED, CT_CNT_SEEN, CT_CNT_SUBMITTED,
-                                         CT_EV_LIB_LOAD, CT_EV_PROCESS_EXEC, CT_HEADER, HEADER, PID_SPAN, TYPE_SPAN, ProcessFilter,
+from crypto_tracer.probes.common import (CT_EV_LIB_LOAD, CT_EV_PROCESS_EXEC, CT_HEADER, HEADER, PID_SPAN, TYPE_SPAN, ProcessFilter,
                                          add_to_pid_set)
 
 # The constants and records of tls.bpf.c (checked against its BTF by tests/unit/test_bpf_layouts.py).
@@ -48,7 +46,8 @@ COOKIE = CEnum("tls_cookie", {"CT_COOKIE_LAYOUT": COOKIE_LAYOUT, "CT_COOKIE_SPLI
 COOKIE_LAYOUTS = {discovery.FLAT_SSL: COOKIE_LAYOUT, discovery.SPLIT_SSL: COOKIE_SPLIT}
 CNT_CTRL_DROPPED = 4  # after bpf/common.h's counters
 TLS_COUNTERS = CEnum("tls_counter", {"CT_CNT_CTRL_DROPPED": CNT_CTRL_DROPPED})
-READ_BATCH = 2048  # records handled per read of the ring (as RingBuffer's batch)
+READ_BATCH = 2048  # records handled per read of the ring
+COUNTERS = ("seen", "kernel_filtered", "dropped", "submitted", "control_dropped")  # by slot: common.h, then tls_counter
 
 CONN = CStruct("conn", "family B pad x lport H rport H pad2 2x laddr 16s raddr 16s")
 TLS_DATA_REC = CStruct("tls_data_rec", ("h", CT_HEADER),
@@ -63,58 +62,10 @@ HANDSHAKE = TLS_HS_REC.after("h")
 DATA_OFFSET = TLS_DATA_REC.size  # 116
 
 UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free")
-BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI, BPF_F_UPROBE_MULTI_RETURN = 28, 48, 1
-SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 
 
 class _NoUprobeMulti(Exception):
     """The kernel refused a uprobe_multi link (before Linux 6.6): use one link per probe."""
-
-
-class MultiLink:
-    """A uprobe_multi link (Linux 6.6+): every function of one library for one program, so
-    detaching costs one RCU grace period instead of one per probe (~0.1 s each here)."""
-
-    def __init__(self, fd: int, what: str):
-        self.fd, self.what = fd, what
-
-    def destroy(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def uprobe_multi_link(prog_fd: int, path: str, offsets: list[int], cookies: list[int], retprobe: bool,
-                      pid: int) -> int:
-    """BPF_LINK_CREATE for a uprobe_multi link (libbpf 1.1 has no API for it); returns the fd."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    n = len(offsets)
-    offs = (ctypes.c_uint64 * n)(*offsets)
-    cks = (ctypes.c_uint64 * n)(*cookies)
-    cpath = ctypes.create_string_buffer(path.encode())
-    attr = ctypes.create_string_buffer(128)  # union bpf_attr, link_create.uprobe_multi
-    struct.pack_into("<IIII", attr, 0, prog_fd, 0, BPF_TRACE_UPROBE_MULTI, 0)
-    struct.pack_into("<QQQQIII", attr, 16, ctypes.addressof(cpath), ctypes.addressof(offs), 0,
-                     ctypes.addressof(cks), n, BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, max(pid, 0))
-    fd = libc.syscall(SYS_BPF, BPF_LINK_CREATE, attr, ctypes.sizeof(attr))
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return int(fd)
-
-
-def ensure_tracefs() -> None:
-    """Syscall tracepoints need tracefs; mount it when the system has not."""
-    for path in ("/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"):
-        if os.path.isdir(path):
-            return
-    ret = os.system("mount -t tracefs nodev /sys/kernel/tracing >/dev/null 2>&1")
-    if ret != 0 or not os.path.isdir("/sys/kernel/tracing/events"):
-        raise TracerError("tracefs is not mounted and could not be mounted", ExitStatus.KERNEL_FEATURE,
-                          "mount it: mount -t tracefs nodev /sys/kernel/tracing")
 
 
 _ADDRESSES: dict[tuple[int, bytes], str | None] = {}
@@ -256,6 +207,7 @@ class TlsTracer:
         self.obj = None
         self.rb = None
         self.multi = True  # uprobe_multi links; cleared when the kernel refuses them
+        self._multi_linked = False  # a uprobe_multi link was made: the kernel has them
         self.key_cookie: Callable[[TlsLibrary], int] | None = None  # extra uprobe cookie bits per library
 
     # --- public interface ----------------------------------------------------------------
@@ -285,29 +237,21 @@ class TlsTracer:
             self._start()
 
     def _start(self) -> None:
-        from crypto_tracer.engine import BpfObject, RingBuffer, lb
+        from crypto_tracer.engine import BpfObject, ring_reader
+        from crypto_tracer.engine.preflight import ensure_tracefs
 
         ensure_tracefs()
         self.obj = BpfObject.from_package(self.object_name)
         if self.mapsize:
             self.obj.map("events").set_max_entries(self.mapsize)
         if self.multi:
-            import ctypes
-
-            set_type = lb().lib.bpf_program__set_expected_attach_type
-            set_type.argtypes, set_type.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
             for name in UPROBE_PROGRAMS:
-                set_type(self.obj.program(name)._ptr, BPF_TRACE_UPROBE_MULTI)
+                self.obj.program(name).expect_uprobe_multi()
         self.obj.load()
         self._write_config()
         self.obj.attach("tls_sys_enter")
         self.obj.attach_tracepoint("tls_exec", "sched", "sched_process_exec")
-        events = self.obj.map("events")
-        if DirectRing.supported:  # see engine/ringread.py: no ctypes call per record
-            self.rb = DirectRing(events.fd, lb().bpf_map__max_entries(events._ptr))
-        else:
-            self.rb = RingBuffer()
-            self.rb.add(events, self._dispatch)
+        self.rb = ring_reader(self.obj.map("events"), READ_BATCH)  # DirectRing: no ctypes call per record
         for path in self.extra_paths:
             self._add_extra(path)
         for pid in self.pids:
@@ -323,24 +267,24 @@ class TlsTracer:
 
         tls.bpf.c does not wake the reader for every small record (only for big ones or when
         the ring is an eighth full), so what arrived during the wait is consumed here."""
-        if isinstance(self.rb, DirectRing):
-            self.rb.wait(timeout_ms)
-            n = 0
-            for _ in range(8):
-                got = self._dispatch_many(self.rb.read(READ_BATCH))
-                n += got
-                if got < READ_BATCH:
-                    break
-            self._run_rescans()
-            return n
-        n = self.rb.poll(timeout_ms)
+        self.rb.wait(timeout_ms)
+        n = 0
         for _ in range(8):
-            got = self._consume()
+            got = self._dispatch_many(self.rb.read(READ_BATCH))
             n += got
-            if got < self.rb._batch:
+            if got < READ_BATCH:
                 break
         self._run_rescans()
         return n
+
+    @property
+    def epoll_fd(self) -> int:
+        """Readable when the kernel signals records (for a caller's own select)."""
+        return self.rb.epoll_fd
+
+    def map(self, name: str):
+        """A map of the loaded object (the key extractor writes `keys_layouts`)."""
+        return self.obj.map(name)
 
     def _dispatch_many(self, raws: list[bytes]) -> int:
         get = self._raw_handlers.get
@@ -354,28 +298,18 @@ class TlsTracer:
                 dispatch(raw)
         return len(raws)
 
-    def _consume(self) -> int:
-        from crypto_tracer.engine import lb
-
-        self.rb._count = 0
-        lb().ring_buffer__consume(self.rb._ptr)
-        return self.rb._count
-
     def drain(self) -> int:
-        if isinstance(self.rb, DirectRing):
-            n = 0
+        """Handle everything in the ring (after detach(): every submitted record)."""
+        n = 0
+        if self.rb is not None:
             while raws := self.rb.read(READ_BATCH):
                 n += self._dispatch_many(raws)
-            return n
-        return self.rb.drain() if self.rb else 0
+        return n
 
     def counters(self) -> dict:
         if self.obj is None:
-            return {"seen": 0, "kernel_filtered": 0, "dropped": 0, "submitted": 0, "control_dropped": 0}
-        totals = self.obj.counter_totals(CNT_CTRL_DROPPED + 1)
-        return {"seen": totals[CT_CNT_SEEN], "kernel_filtered": totals[CT_CNT_KFILTERED],
-                "dropped": totals[CT_CNT_DROPPED], "submitted": totals[CT_CNT_SUBMITTED],
-                "control_dropped": totals[CNT_CTRL_DROPPED]}
+            return dict.fromkeys(COUNTERS, 0)
+        return self.obj.counters(COUNTERS)
 
     def detach(self) -> None:
         """Remove every probe (the ring buffer stays readable for drain())."""
@@ -454,15 +388,14 @@ class TlsTracer:
             for pid in self.pids or [0]:
                 what = f"{prog} {lib.display_path}:{','.join(funcs)}"
                 try:
-                    fd = uprobe_multi_link(self.obj.program(prog).fd, lib.path, offsets, cookies, ret, pid)
-                except OSError as exc:
-                    first = not any(isinstance(link, MultiLink) for link in self.obj.links)
-                    if first and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, 524, errno.ENOSYS):
+                    self.obj.attach_uprobe_multi(prog, lib.path, offsets, cookies, ret, pid, what)
+                except AttachError as exc:
+                    if not self._multi_linked and exc.errno in UPROBE_MULTI_UNSUPPORTED:
                         raise _NoUprobeMulti(exc.strerror) from None  # nothing hooked yet: fall back
                     self.attach_failures.append(f"{what}: {exc.strerror}")
                     log.debug("tls: attaching %s failed: %s", what, exc.strerror)
                     continue
-                self.obj.links.append(MultiLink(fd, what))
+                self._multi_linked = True
                 attached += 1
         return attached
 

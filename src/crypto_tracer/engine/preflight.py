@@ -65,6 +65,15 @@ def _mount_tracefs() -> str | None:
     return None
 
 
+def ensure_tracefs() -> str:
+    """Tracepoints need tracefs: its path, mounted first when the system has not."""
+    path = tracefs_path() or _mount_tracefs()
+    if path is None:
+        raise TracerError("tracefs is not mounted and could not be mounted", ExitStatus.KERNEL_FEATURE,
+                          "mount it: mount -t tracefs tracefs /sys/kernel/tracing")
+    return path
+
+
 def ringbuf_supported() -> bool:
     """Ask the kernel (libbpf creates a probe map) rather than guess from the version."""
     from crypto_tracer.engine import lb
@@ -81,9 +90,7 @@ def check_kernel_features() -> None:
     if not ringbuf_supported():
         raise TracerError(f"Kernel {os.uname().release} has no BPF ring buffer (needs Linux 5.8 or newer)",
                           ExitStatus.KERNEL_FEATURE, "upgrade the kernel to 5.8+ (5.15+ recommended)")
-    if tracefs_path() is None and _mount_tracefs() is None:
-        raise TracerError("tracefs is not mounted and could not be mounted", ExitStatus.KERNEL_FEATURE,
-                          "mount it: mount -t tracefs tracefs /sys/kernel/tracing")
+    ensure_tracefs()
 
 
 def preflight(need_net_admin: bool = False) -> None:
