@@ -139,6 +139,9 @@ def test_unshared_mount_namespace_paths_are_its_own(private_dir, tmp_path_factor
     # exec of sh is not in the trace)
     assert p.stdout.readline() == "ready\n", p.stderr.read()
     ns = mnt_ns(p.pid)
+    # its root as the kernel shows it to us: "/" on a host; in a test root (a chroot, as the
+    # fresh-machine check runs the suite) the chroot's directory in the namespace's own tree
+    root = os.readlink(f"/proc/{p.pid}/root")
     result = str(tmp_path_factory.mktemp("out") / "events.json")
     t = Tracer(["monitor", "--pid", str(p.pid), "--no-redact", "-o", result])
     # cat opens k.pem, then reads its stdin until EOF: it stays alive (so the key is read through
@@ -157,9 +160,9 @@ def test_unshared_mount_namespace_paths_are_its_own(private_dir, tmp_path_factor
     events = parse_stream(open(result).read())
     cat = os.path.realpath(shutil.which("cat"))
     assert [view(e) for e in events] == [
-        ("process_exec", cat, "/", ns, None, "cat k.pem -"),
-        ("file_open", cat, "/", ns, f"{d}/work/k.pem", None),  # relative: cwd walked across the bind mount
-        ("process_exit", cat, "/", ns, None, None),
+        ("process_exec", cat, root, ns, None, "cat k.pem -"),
+        ("file_open", cat, root, ns, f"{d}/work/k.pem", None),  # relative: cwd walked across the bind mount
+        ("process_exit", cat, root, ns, None, None),
     ], events
     # classified by the file the process opened (a key), not the host's file at that path
     assert next(e for e in events if e["event_type"] == "file_open")["file_type"] == "private_key"

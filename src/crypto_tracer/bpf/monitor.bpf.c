@@ -24,6 +24,8 @@ char LICENSE[] SEC("license") = "GPL";
 struct mon_config {
 	__u32 follow_children; /* add children of pid_set members to pid_set */
 	__u32 self_tgid;       /* crypto-tracer itself: its own /proc reads are not events */
+	__u64 self_root_dentry; /* crypto-tracer's own root (set by learn_self_root): `root` */
+	__u64 self_root_mnt;    /* fields are walked up to it, as its /proc/PID/root reads */
 };
 
 struct {
@@ -255,13 +257,36 @@ static __always_inline __u32 append_view(struct task_struct *task, struct ct_vie
 		n = p.len;
 	}
 	v->exe_len = n;
+	/* The root as the tracer sees it (its /proc/PID/root would say the same): a tracer that
+	 * runs in a chroot sees the processes of that chroot at "/". */
 	struct path top = {};
+	__u32 zero = 0;
+	struct mon_config *cfg = bpf_map_lookup_elem(&mon_config, &zero);
+	if (cfg) {
+		top.dentry = (struct dentry *)cfg->self_root_dentry;
+		top.mnt = (struct vfsmount *)cfg->self_root_mnt;
+	}
 	struct ct_path_result r = {};
 	if (root->dentry)
 		r = ct_walk_path(root->dentry, root->mnt, &top, offset + n);
 	v->root_len = r.len + 1;
 	v->mnt_ns = BPF_CORE_READ(task, nsproxy, mnt_ns, ns.inum);
 	return n + r.len;
+}
+
+/* Learns the tracer's own root directory, before any other program is attached: user space
+ * calls getppid() once right after attaching this one. */
+SEC("tp/syscalls/sys_enter_getppid")
+int learn_self_root(void *ctx)
+{
+	__u32 zero = 0;
+	struct mon_config *cfg = bpf_map_lookup_elem(&mon_config, &zero);
+	if (!cfg || cfg->self_tgid != bpf_get_current_pid_tgid() >> 32)
+		return 0;
+	struct path root = task_root((struct task_struct *)bpf_get_current_task());
+	cfg->self_root_dentry = (__u64)root.dentry;
+	cfg->self_root_mnt = (__u64)root.mnt;
+	return 0;
 }
 
 /* --- process exec / exit / fork -------------------------------------------------------- */

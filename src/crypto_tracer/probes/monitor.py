@@ -33,7 +33,7 @@ OWN = EXEC_REC.offset("ppid")  # header and view
 FILE_V = FILE_REC.tail("v.exe_len")  # ct_view + file fields: one unpack in the hot path
 NO_VIEW = (None, None, None)
 EXEC_DATA, EXIT_DATA, FILE_DATA, LIB_DATA = (r.size for r in (EXEC_REC, EXIT_REC, FILE_REC, LIB_REC))
-MON_CONFIG = CStruct("mon_config", "follow_children I self_tgid I")
+MON_CONFIG = CStruct("mon_config", "follow_children I self_tgid I self_root_dentry Q self_root_mnt Q")
 TRUST_PREFIX = CStruct("trust_prefix", "len I s 40s").struct
 FNV_INIT, FNV_PRIME, MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 
@@ -68,7 +68,7 @@ class MonitorProbe:
         self.proc_filter = proc_filter or ProcessFilter()
         self.follow_children = follow_children
         self.obj = BpfObject.from_package("monitor")
-        wanted = {p for t in self.event_types for p in PROGRAMS_BY_TYPE[t]}
+        wanted = {p for t in self.event_types for p in PROGRAMS_BY_TYPE[t]} | {"learn_self_root"}
         if follow_children:
             wanted.add("handle_fork")
         for prog in self.obj.programs():
@@ -81,7 +81,7 @@ class MonitorProbe:
         self.obj.load()
         self._write_tables()
         self.proc_filter.write(self.obj)
-        self.obj.map("mon_config").update(b"\0\0\0\0", MON_CONFIG.struct.pack(int(self.follow_children), os.getpid()))
+        self.obj.map("mon_config").update(b"\0\0\0\0", MON_CONFIG.struct.pack(int(self.follow_children), os.getpid(), 0, 0))
 
     def _write_tables(self) -> None:
         """The kernel's copy of classify.py's tables (hashes of names and extensions)."""
@@ -102,8 +102,11 @@ class MonitorProbe:
         add_to_pid_set(self.obj, pids)
 
     def attach(self) -> None:
+        # First the tracer's own root (events' `root` fields are relative to it), then the rest.
+        self.obj.attach("learn_self_root")
+        os.getppid()
         for prog in self.obj.programs():
-            if prog.autoload:
+            if prog.autoload and prog.name != "learn_self_root":
                 self.obj.attach(prog.name)
 
     def open_ring(self, handler) -> RingBuffer:
