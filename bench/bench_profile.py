@@ -1,5 +1,5 @@
 """Overhead of `crypto-tracer profile` on digest-heavy workloads, as a ratio to the same workload
-unprofiled, measured in one run (uprobe costs vary a lot between machines; see DESIGN.md).
+unprofiled, measured in one run (uprobe costs vary a lot between machines; see docs/PERFORMANCE.md).
 
     python bench/bench_profile.py [--digests 200000] [--rounds 3] [--speed-seconds 3]
 

@@ -285,7 +285,7 @@ def secrets_before_packets(path: str) -> tuple[set, set, list]:
     ClientHellos captured, ClientHellos whose secrets had not come before them)."""
     import struct
 
-    from crypto_tracer.probes.capture import client_hello_random
+    from crypto_tracer.probes.tc_capture import client_hello_random
 
     given, hellos, early = set(), set(), []
     for btype, body in pcapng_blocks(path):

@@ -13,10 +13,10 @@ import shlex
 import signal
 import time
 
-from crypto_tracer import classify
+from crypto_tracer.host import classify
 from crypto_tracer.clock import WallClock
 from crypto_tracer.probes.monitor import EV_EXEC, EV_EXIT, EV_FILE, EV_LIB
-from crypto_tracer.procinfo import ProcessCache, outer_view
+from crypto_tracer.host.proc import ProcessCache, outer_view
 
 _ACCMODE = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")
 _FLAG_BITS = (  # x86-64/generic values; O_SYNC includes O_DSYNC's bit, so it is checked first
@@ -63,7 +63,7 @@ class Enricher:
 
     def __call__(self, rec: tuple) -> dict | None:
         """One event dict, or None when user space decides it is not a crypto event.
-        Paths are in the process's own view, as the kernel walks them (see procinfo)."""
+        Paths are in the process's own view, as the kernel walks them (see host/proc.py)."""
         kind, ts, pid, _tid, uid, comm, ppid, sent = rec[:8]
         if kind == EV_EXEC:
             self.procs.forget(pid)  # a new image: nothing cached of the old one holds

@@ -1,4 +1,4 @@
-"""Path redaction: /home/<user>/... -> /home/USER/..., /root/... -> /home/ROOT/... (DESIGN.md)."""
+"""Path redaction: /home/<user>/... -> /home/USER/..., /root/... -> /home/ROOT/... (README.md, monitor)."""
 
 from __future__ import annotations
 

@@ -11,11 +11,11 @@ import struct
 import pytest
 
 import crypto_tracer.commands.tls  # noqa: F401 (imports every decoder the tls command uses)
-import crypto_tracer.keys.records  # noqa: F401
+import crypto_tracer.keys.tls_keys  # noqa: F401
 import crypto_tracer.probes.api  # noqa: F401
-import crypto_tracer.probes.capture  # noqa: F401
 import crypto_tracer.probes.common  # noqa: F401
 import crypto_tracer.probes.monitor  # noqa: F401
+import crypto_tracer.probes.tc_capture  # noqa: F401
 import crypto_tracer.probes.tls  # noqa: F401
 from crypto_tracer.bpf import cstruct
 from crypto_tracer.bpf.objdigest import btf_types

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from crypto_tracer import certinfo
+from crypto_tracer.host import certinfo
 
 NOW = dt.datetime.now(dt.timezone.utc)
 

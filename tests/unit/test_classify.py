@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from crypto_tracer import classify
+from crypto_tracer.host import classify
 from crypto_tracer.probes.monitor import fnv1a
 
 
@@ -110,7 +110,7 @@ def test_kernel_tables_match_python_tables():
     # FNV-1a 64 test vectors
     assert fnv1a(b"") == 0xCBF29CE484222325
     assert fnv1a(b"a") == 0xAF63DC4C8601EC8C
-    src = open(os.path.join(os.path.dirname(classify.__file__), "bpf", "monitor.bpf.c")).read()
+    src = open(os.path.join(os.path.dirname(classify.__file__), "..", "bpf", "monitor.bpf.c")).read()
     assert "#define FNV_INIT 0xcbf29ce484222325ULL" in src and "#define FNV_PRIME 0x100000001b3ULL" in src
     assert len(classify.TRUST_STORE_DIRS) <= 8
     assert all(len(d) <= 40 for d in classify.TRUST_STORE_DIRS)

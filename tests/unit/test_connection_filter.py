@@ -11,7 +11,7 @@ import pytest
 
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.filters.connections import (SessionFilter, compile_connection_filter, compile_packet_filter)
-from crypto_tracer.probes.capture import CONFIG, config_value
+from crypto_tracer.probes.tc_capture import CONFIG, config_value
 
 compile_filter = compile_connection_filter
 CONN = ("127.0.0.1", 40000, "10.0.0.1", 443)

@@ -5,7 +5,7 @@ import struct
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from crypto_tracer.keys import records
+from crypto_tracer.keys import tls_keys
 from crypto_tracer.keys.hkdf import handshake_traffic_secrets, hkdf_expand_label
 from crypto_tracer.keys.layout import Layout
 from crypto_tracer.keys.material import KeyMaterial
@@ -61,11 +61,11 @@ def test_tls12_line():
 
 
 def test_record_decoding_round_trip():
-    header = struct.pack("<QIIII16s", 123, records.CT_EV_TLS_KEYS, 42, 43, 0, b"curl")
+    header = struct.pack("<QIIII16s", 123, tls_keys.CT_EV_TLS_KEYS, 42, 43, 0, b"curl")
     body = struct.pack("<QIiII32s48s64s64s64s64s64s", 0xdead, 1, 0x0304, 0x03001301, 0, b"\x01" * 32, bytes(48),
                        HS_SECRET + bytes(32), HS_HASH + bytes(32), b"\x02" * 64, b"\x03" * 64, b"\x04" * 64)
-    assert len(header + body) == records.RECORD_SIZE
-    rec = records.decode(header + body)
+    assert len(header + body) == tls_keys.RECORD_SIZE
+    rec = tls_keys.decode(header + body)
     assert (rec.pid, rec.comm, rec.ssl, rec.lib_kind) == (42, "curl", 0xdead, 1)
     assert rec.material.lines() == _material().lines()
 
@@ -73,7 +73,7 @@ def test_record_decoding_round_trip():
 def test_layout_value_packs_every_offset():
     lay = Layout(version="3.0.19", client_random=(-1, 352), tls_version=0, session=2328, master_key=80, cipher=760,
                  cipher_id=24, hs_a=1412, hs_b=1796, client_app=1860, server_app=1924, exporter=1988)
-    assert struct.unpack("<I16i", records.layout_value(lay)) == (1, -1, 352, 0, 2328, 80, 760, 24, 1412, 1796,
+    assert struct.unpack("<I16i", tls_keys.layout_value(lay)) == (1, -1, 352, 0, 2328, 80, 760, 24, 1412, 1796,
                                                                  1860, 1924, 1988, -1, 0, 1, 0)
-    assert records.layout_value(None) == bytes(68)
+    assert tls_keys.layout_value(None) == bytes(68)
     assert Layout.from_json(lay.to_json()) == lay

@@ -113,7 +113,7 @@ def test_blocks_comments_and_direction(tmp_path):
 
 
 def test_client_hello_random_is_found_in_the_first_packet(tmp_path):
-    from crypto_tracer.probes.capture import client_hello_random
+    from crypto_tracer.probes.tc_capture import client_hello_random
 
     wire, keylog = _tls_session(tmp_path, ssl.TLSVersion.TLSv1_3, b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n")
     flow = TcpFlow(40002, 18545)

@@ -10,7 +10,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from crypto_tracer import inventory
+from crypto_tracer.host import inventory, proc
 from crypto_tracer.host import discovery
 from crypto_tracer.commands.profile import ProcessProfile, render_summary, tls_summary
 from crypto_tracer.probes import api
@@ -146,7 +146,7 @@ def test_read_bytes_reads_proc_files_past_one_page():
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         child.stdout.readline()
-        data = inventory.read_bytes(f"/proc/{child.pid}/maps")
+        data = proc.read_bytes(f"/proc/{child.pid}/maps")
         assert len(data) > 4096 and data == open(f"/proc/{child.pid}/maps", "rb").read()
     finally:
         child.kill()

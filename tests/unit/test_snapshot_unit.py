@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 
-from crypto_tracer import inventory
-from crypto_tracer.host import discovery, proc
+from crypto_tracer.host import discovery, inventory, proc
 from crypto_tracer.commands import snapshot
 from crypto_tracer.sinks.snapshot_summary import render
 from tests.conftest import static_node
@@ -16,7 +15,7 @@ from tests.conftest import static_node
 
 def test_parse_stat_with_parenthesis_in_comm():
     data = b"42 (a) b (c)) S 7 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 12345 0 0"
-    assert inventory.parse_stat(data) == ("a) b (c)", 7, 12345)
+    assert proc.parse_stat(data) == ("a) b (c)", 7, 12345)
 
 
 def test_own_process_is_seen():
@@ -62,7 +61,7 @@ def test_static_tls_detection_reads_exports_not_imports():
     openssl = shutil.which("openssl")  # imports SSL_write from libssl: not static
     assert discovery.exported(os.path.realpath(openssl), discovery.STATIC_TLS_SYMBOLS) == []
     node = static_node()
-    info = inventory.static_tls(node)
+    info = discovery.static_tls(node)
     assert info["library"] == "openssl"
     assert {"SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex"} <= set(info["symbols"])
     version = subprocess.run([node, "-p", "process.versions.openssl"], capture_output=True, text=True).stdout

@@ -1,12 +1,12 @@
-"""The process's own view of paths (procinfo) and the monitor records' view trailer, without a kernel."""
+"""The process's own view of paths (host/proc.py) and the monitor records' view trailer, without a kernel."""
 
 from __future__ import annotations
 
 import os
 
-from crypto_tracer import procinfo
+from crypto_tracer.host import proc
 from crypto_tracer.probes import monitor
-from crypto_tracer.procinfo import ProcessCache, outer_view, own_view
+from crypto_tracer.host.proc import ProcessCache, outer_view, own_view
 from crypto_tracer.redact import redact_event
 
 
@@ -23,7 +23,7 @@ def test_own_view_and_outer_view():
 
 
 def test_read_view_of_this_process():
-    exe, root, ns = procinfo.read_view(os.getpid())
+    exe, root, ns = proc.read_view(os.getpid())
     assert exe == os.path.realpath("/proc/self/exe") and root == "/"
     assert ns == os.stat("/proc/self/ns/mnt").st_ino
 
@@ -67,3 +67,18 @@ def test_root_is_redacted_like_the_other_paths():
     ev = {"exe": "/usr/bin/cat", "root": "/root/jail", "mnt_ns": 1, "file": "/home/alice/k.pem"}
     assert redact_event(ev) == {"exe": "/usr/bin/cat", "root": "/home/ROOT/jail", "mnt_ns": 1,
                                 "file": "/home/USER/k.pem"}
+
+
+def test_library_files_are_in_the_process_own_view():
+    """maps paths printed from outside the process's root (a chroot, or another mount namespace
+    seen from inside a chroot) are made its own, and reached through /proc/PID/root."""
+    from crypto_tracer.host import discovery
+
+    maps = (b"7f0000000000-7f0000001000 r-xp 00000000 08:01 12 /var/tmp/r/root/usr/lib/libssl.so.3\n"
+            b"7f0000001000-7f0000002000 r--p 00001000 08:01 12 /var/tmp/r/root/usr/lib/libssl.so.3\n"
+            b"7f0000002000-7f0000003000 r-xp 00000000 08:01 13 /var/tmp/r/root/usr/lib/libz.so.1 (deleted)\n")
+    assert discovery.library_files(42, maps, "/var/tmp/r/root") == [
+        ("/usr/lib/libssl.so.3", "/proc/42/root/usr/lib/libssl.so.3", False),
+        ("/usr/lib/libz.so.1", "/proc/42/root/usr/lib/libz.so.1", True)]
+    assert discovery.library_files(42, maps, "/")[0] == (
+        "/var/tmp/r/root/usr/lib/libssl.so.3", "/proc/42/root/var/tmp/r/root/usr/lib/libssl.so.3", False)

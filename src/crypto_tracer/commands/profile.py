@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 
-from crypto_tracer import inventory
+from crypto_tracer.host import inventory, proc
 from crypto_tracer.clock import now_iso
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
@@ -134,10 +134,10 @@ class ProcessProfile:
     def _file_entry(self, f: dict, redact) -> dict:
         """The file with snapshot's certificate/key insight (read through the process's root
         while it runs, else from here)."""
-        from crypto_tracer import certinfo
+        from crypto_tracer.host import certinfo
 
         entry = dict(f, path=redact(f["path"]))
-        read_path = inventory.root_path(self.pid, f["path"]) if self.exit is None else f["path"]
+        read_path = proc.root_path(self.pid, f["path"]) if self.exit is None else f["path"]
         insight = certinfo.describe(read_path, f["type"]) or certinfo.describe(f["path"], f["type"])
         if insight is not None:
             entry["certificate" if f["type"] == "certificate" else "key"] = insight
@@ -300,7 +300,7 @@ class Profiler:
             if not os.path.exists(f"/proc/{pid}"):  # exited before the exit tracepoint was attached
                 section.exit = {"time": when, "exit_code": None, "signal": None}
                 continue
-            section.add_sockets(tables.sockets(pid, inventory.socket_inodes(pid)), when)
+            section.add_sockets(tables.sockets(pid, proc.socket_inodes(pid)), when)
             libs = inventory.crypto_libraries(pid)
             if any(lib["path"] not in section.libraries for lib in libs):
                 section.add_mapped_libraries(libs, when, False)

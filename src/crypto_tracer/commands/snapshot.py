@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import time
 
-from crypto_tracer import certinfo, inventory
+from crypto_tracer.host import certinfo, inventory
+from crypto_tracer.host.proc import list_pids, read_cmdline, read_status_ids
 from crypto_tracer.clock import now_iso
 from crypto_tracer.log import log
 
@@ -53,7 +54,7 @@ def take_snapshot(redact_paths: bool = True) -> dict:
     host_mnt = inventory.host_mount_ns()
     tcp = inventory.TcpTables()
     processes, scanned, unreadable = [], 0, 0
-    for pid in inventory.list_pids():
+    for pid in list_pids():
         if pid == own_pid:
             continue
         scanned += 1
@@ -84,7 +85,7 @@ def take_snapshot(redact_paths: bool = True) -> dict:
 
 def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inventory.TcpTables, redact,
                   redact_text) -> dict:
-    uid, _gid = inventory.read_status_ids(proc.pid)
+    uid, _gid = read_status_ids(proc.pid)
     uses_tls = proc.static_tls is not None or any(lib["name"] in ("libssl", "libgnutls", "libnss3", "libssl3",
                                                                     "libmbedtls", "libwolfssl")
                                                    for lib in proc.libraries)
@@ -94,7 +95,7 @@ def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inve
         "name": proc.name,
         "exe": redact(proc.exe),
         "root": redact(proc.root),
-        "cmdline": redact_text(inventory.read_cmdline(proc.pid)),
+        "cmdline": redact_text(read_cmdline(proc.pid)),
         "running_as": inventory.user_name(uid),
         "uid": uid,
         "libraries": [{"path": redact(lib["path"]), "name": lib["name"], "version": lib["version"]}

@@ -59,7 +59,7 @@ class PacketSink:
         self.writer.flush()
 
     def _write(self, raw: bytes) -> None:
-        from crypto_tracer.probes.capture import client_hello_random, decode
+        from crypto_tracer.probes.tc_capture import client_hello_random, decode
 
         pkt = decode(raw)
         client_random = client_hello_random(pkt.data, self.has_l2.get(pkt.ifindex, True))
@@ -86,7 +86,7 @@ def run(opts) -> int:
     pcap = opts.model in ("pcap", "pcapng")
     interfaces, packet_filter = [], None
     if pcap:
-        from crypto_tracer.probes.capture import interface
+        from crypto_tracer.probes.tc_capture import interface
 
         if not opts.pcapfile:
             raise TracerError(f"-m {opts.model} needs an output file: -w FILE", ExitStatus.BAD_ARGS)
@@ -132,7 +132,7 @@ def run(opts) -> int:
     stop = runloop.StopFlag().install()
     try:
         if pcap:
-            from crypto_tracer.probes.capture import TcCapture
+            from crypto_tracer.probes.tc_capture import TcCapture
             from crypto_tracer.sinks.pcapng import PcapngWriter
 
             writer = PcapngWriter(opts.pcapfile)

@@ -8,5 +8,5 @@
                      applied to events' and sessions' connections in user space and compiled
                      to the kernel packet filter of -m pcapng (filters/connections.py)
   packet filter      what tc_capture.bpf.c applies to each packet before copying it
-                     (filters/connections.PacketFilter, written by probes/capture.py)
+                     (filters/connections.PacketFilter, written by probes/tc_capture.py)
 """

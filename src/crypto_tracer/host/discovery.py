@@ -1,7 +1,8 @@
 """Finding TLS libraries in processes: shared libraries, static copies, containers.
 
-A process is searched through ``/proc/PID/maps``; a file it maps is reached through
-``/proc/PID/root`` (so a library inside a container is the container's file) and identified
+A process is searched through ``/proc/PID/maps`` (library_files, also behind snapshot, profile
+and the api probes); a file it maps is reached through ``/proc/PID/root`` + its path in the
+process's own view (so a library inside a container is the container's file) and identified
 by (st_dev, st_ino), so each file is hooked once however many processes map it.
 Executables are kept when their ``.dynsym`` exports ``SSL_write`` (node's static OpenSSL).
 """
@@ -12,8 +13,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from crypto_tracer import classify
-from crypto_tracer.host import elf, proc
+from crypto_tracer.host import classify, elf, proc
 
 OPENSSL, GNUTLS, NSS = "openssl", "gnutls", "nss"
 FLAT_SSL, SPLIT_SSL = "1.1.1-3.1", "3.2+"
@@ -103,20 +103,45 @@ def _candidate(path: str) -> bool:
     return base.startswith(("libssl.so", "libgnutls.so", "libnspr4.so", "libssl3.so"))
 
 
+def library_files(pid: int, maps: bytes | None = None, root: str | None = None) -> list[tuple[str, str, bool]]:
+    """(path as pid sees it, path that reaches it from here, deleted) of each shared library pid
+    maps, once per path in maps order. maps and root (pid's root) are read when not given.
+
+    Paths in /proc/PID/maps are printed from the reader's mount tree: for a chrooted process, or
+    a process in another mount namespace seen from inside a chroot, that is not a path the
+    process (or /proc/PID/root) knows. own_view makes them the process's own."""
+    if root is None:
+        root = proc.read_root(pid)
+    if maps is None:
+        maps = proc.read_maps(pid)
+        if maps is None:
+            return []
+    out = {}
+    through = proc.root_path(pid, "")  # /proc/PID/root
+    for path, deleted in proc.mapped_libraries(maps):
+        own = proc.own_view(path, root)
+        if own not in out:
+            out[own] = (own, through + own, deleted)
+    return list(out.values())
+
+
+def executable_file(pid: int, root: str | None = None) -> tuple[str, str] | None:
+    """(executable as pid sees it, path that reaches it from here); None if gone or deleted."""
+    exe = proc.readlink(f"/proc/{pid}/exe")
+    if not exe or exe.endswith(" (deleted)"):
+        return None
+    own = proc.own_view(exe, root if root is not None else proc.read_root(pid))
+    return own, proc.root_path(pid, own)
+
+
 def process_files(pid: int) -> list[tuple[str, str]]:
     """(path as the process sees it, path that reaches it from here) of the TLS candidates
     the process maps, plus its executable."""
-    maps = proc.read_maps(pid)
-    if maps is None:
-        return []
-    out = {}
-    root = f"/proc/{pid}/root"
-    for path, deleted in proc.mapped_libraries(maps):
-        if not deleted and path not in out and _candidate(path):
-            out[path] = root + path
-    exe = proc.readlink(f"/proc/{pid}/exe")
-    if exe and not exe.endswith(" (deleted)"):
-        out.setdefault(exe, root + exe)
+    root = proc.read_root(pid)
+    out = {own: read for own, read, deleted in library_files(pid, root=root) if not deleted and _candidate(own)}
+    exe = executable_file(pid, root)
+    if exe:
+        out.setdefault(*exe)
     return list(out.items())
 
 

@@ -1,5 +1,6 @@
 """/proc: the one place that reads and parses it (stat, status, cmdline, maps, exe, root, fds,
-net/tcp{,6}) and turns kernel address families into text.
+net/tcp{,6}), turns kernel address families into text, and maps paths between the reader's view
+and each process's own view (own_view; ProcessCache keeps (exe, root, mnt_ns) per pid).
 
 Readers return None (or empty) for a process that is gone or unreadable, never raise OSError.
 """
@@ -103,7 +104,8 @@ def read_cmdline(pid: int) -> str | None:
 
 
 def read_exe(pid: int) -> str | None:
-    """The executable of a live process, without the kernel's ' (deleted)' mark; None if gone."""
+    """The executable of a live process as seen from here (the host's view for a chrooted one),
+    without the kernel's ' (deleted)' mark; None if gone."""
     exe = readlink(f"/proc/{pid}/exe")
     return exe.removesuffix(" (deleted)") if exe is not None else None
 
@@ -122,6 +124,97 @@ def start_time_epoch(start_ticks: int) -> float:
             uptime = float(f.read().split()[0])
         _boot_time = time.time() - uptime
     return _boot_time + start_ticks / _CLK_TCK
+
+
+# --- views: root, mount namespace, paths as the process sees them --------------------------------
+#
+# /proc links (exe, maps, fd) print a path from the top of the reader's mount tree: for a chrooted
+# process that is the host's view ("/srv/jail/usr/lib/..."), and for a process in another mount
+# namespace seen from inside a chroot, a path the reader cannot open. own_view makes it the
+# process's own path (what it would open itself); root_path(pid, own) then reaches the file from
+# here through /proc/PID/root, whatever the reader's root.
+
+def own_view(path: str | None, root: str | None) -> str | None:
+    """A path as seen from the top of the mount tree -> as the process with that root sees it.
+    A path outside the root (an exe of a process that chrooted after it started) stays as is."""
+    if not path or not root or root == "/":
+        return path
+    if path == root:
+        return "/"
+    if path.startswith(root) and path[len(root)] == "/":
+        return path[len(root):]
+    return path
+
+
+def outer_view(path: str | None, root: str | None) -> str | None:
+    """The reverse of own_view: where a path of the process lies from the top of the mount tree."""
+    if not path or not root or root == "/":
+        return path
+    return root + path if path != "/" else root
+
+
+def read_root(pid: int) -> str | None:
+    """pid's root directory as the top of its mount tree sees it ("/srv/jail" for a chroot)."""
+    return readlink(f"/proc/{pid}/root")
+
+
+def read_mnt_ns(pid: int) -> int | None:
+    """The inode of pid's mount namespace ('mnt:[4026531841]')."""
+    link = readlink(f"/proc/{pid}/ns/mnt")
+    try:
+        return int(link[5:-1]) if link else None
+    except ValueError:
+        return None
+
+
+def read_view(pid: int) -> tuple[str | None, str | None, int | None]:
+    """(exe in the process's own view, root, mnt_ns) of a live process, from /proc."""
+    root = read_root(pid)
+    return own_view(read_exe(pid), root), root, read_mnt_ns(pid)
+
+
+MAX_CACHED_PROCESSES = 16384
+
+
+class ProcessCache:
+    """(exe, root, mnt_ns) by pid. The kernel's records seed it; exits evict; else /proc is read once.
+
+    Bounded: `files` and `libs` see no exits, so the cache is emptied when it gets full
+    (entries are cheap to read again)."""
+
+    def __init__(self):
+        self._views: dict[int, tuple[str | None, str | None, int | None]] = {}
+
+    def view(self, pid: int) -> tuple[str | None, str | None, int | None]:
+        try:
+            return self._views[pid]
+        except KeyError:
+            pass
+        view = read_view(pid)
+        self._remember(pid, view)
+        return view
+
+    def exe(self, pid: int) -> str | None:
+        return self.view(pid)[0]
+
+    def _remember(self, pid: int, view: tuple) -> None:
+        if len(self._views) >= MAX_CACHED_PROCESSES:
+            self._views.clear()
+        self._views[pid] = view
+
+    def update(self, pid: int, exe: str | None, root: str | None, mnt_ns: int | None) -> None:
+        """What the kernel sent with a record: None = not sent (unchanged)."""
+        if exe is None and root is None:
+            return
+        old = self._views.get(pid)
+        if old is None:
+            old = read_view(pid) if exe is None or root is None else (None, None, None)
+        if root is None:
+            root, mnt_ns = old[1], old[2]
+        self._remember(pid, (exe if exe is not None else old[0], root, mnt_ns))
+
+    def forget(self, pid: int) -> None:
+        self._views.pop(pid, None)
 
 
 # --- maps, fds ----------------------------------------------------------------------------------

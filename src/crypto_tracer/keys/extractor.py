@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from crypto_tracer.keys import records
+from crypto_tracer.keys import tls_keys
 from crypto_tracer.keys.calibrate import layout_for
 from crypto_tracer.keys.layout import Layout
 from crypto_tracer.log import log
@@ -29,14 +29,14 @@ def _same(a: Layout, b: Layout) -> bool:
 class KeyExtractor:
     """Feeds `on_lines(lines, record)` with each new session's key log lines."""
 
-    def __init__(self, tracer, on_lines: Callable[[list[tuple[str, str, str]], records.KeysRecord], None]):
+    def __init__(self, tracer, on_lines: Callable[[list[tuple[str, str, str]], tls_keys.KeysRecord], None]):
         self.tracer = tracer
         self.on_lines = on_lines
         self.slots: dict[int, Layout] = {}
         self.unusable: list[str] = []  # one message per library we write no keys for
         self.unsupported: list[str] = []  # library kinds whose secrets are not read (gnutls, nss)
         self.sessions = 0
-        tracer.on(records.CT_EV_TLS_KEYS, self._record)
+        tracer.on(tls_keys.CT_EV_TLS_KEYS, self._record)
         tracer.key_cookie = self._cookie
 
     def _cookie(self, lib) -> int:
@@ -61,21 +61,21 @@ class KeyExtractor:
         what = result.layout.version if result.layout.version.startswith(lib.kind) else \
             f"{lib.kind} {result.layout.version}"
         log.debug("keys: %s: %s, layout slot %d (%s)", lib.display_path, what, slot, result.how)
-        return slot << records.SLOT_SHIFT
+        return slot << tls_keys.SLOT_SHIFT
 
     def _slot(self, lay: Layout) -> int | None:
         for slot, known in self.slots.items():
             if _same(known, lay):
                 return slot
         slot = FIRST_SLOT + len(self.slots)
-        if slot >= records.SLOTS:
+        if slot >= tls_keys.SLOTS:
             return None
-        self.tracer.map("keys_layouts").update(struct.pack("<I", slot), records.layout_value(lay))
+        self.tracer.map("keys_layouts").update(struct.pack("<I", slot), tls_keys.layout_value(lay))
         self.slots[slot] = lay
         return slot
 
     def _record(self, raw: bytes) -> None:
-        rec = records.decode(raw)
+        rec = tls_keys.decode(raw)
         lay = self.slots.get(rec.slot)
         if lay is None:
             return

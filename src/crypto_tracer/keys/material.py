@@ -1,6 +1,6 @@
 """Secrets as read from one SSL object, and the key log lines they make.
 
-The same ``KeyMaterial`` comes from a BPF record (``records.py``) and from the calibration
+The same ``KeyMaterial`` comes from a BPF record (``keys/tls_keys.py``) and from the calibration
 (read straight from memory), so what is verified at calibration is what runs in production.
 """
 

@@ -18,13 +18,11 @@ import os
 import struct
 from dataclasses import dataclass
 
-from crypto_tracer import classify, inventory
 from crypto_tracer.bpf.cstruct import CEnum, CStruct
 from crypto_tracer.engine import AttachError, BpfObject
-from crypto_tracer.host import discovery, proc
+from crypto_tracer.host import classify, discovery, proc
 from crypto_tracer.errors import TracerError
 from crypto_tracer.log import log
-from crypto_tracer.procinfo import own_view, read_root
 
 # argument kinds (bpf/api.bpf.c enum ct_arg_kind, checked against its BTF by tests/unit/test_bpf_layouts.py)
 NONE, STR, NID_PTR, NID, SIZE, NID_PTR_OR_CTX, PKEY_CTX_TYPE = 0, 1, 2, 3, 4, 5, 6
@@ -212,15 +210,15 @@ class ApiProbe:
         OpenSSL statically; already-hooked files are skipped. Returns the new probe count."""
         self.obj.map("profiled").update(struct.pack("<I", pid), b"\1")
         targets = []
-        for lib in inventory.crypto_libraries(pid):
-            if lib["name"] in ("libssl", "libcrypto"):
-                targets.append((inventory.root_path(pid, lib["path"]), (lib["name"],)))
-        exe = f"/proc/{pid}/exe"
-        info = inventory.static_tls(exe)
-        if info and info["library"] == "openssl":
-            exe_path = own_view(inventory.readlink(exe), read_root(pid))  # root_path wants its own view
-            if exe_path:
-                targets.append((inventory.root_path(pid, exe_path), ("libssl", "libcrypto")))
+        root = proc.read_root(pid)
+        for path, read_path, _deleted in discovery.library_files(pid, root=root):
+            name = classify.library_name(path)
+            if name in ("libssl", "libcrypto"):
+                targets.append((read_path, (name,)))
+        info = discovery.static_tls(f"/proc/{pid}/exe")
+        exe = discovery.executable_file(pid, root) if info and info["library"] == "openssl" else None
+        if exe:
+            targets.append((exe[1], ("libssl", "libcrypto")))
         new = 0
         for path, libraries in targets:
             try:

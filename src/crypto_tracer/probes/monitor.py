@@ -1,7 +1,7 @@
 """The Python side of bpf/monitor.bpf.c: load, configure, attach, and decode its records.
 
 ``MonitorProbe`` yields raw decoded records (dicts without enrichment); the enrichment
-(exe, redaction, content classification) is done by ``commands.monitor.Enricher``.
+(exe, redaction, content classification) is done by ``enrich.Enricher``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import struct
 
-from crypto_tracer import classify
+from crypto_tracer.host import classify
 from crypto_tracer.bpf.cstruct import CStruct
 from crypto_tracer.engine import BpfObject, RingBuffer
 from crypto_tracer.probes.common import (CT_EV_FILE_OPEN, CT_EV_LIB_LOAD, CT_EV_PROCESS_EXEC, CT_EV_PROCESS_EXIT,
@@ -84,7 +84,7 @@ class MonitorProbe:
         self.obj.map("mon_config").update(b"\0\0\0\0", MON_CONFIG.struct.pack(int(self.follow_children), os.getpid(), 0, 0))
 
     def _write_tables(self) -> None:
-        """The kernel's copy of classify.py's tables (hashes of names and extensions)."""
+        """The kernel's copy of host/classify.py's tables (hashes of names and extensions)."""
         one = struct.pack("<I", 1)
         ext, names, stems = self.obj.map("ext_classes"), self.obj.map("name_classes"), self.obj.map("lib_stems")
         for suffix in classify.SUFFIX_TYPES:

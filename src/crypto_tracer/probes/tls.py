@@ -1,4 +1,4 @@
-"""The user side of tls.bpf.c: what to attach where, and how to decode its records.
+"""The Python side of bpf/tls.bpf.c: what to attach where, and how to decode its records.
 
 ``TlsTracer`` finds the TLS libraries of the processes of interest, hooks each library
 file once (or once per --pid process), follows new processes and newly mapped libraries,

@@ -1,4 +1,4 @@
-"""The user side of tc_capture.bpf.c: the packet filter's map value, the clsact hooks on each interface
+"""The Python side of bpf/tc_capture.bpf.c: the packet filter's map value, the clsact hooks on each interface
 (and their cleanup, also after a crash), and decoding of CT_EV_PACKET records.
 
 Cleanup: every run writes /run/crypto-tracer/tc-capture-<pid>.json naming what it attached.

@@ -5,7 +5,7 @@ cmdline, sockets, container, the executable's ELF symbols) only for processes th
 crypto. Files are read through ``/proc/PID/fd/N`` and libraries through ``/proc/PID/root``,
 so processes in other mount namespaces (containers) are classified by their own files. Paths
 are in the process's own view (a chrooted process's /proc links, which show the host's view,
-are made relative to its root: procinfo.own_view), with the root beside them.
+are made relative to its root: host.proc.own_view), with the root beside them.
 Per-file work (library versions, ELF symbols, certificate parsing) is cached by
 (device, inode, mtime).
 """
@@ -17,15 +17,10 @@ import re
 import stat
 from dataclasses import dataclass, field
 
-from crypto_tracer import classify
-from crypto_tracer.host import proc
-from crypto_tracer.host.discovery import STATIC_TLS_SYMBOLS, static_tls  # noqa: F401 (snapshot, profile)
-from crypto_tracer.host.proc import (list_pids, parse_stat, read_bytes, read_cmdline,  # noqa: F401
-                                     read_status_ids, readlink, root_path, socket_inodes, start_time_epoch)
-from crypto_tracer.procinfo import own_view, read_mnt_ns, read_root
-
-# the library mappings of /proc/PID/maps (group 1: the path)
-_MAPS_LIB_RE = proc.MAPS_LIBRARY_RE
+from crypto_tracer.host import classify, discovery, proc
+from crypto_tracer.host.discovery import static_tls
+from crypto_tracer.host.proc import (list_pids, own_view, parse_stat, read_bytes, read_cmdline, read_mnt_ns,
+                                     read_root, read_status_ids, readlink, start_time_epoch)
 
 
 @dataclass
@@ -75,21 +70,11 @@ class Unreadable(Exception):
 def crypto_libraries(pid: int, maps: bytes | None = None, root: str | None = None) -> list[dict]:
     """Crypto libraries mapped by pid: [{path, name, version}], in its own view (root: its root,
     read when not given), version read through its root."""
-    if root is None:
-        root = read_root(pid)
-    if maps is None:
-        maps = read_bytes(f"/proc/{pid}/maps", 16 << 20)
-        if maps is None:
-            return []
-    out, seen = [], set()
-    for m in _MAPS_LIB_RE.finditer(maps):
-        path = own_view(m.group(1).decode(errors="replace"), root)
-        if path in seen:
-            continue
-        seen.add(path)
+    out = []
+    for path, read_path, _deleted in discovery.library_files(pid, maps, root):
         name = classify.library_name(path)
         if name:
-            out.append({"path": path, "name": name, "version": classify.library_version(root_path(pid, path), name)})
+            out.append({"path": path, "name": name, "version": classify.library_version(read_path, name)})
     return out
 
 

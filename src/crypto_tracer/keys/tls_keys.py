@@ -1,4 +1,4 @@
-"""The BPF side's formats (bpf/tls_keys.h): the layout written into `keys_layouts`, and the
+"""The Python side of bpf/tls_keys.h: the layout written into `keys_layouts`, and the
 CT_EV_TLS_KEYS record read back."""
 
 from __future__ import annotations
