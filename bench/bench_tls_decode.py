@@ -72,7 +72,7 @@ def load(path: str) -> list[bytes]:
 
 
 def replay(path: str, mode: str, profile: bool, save: str | None = None, batch: int = 2048) -> None:
-    from crypto_tracer.clock import WallClock
+    from crypto_tracer.pipeline.clock import WallClock
     from crypto_tracer.commands.tls import Capture
 
     raws = load(path)

@@ -3,10 +3,10 @@ import os
 
 import pytest
 
-from crypto_tracer.enrich import decode_exit, decode_open_flags
-from crypto_tracer.filters.events import EventFilter
+from crypto_tracer.pipeline.enrich import decode_exit, decode_open_flags
+from crypto_tracer.pipeline.filters.events import EventFilter
 from crypto_tracer.probes.monitor import path_from_parts
-from crypto_tracer.redact import redact, redact_event, redact_text
+from crypto_tracer.pipeline.redact import redact, redact_event, redact_text
 from crypto_tracer.sinks.json import make_json_sink
 from crypto_tracer.sinks.output import Output
 from crypto_tracer.sinks.summary import SummarySink

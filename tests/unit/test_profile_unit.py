@@ -14,7 +14,7 @@ from crypto_tracer import inventory
 from crypto_tracer.host import discovery
 from crypto_tracer.commands.profile import ProcessProfile, render_summary, tls_summary
 from crypto_tracer.probes import api
-from crypto_tracer.redact import redact, redact_text
+from crypto_tracer.pipeline.redact import redact, redact_text
 
 TS1, TS2 = "2026-01-01T00:00:01.000000Z", "2026-01-01T00:00:02.000000Z"
 

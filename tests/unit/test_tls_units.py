@@ -119,8 +119,8 @@ def test_json_events_follow_the_schema(tmp_path):
     import json
     import types
 
-    from crypto_tracer import events
-    from crypto_tracer.clock import WallClock
+    from crypto_tracer.pipeline import events
+    from crypto_tracer.pipeline.clock import WallClock
     from crypto_tracer.commands.tls import Capture
 
     out = tmp_path / "events.json"
@@ -172,7 +172,7 @@ def test_hot_path_matches_the_general_formatting(tmp_path, mode, fmt):
 
     import orjson
 
-    from crypto_tracer.clock import WallClock
+    from crypto_tracer.pipeline.clock import WallClock
     from crypto_tracer.commands.tls import Capture
     from crypto_tracer.sinks.json import make_json_sink
     from crypto_tracer.sinks.output import Output

@@ -7,7 +7,7 @@ import os
 from crypto_tracer import procinfo
 from crypto_tracer.probes import monitor
 from crypto_tracer.procinfo import ProcessCache, outer_view, own_view
-from crypto_tracer.redact import redact_event
+from crypto_tracer.pipeline.redact import redact_event
 
 
 def test_own_view_and_outer_view():

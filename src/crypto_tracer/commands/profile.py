@@ -17,7 +17,7 @@ import os
 import time
 
 from crypto_tracer import inventory
-from crypto_tracer.clock import now_iso
+from crypto_tracer.pipeline.clock import now_iso
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
 
@@ -199,11 +199,11 @@ class Profiler:
 
     # -- the run --
     def run(self) -> int:
-        from crypto_tracer.clock import WallClock
-        from crypto_tracer.enrich import Enricher
+        from crypto_tracer.pipeline.clock import WallClock
+        from crypto_tracer.pipeline.enrich import Enricher
         from crypto_tracer.probes.api import ApiProbe
         from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
-        from crypto_tracer.runloop import StopFlag, run as run_loop
+        from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
 
         opts = self.opts
         pids = self.initial_pids()
@@ -312,7 +312,7 @@ class Profiler:
                 return p
             redact_text = redact
         else:
-            from crypto_tracer.redact import redact, redact_text
+            from crypto_tracer.pipeline.redact import redact, redact_text
         counts, connections = self.api.counts(), self.api.connections()
         sections = [s.document(counts.get(pid, []), redact, redact_text, ended_early, connections.get(pid))
                     for pid, s in sorted(self.sections.items())

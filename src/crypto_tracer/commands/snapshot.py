@@ -9,7 +9,7 @@ import os
 import time
 
 from crypto_tracer import certinfo, inventory
-from crypto_tracer.clock import now_iso
+from crypto_tracer.pipeline.clock import now_iso
 from crypto_tracer.log import log
 
 SNAPSHOT_VERSION = "1.1"
@@ -44,7 +44,7 @@ def take_snapshot(redact_paths: bool = True) -> dict:
     started = time.perf_counter()
     generated_at = now_iso()
     if redact_paths:
-        from crypto_tracer.redact import redact, redact_text
+        from crypto_tracer.pipeline.redact import redact, redact_text
     else:
         def redact(path):
             return path

@@ -10,14 +10,14 @@ from binascii import b2a_base64
 
 import orjson
 
-from crypto_tracer import events
+from crypto_tracer.pipeline import events
 from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, TYPE_SPAN
 from crypto_tracer.probes.tls import DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET, DATA_TRUNCATED, TLS_DATA_REC
 from crypto_tracer.sinks.text import PRINTABLE, as_text, endpoint
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import is_verbose, log
 from crypto_tracer.host.proc import read_exe, read_stat
-from crypto_tracer.redact import redact
+from crypto_tracer.pipeline.redact import redact
 
 # the hot loops slice with these (struct tls_data_rec, probes/tls.py), bound to locals
 (_K0, _K1), (_K2, _K3) = DATA_KEY_SPANS
@@ -58,7 +58,7 @@ class ProcessInfo:
 
 class Capture:
     def __init__(self, opts):
-        from crypto_tracer.filters.connections import compile_connection_filter
+        from crypto_tracer.pipeline.filters.connections import compile_connection_filter
 
         self.opts = opts
         if opts.model == "json" and opts.format == "summary":
@@ -88,11 +88,11 @@ class Capture:
         return make_json_sink(self.opts.format, out)
 
     def run(self) -> int:
-        from crypto_tracer.clock import WallClock
+        from crypto_tracer.pipeline.clock import WallClock
         from crypto_tracer.probes.common import CT_EV_TLS_KEYS
         from crypto_tracer.probes.tls import TlsTracer
-        from crypto_tracer.runloop import StopFlag, run as run_loop
-        from crypto_tracer.stats import RunStats
+        from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
+        from crypto_tracer.pipeline.stats import RunStats
 
         opts = self.opts
         from crypto_tracer.engine.preflight import preflight

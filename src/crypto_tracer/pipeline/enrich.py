@@ -14,7 +14,7 @@ import signal
 import time
 
 from crypto_tracer import classify
-from crypto_tracer.clock import WallClock
+from crypto_tracer.pipeline.clock import WallClock
 from crypto_tracer.probes.monitor import EV_EXEC, EV_EXIT, EV_FILE, EV_LIB
 from crypto_tracer.procinfo import ProcessCache, outer_view
 

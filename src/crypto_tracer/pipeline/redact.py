@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from crypto_tracer.events import PATH_FIELDS
+from crypto_tracer.pipeline.events import PATH_FIELDS
 
 _CMDLINE_HOME = re.compile(r"(?<![\w/.])/home/[^/\s]+")
 _CMDLINE_ROOT = re.compile(r"(?<![\w/.])/root(?=/|\s|$)")
