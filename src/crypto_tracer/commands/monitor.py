@@ -15,7 +15,7 @@ from crypto_tracer.pipeline.filters.events import EventFilter
 from crypto_tracer.log import is_verbose, log
 from crypto_tracer.engine.preflight import preflight
 from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
-from crypto_tracer.pipeline.redact import redact_event
+from crypto_tracer.pipeline.redact import Redactor
 from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
 from crypto_tracer.sinks.output import Output
 from crypto_tracer.pipeline.stats import RunStats
@@ -42,21 +42,19 @@ class Pipeline:
     def __init__(self, sink, stats: RunStats, event_filter: EventFilter, redact_paths: bool, clock: WallClock):
         self.sink, self.stats, self.filter = sink, stats, event_filter
         self.enrich = Enricher(clock)
-        self.redact = redact_paths
+        self.redactor = Redactor(redact_paths)
 
     def process(self, raws: list[bytes]) -> None:
         if not raws:
             return
         events = []
-        enrich, keep = self.enrich, self.filter
+        enrich, keep, redact = self.enrich, self.filter, self.redactor
         for raw in raws:
             rec = decode(raw)
             ev = enrich(rec) if rec is not None else None
             if ev is None or (keep.active and not keep(ev)):
                 continue
-            if self.redact:
-                redact_event(ev)
-            events.append(ev)
+            events.append(redact.event(ev))
         self.stats.received += len(raws)
         self.stats.user_filtered += len(raws) - len(events)
         self.sink.write_many(events)
