@@ -48,13 +48,14 @@ class Pipeline:
         if not raws:
             return
         events = []
-        enrich, keep, redact = self.enrich, self.filter, self.redactor
+        enrich, redact = self.enrich, self.redactor.event
+        keep = self.filter if self.filter.active else None
         for raw in raws:
             rec = decode(raw)
             ev = enrich(rec) if rec is not None else None
-            if ev is None or (keep.active and not keep(ev)):
+            if ev is None or (keep is not None and not keep(ev)):
                 continue
-            events.append(redact.event(ev))
+            events.append(redact(ev))
         self.stats.received += len(raws)
         self.stats.user_filtered += len(raws) - len(events)
         self.sink.write_many(events)

@@ -140,6 +140,7 @@ ExitRecord = namedtuple("ExitRecord", (*RECORD_HEAD, "exit_code"))
 FileRecord = namedtuple("FileRecord", (*RECORD_HEAD, "name", "base", "flags", "result"))
 LibRecord = namedtuple("LibRecord", (*RECORD_HEAD, "path", "dev", "ino"))
 _new = tuple.__new__  # builds them in C: FileRecord(...) would run Python code per record
+_comms: dict[bytes, str] = {}  # raw comm[16] -> name
 
 
 def decode_view(raw: bytes, start: int) -> tuple:
@@ -159,8 +160,12 @@ def decode(raw: bytes) -> ExecRecord | ExitRecord | FileRecord | LibRecord | Non
     view is (exe, root, mnt_ns): paths in the process's own view, each None unless the kernel
     sent it with this record (once per process image; the root again when it changed), so
     they are known even for processes already gone."""
-    ts, kind, pid, tid, uid, comm = HEADER.unpack_from(raw)
-    comm = comm.split(b"\0", 1)[0].decode(errors="replace")
+    ts, kind, pid, tid, uid, raw_comm = HEADER.unpack_from(raw)
+    comm = _comms.get(raw_comm)
+    if comm is None:  # a few distinct names: decoded once each
+        if len(_comms) >= 4096:
+            _comms.clear()
+        comm = _comms[raw_comm] = raw_comm.split(b"\0", 1)[0].decode(errors="replace")
     if kind == EV_FILE:
         exe_len, root_len, _ns, _, ppid, result, flags, _cls, name_len, _parts, base_len, has_base = \
             FILE_V.unpack_from(raw, HEADER.size)
