@@ -30,7 +30,8 @@ PORT = 18441
 
 def record(path: str, seconds: int) -> None:
     import tlspeers
-    from crypto_tracer.probes.tls import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, TlsTracer
+    from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE
+    from crypto_tracer.probes.tls import TlsTracer
 
     tmp = tempfile.mkdtemp(prefix="bench-tls-decode-")
     cert, key = tlspeers.make_certs(tmp)
@@ -72,7 +73,7 @@ def load(path: str) -> list[bytes]:
 
 
 def replay(path: str, mode: str, profile: bool, save: str | None = None, batch: int = 2048) -> None:
-    from crypto_tracer.clock import WallClock
+    from crypto_tracer.pipeline.clock import WallClock
     from crypto_tracer.commands.tls import Capture
 
     raws = load(path)

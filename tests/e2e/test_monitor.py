@@ -157,7 +157,7 @@ def test_exec_and_exit_events():
     # a process with 5 threads exits once, with its code
     assert [e["exit_code"] for e in events if e["event_type"] == "process_exit" and e["pid"] == threaded_pid] == [7]
     # a fork gone before /proc could be read still has its exe (sent by the kernel at exit)
-    from crypto_tracer.redact import redact
+    from crypto_tracer.pipeline.redact import redact
 
     assert exits[forked_pid]["exit_code"] == 5
     assert exits[forked_pid]["exe"] == redact(os.path.realpath(sys.executable))

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.filters.connections import (SessionFilter, compile_connection_filter, compile_packet_filter)
+from crypto_tracer.pipeline.filters.connections import (SessionFilter, compile_connection_filter, compile_packet_filter)
 from crypto_tracer.probes.tc_capture import CONFIG, config_value
 
 compile_filter = compile_connection_filter

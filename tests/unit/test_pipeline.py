@@ -3,10 +3,10 @@ import os
 
 import pytest
 
-from crypto_tracer.enrich import decode_exit, decode_open_flags
-from crypto_tracer.filters.events import EventFilter
+from crypto_tracer.pipeline.enrich import decode_exit, decode_open_flags
+from crypto_tracer.pipeline.filters.events import EventFilter
 from crypto_tracer.probes.monitor import path_from_parts
-from crypto_tracer.redact import redact, redact_event, redact_text
+from crypto_tracer.pipeline.redact import Redactor, redact, redact_event, redact_text
 from crypto_tracer.sinks.json import make_json_sink
 from crypto_tracer.sinks.output import Output
 from crypto_tracer.sinks.summary import SummarySink
@@ -186,3 +186,28 @@ def test_output_tightens_an_existing_regular_file(tmp_path):
     path.chmod(0o644)
     Output(str(path)).close()
     assert (path.stat().st_mode & 0o777) == 0o600 and path.read_text() == ""
+
+
+def test_event_types_build_by_name_in_schema_order():
+    from crypto_tracer.pipeline import events
+
+    ev = events.FILE_OPEN.build(file="/etc/ssl/x.pem", pid=7, result=3)
+    assert list(ev) == list(events.FILE_OPEN.fields) == list(events.COMMON_FIELDS) + [
+        "root", "mnt_ns", "file", "file_type", "flags", "result"]
+    assert (ev["event_type"], ev["pid"], ev["file"], ev["result"], ev["exe"]) == ("file_open", 7, "/etc/ssl/x.pem",
+                                                                                  3, None)
+    with pytest.raises(TypeError):
+        events.LIB_LOAD.build(file="/etc/ssl/x.pem")  # not a field of lib_load
+    assert set(events.EVENT_TYPES) == {"process_exec", "process_exit", "file_open", "lib_load", "api_call",
+                                       "tls_handshake", "tls_data"}
+
+
+def test_redactor_is_one_stage_for_events_and_documents():
+    ev = {"exe": "/root/x", "cmdline": "x /home/bob/k.pem"}
+    assert Redactor(False).event(dict(ev)) == ev
+    assert Redactor().event(dict(ev)) == {"exe": "/home/ROOT/x", "cmdline": "x /home/USER/k.pem"}
+    proc = {"exe": "/root/x", "root": "/", "cmdline": None, "libraries": [{"path": "/home/a/lib.so", "name": "x"}],
+            "files": [{"path": "/root/k.pem", "type": "private_key"}]}
+    assert Redactor().entry(proc, "libraries", "files") == {
+        "exe": "/home/ROOT/x", "root": "/", "cmdline": None, "libraries": [{"path": "/home/USER/lib.so", "name": "x"}],
+        "files": [{"path": "/home/ROOT/k.pem", "type": "private_key"}]}

@@ -1,4 +1,4 @@
-"""profile's aggregation and decoding without eBPF: event dicts in the events.py schema, real
+"""profile's aggregation and decoding without eBPF: event dicts in the pipeline/events.py schema, real
 /proc data of processes started here, real ELF files."""
 
 import os
@@ -14,7 +14,7 @@ from crypto_tracer.host import inventory, proc
 from crypto_tracer.host import discovery
 from crypto_tracer.commands.profile import ProcessProfile, render_summary, tls_summary
 from crypto_tracer.probes import api
-from crypto_tracer.redact import redact, redact_text
+from crypto_tracer.pipeline.redact import Redactor
 
 TS1, TS2 = "2026-01-01T00:00:01.000000Z", "2026-01-01T00:00:02.000000Z"
 
@@ -38,7 +38,7 @@ def test_files_libraries_and_exit_are_aggregated():
               "count": 2},
              {"function_name": "SSL_write", "library": "libssl", "category": "tls_write", "algorithm": None,
               "count": 4, "bytes": 100}]
-    doc = prof.document(calls, redact, redact_text, ended_early=False)
+    doc = Redactor().entry(prof.document(calls, ended_early=False), "libraries", "files_accessed")
     assert doc["files_accessed"] == [{"path": "/home/ROOT/k.key", "type": "private_key", "access_count": 3,
                                       "failed_count": 1, "first_access": TS1, "last_access": TS2,
                                       "flags": ["O_RDONLY", "O_RDONLY|O_CLOEXEC"]}]
@@ -53,7 +53,7 @@ def test_files_libraries_and_exit_are_aggregated():
 
 
 def test_no_activity_gives_empty_lists():
-    doc = ProcessProfile(7, None, started_before=True).document([], redact, redact_text, ended_early=False)
+    doc = ProcessProfile(7, None, started_before=True).document([], ended_early=False)
     assert doc["libraries"] == doc["files_accessed"] == doc["api_calls"] == doc["tls"]["peers"] == []
     assert doc["partial"] is False and doc["statistics"]["total_events"] == 0
 

@@ -119,8 +119,8 @@ def test_json_events_follow_the_schema(tmp_path):
     import json
     import types
 
-    from crypto_tracer import events
-    from crypto_tracer.clock import WallClock
+    from crypto_tracer.pipeline import events
+    from crypto_tracer.pipeline.clock import WallClock
     from crypto_tracer.commands.tls import Capture
 
     out = tmp_path / "events.json"
@@ -133,7 +133,7 @@ def test_json_events_follow_the_schema(tmp_path):
     cap.process()
     cap.sink.close()
     (ev,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert list(ev) == list(events.COMMON_FIELDS) + list(events.EVENT_FIELDS["tls_data"])
+    assert list(ev) == list(events.TLS_DATA.fields)
     assert (ev["data_b64"], ev["length"], ev["truncated"], ev["remote_port"]) == ("c2VjcmV0", 6, False, 443)
     assert (cap.stats.received, cap.stats.user_filtered, cap.stats.output) == (2, 1, 1)
 
@@ -172,7 +172,7 @@ def test_hot_path_matches_the_general_formatting(tmp_path, mode, fmt):
 
     import orjson
 
-    from crypto_tracer.clock import WallClock
+    from crypto_tracer.pipeline.clock import WallClock
     from crypto_tracer.commands.tls import Capture
     from crypto_tracer.sinks.json import make_json_sink
     from crypto_tracer.sinks.output import Output

@@ -7,7 +7,7 @@ import os
 from crypto_tracer.host import proc
 from crypto_tracer.probes import monitor
 from crypto_tracer.host.proc import ProcessCache, outer_view, own_view
-from crypto_tracer.redact import redact_event
+from crypto_tracer.pipeline.redact import redact_event
 
 
 def test_own_view_and_outer_view():
@@ -51,16 +51,16 @@ def test_decode_view_trailer():
     # components leaf first, NUL-terminated; root "/" has none, so it is sent as length 1
     exe, jail = b"cat\0bin\0usr\0", b"jail\0srv\0"
     raw = record(monitor.EV_EXIT, monitor.EXIT.pack(1, 0), b"", exe, jail, 99)
-    assert monitor.decode(raw)[7] == ("/usr/bin/cat", "/srv/jail", 99)
+    assert monitor.decode(raw).view == ("/usr/bin/cat", "/srv/jail", 99)
     raw = record(monitor.EV_EXIT, monitor.EXIT.pack(1, 0), b"", exe, b"", 99)
-    assert monitor.decode(raw)[7] == ("/usr/bin/cat", "/", 99)
+    assert monitor.decode(raw).view == ("/usr/bin/cat", "/", 99)
     raw = record(monitor.EV_EXIT, monitor.EXIT.pack(1, 0), b"", b"", None, 0)
-    assert monitor.decode(raw)[7] == (None, None, None)
+    assert monitor.decode(raw).view == (None, None, None)
     # a relative name opened in the process's root: the base is "/" (no components)
     name = b"tmp/x.pem\0"
     own = monitor.FILE.pack(1, 3, 0, 1, len(name), 0, 0, 1)
     rec = monitor.decode(record(monitor.EV_FILE, own, name, b"", None, 0))
-    assert rec[7:] == ((None, None, None), "tmp/x.pem", "/", 0, 3)
+    assert (rec.view, rec.name, rec.base, rec.flags, rec.result) == ((None, None, None), "tmp/x.pem", "/", 0, 3)
 
 
 def test_root_is_redacted_like_the_other_paths():

@@ -8,17 +8,17 @@ from __future__ import annotations
 import os
 import time
 
-from crypto_tracer.clock import WallClock
-from crypto_tracer.enrich import Enricher
+from crypto_tracer.pipeline.clock import WallClock
+from crypto_tracer.pipeline.enrich import Enricher
 from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.filters.events import EventFilter
+from crypto_tracer.pipeline.filters.events import EventFilter
 from crypto_tracer.log import is_verbose, log
 from crypto_tracer.engine.preflight import preflight
 from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
-from crypto_tracer.redact import redact_event
-from crypto_tracer.runloop import StopFlag, run as run_loop
+from crypto_tracer.pipeline.redact import Redactor
+from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
 from crypto_tracer.sinks.output import Output
-from crypto_tracer.stats import RunStats
+from crypto_tracer.pipeline.stats import RunStats
 
 # 4 MiB: ~150 ms of slack at 100k events/s. Its pages are mapped twice (for wrap-around)
 # and count in RSS, so bigger costs memory for nothing (--mapsize raises it).
@@ -42,21 +42,20 @@ class Pipeline:
     def __init__(self, sink, stats: RunStats, event_filter: EventFilter, redact_paths: bool, clock: WallClock):
         self.sink, self.stats, self.filter = sink, stats, event_filter
         self.enrich = Enricher(clock)
-        self.redact = redact_paths
+        self.redactor = Redactor(redact_paths)
 
     def process(self, raws: list[bytes]) -> None:
         if not raws:
             return
         events = []
-        enrich, keep = self.enrich, self.filter
+        enrich, redact = self.enrich, self.redactor.event
+        keep = self.filter if self.filter.active else None
         for raw in raws:
             rec = decode(raw)
             ev = enrich(rec) if rec is not None else None
-            if ev is None or (keep.active and not keep(ev)):
+            if ev is None or (keep is not None and not keep(ev)):
                 continue
-            if self.redact:
-                redact_event(ev)
-            events.append(ev)
+            events.append(redact(ev))
         self.stats.received += len(raws)
         self.stats.user_filtered += len(raws) - len(events)
         self.sink.write_many(events)

@@ -17,7 +17,7 @@ import os
 import time
 
 from crypto_tracer.host import inventory, proc
-from crypto_tracer.clock import now_iso
+from crypto_tracer.pipeline.clock import now_iso
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
 
@@ -28,7 +28,7 @@ TLS_LIBRARY_CATEGORIES = {"handshake", "tls_read", "tls_write", "session", "cont
 
 
 class ProcessProfile:
-    """The aggregation for one pid: fed with event dicts (events.py schema) and samples."""
+    """The aggregation for one pid: fed with event dicts (pipeline/events.py schema) and samples."""
 
     def __init__(self, pid: int, info: dict | None, started_before: bool):
         self.pid = pid
@@ -97,14 +97,11 @@ class ProcessProfile:
             peer["state"] = s["state"]
 
     # -- output --
-    def document(self, api_calls: list[dict], redact, redact_text, ended_early: bool,
-                 connections: list[dict] | None = None) -> dict:
+    def document(self, api_calls: list[dict], ended_early: bool, connections: list[dict] | None = None) -> dict:
+        """This process's section, with real paths (copies: the redaction stage edits them)."""
         process = dict(self.process)
-        process["exe"] = redact(process.get("exe"))
-        process["root"] = redact(process.get("root"))
-        process["cmdline"] = redact_text(process.get("cmdline"))
-        libraries = [dict(lib, path=redact(lib["path"])) for lib in self.libraries.values()]
-        files = [self._file_entry(f, redact) for f in self.files.values()]
+        libraries = [dict(lib) for lib in self.libraries.values()]
+        files = [self._file_entry(f) for f in self.files.values()]
         calls = list(api_calls)
         tls = tls_summary(calls)
         tls["connections"] = connections or []
@@ -131,12 +128,12 @@ class ProcessProfile:
         }
 
 
-    def _file_entry(self, f: dict, redact) -> dict:
+    def _file_entry(self, f: dict) -> dict:
         """The file with snapshot's certificate/key insight (read through the process's root
         while it runs, else from here)."""
         from crypto_tracer.host import certinfo
 
-        entry = dict(f, path=redact(f["path"]))
+        entry = dict(f)
         read_path = proc.root_path(self.pid, f["path"]) if self.exit is None else f["path"]
         insight = certinfo.describe(read_path, f["type"]) or certinfo.describe(f["path"], f["type"])
         if insight is not None:
@@ -199,11 +196,11 @@ class Profiler:
 
     # -- the run --
     def run(self) -> int:
-        from crypto_tracer.clock import WallClock
-        from crypto_tracer.enrich import Enricher
+        from crypto_tracer.pipeline.clock import WallClock
+        from crypto_tracer.pipeline.enrich import Enricher
         from crypto_tracer.probes.api import ApiProbe
         from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
-        from crypto_tracer.runloop import StopFlag, run as run_loop
+        from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
 
         opts = self.opts
         pids = self.initial_pids()
@@ -307,16 +304,16 @@ class Profiler:
                 self.attach_api(pid)
 
     def document(self, started_at: str, duration: float, ended_early: bool) -> dict:
-        if self.opts.no_redact:
-            def redact(p):
-                return p
-            redact_text = redact
-        else:
-            from crypto_tracer.redact import redact, redact_text
+        from crypto_tracer.pipeline.redact import Redactor
+
         counts, connections = self.api.counts(), self.api.connections()
-        sections = [s.document(counts.get(pid, []), redact, redact_text, ended_early, connections.get(pid))
+        sections = [s.document(counts.get(pid, []), ended_early, connections.get(pid))
                     for pid, s in sorted(self.sections.items())
                     if s.process["name"] is not None or s.events or pid in counts or pid in connections]
+        redactor = Redactor(not self.opts.no_redact)  # the sections are built: redact, then the sink
+        for section in sections:
+            redactor.entry(section["process"])
+            redactor.entry(section, "libraries", "files_accessed")
         # (a forked pid that vanished before /proc was read and left no trace is not reported)
         monitor = self.monitor.counters()
         api = self.api.counters()

@@ -10,7 +10,7 @@ import time
 
 from crypto_tracer.host import certinfo, inventory
 from crypto_tracer.host.proc import list_pids, read_cmdline, read_status_ids
-from crypto_tracer.clock import now_iso
+from crypto_tracer.pipeline.clock import now_iso
 from crypto_tracer.log import log
 
 SNAPSHOT_VERSION = "1.1"
@@ -44,12 +44,9 @@ def run(opts) -> int:
 def take_snapshot(redact_paths: bool = True) -> dict:
     started = time.perf_counter()
     generated_at = now_iso()
-    if redact_paths:
-        from crypto_tracer.redact import redact, redact_text
-    else:
-        def redact(path):
-            return path
-        redact_text = redact
+    from crypto_tracer.pipeline.redact import Redactor
+
+    redactor = Redactor(redact_paths)
     own_pid = os.getpid()
     host_mnt = inventory.host_mount_ns()
     tcp = inventory.TcpTables()
@@ -65,7 +62,8 @@ def take_snapshot(redact_paths: bool = True) -> dict:
             continue
         if proc is None or not proc.uses_crypto:
             continue
-        processes.append(process_entry(proc, host_mnt, tcp, redact, redact_text))
+        # scan -> redact -> summary and sink (the summary counts the paths as shown)
+        processes.append(redactor.entry(process_entry(proc, host_mnt, tcp), "libraries", "open_crypto_files"))
     uname = os.uname()
     return {
         "snapshot_version": SNAPSHOT_VERSION,
@@ -83,8 +81,7 @@ def take_snapshot(redact_paths: bool = True) -> dict:
     }
 
 
-def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inventory.TcpTables, redact,
-                  redact_text) -> dict:
+def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inventory.TcpTables) -> dict:
     uid, _gid = read_status_ids(proc.pid)
     uses_tls = proc.static_tls is not None or any(lib["name"] in ("libssl", "libgnutls", "libnss3", "libssl3",
                                                                     "libmbedtls", "libwolfssl")
@@ -93,22 +90,22 @@ def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inve
         "pid": proc.pid,
         "ppid": proc.ppid,
         "name": proc.name,
-        "exe": redact(proc.exe),
-        "root": redact(proc.root),
-        "cmdline": redact_text(read_cmdline(proc.pid)),
+        "exe": proc.exe,
+        "root": proc.root,
+        "cmdline": read_cmdline(proc.pid),
         "running_as": inventory.user_name(uid),
         "uid": uid,
-        "libraries": [{"path": redact(lib["path"]), "name": lib["name"], "version": lib["version"]}
+        "libraries": [{"path": lib["path"], "name": lib["name"], "version": lib["version"]}
                       for lib in proc.libraries],
-        "open_crypto_files": [file_entry(f, redact) for f in proc.files],
+        "open_crypto_files": [file_entry(f) for f in proc.files],
         "static_tls": proc.static_tls,
         "tls_sockets": tcp.sockets(proc.pid, proc.socket_inodes) if uses_tls else [],
         "container": inventory.container_info(proc.pid, host_mnt),
     }
 
 
-def file_entry(f: dict, redact) -> dict:
-    entry = {"path": redact(f["path"]), "type": f["type"]}
+def file_entry(f: dict) -> dict:
+    entry = {"path": f["path"], "type": f["type"]}
     insight = certinfo.describe(f["read_path"], f["type"])
     if insight is not None:
         entry["certificate" if f["type"] == "certificate" else "key"] = insight

@@ -10,14 +10,14 @@ from binascii import b2a_base64
 
 import orjson
 
-from crypto_tracer import events
+from crypto_tracer.pipeline.events import TLS_DATA, TLS_HANDSHAKE
 from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, TYPE_SPAN
 from crypto_tracer.probes.tls import DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET, DATA_TRUNCATED, TLS_DATA_REC
 from crypto_tracer.sinks.text import PRINTABLE, as_text, endpoint
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import is_verbose, log
 from crypto_tracer.host.proc import read_exe, read_stat
-from crypto_tracer.redact import redact
+from crypto_tracer.pipeline.redact import Redactor
 
 # the hot loops slice with these (struct tls_data_rec, probes/tls.py), bound to locals
 (_K0, _K1), (_K2, _K3) = DATA_KEY_SPANS
@@ -36,10 +36,9 @@ def run(opts) -> int:
 
 
 class ProcessInfo:
-    """ppid and exe (redacted unless --no-redact) by pid, read once from /proc (None when gone)."""
+    """ppid and exe by pid, read once from /proc (None when gone)."""
 
-    def __init__(self, redact_paths: bool = True):
-        self.redact = redact_paths
+    def __init__(self):
         self._cache: dict[int, tuple[int | None, str | None]] = {}
 
     def get(self, pid: int) -> tuple[int | None, str | None]:
@@ -48,8 +47,6 @@ class ProcessInfo:
             stat = read_stat(pid)
             ppid = stat[1] if stat else None
             exe = read_exe(pid) if stat else None
-            if exe and self.redact:
-                exe = redact(exe)
             info = self._cache[pid] = (ppid, exe)
             if len(self._cache) > 4096:
                 self._cache.clear()
@@ -58,7 +55,7 @@ class ProcessInfo:
 
 class Capture:
     def __init__(self, opts):
-        from crypto_tracer.filters.connections import compile_connection_filter
+        from crypto_tracer.pipeline.filters.connections import compile_connection_filter
 
         self.opts = opts
         if opts.model == "json" and opts.format == "summary":
@@ -67,8 +64,8 @@ class Capture:
         # bad filters are argument errors: before privileges
         self.conn_filter = compile_connection_filter(opts.filter)
         self.text = opts.model == "text"
-        self.redact = not opts.no_redact
-        self.procs = ProcessInfo(self.redact)
+        self.redactor = Redactor(not opts.no_redact)  # after the connection filter, before the sink
+        self.procs = ProcessInfo()
         self.batch: list[bytes] = []
         self._conns: dict[bytes, tuple | None] = {}  # see _entry
         self._second = (-1, "")  # the last timestamp's epoch second and its ISO prefix
@@ -88,11 +85,11 @@ class Capture:
         return make_json_sink(self.opts.format, out)
 
     def run(self) -> int:
-        from crypto_tracer.clock import WallClock
+        from crypto_tracer.pipeline.clock import WallClock
         from crypto_tracer.probes.common import CT_EV_TLS_KEYS
         from crypto_tracer.probes.tls import TlsTracer
-        from crypto_tracer.runloop import StopFlag, run as run_loop
-        from crypto_tracer.stats import RunStats
+        from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
+        from crypto_tracer.pipeline.stats import RunStats
 
         opts = self.opts
         from crypto_tracer.engine.preflight import preflight
@@ -295,18 +292,15 @@ class Capture:
     def _prepare(self, rec) -> tuple[dict, bytes, str, str]:
         """(event with the connection's fields in schema order, json-stream template,
         text header middle and tail)."""
-        ppid, exe = self.procs.get(rec.pid)  # exe already redacted
-        base = {"event_type": "tls_data", "timestamp": None, "pid": rec.pid, "ppid": ppid, "uid": rec.uid,
-                "process": rec.comm, "exe": exe, "tid": rec.tid, "library": rec.library, "function": rec.function,
-                "direction": rec.direction, "fd": rec.fd, "local_addr": rec.local_addr,
-                "local_port": rec.local_port, "remote_addr": rec.remote_addr, "remote_port": rec.remote_port,
-                "length": None, "offset": None, "truncated": None, "data_b64": None}
-        assert list(base) == list(events.COMMON_FIELDS) + list(events.EVENT_FIELDS["tls_data"])
+        ppid, exe = self.procs.get(rec.pid)
+        base = self.redactor.event(TLS_DATA.build(
+            pid=rec.pid, ppid=ppid, uid=rec.uid, process=rec.comm, exe=exe, tid=rec.tid, library=rec.library,
+            function=rec.function, direction=rec.direction, fd=rec.fd, local_addr=rec.local_addr,
+            local_port=rec.local_port, remote_addr=rec.remote_addr, remote_port=rec.remote_port))
         # json-stream: the event's JSON with the changing values as %-placeholders; the fields
         # between them are orjson's own encoding of them (any '%' in a name escaped).
         middle = orjson.dumps({k: base[k] for k in _STREAM_MIDDLE})[1:-1].replace(b"%", b"%%")
-        template = (b'{"event_type":"tls_data","timestamp":"%s.%06dZ",' + middle +
-                    b',"length":%d,"offset":%d,"truncated":%s,"data_b64":"%s"}\n')
+        template = _STREAM_HEAD + middle + _STREAM_TAIL
         # text: header_line() of this connection is timestamp + mid + length + tail
         conn = f"{endpoint(rec.local_addr, rec.local_port)} -> {endpoint(rec.remote_addr, rec.remote_port)}"
         fd = rec.fd if rec.fd is not None else "?"
@@ -321,21 +315,33 @@ class Capture:
         if self.conn_filter is not None and not self.conn_filter((rec.local_addr, rec.local_port, rec.remote_addr,
                                                                   rec.remote_port)):
             return None
-        ppid, exe = self.procs.get(rec.pid)  # exe already redacted
-        common = {"timestamp": self.clock.iso(rec.ts_ns), "pid": rec.pid, "ppid": ppid, "uid": rec.uid,
-                  "process": rec.comm, "exe": exe}
-        return events.make("tls_handshake", common, tid=rec.tid, library=rec.library, role=rec.role, fd=rec.fd,
-                           local_addr=rec.local_addr, local_port=rec.local_port, remote_addr=rec.remote_addr,
-                           remote_port=rec.remote_port, result=rec.result, tls_version=rec.tls_version,
-                           cipher=None)
+        ppid, exe = self.procs.get(rec.pid)
+        return self.redactor.event(TLS_HANDSHAKE.build(
+            timestamp=self.clock.iso(rec.ts_ns), pid=rec.pid, ppid=ppid, uid=rec.uid, process=rec.comm, exe=exe,
+            tid=rec.tid, library=rec.library, role=rec.role, fd=rec.fd, local_addr=rec.local_addr,
+            local_port=rec.local_port, remote_addr=rec.remote_addr, remote_port=rec.remote_port, result=rec.result,
+            tls_version=rec.tls_version, cipher=None))
 
 
 _MISSING = object()
 _NOT_DATA = object()
 WRITE_SLICE = 512  # records per write (~250 KB of json-stream)
 CONN_CACHE_SIZE = 4096  # connections (per thread) remembered; cleared when full
-_STREAM_MIDDLE = ("pid", "ppid", "uid", "process", "exe", "tid", "library", "function", "direction", "fd",
-                  "local_addr", "local_port", "remote_addr", "remote_port")
+
+# The json-stream template of a tls_data event, derived once from the schema: the fields the hot
+# path fills per record (their %-placeholders, in schema order) and the connection's fields
+# between them, encoded by orjson per connection (_prepare).
+_STREAM_SLOTS = {"timestamp": b'"%s.%06dZ"', "length": b"%d", "offset": b"%d", "truncated": b"%s",
+                 "data_b64": b'"%s"'}
+_F = TLS_DATA.fields
+_T, _L = _F.index("timestamp"), _F.index("length")
+# the hot path's %-arguments are (timestamp, length, offset, truncated, data) in this order
+assert _F[:_T] == ("event_type",) and _F[_T + 1:_L] and tuple(f for f in _F if f in _STREAM_SLOTS) == \
+    tuple(_STREAM_SLOTS) and all(f in _STREAM_SLOTS for f in _F[_L:]), "tls_data schema vs json-stream template"
+_STREAM_MIDDLE = _F[_T + 1:_L]
+_STREAM_HEAD = orjson.dumps({"event_type": TLS_DATA.name})[:-1] + b',"timestamp":' + _STREAM_SLOTS["timestamp"] + b","
+_STREAM_TAIL = b"".join(b"," + orjson.dumps(f) + b":" + _STREAM_SLOTS[f] for f in _F[_L:]) + b"}\n"
+del _F, _T, _L
 
 
 _TS0, _TS1 = TLS_DATA_REC.span("h.ts_ns", "h.ts_ns")

@@ -15,7 +15,7 @@ import time
 
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
-from crypto_tracer.stats import DropWarner
+from crypto_tracer.pipeline.stats import DropWarner
 
 HOLD_S = 1.0  # how long a packet waits for its session's keys
 MAX_HELD = 200_000  # packets; beyond this the oldest go out without waiting
@@ -75,13 +75,13 @@ class PacketSink:
 
 
 def run(opts) -> int:
-    from crypto_tracer import runloop
-    from crypto_tracer.clock import WallClock
+    from crypto_tracer.pipeline import runloop
+    from crypto_tracer.pipeline.clock import WallClock
     from crypto_tracer.keys.extractor import KeyExtractor
     from crypto_tracer.probes.tls import TlsTracer
     from crypto_tracer.sinks.keylog import KeyLog
 
-    from crypto_tracer.filters.connections import SessionFilter, compile_connection_filter, compile_packet_filter
+    from crypto_tracer.pipeline.filters.connections import SessionFilter, compile_connection_filter, compile_packet_filter
 
     pcap = opts.model in ("pcap", "pcapng")
     interfaces, packet_filter = [], None

@@ -198,7 +198,7 @@ def process_info(pid: int) -> dict | None:
     parsed = parse_stat(stat) if stat else None
     if parsed is None:
         return None
-    from crypto_tracer.clock import iso_from_ns
+    from crypto_tracer.pipeline.clock import iso_from_ns
 
     name, ppid, start_ticks = parsed
     uid, gid = read_status_ids(pid)

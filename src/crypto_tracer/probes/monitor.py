@@ -1,13 +1,14 @@
 """The Python side of bpf/monitor.bpf.c: load, configure, attach, and decode its records.
 
-``MonitorProbe`` yields raw decoded records (dicts without enrichment); the enrichment
-(exe, redaction, content classification) is done by ``enrich.Enricher``.
+``decode`` turns a record into a named tuple (ExecRecord, ExitRecord, FileRecord, LibRecord);
+pipeline/enrich.Enricher makes events of them (exe, absolute paths, classification).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections import namedtuple
 
 from crypto_tracer.host import classify
 from crypto_tracer.bpf.cstruct import CStruct
@@ -132,6 +133,19 @@ class MonitorProbe:
         self.obj.close()
 
 
+# Decoded records (named tuples: cheap to build on the hot path): the header, ppid and `view`
+# = (exe, root, mnt_ns) (see decode), then each record's own fields. FileRecord: `name` as
+# passed to open (maybe relative), `base` the directory the kernel resolved it against (or
+# None); ExitRecord: the raw task->exit_code (a wait status, decoded by enrich.decode_exit).
+RECORD_HEAD = ("kind", "ts", "pid", "tid", "uid", "comm", "ppid", "view")
+ExecRecord = namedtuple("ExecRecord", (*RECORD_HEAD, "argv"))
+ExitRecord = namedtuple("ExitRecord", (*RECORD_HEAD, "exit_code"))
+FileRecord = namedtuple("FileRecord", (*RECORD_HEAD, "name", "base", "flags", "result"))
+LibRecord = namedtuple("LibRecord", (*RECORD_HEAD, "path", "dev", "ino"))
+_new = tuple.__new__  # builds them in C: FileRecord(...) would run Python code per record
+_comms: dict[bytes, str] = {}  # raw comm[16] -> name
+
+
 def decode_view(raw: bytes, start: int) -> tuple:
     """(exe, root, mnt_ns) from a record's ct_view and the data at start; None for what the
     kernel did not send (already sent for this process image)."""
@@ -143,14 +157,18 @@ def decode_view(raw: bytes, start: int) -> tuple:
     return exe, path_from_parts(raw[start:start + root_len - 1]), mnt_ns
 
 
-def decode(raw: bytes) -> tuple | None:
-    """Decode one record into a tuple (kind, ts_ns, pid, tid, uid, comm, ppid, view, *fields).
+def decode(raw: bytes) -> ExecRecord | ExitRecord | FileRecord | LibRecord | None:
+    """Decode one record into its named tuple (kind, ts, pid, tid, uid, comm, ppid, view, own fields).
 
     view is (exe, root, mnt_ns): paths in the process's own view, each None unless the kernel
     sent it with this record (once per process image; the root again when it changed), so
     they are known even for processes already gone."""
-    ts, kind, pid, tid, uid, comm = HEADER.unpack_from(raw)
-    comm = comm.split(b"\0", 1)[0].decode(errors="replace")
+    ts, kind, pid, tid, uid, raw_comm = HEADER.unpack_from(raw)
+    comm = _comms.get(raw_comm)
+    if comm is None:  # a few distinct names: decoded once each
+        if len(_comms) >= 4096:
+            _comms.clear()
+        comm = _comms[raw_comm] = raw_comm.split(b"\0", 1)[0].decode(errors="replace")
     if kind == EV_FILE:
         exe_len, root_len, _ns, _, ppid, result, flags, _cls, name_len, _parts, base_len, has_base = \
             FILE_V.unpack_from(raw, HEADER.size)
@@ -160,17 +178,19 @@ def decode(raw: bytes) -> tuple | None:
         if has_base:  # "/" (the process's root) has no components
             base = path_from_parts(raw[start:start + base_len])
         view = decode_view(raw, start + base_len) if exe_len or root_len else NO_VIEW
-        return kind, ts, pid, tid, uid, comm, ppid, view, name, base, flags, result
+        return _new(FileRecord, (kind, ts, pid, tid, uid, comm, ppid, view, name, base, flags, result))
     if kind == EV_LIB:
         ppid, _parts, length, dev, ino = LIB.unpack_from(raw, OWN)
         end = LIB_DATA + length
-        return kind, ts, pid, tid, uid, comm, ppid, decode_view(raw, end), path_from_parts(raw[LIB_DATA:end]), dev, ino
+        return _new(LibRecord, (kind, ts, pid, tid, uid, comm, ppid, decode_view(raw, end),
+                                path_from_parts(raw[LIB_DATA:end]), dev, ino))
     if kind == EV_EXEC:
         ppid, args_len = EXEC.unpack_from(raw, OWN)
         args = raw[EXEC_DATA:EXEC_DATA + args_len]
         argv = [a.decode(errors="replace") for a in args.rstrip(b"\0").split(b"\0")] if args else []
-        return kind, ts, pid, tid, uid, comm, ppid, decode_view(raw, EXEC_DATA + args_len), argv
+        return _new(ExecRecord, (kind, ts, pid, tid, uid, comm, ppid, decode_view(raw, EXEC_DATA + args_len),
+                                 argv))
     if kind == EV_EXIT:
         ppid, code = EXIT.unpack_from(raw, OWN)
-        return kind, ts, pid, tid, uid, comm, ppid, decode_view(raw, EXIT_DATA), code
+        return _new(ExitRecord, (kind, ts, pid, tid, uid, comm, ppid, decode_view(raw, EXIT_DATA), code))
     return None

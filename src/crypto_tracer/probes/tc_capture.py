@@ -19,7 +19,7 @@ from typing import Callable
 
 from crypto_tracer.bpf.cstruct import CStruct
 from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.filters.connections import MAX_HOSTS, MAX_PORTS, PacketFilter
+from crypto_tracer.pipeline.filters.connections import MAX_HOSTS, MAX_PORTS, PacketFilter
 from crypto_tracer.host import proc
 from crypto_tracer.log import log
 
@@ -40,7 +40,7 @@ CONFIG = CStruct("cap_config", f"snaplen I proto I nports I nhosts I ports {MAX_
 IFACE = CStruct("cap_iface", "l2_len I egress_only I").struct
 
 
-# --- the packet filter (filters/connections.compile_packet_filter) --------------------------
+# --- the packet filter (pipeline/filters/connections.compile_packet_filter) --------------------------
 
 def config_value(packet_filter: PacketFilter, snaplen: int) -> bytes:
     """struct cap_config for the packet filter."""

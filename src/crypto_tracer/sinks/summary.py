@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from crypto_tracer.clock import now_iso
+from crypto_tracer.pipeline.clock import now_iso
 from crypto_tracer.sinks.output import Output
 
 TOP = 10

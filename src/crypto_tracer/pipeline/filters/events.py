@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import re
 
-from crypto_tracer.redact import redact
+from crypto_tracer.pipeline.redact import redact
 
 
 class EventFilter:

@@ -1,9 +1,9 @@
-"""Decoded monitor records -> events in the schema of events.py, enriched from /proc.
+"""Decoded monitor records -> events of the schema (pipeline/events.py), enriched from /proc.
 
 Enrichment: wall-clock time, exe, root and mnt_ns (cached per pid), absolute paths (relative names joined
 to the directory the kernel resolved), file type (.pem by content), decoded open flags,
 library name and version, and the decoded exit status. Redaction comes later, after the
-user filters (so globs match real paths): see redact.redact_event.
+user filters (so globs match real paths): see pipeline/redact.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import signal
 import time
 
 from crypto_tracer.host import classify
-from crypto_tracer.clock import WallClock
+from crypto_tracer.pipeline.clock import WallClock
+from crypto_tracer.pipeline.events import FILE_OPEN, LIB_LOAD, PROCESS_EXEC, PROCESS_EXIT
 from crypto_tracer.probes.monitor import EV_EXEC, EV_EXIT, EV_FILE, EV_LIB
 from crypto_tracer.host.proc import ProcessCache, outer_view
 
@@ -61,45 +62,47 @@ class Enricher:
         self.procs = ProcessCache()
         self._pem_types: dict[str, tuple[float, str | None]] = {}
 
-    def __call__(self, rec: tuple) -> dict | None:
-        """One event dict, or None when user space decides it is not a crypto event.
-        Paths are in the process's own view, as the kernel walks them (see host/proc.py)."""
-        kind, ts, pid, _tid, uid, comm, ppid, sent = rec[:8]
+    def __call__(self, rec) -> dict | None:
+        """One event of a decoded record (probes/monitor.decode), or None when user space decides
+        it is not a crypto event. Paths are in the process's own view, as the kernel walks them
+        (see host/proc.py)."""
+        kind, pid = rec.kind, rec.pid
         if kind == EV_EXEC:
             self.procs.forget(pid)  # a new image: nothing cached of the old one holds
+        sent = rec.view
         if sent[0] is not None or sent[1] is not None:
             self.procs.update(pid, *sent)
         exe, root, mnt_ns = self.procs.view(pid)
         if kind == EV_FILE:
-            name, base, flags, result = rec[8:]
+            name, base = rec.name, rec.base
             path = name if name.startswith("/") or base is None else os.path.normpath(os.path.join(base, name))
             ftype = self._file_type(path, pid, root)
             if ftype is None:
                 return None
-            return {"event_type": "file_open", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
-                    "uid": uid, "process": comm, "exe": exe, "root": root, "mnt_ns": mnt_ns, "file": path,
-                    "file_type": ftype, "flags": decode_open_flags(flags), "result": result}
+            return FILE_OPEN.build(timestamp=self.clock.iso(rec.ts), pid=pid, ppid=rec.ppid, uid=rec.uid,
+                                   process=rec.comm, exe=exe, root=root, mnt_ns=mnt_ns, file=path, file_type=ftype,
+                                   flags=decode_open_flags(rec.flags), result=rec.result)
         if kind == EV_LIB:
-            path = rec[8]
+            path = rec.path
             name = classify.library_name(path)
             if name is None:
                 return None
             version = (classify.library_version(f"/proc/{pid}/root{path}", name)
                        or classify.library_version(outer_view(path, root), name))
-            return {"event_type": "lib_load", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
-                    "uid": uid, "process": comm, "exe": exe, "root": root, "mnt_ns": mnt_ns, "library": path,
-                    "library_name": name, "version": version}
+            return LIB_LOAD.build(timestamp=self.clock.iso(rec.ts), pid=pid, ppid=rec.ppid, uid=rec.uid,
+                                  process=rec.comm, exe=exe, root=root, mnt_ns=mnt_ns, library=path, library_name=name,
+                                  version=version)
         if kind == EV_EXEC:
-            argv = rec[8]
-            return {"event_type": "process_exec", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
-                    "uid": uid, "process": comm, "exe": exe, "root": root, "mnt_ns": mnt_ns,
-                    "cmdline": shlex.join(argv) if argv else None}
+            argv = rec.argv
+            return PROCESS_EXEC.build(timestamp=self.clock.iso(rec.ts), pid=pid, ppid=rec.ppid, uid=rec.uid,
+                                      process=rec.comm, exe=exe, root=root, mnt_ns=mnt_ns,
+                                      cmdline=shlex.join(argv) if argv else None)
         if kind == EV_EXIT:
-            exit_code, sig = decode_exit(rec[8])
+            exit_code, sig = decode_exit(rec.exit_code)
             self.procs.forget(pid)
-            return {"event_type": "process_exit", "timestamp": self.clock.iso(ts), "pid": pid, "ppid": ppid,
-                    "uid": uid, "process": comm, "exe": exe, "root": root, "mnt_ns": mnt_ns,
-                    "exit_code": exit_code, "signal": sig}
+            return PROCESS_EXIT.build(timestamp=self.clock.iso(rec.ts), pid=pid, ppid=rec.ppid, uid=rec.uid,
+                                      process=rec.comm, exe=exe, root=root, mnt_ns=mnt_ns, exit_code=exit_code,
+                                      signal=sig)
         return None
 
     def _file_type(self, path: str, pid: int, root: str | None) -> str | None:
