@@ -13,7 +13,6 @@ from crypto_tracer.enrich import Enricher
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.filters.events import EventFilter
 from crypto_tracer.log import is_verbose, log
-from crypto_tracer.engine.preflight import preflight
 from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
 from crypto_tracer.redact import redact_event
 from crypto_tracer.runloop import StopFlag, run as run_loop
@@ -65,8 +64,7 @@ class Pipeline:
 
 
 def run(opts, extra_pids=None, on_ready=None) -> int:
-    """Run the stream. extra_pids/on_ready let `demo` trace only its own workload."""
-    preflight()
+    """Run the stream (privileges checked by cli). extra_pids/on_ready let `demo` trace only its own workload."""
     if opts.pid is not None and not os.path.exists(f"/proc/{opts.pid}"):
         raise TracerError(f"no process with pid {opts.pid}", ExitStatus.ERROR,
                           "check the pid with ps, or use --name to follow processes by name")

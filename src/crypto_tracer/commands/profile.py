@@ -383,7 +383,4 @@ def render_summary(doc: dict) -> str:
 
 
 def run(opts) -> int:
-    from crypto_tracer.engine.preflight import preflight
-
-    preflight()
     return Profiler(opts).run()
