@@ -4,7 +4,7 @@
   record: python3 bench/bench_tls_decode.py record FILE [--seconds N]   (root; nginx + wrk on loopback)
           saves the raw data records the ring buffer delivers under the bench_tls.py load
   replay: python3 bench/bench_tls_decode.py replay FILE [--mode json|text|json-array] [--profile]
-          feeds them through Capture.process() in batches, output to a temporary file, and
+          feeds them through TlsDataPipeline.process() in batches, output to a temporary file, and
           prints the CPU time per event (process time, best of 5 passes)
   replay ... --save OUT: one pass with a fixed clock, output kept in OUT (to compare versions)
 
@@ -74,7 +74,7 @@ def load(path: str) -> list[bytes]:
 
 def replay(path: str, mode: str, profile: bool, save: str | None = None, batch: int = 2048) -> None:
     from crypto_tracer.pipeline.clock import WallClock
-    from crypto_tracer.commands.tls import Capture
+    from crypto_tracer.commands.tls.plaintext import make_pipeline
 
     raws = load(path)
     fmt = "json-array" if mode == "json-array" else "json-stream"
@@ -84,11 +84,10 @@ def replay(path: str, mode: str, profile: bool, save: str | None = None, batch: 
                                      no_redact=False, output=out, hex=False, tsize=0, max_payload=1 << 20)
 
         def one_pass() -> float:
-            cap = Capture(opts)
-            cap.sink, cap.clock = cap._open_sink(), WallClock()
+            clock = WallClock()
             if save:
-                cap.clock.offset_ns = 1_790_000_000_123_456_789  # the same timestamps in every run
-            cap.stats = types.SimpleNamespace(received=0, user_filtered=0, output=0)
+                clock.offset_ns = 1_790_000_000_123_456_789  # the same timestamps in every run
+            cap = make_pipeline(opts, clock, types.SimpleNamespace(received=0, user_filtered=0, output=0))
             t0 = time.process_time()
             for i in range(0, len(raws), batch):
                 cap.batch += raws[i:i + batch]

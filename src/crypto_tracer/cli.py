@@ -127,6 +127,11 @@ STREAM_OPTS = ("duration", "pid", "name", "uid", "library", "file", "output", "s
                "verbose", "quiet", "no_redact", "mapsize")
 
 
+# Privileges, checked before a command runs (engine/preflight.py): root, or these capabilities.
+BPF = ("CAP_BPF", "CAP_PERFMON")  # load and attach eBPF programs, read kernel memory
+PACKETS = BPF + ("CAP_NET_ADMIN",)  # and attach TC programs (packet capture)
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -135,23 +140,28 @@ class Command:
     options: tuple[str, ...]
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    privileges: tuple[str, ...] = ()  # what the command needs
+    privileges_by_model: dict = field(default_factory=dict)  # tls: what each -m mode needs
+
+    def needs(self, opts: argparse.Namespace) -> tuple[str, ...]:
+        return self.privileges_by_model.get(getattr(opts, "model", None), self.privileges)
 
 
 COMMANDS: tuple[Command, ...] = (
     Command("monitor", "monitor", "Monitor cryptographic operations live (every crypto event)", STREAM_OPTS,
             "Monitor cryptographic operations in real time: crypto library loads, key and certificate "
-            "opens, process starts and exits.", {"event_types": None}),
+            "opens, process starts and exits.", {"event_types": None}, privileges=BPF),
     Command("libs", "monitor", "Stream crypto library loads (lib_load events)", STREAM_OPTS,
             "Stream every crypto library a process maps, linked at start-up or loaded with dlopen.",
-            {"event_types": ("lib_load",)}),
+            {"event_types": ("lib_load",)}, privileges=BPF),
     Command("files", "monitor", "Stream crypto file opens (file_open events)", STREAM_OPTS,
             "Stream every open of a certificate, key, keystore or trust-store file.",
-            {"event_types": ("file_open",)}),
+            {"event_types": ("file_open",)}, privileges=BPF),
     Command("profile", "profile", "Profile one process's crypto use over a period",
             ("duration", "pid", "name", "output", "doc_format", "verbose", "quiet", "no_redact",
              "follow_children", "mapsize"),
             "Profile everything one process (or every process named NAME) does with cryptography: "
-            "libraries, files, API calls, TLS sessions. --duration defaults to 30 s."),
+            "libraries, files, API calls, TLS sessions. --duration defaults to 30 s.", privileges=BPF),
     Command("snapshot", "snapshot", "Inventory of crypto use on this host from /proc (no eBPF)",
             ("output", "doc_format", "verbose", "quiet", "no_redact"),
             "Take an instant inventory of every process's crypto libraries, files, certificates and "
@@ -162,11 +172,12 @@ COMMANDS: tuple[Command, ...] = (
              "filter"),
             "Capture what processes send and receive inside TLS, without their keys or any change to them. "
             "-m text|json prints plaintext; -m keylog writes an NSS key log; -m pcapng writes packets "
-            "with their decryption secrets, which Wireshark decrypts with nothing else."),
+            "with their decryption secrets, which Wireshark decrypts with nothing else.",
+            privileges=BPF, privileges_by_model={"pcapng": PACKETS, "pcap": PACKETS}),
     Command("demo", "demo", "Run monitor on a built-in demo workload for a few seconds",
             ("duration", "output", "stream_format", "verbose", "quiet", "no_redact"),
             "Start monitor, run a small workload that loads libssl, opens a fresh key and certificate and "
-            "exits, and show the events."),
+            "exits, and show the events.", privileges=BPF),
 )
 COMMANDS_BY_NAME = {c.name: c for c in COMMANDS}
 
@@ -283,7 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         from crypto_tracer import log
 
         log.setup(verbose=getattr(opts, "verbose", False), quiet=getattr(opts, "quiet", False))
-        module = importlib.import_module(f"crypto_tracer.commands.{COMMANDS_BY_NAME[opts.command].module}")
+        command = COMMANDS_BY_NAME[opts.command]
+        module = importlib.import_module(f"crypto_tracer.commands.{command.module}")
+        if hasattr(module, "check"):  # the command's own argument checks: before privileges
+            module.check(opts)
+        needs = command.needs(opts)
+        if needs:
+            from crypto_tracer.engine.preflight import preflight
+
+            preflight(need_net_admin="CAP_NET_ADMIN" in needs)
         return int(module.run(opts))
     except TracerError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -180,3 +180,23 @@ def test_connection_opened_before_the_capture_has_its_process(servers, tmp_path)
                          capture_output=True, text=True, check=True).stdout.splitlines()
     with_data = [line.split("\t")[0] for line in out if line.split("\t")[-1] not in ("", "0")]
     assert f"pid={client.pid} comm={comm}" in with_data, out
+
+
+@pytest.mark.parametrize("mode, caps, message", [
+    (["-m", "keylog"], "-all", "eBPF tracing needs root or CAP_BPF + CAP_PERFMON"),
+    (["-m", "pcapng", "-w", "CAP"], "-all", "eBPF tracing needs root or CAP_BPF + CAP_PERFMON"),
+    (["-m", "pcapng", "-w", "CAP"], "-all,+bpf,+perfmon", "packet capture (-m pcapng) needs CAP_NET_ADMIN"),
+])
+def test_secret_modes_exit_3_without_their_privileges(tmp_path, mode, caps, message):
+    """cli.py declares what each mode needs; keylog and pcapng check it before anything is loaded."""
+    need_root()
+    need_tool("setpriv")
+    from tests.conftest import REPO, tracer_cmd
+
+    argv = [str(tmp_path / "x.pcapng") if a == "CAP" else a for a in mode]
+    r = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}",
+                        *tracer_cmd(), "tls", *argv, "-d", "1"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "src")))
+    assert r.returncode == 3, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "x.pcapng")  # refused before any file is created

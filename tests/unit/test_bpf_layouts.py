@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-import crypto_tracer.commands.tls  # noqa: F401 (imports every decoder the tls command uses)
+import crypto_tracer.pipeline.tls_data  # noqa: F401 (imports every decoder the tls command uses)
 import crypto_tracer.keys.tls_keys  # noqa: F401
 import crypto_tracer.probes.api  # noqa: F401
 import crypto_tracer.probes.common  # noqa: F401

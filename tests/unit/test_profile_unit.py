@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 
 from crypto_tracer.host import inventory, proc
 from crypto_tracer.host import discovery
-from crypto_tracer.commands.profile import ProcessProfile, render_summary, tls_summary
+from crypto_tracer.pipeline.profile import ProcessProfile, tls_summary
+from crypto_tracer.sinks.profile_summary import render_summary
 from crypto_tracer.probes import api
 from crypto_tracer.pipeline.redact import Redactor
 

@@ -121,14 +121,12 @@ def test_json_events_follow_the_schema(tmp_path):
 
     from crypto_tracer.pipeline import events
     from crypto_tracer.pipeline.clock import WallClock
-    from crypto_tracer.commands.tls import Capture
+    from crypto_tracer.commands.tls.plaintext import make_pipeline
 
     out = tmp_path / "events.json"
     opts = types.SimpleNamespace(model="json", format="json-stream", filter=["port", "443"], no_redact=False,
                                  output=str(out), hex=False, tsize=0, max_payload=1 << 20)
-    cap = Capture(opts)
-    cap.sink, cap.clock = cap._open_sink(), WallClock()
-    cap.stats = types.SimpleNamespace(received=0, user_filtered=0, output=0)
+    cap = make_pipeline(opts, WallClock(), types.SimpleNamespace(received=0, user_filtered=0, output=0))
     cap.batch += [_data_record(b"secret"), _data_record(b"x", family=0)]  # the second has no address
     cap.process()
     cap.sink.close()
@@ -166,14 +164,14 @@ def _varied_records():
 @pytest.mark.parametrize("mode, fmt", [("json", "json-stream"), ("json", "json-array"), ("json", "json-pretty"),
                                        ("text", None), ("text-hex", None), ("text-tsize", None)])
 def test_hot_path_matches_the_general_formatting(tmp_path, mode, fmt):
-    """Capture.process's per-connection templates give exactly the bytes of the general code."""
+    """TlsDataPipeline.process's per-connection templates give exactly the bytes of the general code."""
     import base64
     import types
 
     import orjson
 
     from crypto_tracer.pipeline.clock import WallClock
-    from crypto_tracer.commands.tls import Capture
+    from crypto_tracer.commands.tls.plaintext import make_pipeline
     from crypto_tracer.sinks.json import make_json_sink
     from crypto_tracer.sinks.output import Output
 
@@ -181,12 +179,10 @@ def test_hot_path_matches_the_general_formatting(tmp_path, mode, fmt):
     opts = types.SimpleNamespace(model="text" if mode.startswith("text") else "json", format=fmt or "json-stream",
                                  filter=[], no_redact=False, output=str(out), hex=mode == "text-hex",
                                  tsize=4 if mode == "text-tsize" else 0, max_payload=1 << 20)
-    cap = Capture(opts)
-    cap.procs.get = lambda pid: (None, None)  # no /proc lookups: the reference has none either
     clock = WallClock()
     clock.offset_ns = 1_790_000_000_999_999_000  # crosses a second within the records
-    cap.sink, cap.clock = cap._open_sink(), clock
-    cap.stats = types.SimpleNamespace(received=0, user_filtered=0, output=0)
+    cap = make_pipeline(opts, clock, types.SimpleNamespace(received=0, user_filtered=0, output=0))
+    cap.procs.get = lambda pid: (None, None)  # no /proc lookups: the reference has none either
     recs = _varied_records()
     for i, raw in enumerate(recs):  # timestamps 1 us apart, then across the second
         recs[i] = (123 + i * 1000).to_bytes(8, "little") + raw[8:]

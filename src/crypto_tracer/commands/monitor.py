@@ -13,7 +13,6 @@ from crypto_tracer.pipeline.enrich import Enricher
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.pipeline.filters.events import EventFilter
 from crypto_tracer.log import is_verbose, log
-from crypto_tracer.engine.preflight import preflight
 from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
 from crypto_tracer.pipeline.redact import Redactor
 from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
@@ -64,8 +63,7 @@ class Pipeline:
 
 
 def run(opts, extra_pids=None, on_ready=None) -> int:
-    """Run the stream. extra_pids/on_ready let `demo` trace only its own workload."""
-    preflight()
+    """Run the stream (privileges checked by cli). extra_pids/on_ready let `demo` trace only its own workload."""
     if opts.pid is not None and not os.path.exists(f"/proc/{opts.pid}"):
         raise TracerError(f"no process with pid {opts.pid}", ExitStatus.ERROR,
                           "check the pid with ps, or use --name to follow processes by name")

@@ -7,4 +7,6 @@
   stats     produced = written + filtered + dropped, for every run
   clock     boot-relative kernel time -> wall-clock ISO-8601
   runloop   poll until --duration, SIGINT or SIGTERM
+  tls_data  tls records -> tls_data/tls_handshake events: per-connection cache, filter, redaction
+  profile   the profile model: what one process did, aggregated
 """

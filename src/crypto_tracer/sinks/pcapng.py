@@ -3,11 +3,14 @@ enhanced packet blocks (with direction flags and a per-packet comment), and Decr
 Secrets Blocks carrying TLS key log lines, so Wireshark decrypts the file on its own.
 
 Every block is written whole; the file is valid after each write (pcapng has no trailer).
+PacketSink feeds a writer with captured packets and the TLS secrets that decrypt them.
 """
 
 from __future__ import annotations
 
+import collections
 import struct
+import time
 
 from crypto_tracer.sinks.output import Output
 
@@ -96,3 +99,62 @@ class PcapngWriter:
 
     def close(self) -> None:
         self._out.close()
+
+
+HOLD_S = 1.0  # how long a packet waits for its session's keys
+MAX_HELD = 200_000  # packets; beyond this the oldest go out without waiting
+
+
+class PacketSink:
+    """Writes captured packets (raw tc_capture.bpf.c records) to a pcapng once their keys had
+    time to arrive (HOLD_S).
+
+    A session's secrets go into a Decryption Secrets Block just before its ClientHello
+    (found by its client_random), so they precede every packet they decrypt; secrets of
+    sessions that are not in the capture are not put in the file at all.
+    """
+
+    def __init__(self, writer: PcapngWriter, interfaces, clock):
+        from crypto_tracer.probes.tc_capture import client_hello_random, decode
+
+        self._decode, self._hello_random = decode, client_hello_random  # the Python side of tc_capture.bpf.c
+        self.writer = writer
+        self.clock = clock
+        self.ids = {ifc.ifindex: writer.add_interface(ifc.name, ifc.linktype) for ifc in interfaces}
+        self.has_l2 = {ifc.ifindex: ifc.has_l2 for ifc in interfaces}
+        self.held: collections.deque = collections.deque()
+        self.truncated = 0
+        self.pending: dict[bytes, bytes] = {}  # client_random -> key log text, ClientHello not written yet
+        self.hellos: set[bytes] = set()  # client randoms whose ClientHello is in the file
+        self.late_secrets = 0  # sessions whose keys came after their ClientHello had been written
+
+    def add_secrets(self, client_random: bytes, text: bytes) -> None:
+        if client_random in self.hellos:
+            self.late_secrets += 1  # the packets written from now on still decrypt
+            self.writer.add_secrets(text)
+        else:
+            self.pending[client_random] = self.pending.get(client_random, b"") + text
+
+    def add(self, raw: bytes) -> None:
+        self.held.append((time.monotonic(), raw))
+        if len(self.held) > MAX_HELD:
+            self._write(self.held.popleft()[1])
+
+    def flush(self, everything: bool = False) -> None:
+        limit = time.monotonic() - HOLD_S
+        while self.held and (everything or self.held[0][0] <= limit):
+            self._write(self.held.popleft()[1])
+        self.writer.flush()
+
+    def _write(self, raw: bytes) -> None:
+        pkt = self._decode(raw)
+        client_random = self._hello_random(pkt.data, self.has_l2.get(pkt.ifindex, True))
+        if client_random is not None:
+            self.hellos.add(client_random)
+            if client_random in self.pending:
+                self.writer.add_secrets(self.pending.pop(client_random))
+        if pkt.orig_len > len(pkt.data):
+            self.truncated += 1
+        comment = f"pid={pkt.pid} comm={pkt.comm}" if pkt.pid else None
+        self.writer.add_packet(self.ids.get(pkt.ifindex, 0), self.clock.epoch_ns(pkt.ts_ns), pkt.data,
+                               orig_len=pkt.orig_len, outbound=pkt.egress, comment=comment)

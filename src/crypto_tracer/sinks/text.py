@@ -37,18 +37,28 @@ def hex_dump(data: bytes, start: int = 0) -> str:
     return "\n".join(lines)
 
 
-def header_line(ev: dict, chunk: int = 0) -> str:
+def _who(ev: dict) -> str:
     conn = f"{endpoint(ev['local_addr'], ev['local_port'])} -> {endpoint(ev['remote_addr'], ev['remote_port'])}"
     fd = ev["fd"] if ev["fd"] is not None else "?"
-    who = f"{ev['timestamp']} {ev['process']} pid={ev['pid']} tid={ev['tid']} fd={fd} {conn}"
+    return f" {ev['process']} pid={ev['pid']} tid={ev['tid']} fd={fd} {conn}"
+
+
+def data_header_parts(ev: dict) -> tuple[str, str]:
+    """The parts of a tls_data header line that are the same for a whole connection: the line is
+    timestamp + mid + size + lib (tls's hot path prepares them once per connection)."""
+    return f"{_who(ev)} {ev['direction']} ", f" [{ev['library']} {ev['function']}]"
+
+
+def header_line(ev: dict, chunk: int = 0) -> str:
     if ev["event_type"] == "tls_handshake":
         extra = " ".join(str(x) for x in (ev["tls_version"], ev["cipher"]) if x)
-        return f"{who} handshake {ev['role'] or 'unknown-role'} {ev['result']}{' ' + extra if extra else ''} " \
-               f"[{ev['library']}]"
+        return f"{ev['timestamp']}{_who(ev)} handshake {ev['role'] or 'unknown-role'} {ev['result']}" \
+               f"{' ' + extra if extra else ''} [{ev['library']}]"
+    mid, lib = data_header_parts(ev)
     size = f"{ev['length']} bytes"
     if ev["offset"] or chunk < ev["length"]:
         size += f" (bytes {ev['offset']}-{ev['offset'] + chunk} of the call)"
-    return f"{who} {ev['direction']} {size} [{ev['library']} {ev['function']}]"
+    return f"{ev['timestamp']}{mid}{size}{lib}"
 
 
 class TextSink:
@@ -78,6 +88,60 @@ class TextSink:
         """Events already formatted as format() would (tls's hot path)."""
         self._pending += texts
         self.count += len(texts)
+
+    # --- tls -m text's hot path (pipeline/tls_data.py) -----------------------------------
+
+    _second = (-1, "")  # the last timestamp's epoch second and its ISO prefix
+
+    @staticmethod
+    def prepare_tls(base: dict) -> tuple[str, str]:
+        """A connection's header_line() is timestamp + mid + length + tail."""
+        mid, lib = data_header_parts(base)
+        return mid, " bytes" + lib
+
+    def write_tls(self, raws: list[bytes], pipe) -> int:
+        """Raw tls records -> text, as format() would; returns how many were written."""
+        get, new_entry, handshake, data_event = pipe.conns.get, pipe.entry, pipe.handshake, pipe.data_event
+        missing, not_data = pipe.MISSING, pipe.NOT_DATA
+        unpack = pipe.CHANGING.unpack_from
+        clock = pipe.clock
+        offset_ns, (last_sec, prefix) = clock.offset_ns, self._second
+        fmt = self.format
+        # payloads longer than this, hex dumps, chunks and truncation go the general way
+        plain_limit = -1 if self.hex else (self.tsize or 1 << 62)
+        (k0, k1), (k2, k3) = pipe.KEY_SPANS
+        trunc, dat = pipe.TRUNCATED, pipe.DATA
+        lines = []
+        append = lines.append
+        for raw in raws:
+            key = raw[k0:k1] + raw[k2:k3]  # DATA_KEY_SPANS
+            entry = get(key, missing)
+            if entry is missing:
+                entry = new_entry(raw, key)
+            if entry is None:
+                continue
+            if entry is not_data:
+                ev = handshake(raw)
+                if ev is not None:
+                    append(fmt(ev))
+                continue
+            ts, length, offset, chunk = unpack(raw)
+            sec, ns = divmod(ts + offset_ns, 1_000_000_000)
+            if sec != last_sec:
+                last_sec, prefix = sec, clock.second_prefix(sec)
+            if offset or chunk != length or chunk > plain_limit or raw[trunc]:
+                append(fmt(*data_event(entry, raw, f"{prefix}.{ns // 1000:06d}Z")))
+                continue
+            mid, tail = entry[1]
+            if chunk:
+                data = raw[dat:dat + chunk]
+                body = data.translate(PRINTABLE).decode("ascii") if data.isascii() else as_text(data)
+                append(f"{prefix}.{ns // 1000:06d}Z{mid}{length}{tail}\n{body}\n\n")
+            else:
+                append(f"{prefix}.{ns // 1000:06d}Z{mid}{length}{tail}\n\n")
+        self._second = (last_sec, prefix)
+        self.write_formatted(lines)
+        return len(lines)
 
     def flush(self) -> None:
         if self._pending:  # one write per batch of events

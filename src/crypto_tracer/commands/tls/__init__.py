@@ -1,0 +1,29 @@
+"""tls: one module per mode, each wiring probes/tls.py to its pipeline and sinks.
+
+  plaintext.py  -m text | json      plaintext events (pipeline/tls_data.py -> sinks/text.py, sinks/json.py)
+  keylog.py     -m keylog | key     the NSS key log of every session (sinks/keylog.py)
+  pcapng.py     -m pcapng | pcap    TC packets + their secrets (probes/capture.py -> sinks/pcapng.py)
+  secrets.py    what keylog and pcapng share: session keys, the run loop, the end report
+
+The privileges of each mode are declared in cli.py (COMMANDS).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+MODES = {"text": "plaintext", "json": "plaintext", "keylog": "keylog", "key": "keylog",
+         "pcapng": "pcapng", "pcap": "pcapng"}
+
+
+def _mode(opts):
+    return importlib.import_module(f"{__name__}.{MODES[opts.model]}")
+
+
+def check(opts) -> None:
+    """Argument checks of the mode (exit 2), before the privileges are checked."""
+    _mode(opts).check(opts)
+
+
+def run(opts) -> int:
+    return _mode(opts).run(opts)

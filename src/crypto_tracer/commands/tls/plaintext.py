@@ -1,0 +1,94 @@
+"""tls -m text|json: TLS plaintext as text or JSON.
+
+kernel (tls.bpf.c) -> ring buffer -> probes/tls.py -> pipeline/tls_data.py (per-connection
+decode, filter, enrich, redact) -> sinks/text.py or sinks/json.py (per-connection formats)
+"""
+
+from __future__ import annotations
+
+import time
+
+from crypto_tracer.errors import ExitStatus, TracerError
+from crypto_tracer.log import is_verbose, log
+
+DEFAULT_RINGBUF = 8 << 20
+
+
+def check(opts) -> None:
+    if opts.model == "json" and opts.format == "summary":
+        raise TracerError("-f summary is not available for tls", ExitStatus.BAD_ARGS,
+                          "use -f json-stream, json-array or json-pretty")
+    from crypto_tracer.pipeline.filters.connections import compile_connection_filter
+
+    compile_connection_filter(opts.filter)  # a bad filter is an argument error
+
+
+def open_sink(opts):
+    from crypto_tracer.sinks.output import Output
+
+    out = Output(opts.output)
+    if opts.model == "text":
+        from crypto_tracer.sinks.text import TextSink
+
+        return TextSink(out, hex_output=opts.hex, tsize=opts.tsize)
+    from crypto_tracer.sinks.json import make_json_sink
+
+    return make_json_sink(opts.format, out)
+
+
+def make_pipeline(opts, clock, stats):
+    """The sink and the pipeline that feeds it, for the options of a run."""
+    from crypto_tracer.pipeline.filters.connections import compile_connection_filter
+    from crypto_tracer.pipeline.tls_data import TlsDataPipeline
+
+    return TlsDataPipeline(open_sink(opts), stats, clock, conn_filter=compile_connection_filter(opts.filter),
+                           redact_paths=not opts.no_redact, max_payload=opts.max_payload)
+
+
+def run(opts) -> int:
+    from crypto_tracer.pipeline.clock import WallClock
+    from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS
+    from crypto_tracer.probes.tls import TlsTracer
+    from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
+    from crypto_tracer.pipeline.stats import RunStats
+
+    tracer = TlsTracer(pids=[opts.pid] if opts.pid else None, uid=opts.uid, name=opts.name,
+                       libssl=opts.libssl or (), capture_data=True,
+                       mapsize=opts.mapsize or DEFAULT_RINGBUF, max_payload=opts.max_payload)
+    stop = StopFlag().install()
+    pipe = None
+    try:
+        t0 = time.monotonic()
+        clock = WallClock()
+        stats = RunStats(tracer.counters)
+        pipe = make_pipeline(opts, clock, stats)
+        for rtype in (CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS):
+            tracer.on(rtype, pipe.batch.append)
+        tracer.start()
+        if not tracer.libraries:
+            log.warning("no TLS library found in %s yet; waiting for processes that load one",
+                        f"process {opts.pid}" if opts.pid else "running processes")
+        log.info("crypto-tracer ready, tls capture started: %d TLS libraries hooked (%.0f ms)",
+                 len(tracer.libraries), (time.monotonic() - t0) * 1000)
+
+        def poll(timeout_ms: int) -> None:
+            tracer.poll(timeout_ms)
+            pipe.process()
+
+        def tick() -> None:
+            clock.resync()
+            stats.tick(is_verbose())
+
+        run_loop(poll, opts.duration, stop, tick)
+        if stop.signal:
+            log.info("Shutdown requested, cleaning up...")
+        tracer.detach()  # nothing new arrives; then every submitted record is handled
+        tracer.drain()
+        pipe.process()
+        stats.report()
+        return ExitStatus.OK
+    finally:
+        stop.restore()
+        if pipe is not None:
+            pipe.sink.close()
+        tracer.close()
