@@ -8,6 +8,7 @@
  *   go_read_enter  (*Conn).Read(b) after its stack check: c=RAX, b=RBX; stashed by (tgid, g).
  *   go_read_ret    every RET of (*Conn).Read: n=RAX; the stash of the same goroutine (R14 is the
  *                  current g: a goroutine that blocked and resumed on another thread keeps it).
+ *                  Every record type notes the goroutine's connection for go_keylog (go_conn).
  *   go_keylog      (*Config).writeKeyLog(label, clientRandom, secret) after its stack check:
  *                  label=RBX/RCX, clientRandom=RDI/RSI, secret=R9/R10; called for every secret
  *                  even without a KeyLogWriter (the nil check is inside).
@@ -47,10 +48,23 @@ struct {
 	__type(value, struct go_read_stash);
 } go_stash SEC(".maps");
 
+/* (tgid, goroutine) -> the *tls.Conn it last wrote a record of (any type): writeKeyLog, which is
+ * given no connection, runs on the goroutine doing that connection's handshake, after its first
+ * record (ClientHello, ServerHello) went through writeRecordLocked. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct go_key);
+	__type(value, __u64);
+} go_conn SEC(".maps");
+
 /* CT_EV_TLS_KEYLINE: one key log line as Go's writeKeyLog was given it. */
 struct go_keylog_rec {
 	struct ct_header h;
-	__u64 config;     /* the *tls.Config */
+	__u64 conn;       /* the *tls.Conn of the handshake (0: unknown) */
+	__s32 fd;         /* -1: unknown */
+	__u32 pad0;
+	struct conn c;
 	__u32 label_len;  /* as given (only the first CT_GO_LABEL_LEN bytes are copied) */
 	__u32 random_len;
 	__u32 secret_len;
@@ -147,8 +161,15 @@ SEC("uprobe")
 int go_write(struct pt_regs *ctx)
 {
 	__u64 conn = GO_REG(ctx, ax), typ = GO_REG(ctx, bx) & 0xff, buf = GO_REG(ctx, cx), len = GO_REG(ctx, di);
+	struct go_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .g = go_reg_g(ctx)};
+	__u64 *known = bpf_map_lookup_elem(&go_conn, &key);
 
-	if (typ != GO_RECORD_APPLICATION_DATA || !len || len > 0x7fffffff)
+	if (!known || *known != conn)
+		bpf_map_update_elem(&go_conn, &key, &conn, BPF_ANY);
+	__u32 zero = 0;
+	struct tls_config *cfg = bpf_map_lookup_elem(&tls_config, &zero);
+
+	if (typ != GO_RECORD_APPLICATION_DATA || !len || len > 0x7fffffff || !cfg || !cfg->capture_data)
 		return 0;
 	if (!go_wanted()) {
 		ct_count(CT_CNT_SEEN);
@@ -201,8 +222,18 @@ int go_keylog(struct pt_regs *ctx)
 	struct go_keylog_rec rec = {};
 	__u64 label = GO_REG(ctx, bx), random = GO_REG(ctx, di), secret = GO_REG(ctx, r9);
 
+	struct go_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .g = go_reg_g(ctx)};
+	__u64 *conn = bpf_map_lookup_elem(&go_conn, &key);
+
 	ct_fill_header(&rec.h, CT_EV_TLS_KEYLINE);
-	rec.config = GO_REG(ctx, ax);
+	rec.fd = -1;
+	if (conn) {
+		rec.conn = *conn;
+		rec.fd = go_conn_fd(rec.conn);
+		fill_conn(&rec.c, rec.fd);
+		if (rec.c.family == 0)
+			rec.fd = -1;
+	}
 	rec.label_len = GO_REG(ctx, cx);
 	rec.random_len = GO_REG(ctx, si);
 	rec.secret_len = GO_REG(ctx, r10);

@@ -61,6 +61,9 @@ TLS_HS_REC = CStruct("tls_hs_rec", ("h", CT_HEADER),
                      "ssl Q fd i result i lib B func B role B ok B version I", ("c", CONN))
 TLS_CTRL_REC = CStruct("tls_ctrl_rec", ("h", CT_HEADER), "name 32s")
 TLS_CONFIG = CStruct("tls_config", "capture_data I max_payload I")
+GO_KEYLOG_REC = CStruct("go_keylog_rec", ("h", CT_HEADER),
+                        "conn Q fd i pad0 I", ("c", CONN),
+                        "label_len I random_len I secret_len I pad I label 48s client_random 32s secret 64s")
 DATA = TLS_DATA_REC.after("h")  # struct tls_data_rec after its header, up to data[]
 HANDSHAKE = TLS_HS_REC.after("h")
 DATA_OFFSET = TLS_DATA_REC.size  # 116
@@ -182,6 +185,39 @@ def decode_handshake(raw: bytes) -> TlsHandshake:
                         FUNC_NAMES.get(func, str(func)), {1: "client", 2: "server"}.get(role),
                         fd if fd >= 0 else None, la, lp, ra, rp, "success" if ok else "failure", result,
                         TLS_VERSIONS.get(version), ssl)
+
+
+@dataclass(slots=True)
+class GoKeyLine:
+    """One secret as Go's (*Config).writeKeyLog got it: the line its KeyLogWriter would write."""
+    pid: int
+    comm: str
+    ssl: int  # the *tls.Conn whose handshake this is (0: unknown)
+    fd: int | None
+    connection: tuple | None  # (local_addr, local_port, remote_addr, remote_port) when known
+    label: str
+    client_random: bytes
+    secret: bytes
+
+    def line(self) -> tuple[str, str, str] | None:
+        """(label, client_random hex, secret hex); None when the record is not a whole line."""
+        if not self.label or len(self.client_random) != 32 or not self.secret:
+            return None
+        return self.label, self.client_random.hex(), self.secret.hex()
+
+
+_GO_KEYLOG = GO_KEYLOG_REC.after("h")
+
+
+def decode_go_keyline(raw: bytes) -> GoKeyLine:
+    _ts, _type, pid, _tid, _uid, comm = HEADER.unpack_from(raw, 0)
+    (conn, fd, _pad0, family, lport, rport, laddr, raddr, label_len, random_len, secret_len, _pad, label, random,
+     secret) = _GO_KEYLOG.unpack_from(raw, HEADER.size)
+    ok = label_len <= 48 and random_len == 32 and 0 < secret_len <= 64
+    la, lp, ra, rp = _conn(family, lport, rport, laddr, raddr)
+    return GoKeyLine(pid, _comm(comm), conn, fd if fd >= 0 else None, (la, lp, ra, rp) if la else None,
+                     label[:label_len].decode("ascii", "replace") if ok else "",
+                     random if ok else b"", secret[:secret_len] if ok else b"")
 
 
 class TlsTracer:
@@ -379,7 +415,8 @@ class TlsTracer:
     def _hook_go(self, lib: TlsLibrary) -> int:
         """Go crypto/tls: plaintext programs (capture_data) or the key log program, at the offsets
         host/gobin.py found: uprobes only (a uretprobe crashes Go programs)."""
-        programs = GO_DATA_PROGRAMS if self.capture_data else GO_KEY_PROGRAMS
+        # keys: go_write too, which tells go_keylog the connection of the handshake
+        programs = GO_DATA_PROGRAMS if self.capture_data else ("go_write",) + GO_KEY_PROGRAMS
         cookies = {"go_write": F_GO_WRITE, "go_read_enter": F_GO_READ, "go_read_ret": F_GO_READ}
         attached = 0
         for prog in programs:
