@@ -38,6 +38,7 @@ enum ct_event_type {
 	CT_EV_TLS_KEYS = 8,
 	CT_EV_PACKET = 9,
 	CT_EV_CONNECT = 10,
+	CT_EV_TLS_KEYLINE = 11, /* one key log line (Go's writeKeyLog) */
 };
 
 enum ct_counter {

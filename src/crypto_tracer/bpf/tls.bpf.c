@@ -16,6 +16,8 @@
  *
  * The uprobe cookie carries the function id (low byte) and which OpenSSL object layout the
  * library has (CT_COOKIE_LAYOUT: 1.1.1-3.1, CT_COOKIE_SPLIT: 3.2+, see ossl_fields).
+ *
+ * Go's crypto/tls has its own programs (go_tls.h): entry and RET uprobes, never a uretprobe.
  */
 #include "common.h"
 #include <bpf/bpf_endian.h>
@@ -25,6 +27,7 @@ enum tls_lib {
 	CT_LIB_OPENSSL = 1,
 	CT_LIB_GNUTLS = 2,
 	CT_LIB_NSS = 3,
+	CT_LIB_GO = 4,
 };
 
 #include "tls_keys.h"
@@ -50,6 +53,7 @@ enum tls_func {
 	F_SSL_READ = 1, F_SSL_READ_EX, F_SSL_PEEK, F_SSL_PEEK_EX, F_SSL_WRITE, F_SSL_WRITE_EX,
 	F_GNUTLS_RECV, F_GNUTLS_SEND,
 	F_PR_READ, F_PR_RECV, F_PR_WRITE, F_PR_SEND, F_PR_WRITEV, F_SSL_WRITE_EX2,
+	F_GO_WRITE, F_GO_READ, /* Go crypto/tls: (*Conn).writeRecordLocked, (*Conn).Read */
 	F_SSL_DO_HANDSHAKE = 20, F_SSL_CONNECT, F_SSL_ACCEPT, F_GNUTLS_HANDSHAKE,
 };
 
@@ -61,7 +65,7 @@ static __always_inline bool func_has_count_ptr(__u32 f)
 static __always_inline bool func_is_write(__u32 f)
 {
 	return f == F_SSL_WRITE || f == F_SSL_WRITE_EX || f == F_SSL_WRITE_EX2 || f == F_GNUTLS_SEND ||
-	       f == F_PR_WRITE || f == F_PR_SEND || f == F_PR_WRITEV;
+	       f == F_PR_WRITE || f == F_PR_SEND || f == F_PR_WRITEV || f == F_GO_WRITE;
 }
 
 static __always_inline __u32 func_lib(__u32 f)
@@ -70,6 +74,8 @@ static __always_inline __u32 func_lib(__u32 f)
 		return CT_LIB_GNUTLS;
 	if (f >= F_PR_READ && f <= F_PR_WRITEV)
 		return CT_LIB_NSS;
+	if (f == F_GO_WRITE || f == F_GO_READ)
+		return CT_LIB_GO;
 	return CT_LIB_OPENSSL;
 }
 
@@ -517,6 +523,8 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	return 0;
 }
 
+#include "go_tls.h"
+
 /* --- handshakes ------------------------------------------------------------------------- */
 
 struct ossl_fields {
@@ -776,12 +784,13 @@ int tls_empty(void *ctx)
 
 /* Records and constants user space reads that no map holds: never called, never loaded (and
  * last, so no other function moves), it puts them into the BTF, where
- * tests/unit/test_bpf_layouts.py checks probes/common.py, probes/tls.py and keys/records.py. */
+ * tests/unit/test_bpf_layouts.py checks probes/common.py, probes/tls.py and keys/tls_keys.py. */
 struct tls_btf_anchor {
 	enum ct_event_type type;
 	enum ct_counter counters;
 	struct tls_hs_rec hs;
 	struct tls_ctrl_rec ctrl;
+	struct go_keylog_rec go_key;
 	enum tls_func func;
 	enum tls_lib lib;
 	enum tls_cookie cookie;

@@ -45,7 +45,7 @@ struct ct_keys_layout {
 	__s32 cipher_id_be;      /* two bytes of the suite id (GnuTLS) */
 };
 
-/* One CT_EV_TLS_KEYS record (464 bytes); decoded by crypto_tracer/keys/records.py. */
+/* One CT_EV_TLS_KEYS record (464 bytes); decoded by crypto_tracer/keys/tls_keys.py. */
 struct ct_tls_keys_event {
 	struct ct_header h;
 	__u64 ssl;

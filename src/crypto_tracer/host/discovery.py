@@ -4,7 +4,9 @@ A process is searched through ``/proc/PID/maps`` (library_files, also behind sna
 and the api probes); a file it maps is reached through ``/proc/PID/root`` + its path in the
 process's own view (so a library inside a container is the container's file) and identified
 by (st_dev, st_ino), so each file is hooked once however many processes map it.
-Executables are kept when their ``.dynsym`` exports ``SSL_write`` (node's static OpenSSL).
+Executables are kept when their ``.dynsym`` exports ``SSL_write`` (node's static OpenSSL), and
+when they are Go programs with crypto/tls (kind ``go``: functions from ``.symtab`` or the pclntab,
+see host/gobin.py); a Go binary with crypto/tls that cannot be hooked is named once with the reason.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from crypto_tracer.host import classify, elf, proc
+from crypto_tracer.host import classify, elf, gobin, proc
+from crypto_tracer.log import log
 
-OPENSSL, GNUTLS, NSS = "openssl", "gnutls", "nss"
+OPENSSL, GNUTLS, NSS, GO = "openssl", "gnutls", "nss", "go"
 FLAT_SSL, SPLIT_SSL = "1.1.1-3.1", "3.2+"
 
 # Functions hooked per library kind (only those the file exports are attached).
@@ -52,6 +55,9 @@ class TlsLibrary:
     openssl_layout: str | None = None
     display_path: str = ""  # the path as the process sees it
     pids: set = field(default_factory=set)
+    # Go (kind "go"): the toolchain version and bpf/go_tls.h program -> file offsets
+    go_version: str | None = None
+    go_probes: dict = field(default_factory=dict)
 
 
 def read_elf(path: str) -> TlsExports | None:
@@ -151,6 +157,7 @@ class Discovery:
     def __init__(self):
         self.seen: dict[tuple[int, int], TlsLibrary | None] = {}
         self.nss_pids: set[int] = set()  # processes that map NSS's libssl3 (so PR_* matter)
+        self.go_unhookable: list[tuple[str, str]] = []  # (path, reason) of Go TLS programs not hooked
 
     def examine(self, display: str, path: str, pid: int | None = None) -> TlsLibrary | None:
         """The library at path if it is a TLS library never returned before, else None."""
@@ -176,8 +183,11 @@ class Discovery:
         exports = read_elf(path)
         kind = kind_of(display, exports) if exports else None
         if kind is None:
-            self.seen[key] = None
-            return None
+            lib = self._go(display, path, key) if exports and not _candidate(display) else None
+            self.seen[key] = lib
+            if lib is not None and pid is not None:
+                lib.pids.add(pid)
+            return lib
         lib = TlsLibrary(path=path, kind=kind, build_id=exports.build_id, dev_ino=key,
                          functions=functions_for(kind, exports), offsets=exports.offsets, display_path=display,
                          openssl_layout=openssl_layout(kind, exports))
@@ -185,6 +195,31 @@ class Discovery:
             lib.pids.add(pid)
         self.seen[key] = lib
         return lib
+
+    def _go(self, display: str, path: str, key) -> TlsLibrary | None:
+        """A Go program with crypto/tls as a TlsLibrary of kind go; None for anything else. One that
+        has crypto/tls but cannot be hooked is named here, once (examine() sees each file once)."""
+        f = elf.open_or_none(path)
+        if f is None:
+            return None
+        with f:
+            try:
+                if not gobin.is_go(f):
+                    return None
+                info = gobin.inspect_elf(f, path)
+                has_tls = bool(info.functions) or f.data.find(b"crypto/tls.(*Conn)") >= 0
+            except (ValueError, struct.error, OSError, IndexError):
+                return None
+        if not has_tls:
+            return None
+        probes = gobin.tls_probes(path, info)
+        if probes.reason is not None:
+            self.go_unhookable.append((display, probes.reason))
+            log.warning("Go TLS of %s is not traced: %s", display, probes.reason)
+            return None
+        return TlsLibrary(path=path, kind=GO, build_id=None, dev_ino=key, functions=tuple(info.functions),
+                          display_path=display, go_version=info.version or info.version_range,
+                          go_probes=probes.offsets)
 
     def scan_pid(self, pid: int) -> list[TlsLibrary]:
         found = []
@@ -233,8 +268,28 @@ def static_tls(path: str) -> dict | None:
             family = STATIC_TLS_SYMBOLS[symbols[0]]
             version = classify.library_version(path, "libcrypto") if family == "openssl" else None
             result = {"library": family, "symbols": symbols, "version": version}
+        else:
+            result = go_static_tls(path)
         _static_cache[key] = result
     return _static_cache[key]
+
+
+def go_static_tls(path: str) -> dict | None:
+    """{library: "go", symbols: the crypto/tls functions found, version: "go1.22.10" (or the range
+    the pclntab implies, or None)} for a Go program that carries crypto/tls, else None."""
+    f = elf.open_or_none(path)
+    if f is None:
+        return None
+    with f:
+        try:
+            if not gobin.is_go(f):
+                return None
+            info = gobin.inspect_elf(f, path)
+        except (ValueError, struct.error, OSError, IndexError):
+            return None
+    if info is None or not info.functions:
+        return None
+    return {"library": GO, "symbols": sorted(info.functions), "version": info.version or info.version_range}
 
 
 def exported(path: str, names) -> list[str]:

@@ -419,3 +419,57 @@ def ret_offsets(path_or_elf, func: GoFunc) -> tuple[list[int] | None, str | None
     if not rets:
         return None, f"{func.name}: no RET instruction found in {func.size} bytes"
     return rets, None
+
+
+def body_offset(path_or_elf, func: GoFunc) -> int:
+    """The file offset just after func's stack-growth check (`cmp rsp|r12, [r14+0x10]; jbe`), else
+    its entry. A call that must grow its stack runs morestack and jumps back to the entry, so an entry
+    uprobe can fire twice for one call; one here fires once, with the arguments still in registers."""
+    try:
+        ins = []
+        for item in instructions(path_or_elf, func):
+            ins.append(item)
+            if len(ins) >= 4:
+                break
+    except (RuntimeError, OSError):
+        return func.offset
+    for i in range(1, len(ins)):
+        off, size, mnemonic, _ops = ins[i]
+        if mnemonic in ("jbe", "jb") and "[r14 + 0x10]" in ins[i - 1][3]:
+            return off + size
+    return func.offset
+
+
+@dataclass(slots=True)
+class GoProbes:
+    """Where the Go TLS uprobes go (file offsets): program name -> offsets, or why not."""
+    binary: GoBinary
+    offsets: dict[str, list[int]] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def tls_probes(path: str, info: GoBinary | None = None) -> GoProbes | None:
+    """The offsets of bpf/go_tls.h's programs in the Go binary at path (None: not Go); reason set
+    when it cannot be hooked. go_write/go_read_enter/go_keylog after the stack check, go_read_ret at
+    every RET of (*Conn).Read."""
+    info = info or inspect(path)
+    if info is None:
+        return None
+    probes = GoProbes(info, reason=info.reason)
+    if info.reason is not None:
+        return probes
+    f = elfmod.open_or_none(path)
+    if f is None:
+        probes.reason = "unreadable"
+        return probes
+    with f:
+        read = info.functions[READ]
+        rets, why = ret_offsets(f, read)
+        if rets is None:
+            probes.reason = why
+            return probes
+        probes.offsets = {"go_write": [body_offset(f, info.functions[WRITE_RECORD])],
+                          "go_read_enter": [body_offset(f, read)],
+                          "go_read_ret": rets,
+                          "go_keylog": [body_offset(f, info.functions[WRITE_KEYLOG])]}
+    return probes

@@ -16,6 +16,7 @@ from crypto_tracer.keys import tls_keys
 from crypto_tracer.keys.calibrate import layout_for
 from crypto_tracer.keys.layout import Layout
 from crypto_tracer.log import log
+from crypto_tracer.probes.common import CT_EV_TLS_KEYLINE
 
 _IGNORED = ("verified", "source", "version")
 FIRST_SLOT = 1
@@ -37,7 +38,9 @@ class KeyExtractor:
         self.unsupported: list[str] = []  # library kinds whose secrets are not read (gnutls, nss)
         self.sessions = 0
         tracer.on(tls_keys.CT_EV_TLS_KEYS, self._record)
+        tracer.on(CT_EV_TLS_KEYLINE, self._go_line)
         tracer.key_cookie = self._cookie
+        self._go_randoms: set[bytes] = set()
 
     def _cookie(self, lib) -> int:
         """Cookie bits for a library about to be hooked: its layout slot (0: no keys)."""
@@ -73,6 +76,21 @@ class KeyExtractor:
         self.tracer.map("keys_layouts").update(struct.pack("<I", slot), tls_keys.layout_value(lay))
         self.slots[slot] = lay
         return slot
+
+    def _go_line(self, raw: bytes) -> None:
+        """Go: each secret arrives as the line its KeyLogWriter would write (no layout involved)."""
+        from crypto_tracer.probes.tls import decode_go_keyline
+
+        rec = decode_go_keyline(raw)
+        line = rec.line()
+        if line is None:
+            return
+        if rec.client_random not in self._go_randoms:
+            if len(self._go_randoms) > 65536:
+                self._go_randoms.clear()
+            self._go_randoms.add(rec.client_random)
+            self.sessions += 1
+        self.on_lines([line], rec)
 
     def _record(self, raw: bytes) -> None:
         rec = tls_keys.decode(raw)

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from crypto_tracer.engine import UPROBE_MULTI_UNSUPPORTED, AttachError
 from crypto_tracer.host import discovery
-from crypto_tracer.host.discovery import GNUTLS, NSS, OPENSSL, TlsLibrary
+from crypto_tracer.host.discovery import GNUTLS, GO, NSS, OPENSSL, TlsLibrary
 from crypto_tracer.host.proc import AF_INET, AF_INET6, address_text
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
@@ -26,9 +26,9 @@ from crypto_tracer.probes.common import (CT_EV_LIB_LOAD, CT_EV_PROCESS_EXEC, CT_
 
 # The constants and records of tls.bpf.c (checked against its BTF by tests/unit/test_bpf_layouts.py).
 # enum tls_lib
-CT_LIB_OPENSSL, CT_LIB_GNUTLS, CT_LIB_NSS = 1, 2, 3
+CT_LIB_OPENSSL, CT_LIB_GNUTLS, CT_LIB_NSS, CT_LIB_GO = 1, 2, 3, 4
 LIBS = CEnum.from_module("tls_lib", globals(), "CT_LIB_")
-LIB_NAMES = {CT_LIB_OPENSSL: OPENSSL, CT_LIB_GNUTLS: GNUTLS, CT_LIB_NSS: NSS}
+LIB_NAMES = {CT_LIB_OPENSSL: OPENSSL, CT_LIB_GNUTLS: GNUTLS, CT_LIB_NSS: NSS, CT_LIB_GO: GO}
 LIB_KIND_IDS = {v: k for k, v in LIB_NAMES.items()}
 # enum tls_func, by the symbol each id hooks (the C name: F_ + the symbol upper-cased, gnutls
 # without "_record")
@@ -36,10 +36,14 @@ FUNC_IDS = {"SSL_read": 1, "SSL_read_ex": 2, "SSL_peek": 3, "SSL_peek_ex": 4, "S
             "gnutls_record_recv": 7, "gnutls_record_send": 8,
             "PR_Read": 9, "PR_Recv": 10, "PR_Write": 11, "PR_Send": 12, "PR_Writev": 13, "SSL_write_ex2": 14,
             "SSL_do_handshake": 20, "SSL_connect": 21, "SSL_accept": 22, "gnutls_handshake": 23}
-FUNCS = CEnum("tls_func", {"F_" + f.upper().replace("_RECORD_", "_"): v for f, v in FUNC_IDS.items()})
-FUNC_NAMES = {v: k for k, v in FUNC_IDS.items()}
-WRITE_FUNCS = frozenset(FUNC_IDS[f] for f in ("SSL_write", "SSL_write_ex", "SSL_write_ex2", "gnutls_record_send",
-                                               "PR_Write", "PR_Send", "PR_Writev"))
+# Go crypto/tls (bpf/go_tls.h): events name them Write and Read, the tls.Conn methods a program calls
+# (the hooks are (*Conn).writeRecordLocked, which Write calls, and (*Conn).Read)
+F_GO_WRITE, F_GO_READ = 15, 16
+FUNCS = CEnum("tls_func", {**{"F_" + f.upper().replace("_RECORD_", "_"): v for f, v in FUNC_IDS.items()},
+                           "F_GO_WRITE": F_GO_WRITE, "F_GO_READ": F_GO_READ})
+FUNC_NAMES = {**{v: k for k, v in FUNC_IDS.items()}, F_GO_WRITE: "Write", F_GO_READ: "Read"}
+WRITE_FUNCS = frozenset([FUNC_IDS[f] for f in ("SSL_write", "SSL_write_ex", "SSL_write_ex2", "gnutls_record_send",
+                                                "PR_Write", "PR_Send", "PR_Writev")] + [F_GO_WRITE])
 HANDSHAKE_FUNCS = frozenset(("SSL_do_handshake", "SSL_connect", "SSL_accept", "gnutls_handshake"))
 COOKIE_LAYOUT, COOKIE_SPLIT = 0x100, 0x200  # enum tls_cookie: bits above the function id
 COOKIE = CEnum("tls_cookie", {"CT_COOKIE_LAYOUT": COOKIE_LAYOUT, "CT_COOKIE_SPLIT": COOKIE_SPLIT})
@@ -57,11 +61,17 @@ TLS_HS_REC = CStruct("tls_hs_rec", ("h", CT_HEADER),
                      "ssl Q fd i result i lib B func B role B ok B version I", ("c", CONN))
 TLS_CTRL_REC = CStruct("tls_ctrl_rec", ("h", CT_HEADER), "name 32s")
 TLS_CONFIG = CStruct("tls_config", "capture_data I max_payload I")
+GO_KEYLOG_REC = CStruct("go_keylog_rec", ("h", CT_HEADER),
+                        "conn Q fd i pad0 I", ("c", CONN),
+                        "label_len I random_len I secret_len I pad I label 48s client_random 32s secret 64s")
 DATA = TLS_DATA_REC.after("h")  # struct tls_data_rec after its header, up to data[]
 HANDSHAKE = TLS_HS_REC.after("h")
 DATA_OFFSET = TLS_DATA_REC.size  # 116
 
-UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free")
+GO_DATA_PROGRAMS = ("go_write", "go_read_enter", "go_read_ret")  # bpf/go_tls.h: uprobes only, never uretprobes
+GO_KEY_PROGRAMS = ("go_keylog",)
+UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free") + \
+    GO_DATA_PROGRAMS + GO_KEY_PROGRAMS
 
 
 class _NoUprobeMulti(Exception):
@@ -175,6 +185,39 @@ def decode_handshake(raw: bytes) -> TlsHandshake:
                         FUNC_NAMES.get(func, str(func)), {1: "client", 2: "server"}.get(role),
                         fd if fd >= 0 else None, la, lp, ra, rp, "success" if ok else "failure", result,
                         TLS_VERSIONS.get(version), ssl)
+
+
+@dataclass(slots=True)
+class GoKeyLine:
+    """One secret as Go's (*Config).writeKeyLog got it: the line its KeyLogWriter would write."""
+    pid: int
+    comm: str
+    ssl: int  # the *tls.Conn whose handshake this is (0: unknown)
+    fd: int | None
+    connection: tuple | None  # (local_addr, local_port, remote_addr, remote_port) when known
+    label: str
+    client_random: bytes
+    secret: bytes
+
+    def line(self) -> tuple[str, str, str] | None:
+        """(label, client_random hex, secret hex); None when the record is not a whole line."""
+        if not self.label or len(self.client_random) != 32 or not self.secret:
+            return None
+        return self.label, self.client_random.hex(), self.secret.hex()
+
+
+_GO_KEYLOG = GO_KEYLOG_REC.after("h")
+
+
+def decode_go_keyline(raw: bytes) -> GoKeyLine:
+    _ts, _type, pid, _tid, _uid, comm = HEADER.unpack_from(raw, 0)
+    (conn, fd, _pad0, family, lport, rport, laddr, raddr, label_len, random_len, secret_len, _pad, label, random,
+     secret) = _GO_KEYLOG.unpack_from(raw, HEADER.size)
+    ok = label_len <= 48 and random_len == 32 and 0 < secret_len <= 64
+    la, lp, ra, rp = _conn(family, lport, rport, laddr, raddr)
+    return GoKeyLine(pid, _comm(comm), conn, fd if fd >= 0 else None, (la, lp, ra, rp) if la else None,
+                     label[:label_len].decode("ascii", "replace") if ok else "",
+                     random if ok else b"", secret[:secret_len] if ok else b"")
 
 
 class TlsTracer:
@@ -337,7 +380,7 @@ class TlsTracer:
                                                                  min(self.max_payload, 0xFFFFFFFF)))
 
     def _add_extra(self, path: str) -> None:
-        """--libssl PATH: a library or executable with OpenSSL, GnuTLS or NSPR functions."""
+        """--libssl PATH: a library or executable with OpenSSL, GnuTLS or NSPR functions, or a Go program."""
         if not os.path.isfile(path):
             raise TracerError(f"--libssl {path}: no such file", ExitStatus.BAD_ARGS)
         if discovery.read_elf(path) is None:
@@ -346,13 +389,19 @@ class TlsTracer:
         if lib is None:
             st = os.stat(path)
             if self.discovery.seen.get((st.st_dev, st.st_ino)) is None:
+                for shown, reason in self.discovery.go_unhookable:
+                    if shown == path:
+                        raise TracerError(f"--libssl {path}: Go TLS cannot be hooked: {reason}", ExitStatus.BAD_ARGS)
                 raise TracerError(f"--libssl {path}: exports no SSL_read/SSL_write, gnutls_record_* or PR_* "
-                                  f"function", ExitStatus.BAD_ARGS)
+                                  f"function and is no Go program with crypto/tls", ExitStatus.BAD_ARGS)
             return  # the same file was given twice
         self._hook(lib)
 
     def _hook(self, lib: TlsLibrary) -> None:
-        attached = self._hook_multi(lib) if self.multi else self._hook_each(lib)
+        if lib.kind == GO:
+            attached = self._hook_go(lib)
+        else:
+            attached = self._hook_multi(lib) if self.multi else self._hook_each(lib)
         if attached:
             self.libraries.append(lib)
             log.debug("tls: hooked %s (%s, %d %s)", lib.display_path, lib.kind, attached,
@@ -362,6 +411,36 @@ class TlsTracer:
         elif lib.functions:
             log.warning("could not hook %s: %s", lib.display_path,
                         self.attach_failures[-1] if self.attach_failures else "no probe attached")
+
+    def _hook_go(self, lib: TlsLibrary) -> int:
+        """Go crypto/tls: plaintext programs (capture_data) or the key log program, at the offsets
+        host/gobin.py found: uprobes only (a uretprobe crashes Go programs)."""
+        # keys: go_write too, which tells go_keylog the connection of the handshake
+        programs = GO_DATA_PROGRAMS if self.capture_data else ("go_write",) + GO_KEY_PROGRAMS
+        cookies = {"go_write": F_GO_WRITE, "go_read_enter": F_GO_READ, "go_read_ret": F_GO_READ}
+        attached = 0
+        for prog in programs:
+            offsets = lib.go_probes.get(prog) or []
+            for pid in self.pids or [0]:
+                what = f"{prog} {lib.display_path} ({len(offsets)} offsets)"
+                try:
+                    if self.multi:
+                        self.obj.attach_uprobe_multi(prog, lib.path, offsets, [cookies.get(prog, 0)] * len(offsets),
+                                                     False, pid, what)
+                        self._multi_linked = True
+                        attached += 1
+                    else:
+                        for off in offsets:
+                            self.obj.attach_uprobe(prog, lib.path, offset=off, pid=pid if pid else -1,
+                                                   cookie=cookies.get(prog, 0))
+                            attached += 1
+                except AttachError as exc:
+                    if self.multi and not self._multi_linked and exc.errno in UPROBE_MULTI_UNSUPPORTED:
+                        raise _NoUprobeMulti(exc.strerror) from None
+                    self.attach_failures.append(f"{what}: {exc.strerror}")
+                except TracerError as exc:
+                    self.attach_failures.append(str(exc).splitlines()[0])
+        return attached
 
     def _cookie(self, lib: TlsLibrary, func: str, key_bits: int) -> int:
         return FUNC_IDS.get(func, 0) | COOKIE_LAYOUTS.get(lib.openssl_layout, 0) | key_bits

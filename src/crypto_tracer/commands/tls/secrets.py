@@ -45,6 +45,8 @@ def run(opts, keylog_path: str | None, packets=None) -> int:
         if sessions is None:
             write_lines(lines)
         else:
+            if getattr(rec, "connection", None):  # Go: the record carries its connection
+                sessions.connection(rec.pid, rec.ssl, rec.connection)
             sessions.keys(rec.pid, rec.ssl, lambda: write_lines(lines))
 
     keys = KeyExtractor(tracer, on_lines)

@@ -1,0 +1,254 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Go crypto/tls (amd64 register ABI, Go 1.18+), included by tls.bpf.c after its chunk emitter.
+ *
+ * No uretprobe ever on Go code (the runtime moves goroutine stacks and walks return addresses:
+ * a uretprobe's trampoline address crashes it). User space (host/gobin.py) places:
+ *   go_write       (*Conn).writeRecordLocked(typ, data) after its stack check: c=RAX, typ=BL,
+ *                  data=RCX/RDI; application data (typ 23) is emitted there, once per call.
+ *   go_read_enter  (*Conn).Read(b) after its stack check: c=RAX, b=RBX; stashed by (tgid, g).
+ *   go_read_ret    every RET of (*Conn).Read: n=RAX; the stash of the same goroutine (R14 is the
+ *                  current g: a goroutine that blocked and resumed on another thread keeps it).
+ *                  Every record type notes the goroutine's connection for go_keylog (go_conn).
+ *   go_keylog      (*Config).writeKeyLog(label, clientRandom, secret) after its stack check:
+ *                  label=RBX/RCX, clientRandom=RDI/RSI, secret=R9/R10; called for every secret
+ *                  even without a KeyLogWriter (the nil check is inside).
+ * "After the stack check": a call that must grow its stack runs morestack and jumps back to the
+ * entry, so an entry probe can fire twice for one call; the instruction after the check's jbe
+ * fires once.
+ *
+ * fd: tls.Conn.conn (net.Conn interface, data word at +8) -> *net.TCPConn -> *netFD (+0) ->
+ * poll.FD.Sysfd (+16), the same from Go 1.18 to 1.27. It is used only when it names a TCP socket
+ * of the calling process (else fd and addresses are unknown, never guessed); the 4-tuple comes
+ * from the kernel's socket.
+ */
+#ifndef CT_GO_TLS_H
+#define CT_GO_TLS_H
+
+#define GO_RECORD_APPLICATION_DATA 23
+#define IPPROTO_TCP_ 6
+
+struct go_key {
+	__u32 tgid;
+	__u32 pad;
+	__u64 g; /* the goroutine (runtime.g pointer, R14) */
+};
+
+struct go_read_stash {
+	__u64 conn;
+	__u64 buf;
+	__u32 cookie;
+	__u8 filtered;
+};
+
+/* (tgid, goroutine) -> the Read in progress. LRU: a goroutine that never returns leaves it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct go_key);
+	__type(value, struct go_read_stash);
+} go_stash SEC(".maps");
+
+/* (tgid, goroutine) -> the *tls.Conn it last wrote a record of (any type): writeKeyLog, which is
+ * given no connection, runs on the goroutine doing that connection's handshake, after its first
+ * record (ClientHello, ServerHello) went through writeRecordLocked. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct go_key);
+	__type(value, __u64);
+} go_conn SEC(".maps");
+
+/* CT_EV_TLS_KEYLINE: one key log line as Go's writeKeyLog was given it. */
+struct go_keylog_rec {
+	struct ct_header h;
+	__u64 conn;       /* the *tls.Conn of the handshake (0: unknown) */
+	__s32 fd;         /* -1: unknown */
+	__u32 pad0;
+	struct conn c;
+	__u32 label_len;  /* as given (only the first CT_GO_LABEL_LEN bytes are copied) */
+	__u32 random_len;
+	__u32 secret_len;
+	__u32 pad;
+	char label[48];
+	__u8 client_random[32];
+	__u8 secret[64];
+};
+
+/* amd64 registers (other architectures: the programs exist but see nothing; gobin refuses them) */
+#if defined(__TARGET_ARCH_x86)
+#define GO_REG(ctx, r) ((ctx)->r)
+#else
+#define GO_REG(ctx, r) 0UL
+#endif
+#define go_reg_g(ctx) GO_REG(ctx, r14)
+
+/* The socket fd behind a *tls.Conn, or -1 when the chain does not lead to a TCP socket. */
+static __always_inline int go_conn_fd(__u64 conn)
+{
+	__u64 tcpconn = 0, netfd = 0;
+	__s64 sysfd = -1;
+	struct sock *sk;
+
+	if (bpf_probe_read_user(&tcpconn, sizeof(tcpconn), (void *)(conn + 8)) || !tcpconn)
+		return -1;
+	if (bpf_probe_read_user(&netfd, sizeof(netfd), (void *)tcpconn) || !netfd)
+		return -1;
+	if (bpf_probe_read_user(&sysfd, sizeof(sysfd), (void *)(netfd + 16)) || sysfd < 0 || sysfd > 0x7fffffff)
+		return -1;
+	sk = fd_sock((int)sysfd);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP_)
+		return -1;
+	return (int)sysfd;
+}
+
+/* One call's plaintext, chunked like the other libraries' (tls_data_return). */
+static __always_inline void go_emit(__u64 conn, __u64 buf, __u64 length, __u32 func)
+{
+	__u32 zero = 0;
+	struct tls_config *cfg = bpf_map_lookup_elem(&tls_config, &zero);
+	struct chunk_ctx cc = {};
+
+	if (!cfg || !cfg->capture_data || !length)
+		return;
+	cc.fd = go_conn_fd(conn);
+	fill_conn(&cc.c, cc.fd);
+	if (cc.c.family == 0)
+		cc.fd = -1;
+	cc.ssl = conn;
+	cc.buf = buf;
+	cc.func = func;
+	cc.length = length;
+	cc.captured = length;
+	if (cc.captured > cfg->max_payload) {
+		cc.captured = cfg->max_payload;
+		cc.truncated = 1;
+	}
+	if (cc.captured == 0) { /* max_payload 0: metadata only */
+		struct tls_data_rec *rec = bpf_map_lookup_elem(&data_scratch, &zero);
+		if (!rec)
+			return;
+		ct_fill_header(&rec->h, CT_EV_TLS_DATA);
+		rec->ssl = conn;
+		rec->length = length;
+		rec->offset = 0;
+		rec->chunk_len = 0;
+		rec->fd = cc.fd;
+		rec->lib = CT_LIB_GO;
+		rec->func = func;
+		rec->truncated = 1;
+		rec->c = cc.c;
+		ct_count(CT_CNT_SEEN);
+		tls_output(rec, offsetof(struct tls_data_rec, data));
+		return;
+	}
+	cc.seg_len = cc.captured;
+	__u32 chunks = (cc.captured + CT_TLS_CHUNK - 1) / CT_TLS_CHUNK;
+	if (chunks > CT_TLS_MAX_CHUNKS)
+		chunks = CT_TLS_MAX_CHUNKS;
+	bpf_loop(chunks, emit_chunk, &cc, 0);
+}
+
+static __always_inline bool go_wanted(void)
+{
+	char comm[CT_COMM_LEN];
+	__u64 id = bpf_get_current_pid_tgid();
+
+	bpf_get_current_comm(comm, sizeof(comm));
+	return ct_process_wanted(id >> 32, (__u32)bpf_get_current_uid_gid(), comm);
+}
+
+SEC("uprobe")
+int go_write(struct pt_regs *ctx)
+{
+	__u64 conn = GO_REG(ctx, ax), typ = GO_REG(ctx, bx) & 0xff, buf = GO_REG(ctx, cx), len = GO_REG(ctx, di);
+	struct go_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .g = go_reg_g(ctx)};
+	__u64 *known = bpf_map_lookup_elem(&go_conn, &key);
+
+	if (!known || *known != conn)
+		bpf_map_update_elem(&go_conn, &key, &conn, BPF_ANY);
+	__u32 zero = 0;
+	struct tls_config *cfg = bpf_map_lookup_elem(&tls_config, &zero);
+
+	if (typ != GO_RECORD_APPLICATION_DATA || !len || len > 0x7fffffff || !cfg || !cfg->capture_data)
+		return 0;
+	if (!go_wanted()) {
+		ct_count(CT_CNT_SEEN);
+		ct_count(CT_CNT_KFILTERED);
+		return 0;
+	}
+	go_emit(conn, buf, len, F_GO_WRITE);
+	return 0;
+}
+
+SEC("uprobe")
+int go_read_enter(struct pt_regs *ctx)
+{
+	struct go_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .g = go_reg_g(ctx)};
+	struct go_read_stash st = {.conn = GO_REG(ctx, ax), .buf = GO_REG(ctx, bx), .cookie = bpf_get_attach_cookie(ctx)};
+
+	if (!key.g)
+		return 0;
+	st.filtered = !go_wanted();
+	bpf_map_update_elem(&go_stash, &key, &st, BPF_ANY);
+	return 0;
+}
+
+SEC("uprobe")
+int go_read_ret(struct pt_regs *ctx)
+{
+	struct go_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .g = go_reg_g(ctx)};
+	struct go_read_stash *stp = bpf_map_lookup_elem(&go_stash, &key);
+	struct go_read_stash st;
+	__s64 n = (__s64)GO_REG(ctx, ax);
+
+	if (!stp)
+		return 0;
+	st = *stp;
+	bpf_map_delete_elem(&go_stash, &key);
+	if (n <= 0 || n > 0x7fffffff)
+		return 0;
+	if (st.filtered) {
+		ct_count(CT_CNT_SEEN);
+		ct_count(CT_CNT_KFILTERED);
+		return 0;
+	}
+	go_emit(st.conn, st.buf, n, F_GO_READ);
+	return 0;
+}
+
+SEC("uprobe")
+int go_keylog(struct pt_regs *ctx)
+{
+	struct go_keylog_rec rec = {};
+	__u64 label = GO_REG(ctx, bx), random = GO_REG(ctx, di), secret = GO_REG(ctx, r9);
+
+	struct go_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .g = go_reg_g(ctx)};
+	__u64 *conn = bpf_map_lookup_elem(&go_conn, &key);
+
+	ct_fill_header(&rec.h, CT_EV_TLS_KEYLINE);
+	rec.fd = -1;
+	if (conn) {
+		rec.conn = *conn;
+		rec.fd = go_conn_fd(rec.conn);
+		fill_conn(&rec.c, rec.fd);
+		if (rec.c.family == 0)
+			rec.fd = -1;
+	}
+	rec.label_len = GO_REG(ctx, cx);
+	rec.random_len = GO_REG(ctx, si);
+	rec.secret_len = GO_REG(ctx, r10);
+	ct_count(CT_CNT_SEEN);
+	if (!ct_process_wanted(rec.h.pid, rec.h.uid, rec.h.comm)) {
+		ct_count(CT_CNT_KFILTERED);
+		return 0;
+	}
+	bpf_probe_read_user(rec.label, rec.label_len < sizeof(rec.label) ? rec.label_len & 63 : sizeof(rec.label),
+			    (void *)label);
+	bpf_probe_read_user(rec.client_random, sizeof(rec.client_random), (void *)random);
+	bpf_probe_read_user(rec.secret, rec.secret_len < sizeof(rec.secret) ? rec.secret_len & 127 : sizeof(rec.secret),
+			    (void *)secret);
+	ct_output(&rec, sizeof(rec));
+	return 0;
+}
+
+#endif
