@@ -43,9 +43,9 @@ def tracer(*args):
 
 
 def wait_attached(t):
-    """The profiler logs 'Profiling ...' once its probes are attached."""
+    """The profiler logs 'crypto-tracer ready: profile ...' once its probes are attached."""
     for line in t.stderr:
-        if "Profiling" in line:
+        if "crypto-tracer ready:" in line:
             return
     raise RuntimeError("profiler did not start")
 

@@ -12,7 +12,7 @@ from crypto_tracer.clock import WallClock
 from crypto_tracer.enrich import Enricher
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.filters.events import EventFilter
-from crypto_tracer.log import is_verbose, log
+from crypto_tracer.log import is_verbose, log, ready
 from crypto_tracer.engine.preflight import preflight
 from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
 from crypto_tracer.redact import redact_event
@@ -91,8 +91,7 @@ def run(opts, extra_pids=None, on_ready=None) -> int:
         batch: list[bytes] = []
         ring = probe.open_ring(batch.append)
         probe.attach()
-        log.info("crypto-tracer ready, monitoring started (probes attached in %.0f ms)",
-                 (time.monotonic() - t0) * 1000)
+        ready("monitor", t0)
         if on_ready is not None:
             on_ready()
 

@@ -15,7 +15,7 @@ from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, TYP
 from crypto_tracer.probes.tls import DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET, DATA_TRUNCATED, TLS_DATA_REC
 from crypto_tracer.sinks.text import PRINTABLE, as_text, endpoint
 from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.log import is_verbose, log
+from crypto_tracer.log import is_verbose, log, ready
 from crypto_tracer.host.proc import read_exe, read_stat
 from crypto_tracer.redact import redact
 
@@ -113,8 +113,7 @@ class Capture:
             if not tracer.libraries:
                 log.warning("no TLS library found in %s yet; waiting for processes that load one",
                             f"process {opts.pid}" if opts.pid else "running processes")
-            log.info("crypto-tracer ready, tls capture started: %d TLS libraries hooked (%.0f ms)",
-                     len(tracer.libraries), (time.monotonic() - t0) * 1000)
+            ready("tls", t0, f"{len(tracer.libraries)} TLS libraries hooked")
 
             def poll(timeout_ms: int) -> None:
                 tracer.poll(timeout_ms)

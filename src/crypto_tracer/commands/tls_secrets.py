@@ -14,7 +14,7 @@ import select
 import time
 
 from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.log import log
+from crypto_tracer.log import log, ready
 from crypto_tracer.stats import DropWarner
 
 HOLD_S = 1.0  # how long a packet waits for its session's keys
@@ -130,6 +130,7 @@ def run(opts) -> int:
 
         tracer.on(CT_EV_TLS_HANDSHAKE, on_handshake)
     stop = runloop.StopFlag().install()
+    t0 = time.monotonic()
     try:
         if pcap:
             from crypto_tracer.probes.capture import TcCapture
@@ -144,7 +145,7 @@ def run(opts) -> int:
             log.warning("no TLS library found yet; processes started from now on are followed")
         what = f"packets on {', '.join(i.name for i in interfaces)} to {opts.pcapfile}" if pcap else \
             f"TLS keys to {keylog_path if keylog_path not in (None, '-') else 'stdout'}"
-        log.info("crypto-tracer ready, writing %s; Ctrl-C to stop", what)
+        ready(f"tls -m {opts.model}", t0, f"writing {what}; Ctrl-C to stop")
         fds = [tracer.epoll_fd] + ([capture.epoll_fd] if capture else [])
 
         def poll(timeout_ms: int) -> None:
