@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, run_tracer
+from tests.harness import REPO, run_tracer
 
 CASES = [
     # (argv, exit code, text the message must contain)

@@ -11,10 +11,11 @@ import time
 from datetime import datetime, timezone
 
 from crypto_tracer import inventory
-from crypto_tracer.host import discovery
 from crypto_tracer.commands.profile import ProcessProfile, render_summary, tls_summary
+from crypto_tracer.host import discovery
 from crypto_tracer.probes import api
 from crypto_tracer.redact import redact, redact_text
+from tests.harness import wait_exec
 
 TS1, TS2 = "2026-01-01T00:00:01.000000Z", "2026-01-01T00:00:02.000000Z"
 
@@ -127,7 +128,7 @@ def test_symbol_offsets_match_nm():
 def test_process_info_from_proc():
     child = subprocess.Popen(["sleep", "5"])
     try:
-        time.sleep(0.1)
+        wait_exec(child.pid, "sleep")  # its /proc entries are sleep's, not still the fork's
         info = inventory.process_info(child.pid)
         assert info["pid"] == child.pid and info["ppid"] == os.getpid() and info["name"] == "sleep"
         assert info["cmdline"] == "sleep 5" and info["uid"] == os.getuid() and info["gid"] == os.getgid()

@@ -6,12 +6,11 @@ import socket
 import subprocess
 import sys
 
-
 from crypto_tracer import inventory
-from crypto_tracer.host import discovery, proc
 from crypto_tracer.commands import snapshot
+from crypto_tracer.host import discovery, proc
 from crypto_tracer.sinks.snapshot_summary import render
-from tests.conftest import static_node
+from tests.harness import static_node
 
 
 def test_parse_stat_with_parenthesis_in_comm():
