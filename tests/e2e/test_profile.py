@@ -56,7 +56,6 @@ ctx = lib.EVP_CIPHER_CTX_new()
 for _ in range(n_ciph):
     lib.EVP_EncryptInit_ex(C.c_void_p(ctx), C.c_void_p(lib.EVP_aes_192_cbc()), None, b"k" * 24, b"i" * 16)
 print("done", flush=True)
-time.sleep(float(os.environ.get("LINGER", "0.3")))
 """
 
 # Digests in a child process (exec) and in a forked child; the parent does none. The children work once
@@ -92,9 +91,9 @@ def certs(tmp_path_factory):
                      cert_name="server.crt", key_name="server.key")
 
 
-def start_workload(script, *args, env=None, exe=None):
+def start_workload(script, *args, exe=None):
     proc = subprocess.Popen([exe or sys.executable, "-c", script, *map(str, args)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     return proc
 
@@ -187,7 +186,7 @@ def test_name_started_before_the_process(certs, tmp_path):
     tracer = Tracer(["profile", "-n", "ctprofname", "-d", "6", "-v"])
     work = None
     try:
-        work = start_workload(WORKLOAD, *certs, free_port(), 1, 250, 0, exe=str(exe), env=dict(os.environ, LINGER="0"))
+        work = start_workload(WORKLOAD, *certs, free_port(), 1, 250, 0, exe=str(exe))
         wait_hooked(tracer, work.pid)  # the profiler hooks libcrypto when its load is seen
         run_to_done(work)
         work.wait(timeout=10)
