@@ -110,7 +110,7 @@ def main() -> int:
             results["hooks"].append(wrk(args.seconds))
             stop(hooks, signal.SIGTERM)
             keylog = start_and_wait(TRACER + ["tls", "-m", "keylog", "-k", os.path.join(tmp, "keys.txt")],
-                                    "Ctrl-C to stop")
+                                    "crypto-tracer ready:")
             results["keylog"].append(wrk(args.seconds))
             err = stop(keylog)
             sessions = re.search(r"(\d+) TLS sessions", err)
@@ -129,7 +129,7 @@ def main() -> int:
               f"{per_round['hooks']:.3f} (median of per-round ratios)  (cost of reading keys)")
 
         pcap = os.path.join(tmp, "bench.pcapng")
-        tracer = start_and_wait(TRACER + ["tls", "-m", "pcapng", "-w", pcap, "port", str(PORT)], "Ctrl-C to stop")
+        tracer = start_and_wait(TRACER + ["tls", "-m", "pcapng", "-w", pcap, "port", str(PORT)], "crypto-tracer ready:")
         segs0 = tcp_out_segs()
         rate = wrk(args.seconds)
         segs = tcp_out_segs() - segs0

@@ -55,7 +55,7 @@ class Tracer:
         self.err = []
         for line in self.proc.stderr:
             self.err.append(line)
-            if "monitoring started" in line:
+            if "crypto-tracer ready:" in line:
                 self.ready_s = time.monotonic() - self.t0
                 self.attach_ms = float(re.search(r"attached in (\d+) ms", line).group(1))
                 return

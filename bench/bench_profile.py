@@ -19,7 +19,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
@@ -43,9 +42,9 @@ def tracer(*args):
 
 
 def wait_attached(t):
-    """The profiler logs 'Profiling ...' once its probes are attached."""
+    """The profiler logs 'crypto-tracer ready: profile ...' once its probes are attached."""
     for line in t.stderr:
-        if "Profiling" in line:
+        if "crypto-tracer ready:" in line:
             return
     raise RuntimeError("profiler did not start")
 

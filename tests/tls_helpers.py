@@ -1,42 +1,11 @@
-"""Test helpers shared by the key log and pcapng tests: a throwaway certificate, random
-tokens, and synthetic TCP packets for TLS bytes made in memory."""
+"""Test helpers shared by the key log and pcapng tests: random tokens, key log parsing, TLS client
+scripts, bundled libssl copies, and synthetic TCP packets for TLS bytes made in memory."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import secrets
 import struct
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from tests.e2e.tlspeers import wait_port  # noqa: F401  (one implementation for every TLS test)
-
-
-def make_cert(directory: str, name: str = "localhost") -> tuple[str, str]:
-    """A self-signed EC certificate for localhost/127.0.0.1; returns (cert path, key path)."""
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=7))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def token() -> str:
@@ -78,42 +47,6 @@ class TcpFlow:
         return [(True, syn), (False, synack), (True, ack)]
 
 
-NGINX_CONF = """
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {prefix}/error.log error;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305;
-        ssl_session_tickets off;
-        location / {{ return 200 "resp-$uri\\n"; }}
-    }}
-}}
-"""
-
-
-def nginx_conf(directory: str, port: int, cert: str, key: str) -> str:
-    """Write an nginx.conf serving 'resp-<uri>' over TLS on 127.0.0.1:port; returns its path."""
-    path = os.path.join(directory, "nginx.conf")
-    with open(path, "w") as f:
-        f.write(NGINX_CONF.format(prefix=directory, port=port, cert=cert, key=key))
-    return path
-
-
 def read_keylog(path: str) -> set[tuple[str, str, str]]:
     """(label, client_random, secret) lines of an NSS key log (comments skipped)."""
     try:
@@ -129,65 +62,6 @@ def by_client_random(lines) -> dict[str, set]:
         out.setdefault(line[1], set()).add(line)
     return out
 
-
-class Tracer:
-    """crypto-tracer running in the background; ready once it says what it writes."""
-
-    def __init__(self, args: list[str], timeout: float = 60.0):
-        import threading
-        import time
-
-        from tests.conftest import start_tracer
-
-        self.proc = start_tracer(args)
-        self.stderr_lines: list[str] = []
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        end = time.monotonic() + timeout
-        while not self._ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > end:
-                self.proc.kill()
-                self._reader.join(5)
-                raise AssertionError("crypto-tracer did not start:\n" + "".join(self.stderr_lines))
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
-            if "Ctrl-C to stop" in line:
-                self._ready.set()
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.stderr_lines)
-
-    def stop(self, sig=None) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig or signal.SIGINT)
-        rc = self.proc.wait(60)
-        self._reader.join(10)
-        return rc
-
-
-PYSERVER = r'''
-import ctypes, http.server, ssl, sys
-ctypes.CDLL(None).prctl(15, b"ctsrv-py")  # comm, so that a tracer can watch only the servers
-port, cert, key, klog = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = ("resp-" + self.path + "\n").encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(cert, key); ctx.keylog_filename = klog
-s = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
-s.daemon_threads = True
-s.socket = ctx.wrap_socket(s.socket, server_side=True)
-s.serve_forever()
-'''
 
 PYCLIENT = r'''
 import ssl, sys, socket
@@ -211,10 +85,9 @@ sys.stdout.write(data.decode(errors="replace"))
 
 
 # A TLS client driving a given libssl file through ctypes (OpenSSL 1.1.1-3.x), writing the
-# library's own key log: for libraries no installed program uses (bundled copies).
+# library's own key log: for libraries no installed program uses (bundled copies). Run with tracer_env().
 CTYPES_CLIENT = r'''
 import ctypes, socket, sys
-sys.path.insert(0, sys.argv[5])
 from crypto_tracer.keys.calibrate_worker import OpenSSL
 ctypes.CDLL(None).prctl(15, b"ctclient")  # comm, for --name
 lib_path, port, keylog, version = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4], 16)

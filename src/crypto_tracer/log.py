@@ -25,5 +25,17 @@ def setup(verbose: bool = False, quiet: bool = False) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
 
 
+# The one line every tracing command prints once its probes are attached; tests and benchmarks wait for it.
+READY = "crypto-tracer ready:"
+
+
+def ready(command: str, started: float, detail: str = "") -> None:
+    """Log READY for command; started is the time.monotonic() at which loading the probes began."""
+    import time
+
+    log.info("%s %s (probes attached in %.0f ms)%s", READY, command, (time.monotonic() - started) * 1000,
+             f"; {detail}" if detail else "")
+
+
 def is_verbose() -> bool:
     return log.isEnabledFor(logging.DEBUG)

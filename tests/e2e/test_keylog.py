@@ -10,15 +10,26 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import need_root, need_tool, static_node
-from tests.tls_helpers import (PYCLIENT, PYSERVER, Tracer, by_client_random, make_cert, nginx_conf, read_keylog,
-                               token, wait_port)
+from tests.harness import (
+    Tracer,
+    free_port,
+    https_server_cmd,
+    make_cert,
+    need_root,
+    need_tool,
+    nginx_conf,
+    static_node,
+    wait_port,
+    wait_until,
+)
+from tests.tls_helpers import PYCLIENT, by_client_random, read_keylog, token
 
-NGINX_PORT, PY_PORT, NODE_PORT = 18520, 18521, 18522
+NGINX_PORT, PY_PORT, NODE_PORT = free_port(), free_port(), free_port()
+# TLS 1.2 with an ECDSA certificate (the cases below name these suites)
+CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305"
 
 NODE_SERVER = r'''
 const fs = require("fs"), https = require("https");
@@ -39,25 +50,25 @@ https.get(opts, r => { let d = ""; r.on("data", c => d += c); r.on("end", () => 
 def _wait_lines(path, want, timeout=5.0):
     """The tracer's lines for the client randoms of `want`, once they are all there."""
     randoms = {line[1] for line in want}
-    end = time.monotonic() + timeout
-    while True:
-        got = {line for line in read_keylog(path) if line[1] in randoms}
-        if got >= want or time.monotonic() > end:
-            return got
-        time.sleep(0.05)
+
+    def got():
+        return {line for line in read_keylog(path) if line[1] in randoms}
+
+    wait_until(lambda: got() >= want, timeout, fail=False)
+    return got()
 
 
 @pytest.fixture(scope="module")
-def peers(tmp_path_factory, static_node_keys):
+def peers(tmp_path_factory, static_node_keys, certs):
     need_root()
     need_tool("nginx", "curl", "openssl")
     d = tmp_path_factory.mktemp("keylog")
-    cert, key = make_cert(str(d))
+    cert, key = certs
     nginx = d / "ctsrv-nginx"  # a copy, for its command name
     shutil.copy(shutil.which("nginx"), nginx)
-    procs = [subprocess.Popen([str(nginx), "-c", nginx_conf(str(d), NGINX_PORT, cert, key), "-p", str(d)],
+    procs = [subprocess.Popen([str(nginx), "-c", nginx_conf(d, NGINX_PORT, cert, key, ciphers=CIPHERS), "-p", str(d)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-             subprocess.Popen([sys.executable, "-c", PYSERVER, str(PY_PORT), cert, key, str(d / "pyserver.keys")]),
+             subprocess.Popen(https_server_cmd(PY_PORT, cert, key, keylog=d / "pyserver.keys", comm="ctsrv-py")),
              subprocess.Popen([static_node_keys, f"--tls-keylog={d / 'nodeserver.keys'}", "-e", NODE_SERVER,
                                str(NODE_PORT), key, cert])]
     tracers = {}
@@ -169,19 +180,21 @@ def test_unknown_layout_gives_a_message_and_no_keys(tmp_path):
     assert patched != data
     node.write_bytes(patched)
     node.chmod(0o755)
-    cert, key = make_cert(str(tmp_path))
+    cert, key = make_cert(tmp_path)
     peer_keys = tmp_path / "node.keys"
-    srv = subprocess.Popen([str(node), f"--tls-keylog={peer_keys}", "-e", NODE_SERVER, "18523", key, cert])
+    port = free_port()
+    srv = subprocess.Popen([str(node), f"--tls-keylog={peer_keys}", "-e", NODE_SERVER, str(port), key, cert])
     tracer = None
     try:
-        wait_port(18523)
+        wait_port(port)
         tracer = Tracer(["tls", "-m", "keylog", "-k", str(tmp_path / "tracer.keys"), "--pid", str(srv.pid)])
-        out = subprocess.run(["curl", "-sk", "https://127.0.0.1:18523/x"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["curl", "-sk", f"https://127.0.0.1:{port}/x"], capture_output=True, text=True,
+                             timeout=30)
         assert "resp-/x" in out.stdout
         assert read_keylog(peer_keys)
-        time.sleep(0.5)
+        tracer.wait_stderr(f"no TLS keys for {node}", 10)  # said when the handshake's keys are looked for
     finally:
-        rc = tracer.stop() if tracer else None
+        rc = tracer.stop().rc if tracer else None
         srv.terminate()
         srv.wait(10)
     assert rc == 0
@@ -197,11 +210,10 @@ def test_key_log_to_stdout_without_k(peers):
     try:
         subprocess.run(["curl", "-sk", f"https://127.0.0.1:{NGINX_PORT}/{token()}"],
                        env=dict(os.environ, SSLKEYLOGFILE=str(keys)), capture_output=True, timeout=20, check=True)
-        time.sleep(0.5)
+        want = {" ".join(line) for line in read_keylog(keys)}
+        wait_until(lambda: want <= set(tracer.out.splitlines()), 5, fail=False)
     finally:
-        tracer.stop()
-    out = tracer.proc.stdout.read()
-    want = {" ".join(line) for line in read_keylog(keys)}
+        out = tracer.stop().out
     assert want and want <= set(out.splitlines())
 
 
@@ -220,7 +232,7 @@ def test_filter_keeps_the_keys_of_matching_connections_only(peers):
                              capture_output=True, text=True, timeout=20)
         assert "resp-/" in out.stdout
     finally:
-        assert tracer.stop() == 0
+        assert tracer.stop().rc == 0
     # after the drain: the other port's session is not in the key log, the filtered one is
     assert read_keylog(py_keys) and not {x[1] for x in read_keylog(py_keys)} & {x[1] for x in read_keylog(path)}
     assert {x[1] for x in read_keylog(path)} == {x[1] for x in want}

@@ -3,19 +3,24 @@ the OpenSSL 1.1.1 bundled in psycopg2-binary (s3 behind a pointer) and the 3.5 b
 psycopg-binary. Each is calibrated on its own file and gets its own layout slot; the
 tracer's lines must equal the library's own key log (SSL_CTX_set_keylog_callback)."""
 
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import REPO, need_root
-from tests.tls_helpers import (CTYPES_CLIENT, PYSERVER, Tracer, bundled_libssl, make_cert, read_keylog,
-                               wait_port)
+from tests.harness import (
+    Tracer,
+    free_port,
+    https_server_cmd,
+    make_cert,
+    need_root,
+    tracer_env,
+    wait_port,
+    wait_until,
+)
+from tests.tls_helpers import CTYPES_CLIENT, bundled_libssl, read_keylog
 
 BUNDLES = {"1.1.1": ("psycopg2-binary", "2.9.5"), "3.5": ("psycopg-binary", "3.3.9")}
-PORT = 18524
 
 
 @pytest.mark.parametrize("openssl", list(BUNDLES))
@@ -24,23 +29,22 @@ def test_bundled_openssl_keys_match_its_own_key_log(tmp_path, openssl):
     lib = bundled_libssl(*BUNDLES[openssl])
     if lib is None:
         pytest.skip(f"cannot download {BUNDLES[openssl][0]} from PyPI (it bundles OpenSSL {openssl})")
-    cert, key = make_cert(str(tmp_path))
-    srv = subprocess.Popen([sys.executable, "-c", PYSERVER, str(PORT), cert, key, str(tmp_path / "srv.keys")])
+    cert, key = make_cert(tmp_path)
+    port = free_port()
+    srv = subprocess.Popen(https_server_cmd(port, cert, key, keylog=tmp_path / "srv.keys"))
     tracer = None
     try:
-        wait_port(PORT)
+        wait_port(port)
         tracer = Tracer(["tls", "-m", "keylog", "-k", str(tmp_path / "tracer.keys"), "--libssl", lib,
                          "--name", "ctclient", "-v"])
         want = set()
         for version in ("0x304", "0x303"):
             peer = tmp_path / f"peer-{version}.keys"
-            out = subprocess.run([sys.executable, "-c", CTYPES_CLIENT, lib, str(PORT), str(peer), version,
-                                  os.path.join(REPO, "src")], capture_output=True, text=True, timeout=30)
+            out = subprocess.run([sys.executable, "-c", CTYPES_CLIENT, lib, str(port), str(peer), version],
+                                 capture_output=True, text=True, timeout=30, env=tracer_env())
             assert "resp-/ctypes" in out.stdout, out.stderr
             want |= read_keylog(peer)
-        end = time.monotonic() + 5
-        while read_keylog(tmp_path / "tracer.keys") != want and time.monotonic() < end:
-            time.sleep(0.1)
+        wait_until(lambda: read_keylog(tmp_path / "tracer.keys") == want, 5, fail=False)
     finally:
         if tracer:
             tracer.stop()

@@ -4,15 +4,21 @@ tracer's lines must equal the key log GnuTLS writes (SSLKEYLOGFILE) for the same
 
 import os
 import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.conftest import need_root, need_tool
-from tests.tls_helpers import PYSERVER, Tracer, by_client_random, make_cert, read_keylog, token, wait_port
+from tests.harness import (
+    Tracer,
+    free_port,
+    https_server_cmd,
+    need_root,
+    need_tool,
+    wait_port,
+    wait_until,
+)
+from tests.tls_helpers import by_client_random, read_keylog, token
 
-PY_PORT, GNUTLS_PORT = 18525, 18526
+PY_PORT, GNUTLS_PORT = free_port(), free_port()
 PRIORITIES = {
     "tls13-aesgcm": "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM",
     "tls13-chacha": "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+CHACHA20-POLY1305",
@@ -22,12 +28,12 @@ PRIORITIES = {
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, certs):
     need_root()
     need_tool("gnutls-cli", "gnutls-serv", "curl")
     d = tmp_path_factory.mktemp("gnutls")
-    cert, key = make_cert(str(d))
-    procs = [subprocess.Popen([sys.executable, "-c", PYSERVER, str(PY_PORT), cert, key, str(d / "py.keys")]),
+    cert, key = certs
+    procs = [subprocess.Popen(https_server_cmd(PY_PORT, cert, key, keylog=d / "py.keys")),
              subprocess.Popen(["gnutls-serv", "--http", "--x509certfile", cert, "--x509keyfile", key,
                                "-p", str(GNUTLS_PORT)], env=dict(os.environ, SSLKEYLOGFILE=str(d / "serv.keys")),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
@@ -47,12 +53,12 @@ def setup(tmp_path_factory):
 
 def _same_sessions(tracer_keys, peer_lines):
     want = by_client_random(peer_lines)
-    end = time.monotonic() + 5
-    while True:
-        got = {cr: lines for cr, lines in by_client_random(read_keylog(tracer_keys)).items() if cr in want}
-        if got == want or time.monotonic() > end:
-            return got, want
-        time.sleep(0.05)
+
+    def got():
+        return {cr: lines for cr, lines in by_client_random(read_keylog(tracer_keys)).items() if cr in want}
+
+    wait_until(lambda: got() == want, 5, fail=False)
+    return got(), want
 
 
 @pytest.mark.parametrize("case", list(PRIORITIES))

@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from tests.conftest import need_root, need_tool
-from tests.e2e.helpers import Tracer, parse_stream, run_workload, stats_from
+from tests.e2e.helpers import parse_stream, run_workload, stats_from
+from tests.harness import Tracer, make_cert, need_root, need_tool
 
 pytestmark = pytest.mark.ebpf
 
@@ -44,11 +43,7 @@ class Gated:
 
 
 def make_cert_and_key(d) -> tuple[str, str]:
-    cert, key = os.path.join(d, "server.crt"), os.path.join(d, "server-key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", key, "-out", cert, "-subj", "/CN=ct-test", "-days", "2"],
-                   check=True, capture_output=True)
-    return cert, key
+    return make_cert(d, "ct-test", days=2, cert_name="server.crt", key_name="server-key.pem")
 
 
 def test_file_open_events_have_exact_fields(tmp_path):
@@ -70,8 +65,7 @@ def test_file_open_events_have_exact_fields(tmp_path):
         os.close(os.open("notes.txt", os.O_WRONLY | os.O_CREAT, 0o600))  # not a crypto file
     """, cwd=tmp_path)
     t = Tracer(["monitor", "--pid", str(w.pid)])
-    w.go()
-    time.sleep(0.3)
+    w.go()  # it has exited: all its events are submitted, and stop() drains them
     out, err, rc = t.stop()
     assert rc == 0, err
     events = parse_stream(out)
@@ -129,7 +123,10 @@ def test_exec_and_exit_events():
     w = Gated("""
         import subprocess, threading, time, os, signal
         subprocess.run(["sh", "-c", "exit 3"])
-        p = subprocess.Popen(["sleep", "30"]); time.sleep(0.1); p.kill(); p.wait()
+        p = subprocess.Popen(["sleep", "30"])
+        while open(f"/proc/{p.pid}/cmdline").read() != "sleep\\x0030\\x00":  # killed once it has exec'd
+            time.sleep(0.005)
+        p.kill(); p.wait()
         code = "import threading,time,sys\\n" \\
                "ts=[threading.Thread(target=time.sleep,args=(0.2,)) for _ in range(4)]\\n" \\
                "[t.start() for t in ts]; [t.join() for t in ts]; sys.exit(7)"
@@ -141,8 +138,7 @@ def test_exec_and_exit_events():
         print(t.pid, forked)
     """)
     t = Tracer(["monitor"])
-    threaded_pid, forked_pid = map(int, w.go().split())
-    time.sleep(0.3)
+    threaded_pid, forked_pid = map(int, w.go().split())  # it has exited: stop() drains its events
     out, err, rc = t.stop()
     assert rc == 0, err
     events = [e for e in parse_stream(out) if e["ppid"] == w.pid or e["pid"] == threaded_pid]
@@ -195,8 +191,7 @@ def test_array_formats_are_valid_after_a_signal(tmp_path, fmt, sig):
     cert, _ = make_cert_and_key(tmp_path)
     path = tmp_path / "out.json"
     t = Tracer(["monitor", "--name", "cat", "-f", fmt, "-o", str(path)])
-    run_workload(f"cat {cert} >/dev/null")
-    time.sleep(0.3)
+    run_workload(f"cat {cert} >/dev/null")  # cat has exited: stop() drains its events
     out, err, rc = t.stop(sig)
     assert rc == 0, err
     events = json.loads(path.read_text())
@@ -246,7 +241,6 @@ def test_flood_accounting_is_exact(tmp_path):
         out_path = tmp_path / f"flood-{mapsize}.json"
         t = Tracer(["files", "--pid", str(w.pid), "--mapsize", mapsize, "-o", str(out_path)])
         w.go()
-        time.sleep(0.5)
         _, err, rc = t.stop()
         assert rc == 0, err
         s = stats_from(err)
@@ -289,7 +283,7 @@ def test_read_only_output_is_a_clear_error(tmp_path):
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(mnt)], check=True)
     try:
-        from tests.conftest import run_tracer
+        from tests.harness import run_tracer
 
         r = run_tracer(["monitor", "-d", "1", "-o", str(mnt / "x.json")])
         assert r.returncode == 1
@@ -299,7 +293,7 @@ def test_read_only_output_is_a_clear_error(tmp_path):
 
 
 def test_demo_shows_its_workload():
-    from tests.conftest import run_tracer
+    from tests.harness import run_tracer
 
     r = run_tracer(["demo", "-d", "4"])
     assert r.returncode == 0, r.stderr
@@ -313,7 +307,7 @@ def test_demo_shows_its_workload():
 def test_tracefs_is_mounted_when_absent():
     """In a private mount namespace without tracefs, the tool mounts it and runs."""
     need_tool("unshare")
-    from tests.conftest import REPO, tracer_cmd
+    from tests.harness import REPO, tracer_cmd
 
     cmd = " ".join(tracer_cmd())
     script = ("umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; "
@@ -327,7 +321,7 @@ def test_tracefs_is_mounted_when_absent():
 
 
 def test_verbose_shows_libbpf_log_and_per_second_figures():
-    from tests.conftest import run_tracer
+    from tests.harness import run_tracer
 
     r = run_tracer(["monitor", "-v", "-d", "2", "-o", "/dev/null"])
     assert r.returncode == 0, r.stderr
@@ -339,7 +333,7 @@ def test_bpf_load_failure_exits_5(tmp_path):
     """A corrupt BPF object (copy of the package) gives one clear message and exit 5."""
     import shutil
 
-    from tests.conftest import REPO, tracer_cmd
+    from tests.harness import REPO, tracer_cmd
 
     pkg = tmp_path / "crypto_tracer"
     shutil.copytree(os.path.join(REPO, "src", "crypto_tracer"), pkg)
@@ -354,7 +348,7 @@ def test_cap_bpf_and_cap_perfmon_suffice_and_host_wide_accounting_is_exact():
     """No other capability needed; and with no filter at all the statistics add up exactly
     (opens in flight while probes attach or detach are not half-counted)."""
     need_tool("setpriv")
-    from tests.conftest import REPO, tracer_cmd
+    from tests.harness import REPO, tracer_cmd
 
     caps = "-all,+bpf,+perfmon"
     r = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}",

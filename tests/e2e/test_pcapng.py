@@ -10,16 +10,29 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import types
 
 import pytest
 
-from tests.conftest import need_root, need_tool
-from tests.tls_helpers import (PYCLIENT, PYSERVER, Tracer, by_client_random, make_cert, nginx_conf, read_keylog,
-                               secrets_before_packets, token, wait_port)
+from tests.harness import (
+    Tracer,
+    free_port,
+    https_server_cmd,
+    need_root,
+    need_tool,
+    nginx_conf,
+    wait_port,
+)
+from tests.tls_helpers import (
+    PYCLIENT,
+    by_client_random,
+    read_keylog,
+    secrets_before_packets,
+    token,
+)
 
-NGINX_PORT, PY_PORT = 18530, 18531
+NGINX_PORT, PY_PORT = free_port(), free_port()
+CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305"
 
 
 def _tc_state() -> str:
@@ -43,14 +56,14 @@ def _body(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory, static_node_keys):
+def servers(tmp_path_factory, static_node_keys, certs):
     need_root()
     need_tool("nginx", "curl", "tshark", "tc", "gnutls-cli")
     d = tmp_path_factory.mktemp("pcapng")
-    cert, key = make_cert(str(d))
-    procs = [subprocess.Popen(["nginx", "-c", nginx_conf(str(d), NGINX_PORT, cert, key), "-p", str(d)],
+    cert, key = certs
+    procs = [subprocess.Popen(["nginx", "-c", nginx_conf(d, NGINX_PORT, cert, key, ciphers=CIPHERS), "-p", str(d)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-             subprocess.Popen([sys.executable, "-c", PYSERVER, str(PY_PORT), cert, key, str(d / "pyserver.keys")])]
+             subprocess.Popen(https_server_cmd(PY_PORT, cert, key, keylog=d / "pyserver.keys", comm="ctsrv-py"))]
     try:
         for port in (NGINX_PORT, PY_PORT):
             wait_port(port)
@@ -96,7 +109,7 @@ def test_capture_decrypts_in_tshark_alone(servers):
                               env=env, stdout=subprocess.DEVNULL) for i, tok in enumerate(concurrent)]
     for p in procs:
         assert p.wait(30) == 0
-    rc = tracer.stop(signal.SIGTERM)
+    rc = tracer.stop(signal.SIGTERM).rc
     assert rc == 0, tracer.stderr
     assert "dropped 0" in tracer.stderr
 
@@ -169,8 +182,7 @@ def test_connection_opened_before_the_capture_has_its_process(servers, tmp_path)
                          "port", str(PY_PORT)])
         client.stdin.write("go\n")
         client.stdin.flush()
-        assert "resp-/late" in client.stdout.readline()
-        time.sleep(0.2)
+        assert "resp-/late" in client.stdout.readline()  # its packets passed TC before it got them
     finally:
         if tracer:
             tracer.stop()

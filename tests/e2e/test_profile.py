@@ -4,20 +4,18 @@ cipher operations; --name before the process starts; children with and without
 
 import json
 import os
-import shutil
-import signal
+import re
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
-from tests.conftest import need_root, need_tool, run_tracer, start_tracer, static_node
+from tests.harness import Tracer, free_port, make_cert, need_root, need_tool, run_tracer, static_node
 
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 LIBCRYPTO = "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
-PORT = 18640
+PORT = free_port()
 
 # A workload with known counts: n_tls handshakes against its own server thread (each counted
 # on both sides), n_dig SHA-512/224 digests, n_ciph AES-192-CBC encrypt inits. It waits for a line
@@ -48,7 +46,7 @@ for _ in range(n_tls):
     with cctx.wrap_socket(socket.create_connection(("127.0.0.1", port))) as s:
         s.sendall(b"hello")
         s.recv(100)
-        time.sleep(0.3)  # an open connection the profiler's socket sampling can see
+        time.sleep(0.3)  # open for longer than SOCKET_SAMPLE_SECONDS, so the profiler's /proc sampling sees it
 for _ in range(n_dig):
     hashlib.new("sha512_224", b"d").digest()  # hashlib's import does not use it: exact counts
 lib = C.CDLL("libcrypto.so.3")
@@ -58,26 +56,27 @@ ctx = lib.EVP_CIPHER_CTX_new()
 for _ in range(n_ciph):
     lib.EVP_EncryptInit_ex(C.c_void_p(ctx), C.c_void_p(lib.EVP_aes_192_cbc()), None, b"k" * 24, b"i" * 16)
 print("done", flush=True)
-time.sleep(float(os.environ.get("LINGER", "0.3")))
 """
 
-# Digests in a child process (exec) and in a forked child; the parent does none.
+# Digests in a child process (exec) and in a forked child; the parent does none. The children work once
+# the file argv[1] exists: the test creates it when the profiler has hooked them.
 PARENT = r"""
 import hashlib, os, subprocess, sys, time
+go = sys.argv[1]
 print("ready", flush=True)
 sys.stdin.readline()
+wait_go = f"import os, time\nwhile not os.path.exists({go!r}): time.sleep(0.01)\n"
 child = subprocess.Popen([sys.executable, "-c",
-    "import hashlib, time; time.sleep(1.5)\nfor _ in range(400): hashlib.new('sha512_224', b'c').digest()"])
+    "import hashlib\n" + wait_go + "for _ in range(400): hashlib.new('sha512_224', b'c').digest()"])
 pid = os.fork()
 if pid == 0:
-    time.sleep(1.5)  # margin for the attach (pid set sampled every 200 ms)
+    exec(wait_go)
     for _ in range(300):
         hashlib.sha256(b"f").digest()
     os._exit(0)
 print(child.pid, pid, flush=True)
 child.wait()
 os.waitpid(pid, 0)
-time.sleep(0.3)
 """
 
 
@@ -87,18 +86,14 @@ def calls(section, function, algorithm=None):
 
 
 @pytest.fixture(scope="module")
-def certs():
-    d = tempfile.mkdtemp(prefix="ct-prof-")
-    cert, key = os.path.join(d, "server.crt"), os.path.join(d, "server.key")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "30", "-subj", "/CN=profile.test"], check=True, capture_output=True)
-    yield cert, key
-    shutil.rmtree(d, ignore_errors=True)
+def certs(tmp_path_factory):
+    return make_cert(tmp_path_factory.mktemp("profile"), "profile.test", days=30, rsa_bits=2048,
+                     cert_name="server.crt", key_name="server.key")
 
 
-def start_workload(script, *args, env=None, exe=None):
+def start_workload(script, *args, exe=None):
     proc = subprocess.Popen([exe or sys.executable, "-c", script, *map(str, args)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     return proc
 
@@ -110,23 +105,15 @@ def run_to_done(work):
     assert work.stdout.readline().strip() == "done"
 
 
-def wait_ready(tracer, timeout=15):
-    """The profiler logs 'Profiling ...' once its probes are attached."""
-    deadline = time.time() + timeout
-    lines = []
-    while time.time() < deadline:
-        line = tracer.stderr.readline()
-        lines.append(line)
-        if "Profiling" in line:
-            return
-        if not line and tracer.poll() is not None:
-            break
-    raise AssertionError("profiler did not start: " + "".join(lines))
+def wait_hooked(tracer, pid, timeout=15):
+    """Wait until the profiler (run with -v) has attached its API probes to pid's libcrypto."""
+    assert tracer.wait_stderr(re.compile(rf"api probes: \d+ on \S*libcrypto\S* for pid {pid}$"), timeout), \
+        f"libcrypto of pid {pid} not hooked:\n{tracer.stderr}"
 
 
 def finish(tracer, timeout=40):
-    out, err = tracer.communicate(timeout=timeout)
-    assert tracer.returncode == 0, err
+    out, err, rc = tracer.wait(timeout)
+    assert rc == 0, err
     return json.loads(out)
 
 
@@ -135,9 +122,8 @@ def test_known_counts(certs):
     cert, key = certs
     n_tls, n_dig, n_ciph = 3, 500, 40
     work = start_workload(WORKLOAD, cert, key, PORT, n_tls, n_dig, n_ciph)
-    tracer = start_tracer(["profile", "-p", str(work.pid), "-d", "30"])
+    tracer = Tracer(["profile", "-p", str(work.pid), "-d", "30"])
     try:
-        wait_ready(tracer)
         run_to_done(work)
         doc = finish(tracer)
     finally:
@@ -197,13 +183,11 @@ def test_name_started_before_the_process(certs, tmp_path):
     need_root()
     exe = tmp_path / "ctprofname"
     os.symlink(os.path.realpath(sys.executable), exe)  # comm = ctprofname
-    tracer = start_tracer(["profile", "-n", "ctprofname", "-d", "6"])
+    tracer = Tracer(["profile", "-n", "ctprofname", "-d", "6", "-v"])
     work = None
     try:
-        wait_ready(tracer)
-        time.sleep(0.5)
-        work = start_workload(WORKLOAD, *certs, PORT + 1, 1, 250, 0, exe=str(exe), env=dict(os.environ, LINGER="0"))
-        time.sleep(1.5)  # the profiler hooks libcrypto when its load is seen
+        work = start_workload(WORKLOAD, *certs, free_port(), 1, 250, 0, exe=str(exe))
+        wait_hooked(tracer, work.pid)  # the profiler hooks libcrypto when its load is seen
         run_to_done(work)
         work.wait(timeout=10)
         doc = finish(tracer)
@@ -223,16 +207,20 @@ def test_name_started_before_the_process(certs, tmp_path):
 
 
 @pytest.mark.parametrize("follow", [True, False])
-def test_children(follow):
+def test_children(follow, tmp_path):
     need_root()
-    parent = start_workload(PARENT)
-    args = ["profile", "-p", str(parent.pid), "-d", "20"] + (["--follow-children"] if follow else [])
-    tracer = start_tracer(args)
+    go = tmp_path / "go"
+    parent = start_workload(PARENT, go)
+    args = ["profile", "-p", str(parent.pid), "-d", "20", "-v"] + (["--follow-children"] if follow else [])
+    tracer = Tracer(args)
     try:
-        wait_ready(tracer)
         parent.stdin.write("go\n")
         parent.stdin.flush()
         child_pid, fork_pid = map(int, parent.stdout.readline().split())
+        if follow:
+            wait_hooked(tracer, child_pid)
+            wait_hooked(tracer, fork_pid)
+        go.touch()
         doc = finish(tracer)
     finally:
         parent.kill()
@@ -254,16 +242,13 @@ def test_children(follow):
 def test_sigint_mid_profile():
     need_root()
     idle = subprocess.Popen(["sleep", "60"])
-    tracer = start_tracer(["profile", "-p", str(idle.pid), "-d", "30", "-f", "json-array"])
+    tracer = Tracer(["profile", "-p", str(idle.pid), "-d", "30", "-f", "json-array"])
     try:
-        wait_ready(tracer)
-        time.sleep(1.0)
-        tracer.send_signal(signal.SIGINT)
-        out, err = tracer.communicate(timeout=15)
+        out, err, rc = tracer.stop(timeout=15)  # ready: in the middle of its 30 s
     finally:
         idle.kill()
         idle.wait()
-    assert tracer.returncode == 0, err
+    assert rc == 0, err
     [doc] = json.loads(out)
     assert doc["interrupted"] is True and doc["duration_seconds"] < 10
     [s] = doc["processes"]
@@ -295,9 +280,8 @@ def test_node_static_openssl():
               "console.log('done'); setTimeout(() => process.exit(0), 200); }); console.log('ready');")
     node = subprocess.Popen([static_node(), "-e", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert node.stdout.readline().strip() == "ready"
-    tracer = start_tracer(["profile", "-p", str(node.pid), "-d", "20"])
+    tracer = Tracer(["profile", "-p", str(node.pid), "-d", "20"])
     try:
-        wait_ready(tracer)
         run_to_done(node)
         doc = finish(tracer)
     finally:
@@ -322,9 +306,8 @@ def test_process_in_own_mount_namespace(tmp_path):
     work = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script, digests],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert work.stdout.readline().strip() == "ready"
-    tracer = start_tracer(["profile", "-p", str(work.pid), "-d", "20"])
+    tracer = Tracer(["profile", "-p", str(work.pid), "-d", "20"])
     try:
-        wait_ready(tracer)
         run_to_done(work)
         work.wait(timeout=10)
         doc = finish(tracer)
@@ -341,7 +324,7 @@ def test_unprivileged_profile_exits_3():
     """Root without capabilities (securebits noroot): preflight refuses with exit status 3."""
     need_root()
     need_tool("setpriv")
-    from tests.conftest import REPO
+    from tests.harness import REPO
 
     res = subprocess.run(["setpriv", "--securebits", "+noroot", "--inh-caps", "-all", "--bounding-set", "-all",
                           sys.executable, "-m", "crypto_tracer", "profile", "-p", str(os.getpid()), "-d", "1"],
@@ -353,16 +336,15 @@ def test_unprivileged_profile_exits_3():
 
 def test_summary_format(certs):
     need_root()
-    work = start_workload(WORKLOAD, *certs, PORT + 2, 1, 20, 0)
-    tracer = start_tracer(["profile", "-p", str(work.pid), "-d", "20", "-f", "summary"])
+    work = start_workload(WORKLOAD, *certs, free_port(), 1, 20, 0)
+    tracer = Tracer(["profile", "-p", str(work.pid), "-d", "20", "-f", "summary"])
     try:
-        wait_ready(tracer)
         run_to_done(work)
-        out, err = tracer.communicate(timeout=40)
+        out, err, rc = tracer.wait(timeout=40)
     finally:
         work.kill()
         work.wait()
-    assert tracer.returncode == 0, err
+    assert rc == 0, err
     assert out.startswith("Crypto Profile Summary\n")
     assert f"PID {work.pid}: " in out and "TLS: 2 handshakes, 15 bytes read, 15 bytes written" in out
     assert "20  EVP_DigestInit_ex [SHA512-224]" in out

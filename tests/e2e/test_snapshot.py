@@ -2,7 +2,6 @@
 a process in its own mount namespace with its own libcrypto, node (static OpenSSL), expired and
 weak certificates, and an unprivileged run as nobody."""
 
-import datetime as dt
 import json
 import os
 import re
@@ -15,16 +14,14 @@ import tempfile
 import time
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import STATIC_NODE_OPENSSL, need_root, need_tool, run_tracer, static_node
+from tests.harness import (STATIC_NODE_OPENSSL, free_port, make_cert, need_root, need_tool, run_tracer,
+                           static_node, wait_exec, wait_until)
 
 LIBCRYPTO = "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
-PORT = 18611
+PORT = free_port()
 
 SERVER = r"""
 import socket, ssl, sys, threading, time
@@ -40,6 +37,7 @@ conns = []
 def accept():
     while True:
         conns.append(srv.accept()[0])
+        print("accepted", flush=True)
 threading.Thread(target=accept, daemon=True).start()
 print("ready", flush=True)
 time.sleep(120)
@@ -52,19 +50,8 @@ def openssl_version() -> str:
 
 
 def write_cert(directory, cn, days_valid, key=None):
-    key = key or rsa.generate_private_key(65537, 2048)
-    now = dt.datetime.now(dt.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(4242).not_valid_before(now - dt.timedelta(days=60))
-            .not_valid_after(now + dt.timedelta(days=days_valid, hours=1)).sign(key, hashes.SHA256()))
-    cert_path, key_path = os.path.join(directory, f"{cn}.crt"), os.path.join(directory, f"{cn}.key")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return cert_path, key_path
+    return make_cert(directory, cn, days_valid, key=key, rsa_bits=2048, cert_name=f"{cn}.crt", key_name=f"{cn}.key",
+                     valid_since_days=60, serial=4242)
 
 
 def snapshot(*args, runner=None, env=None):
@@ -95,7 +82,7 @@ def tls_server(workdir):
     proc = subprocess.Popen([sys.executable, "-c", SERVER, cert, key, str(PORT)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     client = socket.create_connection(("127.0.0.1", PORT))
-    time.sleep(0.2)
+    assert proc.stdout.readline().strip() == "accepted"  # the connection is the server's
     yield proc, cert, key, client
     client.close()
     proc.kill()
@@ -139,13 +126,10 @@ def test_tls_server_with_certificate_and_key(tls_server):
 
 def test_expired_and_weak_certificates(workdir):
     expired, _ = write_cert(workdir, "expired.test", -3, key=ec.generate_private_key(ec.SECP256R1()))
-    weak = os.path.join(workdir, "weak.pem")
-    subprocess.run(["openssl", "req", "-x509", "-sha1", "-newkey", "rsa:1024", "-nodes", "-keyout",
-                    os.path.join(workdir, "weak.key"), "-out", weak, "-days", "20", "-subj", "/CN=weak.test"],
-                   check=True, capture_output=True)
+    weak, _ = make_cert(workdir, "weak.test", 20, rsa_bits=1024, sha1=True, cert_name="weak.pem", key_name="weak.key")
     holder = subprocess.Popen(["sh", "-c", "exec 3<\"$1\" 4<\"$2\"; exec sleep 30", "sh", expired, weak])
     try:
-        time.sleep(0.3)
+        wait_exec(holder.pid, "sleep")  # its files are open
         doc = json.loads(snapshot().stdout)
         files = {f["path"]: f for f in by_pid(doc, holder.pid)["open_crypto_files"]}
         e = files[expired]["certificate"]
@@ -183,12 +167,9 @@ def test_mount_namespace_with_own_libcrypto(workdir):
               f"exec env LD_PRELOAD={mnt}/libcrypto.so.3 sleep 30 3<{mnt}/inside.crt")
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
     try:
-        deadline = time.time() + 5
-        while time.time() < deadline:
-            if os.path.exists(f"/proc/{proc.pid}/exe") and os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep"):
-                break
-            time.sleep(0.05)
-        time.sleep(0.2)
+        wait_exec(proc.pid, "sleep")
+        wait_until(lambda: f"{mnt}/libcrypto.so.3" in open(f"/proc/{proc.pid}/maps").read(), 5,
+                   "the preloaded libcrypto to be mapped")
         assert not os.path.exists(f"{mnt}/libcrypto.so.3")  # invisible from the host
         doc = json.loads(snapshot().stdout)
         p = by_pid(doc, proc.pid)
@@ -205,7 +186,8 @@ def test_mount_namespace_with_own_libcrypto(workdir):
 
 def test_node_static_openssl():
     node_exe = static_node()
-    node = subprocess.Popen([node_exe, "-e", f"require('net').createServer().listen({PORT + 1}, '127.0.0.1', "
+    port = free_port()
+    node = subprocess.Popen([node_exe, "-e", f"require('net').createServer().listen({port}, '127.0.0.1', "
                              "() => console.log('ready')); setTimeout(() => {{}}, 30000)"],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -215,7 +197,7 @@ def test_node_static_openssl():
         assert p["static_tls"]["library"] == "openssl" and p["static_tls"]["version"] == STATIC_NODE_OPENSSL
         assert "SSL_write" in p["static_tls"]["symbols"]
         assert p["exe"] == os.path.realpath(node_exe)
-        assert {"local_addr": "127.0.0.1", "local_port": PORT + 1, "remote_addr": "0.0.0.0", "remote_port": 0,
+        assert {"local_addr": "127.0.0.1", "local_port": port, "remote_addr": "0.0.0.0", "remote_port": 0,
                 "state": "LISTEN"} in p["tls_sockets"]
         assert doc["summary"]["static_tls_processes"] >= 1
     finally:
@@ -264,9 +246,14 @@ def test_unprivileged_sees_only_its_own_processes(tls_server, workdir):
         os.chmod(own_cert, 0o644)
         mine = subprocess.Popen(["runuser", "-u", "nobody", "--", "sh", "-c", f"exec sleep 30 3<{own_cert}"])
         try:
-            time.sleep(0.5)
-            pid = int(subprocess.run(["pgrep", "-P", str(mine.pid)], capture_output=True, text=True).stdout.split()[0]) \
-                if not os.readlink(f"/proc/{mine.pid}/exe").endswith("sleep") else mine.pid
+            def sleeper():  # runuser execs sh, which execs sleep, or forks it
+                if os.readlink(f"/proc/{mine.pid}/exe").endswith("sleep"):
+                    return mine.pid
+                out = subprocess.run(["pgrep", "-P", str(mine.pid), "-x", "sleep"], capture_output=True, text=True)
+                return int(out.stdout.split()[0]) if out.stdout.split() else None
+
+            pid = wait_until(sleeper, 10, "nobody's sleep")
+            wait_exec(pid, "sleep")
             import pwd
 
             outdir = os.path.join(tmp, "out")
@@ -318,7 +305,7 @@ def test_redaction(workdir):
         cert, _ = write_cert(home, "home.test", 100)
         holder = subprocess.Popen(["sh", "-c", f"exec sleep 30 3<{cert}"])
         try:
-            time.sleep(0.3)
+            wait_exec(holder.pid, "sleep")
             doc = json.loads(snapshot().stdout)
             paths = [f["path"] for f in by_pid(doc, holder.pid)["open_crypto_files"]]
             assert paths == ["/home/ROOT" + cert[len("/root"):]]

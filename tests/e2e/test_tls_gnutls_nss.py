@@ -1,37 +1,26 @@
 """tls -m json against GnuTLS (gnutls-cli -> gnutls-serv --echo) and NSS (tstclnt -> selfserv):
 the exact bytes in both directions, on both sides, with the 4-tuple."""
 
-import os
 import subprocess
-import sys
 import threading
-import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tlspeers as tp  # noqa: E402
-from tests.conftest import need_root, need_tool  # noqa: E402
-from test_tls_openssl import assert_tuple  # noqa: E402
+from tests.e2e import tlspeers as tp
+from tests.harness import assert_tuple, free_port, need_root, need_tool, wait_until
 
 pytestmark = pytest.mark.ebpf
 
 # Free ports, chosen per run: two runs of these tests on one machine must not meet.
-GNUTLS_PORT = tp.free_port()
-NSS_PORT = tp.free_port()
-
-
-@pytest.fixture(autouse=True)
-def _no_tracer_left_running():
-    yield
-    tp.stop_all()
+GNUTLS_PORT = free_port()
+NSS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory):
+def certs(rsa_certs):
     need_root()
     need_tool("openssl")
-    return tp.make_certs(str(tmp_path_factory.mktemp("certs")))
+    return rsa_certs
 
 
 def gnutls_echo(port, data: bytes) -> tuple[int, bytes]:
@@ -46,12 +35,10 @@ def gnutls_echo(port, data: bytes) -> tuple[int, bytes]:
 
     t = threading.Thread(target=reader)
     t.start()
-    time.sleep(0.3)  # handshake
+    wait_until(lambda: b"- Simple Client Mode:" in got, 10, "gnutls-cli's handshake")  # it then reads stdin
     p.stdin.write(data)
     p.stdin.flush()
-    end = time.monotonic() + 10
-    while data not in bytes(got) and time.monotonic() < end:
-        time.sleep(0.02)
+    wait_until(lambda: data in bytes(got), 10, fail=False)
     p.stdin.close()
     p.wait(10)
     t.join(5)
@@ -66,14 +53,14 @@ def test_gnutls_cli_and_serv(certs, tmp_path):
     sizes = (2, 10 * 1024, 1 << 20)
     with tp.process([tp.peer("gnutls-serv"), "--echo", "-p", str(port), "--x509certfile", cert,
                      "--x509keyfile", key], port=port) as server:
-        tracer = tp.Tracer(["-m", "json", "-o", out])
+        tracer = tp.tls_tracer(["-m", "json", "-o", out])
         runs = []
         for size in sizes:
             data = tp.body(size - 1, b"gnutls%d-" % size) + b"\n"  # gnutls-cli sends whole lines
             pid, echo = gnutls_echo(port, data)
             assert data in echo
             runs.append((pid, data))
-        _, err = tracer.stop()
+        _, err, _ = tracer.stop(settle=[port])
     assert tracer.proc.returncode == 0, err
     events = tp.read_events(out)
     srv = {"pid": server.pid}
@@ -111,7 +98,7 @@ def test_nss_tstclnt_and_selfserv(nssdb, tmp_path):
     out = str(tmp_path / "events.json")
     with tp.process([tp.peer("selfserv"), "-d", nssdb, "-n", "srv", "-p", str(port), "-V", "tls1.2:tls1.3"],
                     port=port) as server:
-        tracer = tp.Tracer(["-m", "json", "-o", out])
+        tracer = tp.tls_tracer(["-m", "json", "-o", out])
         runs = []
         for size in (1, 4096):
             token = tp.body(size, b"nss%d-" % size)
@@ -122,7 +109,7 @@ def test_nss_tstclnt_and_selfserv(nssdb, tmp_path):
                                          "-V", "tls1.2:tls1.3"], stdin=stdin, capture_output=True, timeout=20)
             assert token in client.stdout  # selfserv echoes the request
             runs.append(request)
-        _, err = tracer.stop()
+        _, err, _ = tracer.stop(settle=[port])
     assert tracer.proc.returncode == 0, err
     events = tp.read_events(out)
     mine = tp.data_events(events, process="ctpeer-tstclnt", remote_port=port)  # not another run's

@@ -5,33 +5,25 @@ random bodies in both directions, on both sides, and the 4-tuple of the connecti
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tlspeers as tp  # noqa: E402
-from tests.conftest import need_root, need_tool  # noqa: E402
+from tests.e2e import tlspeers as tp
+from tests.harness import assert_tuple, free_port, need_root, need_tool
 
 pytestmark = pytest.mark.ebpf
 
 # Free ports, chosen per run: two runs of these tests on one machine must not meet.
-PY_PORT = tp.free_port()
-NODE_PORT = tp.free_port()
-MANY_PORT = tp.free_port()
-
-
-@pytest.fixture(autouse=True)
-def _no_tracer_left_running():
-    yield
-    tp.stop_all()
+PY_PORT = free_port()
+NODE_PORT = free_port()
+MANY_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory):
+def certs(rsa_certs):
     need_root()
     need_tool("openssl", "curl")
-    return tp.make_certs(str(tmp_path_factory.mktemp("certs")))
+    return rsa_certs
 
 
 def bodies(tmp_path, size, tag):
@@ -40,19 +32,6 @@ def bodies(tmp_path, size, tag):
     rq.write_bytes(req)
     rs.write_bytes(resp)
     return req, resp, str(rq), str(rs)
-
-
-def assert_tuple(events, port, client, server, addr="127.0.0.1"):
-    """Client events go local:ephemeral -> addr:port, server events addr:port -> the client's port."""
-    cev, sev = tp.data_events(events, **client), tp.data_events(events, **server)
-    assert cev and sev
-    for e in cev:
-        assert (e["remote_addr"], e["remote_port"], e["local_addr"]) == (addr, port, addr), e
-        assert e["fd"] is not None and e["fd"] >= 0
-    for e in sev:
-        assert (e["local_addr"], e["local_port"], e["remote_addr"]) == (addr, port, addr), e
-        assert e["fd"] is not None
-    assert {e["local_port"] for e in cev} <= {e["remote_port"] for e in sev}
 
 
 def side(events, direction, match, h2):
@@ -80,9 +59,9 @@ def test_curl_and_python_ssl_server(certs, tmp_path):
     with open(resp_file, "wb") as f:
         f.write(exchanges[-1][1])  # the server answers the 1 MiB body to each request
     with tp.python_server(port, cert, key, resp_file) as server:
-        tracer = tp.Tracer(["-m", "json", "-o", out])
+        tracer = tp.tls_tracer(["-m", "json", "-o", out])
         pids = [tp.curl(f"https://127.0.0.1:{port}/x", data_file=rq) for _req, _resp, rq, _rs in exchanges]
-        _, err = tracer.stop()
+        _, err, _ = tracer.stop(settle=[port])
     assert tracer.proc.returncode == 0, err
     events = tp.read_events(out)
     srv = {"pid": server.pid}
@@ -115,7 +94,7 @@ def test_curl_and_python_ssl_server(certs, tmp_path):
 def test_curl_and_nginx(certs, tmp_path, http2):
     need_tool("nginx")
     cert, key = certs
-    port = tp.free_port()
+    port = free_port()
     out = str(tmp_path / "events.json")
     www = tmp_path / "www"
     www.mkdir()
@@ -124,7 +103,7 @@ def test_curl_and_nginx(certs, tmp_path, http2):
         (www / f"r{i}").write_bytes(resp)
     proto = ["--http2"] if http2 else ["--http1.1"]
     with tp.nginx(str(tmp_path), port, cert, key):
-        tracer = tp.Tracer(["-m", "json", "-o", out])
+        tracer = tp.tls_tracer(["-m", "json", "-o", out])
         pids = []
         for i, (_req, _resp, rq, _rs) in enumerate(exchanges):
             pids.append(tp.curl(f"https://127.0.0.1:{port}/upload/u{i}", data_file=rq, extra=proto, put=True))
@@ -132,7 +111,7 @@ def test_curl_and_nginx(certs, tmp_path, http2):
         # TLS 1.2 too: role and version of both sides read from the SSL objects (nginx and curl
         # on Debian 12 use OpenSSL 3.0, on Debian 13 3.5)
         pid12 = tp.curl(f"https://127.0.0.1:{port}/r0", extra=proto + ["--tls-max", "1.2"])
-        _, err = tracer.stop()
+        _, err, _ = tracer.stop(settle=[port])
     assert tracer.proc.returncode == 0, err
     events = tp.read_events(out)
     srv = {"process": "ctpeer-nginx", "local_port": port}  # our nginx: other tests may run one too
@@ -162,10 +141,10 @@ def test_node_client_and_server(certs, tmp_path):
         req, resp, rq, rs = bodies(tmp_path, size, b"node%d" % size)
         with tp.node_server(port, cert, key, rs) as server:
             # node sends headers and the 1 MiB body in one SSL_write: over the default 1 MiB limit
-            tracer = tp.Tracer(["-m", "json", "-o", out, "--max-payload", "2M"])
+            tracer = tp.tls_tracer(["-m", "json", "-o", out, "--max-payload", "2M"])
             got = str(tmp_path / "got")
             tp.node_client(port, rq, got)
-            _, err = tracer.stop()
+            _, err, _ = tracer.stop(settle=[port])
         assert tracer.proc.returncode == 0, err
         assert open(got, "rb").read() == resp
         events = tp.read_events(out)
@@ -190,11 +169,11 @@ def test_twenty_concurrent_clients(certs, tmp_path):
         (tmp_path / f"req{i}").write_bytes(req)
         reqs.append(req)
     with tp.python_server(port, cert, key, str(tmp_path / "resp")) as server:
-        tracer = tp.Tracer(["-m", "json", "-o", out])
+        tracer = tp.tls_tracer(["-m", "json", "-o", out])
         procs = [subprocess.Popen([tp.peer("curl"), "-sSk", "--fail", "-o", os.devnull, "--data-binary",
                                    f"@{tmp_path}/req{i}", f"https://127.0.0.1:{port}/c{i}"]) for i in range(20)]
         assert all(p.wait(30) == 0 for p in procs)
-        _, err = tracer.stop()
+        _, err, _ = tracer.stop(settle=[port])
     events = tp.read_events(out)
     for p, req in zip(procs, reqs):
         assert req in tp.stream(events, pid=p.pid, direction="write")

@@ -8,12 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import need_root, need_tool
-from tests.e2e.helpers import Tracer, parse_stream
+from tests.e2e.helpers import parse_stream
+from tests.harness import Tracer, need_root, need_tool, wait_until
 
 pytestmark = pytest.mark.ebpf
 
@@ -148,10 +147,8 @@ def test_unshared_mount_namespace_paths_are_its_own(private_dir, tmp_path_factor
     # its root, not the host's file at that path) until the event has been written
     p.stdin.write("go\n")
     p.stdin.flush()
-    deadline = time.monotonic() + 20
-    while '"file_open"' not in open(result).read():
-        assert time.monotonic() < deadline and p.poll() is None
-        time.sleep(0.02)
+    wait_until(lambda: '"file_open"' in open(result).read() or p.poll() is not None, 20, "cat's file_open event")
+    assert p.poll() is None
     out_text, err = p.communicate(timeout=30)
     assert p.returncode == 0 and "PRIVATE KEY" in out_text, err
     _, err, rc = t.stop()
@@ -177,10 +174,7 @@ def test_snapshot_and_profile_report_root_and_own_paths(tmp_path):
     p = subprocess.Popen(["chroot", jail, "/usr/bin/cat", "-", "/tmp/x.pem"], stdin=subprocess.PIPE,
                          stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while os.readlink(f"/proc/{p.pid}/root") != jail:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: os.readlink(f"/proc/{p.pid}/root") == jail, 10, "cat in its chroot")
         # cat opens its files in order: '-' first, so hold the key with a second reader? No: cat reads '-'
         # until EOF before opening /tmp/x.pem, so the key is not open yet: snapshot sees exe and root only.
         env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "..", "src"))

@@ -14,9 +14,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-
 from crypto_tracer.bpf import build
+from tests.harness import REPO
 
 BPF = os.path.join("src", "crypto_tracer", "bpf")
 OK = "BPF objects match their sources (4 checked: sources, headers, objects"

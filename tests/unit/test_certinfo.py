@@ -2,33 +2,25 @@
 
 import datetime as dt
 import os
-import subprocess
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
 
 from crypto_tracer.host import certinfo
+from tests.harness import cert_pem, make_cert
 
 NOW = dt.datetime.now(dt.timezone.utc)
 
 
-def make_cert(key, cn, not_after, not_before=None, issuer_key=None, issuer_cn=None):
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_cn or cn)])
-    signer = issuer_key or key
-    algorithm = None if isinstance(signer, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
-            .serial_number(0x1234ABCD).not_valid_before(not_before or NOW - dt.timedelta(days=30))
-            .not_valid_after(not_after).sign(signer, algorithm))
-    return cert.public_bytes(serialization.Encoding.PEM)
+def make_pem(key, cn, not_after, not_before=None, issuer_key=None, issuer_cn=None):
+    return cert_pem(key, cn, not_after, not_before or NOW - dt.timedelta(days=30), issuer_key, issuer_cn or "",
+                    serial=0x1234ABCD)
 
 
 def test_expired_certificate():
     key = ec.generate_private_key(ec.SECP256R1())
-    info = certinfo.certificate_info(make_cert(key, "old.test", NOW - dt.timedelta(days=2) + dt.timedelta(hours=1)))
+    info = certinfo.certificate_info(make_pem(key, "old.test", NOW - dt.timedelta(days=2) + dt.timedelta(hours=1)))
     assert info["subject"] == "CN=old.test"
     assert info["serial"] == "1234abcd"
     assert info["days_left"] == -2
@@ -41,7 +33,7 @@ def test_expired_certificate():
 def test_expiring_soon_and_issuer():
     ca = rsa.generate_private_key(65537, 2048)
     key = rsa.generate_private_key(65537, 2048)
-    pem = make_cert(key, "leaf.test", NOW + dt.timedelta(days=10, hours=1), issuer_key=ca, issuer_cn="Test CA")
+    pem = make_pem(key, "leaf.test", NOW + dt.timedelta(days=10, hours=1), issuer_key=ca, issuer_cn="Test CA")
     info = certinfo.certificate_info(pem)
     assert info["days_left"] == 10
     assert info["issuer"] == "CN=Test CA" and info["self_signed"] is False
@@ -50,10 +42,7 @@ def test_expiring_soon_and_issuer():
 
 
 def test_weak_rsa_sha1_certificate(tmp_path):
-    # cryptography refuses to sign with SHA-1, openssl does not
-    subprocess.run(["openssl", "req", "-x509", "-sha1", "-newkey", "rsa:1024", "-nodes", "-keyout",
-                    str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem"), "-days", "365", "-subj", "/CN=weak.test"],
-                   check=True, capture_output=True)
+    make_cert(tmp_path, "weak.test", 365, rsa_bits=1024, sha1=True, cert_name="c.pem", key_name="k.pem")
     info = certinfo.describe(str(tmp_path / "c.pem"), "certificate")
     assert info["signature_algorithm"] == "sha1WithRSAEncryption"
     assert info["key_size"] == 1024
@@ -65,7 +54,7 @@ def test_weak_rsa_sha1_certificate(tmp_path):
 
 def test_bundle_counts_flags():
     k = ed25519.Ed25519PrivateKey.generate()
-    pem = (make_cert(k, "a", NOW + dt.timedelta(days=400)) + make_cert(k, "b", NOW - dt.timedelta(days=3)))
+    pem = (make_pem(k, "a", NOW + dt.timedelta(days=400)) + make_pem(k, "b", NOW - dt.timedelta(days=3)))
     info = certinfo.certificate_info(pem)
     assert info["subject"] == "CN=a" and info["key_algorithm"] == "Ed25519"
     assert info["bundle"] == {"certificates": 2, "flags": {"expired": 1, "not_quantum_safe": 2}}
@@ -87,10 +76,10 @@ def test_private_keys_never_leak_material(tmp_path):
 
 def test_cache_by_inode_and_mtime(tmp_path):
     path = tmp_path / "c.pem"
-    path.write_bytes(make_cert(ec.generate_private_key(ec.SECP256R1()), "one", NOW + dt.timedelta(days=90)))
+    path.write_bytes(make_pem(ec.generate_private_key(ec.SECP256R1()), "one", NOW + dt.timedelta(days=90)))
     assert certinfo.describe(str(path), "certificate")["subject"] == "CN=one"
     assert certinfo.describe(str(path), "certificate") is certinfo.describe(str(path), "certificate")
-    path.write_bytes(make_cert(ec.generate_private_key(ec.SECP256R1()), "two", NOW + dt.timedelta(days=90)))
+    path.write_bytes(make_pem(ec.generate_private_key(ec.SECP256R1()), "two", NOW + dt.timedelta(days=90)))
     os.utime(path, ns=(1, 10**18))  # a different mtime: parsed again
     assert certinfo.describe(str(path), "certificate")["subject"] == "CN=two"
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_tracer
+from tests.harness import REPO, run_tracer
 
 CASES = [
     # (argv, exit code, text the message must contain)

@@ -9,7 +9,7 @@ import pytest
 
 from crypto_tracer.keys import calibrate
 from crypto_tracer.host.elf import build_id_or_digest as build_id, openssl_version
-from tests.conftest import STATIC_NODE_OPENSSL, static_node, static_node_layout_cache
+from tests.harness import STATIC_NODE_OPENSSL, static_node, static_node_layout_cache
 
 
 def _system_libssl():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import run_tracer
+from tests.harness import run_tracer
 
 
 @pytest.mark.parametrize("args, message", [

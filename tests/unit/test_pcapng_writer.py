@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from crypto_tracer.sinks.pcapng import PcapngWriter
-from tests.conftest import need_tool
-from tests.tls_helpers import TcpFlow, make_cert, token
+from tests.harness import make_cert, need_tool
+from tests.tls_helpers import TcpFlow, token
 
 
 def _tls_session(tmp_path, version, request: bytes, response: bytes):

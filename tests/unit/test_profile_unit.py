@@ -16,6 +16,7 @@ from crypto_tracer.pipeline.profile import ProcessProfile, tls_summary
 from crypto_tracer.sinks.profile_summary import render_summary
 from crypto_tracer.probes import api
 from crypto_tracer.pipeline.redact import Redactor
+from tests.harness import wait_exec
 
 TS1, TS2 = "2026-01-01T00:00:01.000000Z", "2026-01-01T00:00:02.000000Z"
 
@@ -128,7 +129,7 @@ def test_symbol_offsets_match_nm():
 def test_process_info_from_proc():
     child = subprocess.Popen(["sleep", "5"])
     try:
-        time.sleep(0.1)
+        wait_exec(child.pid, "sleep")  # its /proc entries are sleep's, not still the fork's
         info = inventory.process_info(child.pid)
         assert info["pid"] == child.pid and info["ppid"] == os.getpid() and info["name"] == "sleep"
         assert info["cmdline"] == "sleep 5" and info["uid"] == os.getuid() and info["gid"] == os.getgid()

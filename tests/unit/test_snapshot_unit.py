@@ -10,7 +10,7 @@ import sys
 from crypto_tracer.host import discovery, inventory, proc
 from crypto_tracer.commands import snapshot
 from crypto_tracer.sinks.snapshot_summary import render
-from tests.conftest import static_node
+from tests.harness import static_node
 
 
 def test_parse_stat_with_parenthesis_in_comm():

@@ -12,7 +12,7 @@ from crypto_tracer.pipeline.clock import WallClock
 from crypto_tracer.pipeline.enrich import Enricher
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.pipeline.filters.events import EventFilter
-from crypto_tracer.log import is_verbose, log
+from crypto_tracer.log import is_verbose, log, ready
 from crypto_tracer.probes.monitor import MonitorProbe, ProcessFilter, decode
 from crypto_tracer.pipeline.redact import Redactor
 from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
@@ -88,8 +88,7 @@ def run(opts, extra_pids=None, on_ready=None) -> int:
         batch: list[bytes] = []
         ring = probe.open_ring(batch.append)
         probe.attach()
-        log.info("crypto-tracer ready, monitoring started (probes attached in %.0f ms)",
-                 (time.monotonic() - t0) * 1000)
+        ready("monitor", t0)
         if on_ready is not None:
             on_ready()
 

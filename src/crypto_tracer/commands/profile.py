@@ -19,7 +19,7 @@ import time
 from crypto_tracer.host import inventory, proc
 from crypto_tracer.pipeline.clock import now_iso
 from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.log import log
+from crypto_tracer.log import log, ready
 from crypto_tracer.pipeline.profile import PROFILE_VERSION, ProcessProfile
 
 DEFAULT_RINGBUF = 4 << 20  # profile events are few; monitor uses the same default
@@ -82,6 +82,7 @@ class Profiler:
         else:
             proc_filter = ProcessFilter(pid=opts.pid, name=opts.name)
         stop = StopFlag().install()
+        t0 = time.monotonic()
         try:
             self.monitor = MonitorProbe(proc_filter=proc_filter, ringbuf_size=opts.mapsize or DEFAULT_RINGBUF,
                                         follow_children=self.follow)
@@ -96,9 +97,8 @@ class Profiler:
             for pid in pids:
                 self.track(pid, started_before=True)
             started, started_at = time.monotonic(), now_iso()  # the profile covers from here on
-            log.info("Profiling %s for %d s (%d API probes attached)",
-                     f"pid {opts.pid}" if opts.pid else f"processes named '{opts.name}'", opts.duration,
-                     self.api.links)
+            ready("profile", t0, "profiling %s for %d s, %d API probes attached" % (
+                f"pid {opts.pid}" if opts.pid else f"processes named '{opts.name}'", opts.duration, self.api.links))
 
             def handle(raws: list[bytes]) -> None:
                 for raw in raws:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.log import is_verbose, log
+from crypto_tracer.log import is_verbose, log, ready
 
 DEFAULT_RINGBUF = 8 << 20
 
@@ -68,8 +68,7 @@ def run(opts) -> int:
         if not tracer.libraries:
             log.warning("no TLS library found in %s yet; waiting for processes that load one",
                         f"process {opts.pid}" if opts.pid else "running processes")
-        log.info("crypto-tracer ready, tls capture started: %d TLS libraries hooked (%.0f ms)",
-                 len(tracer.libraries), (time.monotonic() - t0) * 1000)
+        ready("tls", t0, f"{len(tracer.libraries)} TLS libraries hooked")
 
         def poll(timeout_ms: int) -> None:
             tracer.poll(timeout_ms)

@@ -7,9 +7,10 @@ the run loop, and the figures at the end.
 from __future__ import annotations
 
 import select
+import time
 
 from crypto_tracer.errors import ExitStatus, TracerError
-from crypto_tracer.log import log
+from crypto_tracer.log import log, ready
 from crypto_tracer.pipeline.stats import DropWarner
 
 
@@ -60,6 +61,7 @@ def run(opts, keylog_path: str | None, packets=None) -> int:
 
         tracer.on(CT_EV_TLS_HANDSHAKE, on_handshake)
     stop = runloop.StopFlag().install()
+    t0 = time.monotonic()
     try:
         if packets is not None:
             packets.start(clock)
@@ -68,7 +70,7 @@ def run(opts, keylog_path: str | None, packets=None) -> int:
             log.warning("no TLS library found yet; processes started from now on are followed")
         what = packets.describe() if packets is not None else \
             f"TLS keys to {keylog_path if keylog_path not in (None, '-') else 'stdout'}"
-        log.info("crypto-tracer ready, writing %s; Ctrl-C to stop", what)
+        ready(f"tls -m {opts.model}", t0, f"writing {what}; Ctrl-C to stop")
         fds = [tracer.epoll_fd] + ([packets.epoll_fd] if packets is not None else [])
 
         def poll(timeout_ms: int) -> None:
