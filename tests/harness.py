@@ -323,9 +323,11 @@ def make_cert(directory, cn: str = "localhost", days: float = 7, key=None, rsa_b
 
 def wait_exec(pid: int, name: str, timeout: float = 10.0) -> None:
     """Wait until process pid runs the program called name (it has exec'd it)."""
-    def running():
+    def running():  # exec switches the exe before it renames the task: wait for both
         try:
-            return os.path.basename(os.readlink(f"/proc/{pid}/exe")) == name
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+            return os.path.basename(os.readlink(f"/proc/{pid}/exe")) == name and comm == name[:15]
         except OSError:
             return False
 
