@@ -10,30 +10,19 @@ import base64
 import os
 import re
 import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tlspeers as tp  # noqa: E402
-from tests import gobuild  # noqa: E402
-from tests.conftest import need_root, need_tool  # noqa: E402
-from tests.tls_helpers import read_keylog  # noqa: E402
+from tests import gobuild
+from tests.e2e import tlspeers as tp
+from tests.harness import data_events, free_port, need_tool, wait_port
+from tests.tls_helpers import read_keylog
 
 pytestmark = pytest.mark.ebpf
 
 MATRIX = gobuild.matrix()
 CASES = [(label, variant) for label in MATRIX for variant in gobuild.VARIANTS]
 SERVER_NAME, CLIENT_NAME = f"{tp.PEER_PREFIX}-gosrv", f"{tp.PEER_PREFIX}-gocli"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    need_root()
-    need_tool("openssl")
-    return tp.make_certs(str(tmp_path_factory.mktemp("certs")))
 
 
 def programs(label, variant, where):
@@ -119,7 +108,7 @@ def http_bodies(raw: bytes) -> list[bytes]:
 def by_connection(events, direction, port_key):
     """{port: bytes} of one side's tls_data events of one direction, per connection."""
     out: dict[int, bytearray] = {}
-    for e in tp.data_events(events, direction=direction):
+    for e in data_events(events, direction=direction):
         out.setdefault(e[port_key], bytearray()).extend(base64.b64decode(e["data_b64"]))
     return {k: bytes(v) for k, v in out.items()}
 
@@ -147,36 +136,9 @@ def check_exact(events, port, body, requests):
             assert all(b == body for b in bodies), f"{direction}: a body differs"
 
 
-class Tracer(tp.Tracer):
-    """tp.Tracer that keeps reading stderr (the debug lines say when a binary is hooked)."""
-
-    def __init__(self, args):
-        super().__init__(args)
-        self._lines = list(self.stderr_lines)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self._lines.append(line)
-
-    def wait_for(self, text, timeout=20):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if any(text in line for line in self._lines):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"no '{text}' from the tracer: {''.join(self._lines)}")
-
-    def stop(self, sig=None):
-        import signal
-
-        time.sleep(0.3)  # as tp.Tracer: the last records reach the ring buffer
-        self.proc.send_signal(sig or signal.SIGINT)
-        out = self.proc.stdout.read() if self.proc.stdout else ""
-        self.proc.wait(60)
-        self._reader.join(10)
-        return out, "".join(self._lines)
+def Tracer(args):
+    """tls on our Go peers only (--name ctpeer), once its probes are attached."""
+    return tp.tls_tracer(args)
 
 
 @pytest.mark.parametrize("label,variant", CASES)
@@ -192,7 +154,7 @@ def test_exact_bodies_both_ways(certs, tmp_path, label, variant):
             path = tmp_path / f"req{i}"
             path.write_bytes(body)
             client(cli, srv.port, "-post", str(path))
-        _, err = tracer.stop()
+        err = tracer.stop().err
     finally:
         srv.stop()
     assert "Events dropped: 0" in err, err
@@ -219,7 +181,7 @@ def test_50_concurrent_connections_every_byte(certs, tmp_path):
     try:
         tracer = Tracer(["-m", "json", "-o", out, "--libssl", progs.client])
         client(cli, srv.port, "-post", str(tmp_path / "req"), "-c", "50", "-n", "200")
-        _, err = tracer.stop()
+        err = tracer.stop().err
     finally:
         srv.stop()
     assert "Events dropped: 0" in err, err
@@ -243,7 +205,7 @@ def test_keylog_equals_keylogwriter(certs, tmp_path, label):
         tracer = Tracer(["-m", "keylog", "-k", ours, "--libssl", progs.client])
         client(cli, srv.port, "-n", "3", "-newconn", keylog=cli_log)
         client(cli, srv.port, "-n", "2", "-newconn", "-tls12", keylog=cli_log)
-        _, err = tracer.stop()
+        err = tracer.stop().err
     finally:
         srv.stop()
     theirs = read_keylog(cli_log)
@@ -269,7 +231,7 @@ def test_pcapng_decrypts_go_session_alone(certs, tmp_path):
     srv = None
     try:
         srv = GoServer(server, cert, key)
-        tracer.wait_for(f"tls: hooked {progs.server}")  # its exec, then its maps
+        assert tracer.wait_stderr(f"tls: hooked {progs.server}", 20), tracer.stderr  # its exec, then its maps
         client(cli, srv.port, "-post", str(tmp_path / "req"))
         tracer.stop()
     finally:
@@ -295,7 +257,7 @@ def test_esbuild_https_serve(certs, tmp_path):
     site.mkdir()
     content = tp.body(10 * 1024, b"esbuild-")
     (site / "page.txt").write_bytes(content)
-    port = tp.free_port()
+    port = free_port()
     link = tmp_path / f"{tp.PEER_PREFIX}-esbuild"
     os.symlink(esbuild, link)
     proc = subprocess.Popen([str(link), f"--servedir={site}", f"--serve=127.0.0.1:{port}", f"--keyfile={key}",
@@ -303,7 +265,7 @@ def test_esbuild_https_serve(certs, tmp_path):
                             stderr=subprocess.DEVNULL)
     out = str(tmp_path / "events.json")
     try:
-        tp.wait_port(port)
+        wait_port(port)
         tracer = Tracer(["-m", "json", "-o", out])
         got = subprocess.run(["curl", "-sk", "--http1.1", f"https://127.0.0.1:{port}/page.txt"], capture_output=True,
                              timeout=30)
