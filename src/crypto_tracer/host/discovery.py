@@ -199,17 +199,7 @@ class Discovery:
     def _go(self, display: str, path: str, key) -> TlsLibrary | None:
         """A Go program with crypto/tls as a TlsLibrary of kind go; None for anything else. One that
         has crypto/tls but cannot be hooked is named here, once (examine() sees each file once)."""
-        f = elf.open_or_none(path)
-        if f is None:
-            return None
-        with f:
-            try:
-                if not gobin.is_go(f):
-                    return None
-                info = gobin.inspect_elf(f, path)
-                has_tls = bool(info.functions) or f.data.find(b"crypto/tls.(*Conn)") >= 0
-            except (ValueError, struct.error, OSError, IndexError):
-                return None
+        info, has_tls = go_binary(path)
         if not has_tls:
             return None
         probes = gobin.tls_probes(path, info)
@@ -274,19 +264,26 @@ def static_tls(path: str) -> dict | None:
     return _static_cache[key]
 
 
-def go_static_tls(path: str) -> dict | None:
-    """{library: "go", symbols: the crypto/tls functions found, version: "go1.22.10" (or the range
-    the pclntab implies, or None)} for a Go program that carries crypto/tls, else None."""
+def go_binary(path: str) -> tuple[gobin.GoBinary | None, bool]:
+    """(what gobin reads of a Go program, whether it carries crypto/tls); (None, False) for
+    anything else or an unreadable file."""
     f = elf.open_or_none(path)
     if f is None:
-        return None
+        return None, False
     with f:
         try:
             if not gobin.is_go(f):
-                return None
+                return None, False
             info = gobin.inspect_elf(f, path)
+            return info, bool(info.functions) or f.data.find(b"crypto/tls.(*Conn)") >= 0
         except (ValueError, struct.error, OSError, IndexError):
-            return None
+            return None, False
+
+
+def go_static_tls(path: str) -> dict | None:
+    """{library: "go", symbols: the crypto/tls functions found, version: "go1.22.10" (or the range
+    the pclntab implies, or None)} for a Go program that carries crypto/tls, else None."""
+    info, _ = go_binary(path)
     if info is None or not info.functions:
         return None
     return {"library": GO, "symbols": sorted(info.functions), "version": info.version or info.version_range}
