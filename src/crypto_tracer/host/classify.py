@@ -194,6 +194,8 @@ def library_version(path: str, name: str | None = None) -> str | None:
     if key in _version_cache:
         return _version_cache[key]
     version = _read_version(path, name)
+    if version is None and not os.path.exists(path):
+        return None  # gone while read (a /proc/PID/root path whose process exited): nothing learned
     if version is None and name == "libssl":
         sibling = re.sub(r"libssl(\.so)", r"libcrypto\1", path)
         if sibling != path:
