@@ -114,13 +114,15 @@ def file_entry(f: dict) -> dict:
 
 def summarize(processes: list[dict]) -> dict:
     """Unique counts across processes (a library mapped by ten processes counts once)."""
-    libraries: dict[str, dict] = {}
+    # a library is its path and version: the same path in a container or chroot can be another build
+    libraries: dict[tuple, dict] = {}
     files: dict[str, dict] = {}
     flags: dict[str, set] = {}
     static = 0
     for p in processes:
         for lib in p["libraries"]:
-            entry = libraries.setdefault(lib["path"], {"name": lib["name"], "version": lib["version"], "pids": set()})
+            entry = libraries.setdefault((lib["path"], lib["version"] or ""),
+                                         {"name": lib["name"], "version": lib["version"], "pids": set()})
             entry["pids"].add(p["pid"])
         for f in p["open_crypto_files"]:
             entry = files.setdefault(f["path"], {"type": f["type"], "pids": set()})
@@ -145,6 +147,6 @@ def summarize(processes: list[dict]) -> dict:
         "files_by_type": dict(sorted(by_type.items())),
         "file_flags": {flag: len(paths) for flag, paths in sorted(flags.items())},
         "libraries": [{"path": path, "name": lib["name"], "version": lib["version"], "processes": len(lib["pids"])}
-                      for path, lib in sorted(libraries.items())],
+                      for (path, _), lib in sorted(libraries.items())],
         "files": [{"path": path, "type": f["type"], "processes": len(f["pids"])} for path, f in sorted(files.items())],
     }
