@@ -5,8 +5,9 @@
  * reverses them and joins with '/'. The walk crosses mount points and stops at the given
  * root (the task's fs->root, as d_path does: paths as the process itself sees them, also
  * in a chroot) or else at the root of the mount tree (container paths in containers).
- * It runs under bpf_loop, so the verifier checks one step, not every depth: that keeps
- * load time (start-up) short however many walks a program does.
+ * It runs under bpf_loop, so the verifier checks one step, not every depth, inside a global
+ * subprogram verified once per program: that keeps load time (start-up) short however many
+ * walks a program does.
  *
  * The includer provides `static void *ct_path_area(void)` (per-CPU scratch memory of
  * CT_PATH_AREA_SIZE bytes) before including this file; walks write at an offset into it.
@@ -74,22 +75,35 @@ static long ct_walk_step(__u32 i, struct ct_walk *w)
 	return 0;
 }
 
+/* The walk proper, a global (non-inline) subprogram: the verifier checks it once per program
+ * with unknown arguments, not once per call site in each caller's state (several walks per
+ * program, each with its branches on the root, had made monitor's load ~3x slower).
+ * Arguments are plain addresses; returns parts << 16 | bytes written (both bounded). */
+__noinline int ct_walk_path_g(__u64 dentry, __u64 vfsmnt, __u64 root_dentry, __u64 root_vfsmnt, __u32 offset)
+{
+	struct ct_walk w = {
+		.dentry = dentry,
+		.mnt = (__u64)ct_real_mount((struct vfsmount *)vfsmnt),
+		.root_dentry = root_dentry,
+		.root_mnt = root_dentry ? (__u64)ct_real_mount((struct vfsmount *)root_vfsmnt) : 0,
+		.pos = offset,
+		.end = offset + CT_PATH_BUF,
+	};
+	bpf_loop(CT_PATH_DEPTH, ct_walk_step, &w, 0);
+	__u32 len = w.pos - offset;
+	if (len > CT_PATH_BUF)
+		len = CT_PATH_BUF;
+	return (int)((w.parts & 0xff) << 16 | len);
+}
+
 /* Walk from (dentry, vfsmnt) up to root (root->dentry NULL: the top of the mount tree),
  * writing at `offset` of the scratch area, at most CT_PATH_BUF bytes of components (plus
  * the last one's overflow, below CT_NAME_MAX). */
 static __always_inline struct ct_path_result ct_walk_path(struct dentry *dentry, struct vfsmount *vfsmnt,
 							  const struct path *root, __u32 offset)
 {
-	struct ct_walk w = {
-		.dentry = (__u64)dentry,
-		.mnt = (__u64)ct_real_mount(vfsmnt),
-		.root_dentry = (__u64)root->dentry,
-		.root_mnt = root->dentry ? (__u64)ct_real_mount(root->mnt) : 0,
-		.pos = offset,
-		.end = offset + CT_PATH_BUF,
-	};
-	bpf_loop(CT_PATH_DEPTH, ct_walk_step, &w, 0);
-	struct ct_path_result r = {.len = w.pos - offset, .parts = w.parts};
+	__u32 v = ct_walk_path_g((__u64)dentry, (__u64)vfsmnt, (__u64)root->dentry, (__u64)root->mnt, offset);
+	struct ct_path_result r = {.len = v & 0xffff, .parts = (v >> 16) & 0xff};
 	if (r.len > CT_PATH_BUF)
 		r.len = CT_PATH_BUF;
 	return r;
