@@ -40,7 +40,7 @@ struct go_read_stash {
 	__u8 filtered;
 };
 
-/* (tgid, goroutine) -> the Read in progress. LRU: a goroutine that never returns leaves it. */
+/* (tgid, goroutine) -> the Read in progress (conn 0: none). LRU: idle goroutines' entries age out. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -82,8 +82,9 @@ struct go_keylog_rec {
 #endif
 #define go_reg_g(ctx) GO_REG(ctx, r14)
 
-/* The socket fd behind a *tls.Conn, or -1 when the chain does not lead to a TCP socket. */
-static __always_inline int go_conn_fd(__u64 conn)
+/* The socket behind a *tls.Conn: its fd, or -1 when the chain does not lead to a TCP socket, and
+ * (fd >= 0) its sock in *skp: one walk of the fd table serves the fd check and the 4-tuple. */
+static __always_inline int go_conn_sock(__u64 conn, struct sock **skp)
 {
 	__u64 tcpconn = 0, netfd = 0;
 	__s64 sysfd = -1;
@@ -98,7 +99,21 @@ static __always_inline int go_conn_fd(__u64 conn)
 	sk = fd_sock((int)sysfd);
 	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP_)
 		return -1;
+	*skp = sk;
 	return (int)sysfd;
+}
+
+/* fd and 4-tuple of a *tls.Conn (fd -1 and family 0 when unknown). */
+static __always_inline int go_conn_fill(__u64 conn, struct conn *c)
+{
+	struct sock *sk = NULL;
+	int fd = go_conn_sock(conn, &sk);
+
+	c->family = 0;
+	if (fd < 0)
+		return -1;
+	fill_conn_sk(c, sk);
+	return c->family ? fd : -1;
 }
 
 /* One call's plaintext, chunked like the other libraries' (tls_data_return). */
@@ -110,10 +125,7 @@ static __always_inline void go_emit(__u64 conn, __u64 buf, __u64 length, __u32 f
 
 	if (!cfg || !cfg->capture_data || !length)
 		return;
-	cc.fd = go_conn_fd(conn);
-	fill_conn(&cc.c, cc.fd);
-	if (cc.c.family == 0)
-		cc.fd = -1;
+	cc.fd = go_conn_fill(conn, &cc.c);
 	cc.ssl = conn;
 	cc.buf = buf;
 	cc.func = func;
@@ -180,16 +192,24 @@ int go_write(struct pt_regs *ctx)
 	return 0;
 }
 
+/* A goroutine's entry stays in go_stash between its Reads (conn 0: none in progress) and is
+ * rewritten in place: a keep-alive connection's reader goroutine makes no map update or delete
+ * per call (an LRU update costs ~300 ns). */
 SEC("uprobe")
 int go_read_enter(struct pt_regs *ctx)
 {
 	struct go_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .g = go_reg_g(ctx)};
 	struct go_read_stash st = {.conn = GO_REG(ctx, ax), .buf = GO_REG(ctx, bx), .cookie = bpf_get_attach_cookie(ctx)};
+	struct go_read_stash *stp;
 
-	if (!key.g)
+	if (!key.g || !st.conn)
 		return 0;
 	st.filtered = !go_wanted();
-	bpf_map_update_elem(&go_stash, &key, &st, BPF_ANY);
+	stp = bpf_map_lookup_elem(&go_stash, &key);
+	if (stp)
+		*stp = st;
+	else
+		bpf_map_update_elem(&go_stash, &key, &st, BPF_ANY);
 	return 0;
 }
 
@@ -201,10 +221,10 @@ int go_read_ret(struct pt_regs *ctx)
 	struct go_read_stash st;
 	__s64 n = (__s64)GO_REG(ctx, ax);
 
-	if (!stp)
+	if (!stp || !stp->conn)
 		return 0;
 	st = *stp;
-	bpf_map_delete_elem(&go_stash, &key);
+	stp->conn = 0; /* consumed */
 	if (n <= 0 || n > 0x7fffffff)
 		return 0;
 	if (st.filtered) {
@@ -229,10 +249,7 @@ int go_keylog(struct pt_regs *ctx)
 	rec.fd = -1;
 	if (conn) {
 		rec.conn = *conn;
-		rec.fd = go_conn_fd(rec.conn);
-		fill_conn(&rec.c, rec.fd);
-		if (rec.c.family == 0)
-			rec.fd = -1;
+		rec.fd = go_conn_fill(rec.conn, &rec.c);
 	}
 	rec.label_len = GO_REG(ctx, cx);
 	rec.random_len = GO_REG(ctx, si);

@@ -245,9 +245,8 @@ static __always_inline struct sock *fd_sock(int fd)
 	return BPF_CORE_READ(sock, sk);
 }
 
-static __always_inline void fill_conn(struct conn *c, int fd)
+static __always_inline void fill_conn_sk(struct conn *c, struct sock *sk)
 {
-	struct sock *sk = fd_sock(fd);
 	__u16 family;
 
 	c->family = 0;
@@ -270,11 +269,23 @@ static __always_inline void fill_conn(struct conn *c, int fd)
 	c->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 }
 
+static __always_inline void fill_conn(struct conn *c, int fd)
+{
+	fill_conn_sk(c, fd_sock(fd));
+}
+
 /* --- nested syscalls: the fd of the TLS call in progress ---------------------------------- */
 
 static __always_inline void note_fd(int fd, bool is_write)
 {
 	__u64 id = bpf_get_current_pid_tgid();
+	__u32 zero = 0;
+	struct ct_filter *f = bpf_map_lookup_elem(&filter, &zero);
+
+	/* --pid: the uprobes are attached for that process only, so no other has a call in
+	 * progress or a pending bind (skips the three lookups for everyone else's I/O) */
+	if (f && f->pid && f->pid != id >> 32)
+		return;
 	struct stash *st = bpf_map_lookup_elem(&data_stash, &id);
 
 	if (!st)
