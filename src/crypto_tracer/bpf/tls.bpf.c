@@ -757,13 +757,14 @@ static __always_inline void mmap_seen(__u64 prot, long fd)
 		emit_ctrl(CT_EV_LIB_LOAD, (const char *)dname);
 }
 
-/* Syscall numbers of the calls that carry a TLS connection's fd, and mmap. */
+/* Syscall numbers of the calls that carry a TLS connection's fd, mmap, and the ones that end an
+ * fd's socket (close, dup2/dup3 onto it: go_sock). */
 #if defined(__TARGET_ARCH_arm64)
 enum { NR_READ = 63, NR_WRITE = 64, NR_READV = 65, NR_WRITEV = 66, NR_SENDTO = 206, NR_RECVFROM = 207,
-       NR_SENDMSG = 211, NR_RECVMSG = 212, NR_MMAP = 222 };
+       NR_SENDMSG = 211, NR_RECVMSG = 212, NR_MMAP = 222, NR_CLOSE = 57, NR_DUP2 = -2, NR_DUP3 = 24 };
 #else
 enum { NR_READ = 0, NR_WRITE = 1, NR_MMAP = 9, NR_READV = 19, NR_WRITEV = 20, NR_SENDTO = 44,
-       NR_RECVFROM = 45, NR_SENDMSG = 46, NR_RECVMSG = 47 };
+       NR_RECVFROM = 45, NR_SENDMSG = 46, NR_RECVMSG = 47, NR_CLOSE = 3, NR_DUP2 = 33, NR_DUP3 = 292 };
 #endif
 
 /* One raw tracepoint for every syscall of interest: one link to attach and detach instead of
@@ -777,6 +778,12 @@ int BPF_PROG(tls_sys_enter, struct pt_regs *regs, long id)
 		break;
 	case NR_WRITE: case NR_WRITEV: case NR_SENDTO: case NR_SENDMSG:
 		note_fd((int)PT_REGS_PARM1_CORE_SYSCALL(regs), true);
+		break;
+	case NR_CLOSE:
+		go_sock_forget((int)PT_REGS_PARM1_CORE_SYSCALL(regs));
+		break;
+	case NR_DUP2: case NR_DUP3:
+		go_sock_forget((int)PT_REGS_PARM2_CORE_SYSCALL(regs));
 		break;
 	case NR_MMAP:
 		mmap_seen(PT_REGS_PARM3_CORE_SYSCALL(regs), (long)PT_REGS_PARM5_CORE_SYSCALL(regs));
