@@ -70,7 +70,8 @@ class EmptyFloor:
 
 IN_PROCESS = r"""
 import signal, sys
-from crypto_tracer.probes.tls import TlsTracer, CT_EV_TLS_DATA
+from crypto_tracer.probes.common import CT_EV_TLS_DATA
+from crypto_tracer.probes.tls import TlsTracer
 count = [0]
 t = TlsTracer(capture_data=sys.argv[1] == "count")
 t.on(CT_EV_TLS_DATA, lambda raw: count.__setitem__(0, count[0] + 1))
@@ -130,18 +131,18 @@ def main() -> int:
     for tool in ("nginx", "wrk", "openssl"):
         if not shutil.which(tool):
             sys.exit(f"needs {tool}: apt-get install nginx wrk openssl")
-    import tlspeers
+    from harness import make_cert, nginx_conf, wait_port
 
     tmp = tempfile.mkdtemp(prefix="bench-tls-")
-    cert, key = tlspeers.make_certs(tmp)
-    nginx = subprocess.Popen(["nginx", "-c", tlspeers.nginx_conf(tmp, PORT, cert, key), "-p", tmp],
+    cert, key = make_cert(tmp)
+    nginx = subprocess.Popen(["nginx", "-c", nginx_conf(tmp, PORT, cert, key), "-p", tmp],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # hooks: the real programs with data capture off (what the kernel side costs alone);
     # count: capture on, but user space only counts records (no decoding, no output).
     modes = ("untraced", "floor", "hooks", "count", "text", "json", "text-pid", "json-pid")
     results: dict[str, list[dict]] = {m: [] for m in modes}
     try:
-        tlspeers.wait_port(PORT)
+        wait_port(PORT)
         time.sleep(0.3)
         worker = int(subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()[0])
         wrk(1)  # warm-up

@@ -24,22 +24,22 @@ import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "src"))
-sys.path.insert(0, os.path.join(REPO, "tests", "e2e"))
+sys.path.insert(0, REPO)
 PORT = 18441
 
 
 def record(path: str, seconds: int) -> None:
-    import tlspeers
+    from tests.harness import make_cert, nginx_conf, wait_port
     from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE
     from crypto_tracer.probes.tls import TlsTracer
 
     tmp = tempfile.mkdtemp(prefix="bench-tls-decode-")
-    cert, key = tlspeers.make_certs(tmp)
-    nginx = subprocess.Popen(["nginx", "-c", tlspeers.nginx_conf(tmp, PORT, cert, key), "-p", tmp],
+    cert, key = make_cert(tmp)
+    nginx = subprocess.Popen(["nginx", "-c", nginx_conf(tmp, PORT, cert, key), "-p", tmp],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     raws: list[bytes] = []
     try:
-        tlspeers.wait_port(PORT)
+        wait_port(PORT)
         t = TlsTracer(capture_data=True)
         t.on(CT_EV_TLS_DATA, raws.append)
         t.on(CT_EV_TLS_HANDSHAKE, raws.append)

@@ -29,6 +29,7 @@ def test_go_tls_found(label, variant):
     read = info.functions[gobin.READ]
     rets, _ = gobin.ret_offsets(progs.server, read)
     assert lib.go_probes["go_read_ret"] == rets
+    assert gobin.tls_probes(progs.server, info).offsets == lib.go_probes  # in-process = the child's (discovery)
     for prog, func in (("go_write", gobin.WRITE_RECORD), ("go_read_enter", gobin.READ),
                        ("go_keylog", gobin.WRITE_KEYLOG)):
         f = info.functions[func]

@@ -19,7 +19,7 @@
  * fd: tls.Conn.conn (net.Conn interface, data word at +8) -> *net.TCPConn -> *netFD (+0) ->
  * poll.FD.Sysfd (+16), the same from Go 1.18 to 1.27. It is used only when it names a TCP socket
  * of the calling process (else fd and addresses are unknown, never guessed); the 4-tuple comes
- * from the kernel's socket.
+ * from the kernel's socket, cached per (tgid, fd) while the fd holds the same open file (go_sock).
  */
 #ifndef CT_GO_TLS_H
 #define CT_GO_TLS_H
@@ -40,7 +40,7 @@ struct go_read_stash {
 	__u8 filtered;
 };
 
-/* (tgid, goroutine) -> the Read in progress. LRU: a goroutine that never returns leaves it. */
+/* (tgid, goroutine) -> the Read in progress (conn 0: none). LRU: idle goroutines' entries age out. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -82,23 +82,85 @@ struct go_keylog_rec {
 #endif
 #define go_reg_g(ctx) GO_REG(ctx, r14)
 
-/* The socket fd behind a *tls.Conn, or -1 when the chain does not lead to a TCP socket. */
-static __always_inline int go_conn_fd(__u64 conn)
+struct go_sock_key {
+	__u32 tgid;
+	__s32 fd;
+};
+
+/* What makes a cached 4-tuple still this fd's: the same open file of the same program (mm: an
+ * exec makes a new one while the old still exists) of the same process (the leader's start time:
+ * pids are reused). An explicit close or dup2/dup3 onto the fd deletes the entry (tls_sys_enter),
+ * so a file freed and reallocated at the same address under the same fd is not mistaken. */
+struct go_sock_val {
+	__u64 file;
+	__u64 mm;
+	__u64 start;
+	struct conn c;
+};
+
+/* (tgid, fd) -> the connected TCP socket's 4-tuple, so that a call costs one fd-table lookup
+ * instead of the socket walk and address reads. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct go_sock_key);
+	__type(value, struct go_sock_val);
+} go_sock SEC(".maps");
+
+/* fd and 4-tuple of a *tls.Conn (fd -1 and family 0 when unknown). fd: tls.Conn.conn -> netFD ->
+ * Sysfd, read per call (the Conn's address is reused after GC); it counts only when it is a TCP
+ * socket of the calling process. */
+static __always_inline int go_conn_fill(__u64 conn, struct conn *c)
 {
 	__u64 tcpconn = 0, netfd = 0;
 	__s64 sysfd = -1;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct go_sock_val v = {}, *cached;
+	struct socket *sock;
 	struct sock *sk;
+	struct file *f;
 
+	c->family = 0;
 	if (bpf_probe_read_user(&tcpconn, sizeof(tcpconn), (void *)(conn + 8)) || !tcpconn)
 		return -1;
 	if (bpf_probe_read_user(&netfd, sizeof(netfd), (void *)tcpconn) || !netfd)
 		return -1;
 	if (bpf_probe_read_user(&sysfd, sizeof(sysfd), (void *)(netfd + 16)) || sysfd < 0 || sysfd > 0x7fffffff)
 		return -1;
-	sk = fd_sock((int)sysfd);
+	f = fd_file((int)sysfd);
+	if (!f)
+		return -1;
+	struct go_sock_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = (__s32)sysfd};
+	v.file = (__u64)f;
+	v.mm = (__u64)BPF_CORE_READ(task, mm);
+	v.start = BPF_CORE_READ(task, group_leader, start_time);
+	cached = bpf_map_lookup_elem(&go_sock, &key);
+	if (cached && cached->file == v.file && cached->mm == v.mm && cached->start == v.start) {
+		*c = cached->c;
+		return (int)sysfd;
+	}
+	sock = BPF_CORE_READ(f, private_data);
+	if (!sock || BPF_CORE_READ(sock, file) != f)
+		return -1;
+	sk = BPF_CORE_READ(sock, sk);
 	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP_)
 		return -1;
+	fill_conn_sk(c, sk);
+	if (!c->family)
+		return -1;
+	if (c->rport) { /* connected: its 4-tuple stays until close */
+		v.c = *c;
+		bpf_map_update_elem(&go_sock, &key, &v, BPF_ANY);
+	}
 	return (int)sysfd;
+}
+
+/* close(fd), dup2/dup3 onto fd: the cached 4-tuple of (tgid, fd) is no longer the fd's. */
+static __always_inline void go_sock_forget(int fd)
+{
+	struct go_sock_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = fd};
+
+	bpf_map_delete_elem(&go_sock, &key);
 }
 
 /* One call's plaintext, chunked like the other libraries' (tls_data_return). */
@@ -110,10 +172,7 @@ static __always_inline void go_emit(__u64 conn, __u64 buf, __u64 length, __u32 f
 
 	if (!cfg || !cfg->capture_data || !length)
 		return;
-	cc.fd = go_conn_fd(conn);
-	fill_conn(&cc.c, cc.fd);
-	if (cc.c.family == 0)
-		cc.fd = -1;
+	cc.fd = go_conn_fill(conn, &cc.c);
 	cc.ssl = conn;
 	cc.buf = buf;
 	cc.func = func;
@@ -180,16 +239,24 @@ int go_write(struct pt_regs *ctx)
 	return 0;
 }
 
+/* A goroutine's entry stays in go_stash between its Reads (conn 0: none in progress) and is
+ * rewritten in place: a keep-alive connection's reader goroutine makes no map update or delete
+ * per call (an LRU update costs ~300 ns). */
 SEC("uprobe")
 int go_read_enter(struct pt_regs *ctx)
 {
 	struct go_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .g = go_reg_g(ctx)};
 	struct go_read_stash st = {.conn = GO_REG(ctx, ax), .buf = GO_REG(ctx, bx), .cookie = bpf_get_attach_cookie(ctx)};
+	struct go_read_stash *stp;
 
-	if (!key.g)
+	if (!key.g || !st.conn)
 		return 0;
 	st.filtered = !go_wanted();
-	bpf_map_update_elem(&go_stash, &key, &st, BPF_ANY);
+	stp = bpf_map_lookup_elem(&go_stash, &key);
+	if (stp)
+		*stp = st;
+	else
+		bpf_map_update_elem(&go_stash, &key, &st, BPF_ANY);
 	return 0;
 }
 
@@ -201,10 +268,10 @@ int go_read_ret(struct pt_regs *ctx)
 	struct go_read_stash st;
 	__s64 n = (__s64)GO_REG(ctx, ax);
 
-	if (!stp)
+	if (!stp || !stp->conn)
 		return 0;
 	st = *stp;
-	bpf_map_delete_elem(&go_stash, &key);
+	stp->conn = 0; /* consumed */
 	if (n <= 0 || n > 0x7fffffff)
 		return 0;
 	if (st.filtered) {
@@ -229,10 +296,7 @@ int go_keylog(struct pt_regs *ctx)
 	rec.fd = -1;
 	if (conn) {
 		rec.conn = *conn;
-		rec.fd = go_conn_fd(rec.conn);
-		fill_conn(&rec.c, rec.fd);
-		if (rec.c.family == 0)
-			rec.fd = -1;
+		rec.fd = go_conn_fill(rec.conn, &rec.c);
 	}
 	rec.label_len = GO_REG(ctx, cx);
 	rec.random_len = GO_REG(ctx, si);

@@ -245,9 +245,8 @@ static __always_inline struct sock *fd_sock(int fd)
 	return BPF_CORE_READ(sock, sk);
 }
 
-static __always_inline void fill_conn(struct conn *c, int fd)
+static __always_inline void fill_conn_sk(struct conn *c, struct sock *sk)
 {
-	struct sock *sk = fd_sock(fd);
 	__u16 family;
 
 	c->family = 0;
@@ -270,11 +269,23 @@ static __always_inline void fill_conn(struct conn *c, int fd)
 	c->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 }
 
+static __always_inline void fill_conn(struct conn *c, int fd)
+{
+	fill_conn_sk(c, fd_sock(fd));
+}
+
 /* --- nested syscalls: the fd of the TLS call in progress ---------------------------------- */
 
 static __always_inline void note_fd(int fd, bool is_write)
 {
 	__u64 id = bpf_get_current_pid_tgid();
+	__u32 zero = 0;
+	struct ct_filter *f = bpf_map_lookup_elem(&filter, &zero);
+
+	/* --pid: the uprobes are attached for that process only, so no other has a call in
+	 * progress or a pending bind (skips the three lookups for everyone else's I/O) */
+	if (f && f->pid && f->pid != id >> 32)
+		return;
 	struct stash *st = bpf_map_lookup_elem(&data_stash, &id);
 
 	if (!st)
@@ -746,13 +757,14 @@ static __always_inline void mmap_seen(__u64 prot, long fd)
 		emit_ctrl(CT_EV_LIB_LOAD, (const char *)dname);
 }
 
-/* Syscall numbers of the calls that carry a TLS connection's fd, and mmap. */
+/* Syscall numbers of the calls that carry a TLS connection's fd, mmap, and the ones that end an
+ * fd's socket (close, dup2/dup3 onto it: go_sock). */
 #if defined(__TARGET_ARCH_arm64)
 enum { NR_READ = 63, NR_WRITE = 64, NR_READV = 65, NR_WRITEV = 66, NR_SENDTO = 206, NR_RECVFROM = 207,
-       NR_SENDMSG = 211, NR_RECVMSG = 212, NR_MMAP = 222 };
+       NR_SENDMSG = 211, NR_RECVMSG = 212, NR_MMAP = 222, NR_CLOSE = 57, NR_DUP2 = -2, NR_DUP3 = 24 };
 #else
 enum { NR_READ = 0, NR_WRITE = 1, NR_MMAP = 9, NR_READV = 19, NR_WRITEV = 20, NR_SENDTO = 44,
-       NR_RECVFROM = 45, NR_SENDMSG = 46, NR_RECVMSG = 47 };
+       NR_RECVFROM = 45, NR_SENDMSG = 46, NR_RECVMSG = 47, NR_CLOSE = 3, NR_DUP2 = 33, NR_DUP3 = 292 };
 #endif
 
 /* One raw tracepoint for every syscall of interest: one link to attach and detach instead of
@@ -766,6 +778,12 @@ int BPF_PROG(tls_sys_enter, struct pt_regs *regs, long id)
 		break;
 	case NR_WRITE: case NR_WRITEV: case NR_SENDTO: case NR_SENDMSG:
 		note_fd((int)PT_REGS_PARM1_CORE_SYSCALL(regs), true);
+		break;
+	case NR_CLOSE:
+		go_sock_forget((int)PT_REGS_PARM1_CORE_SYSCALL(regs));
+		break;
+	case NR_DUP2: case NR_DUP3:
+		go_sock_forget((int)PT_REGS_PARM2_CORE_SYSCALL(regs));
 		break;
 	case NR_MMAP:
 		mmap_seen(PT_REGS_PARM3_CORE_SYSCALL(regs), (long)PT_REGS_PARM5_CORE_SYSCALL(regs));

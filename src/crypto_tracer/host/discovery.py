@@ -202,7 +202,7 @@ class Discovery:
         info, has_tls = go_binary(path)
         if not has_tls:
             return None
-        probes = gobin.tls_probes(path, info)
+        probes = gobin.tls_probes(path, info, isolated=True)
         if probes.reason is not None:
             self.go_unhookable.append((display, probes.reason))
             log.warning("Go TLS of %s is not traced: %s", display, probes.reason)

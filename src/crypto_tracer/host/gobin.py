@@ -448,28 +448,62 @@ class GoProbes:
     reason: str | None = None
 
 
-def tls_probes(path: str, info: GoBinary | None = None) -> GoProbes | None:
+def tls_probes(path: str, info: GoBinary | None = None, isolated: bool = False) -> GoProbes | None:
     """The offsets of bpf/go_tls.h's programs in the Go binary at path (None: not Go); reason set
     when it cannot be hooked. go_write/go_read_enter/go_keylog after the stack check, go_read_ret at
-    every RET of (*Conn).Read."""
+    every RET of (*Conn).Read. isolated: disassemble in a child process, so capstone (~8 MB resident
+    once loaded) never enters the caller's memory (the tracer's RSS budget)."""
     info = info or inspect(path)
     if info is None:
         return None
     probes = GoProbes(info, reason=info.reason)
     if info.reason is not None:
         return probes
+    funcs = {name: info.functions[name] for name in (READ, WRITE_RECORD, WRITE_KEYLOG)}
+    if isolated:
+        probes.offsets, probes.reason = _probe_offsets_child(path, funcs)
+    else:
+        probes.offsets, probes.reason = _probe_offsets(path, funcs)
+    return probes
+
+
+def _probe_offsets(path: str, funcs: dict[str, GoFunc]) -> tuple[dict[str, list[int]], str | None]:
     f = elfmod.open_or_none(path)
     if f is None:
-        probes.reason = "unreadable"
-        return probes
+        return {}, "unreadable"
     with f:
-        read = info.functions[READ]
+        read = funcs[READ]
         rets, why = ret_offsets(f, read)
         if rets is None:
-            probes.reason = why
-            return probes
-        probes.offsets = {"go_write": [body_offset(f, info.functions[WRITE_RECORD])],
-                          "go_read_enter": [body_offset(f, read)],
-                          "go_read_ret": rets,
-                          "go_keylog": [body_offset(f, info.functions[WRITE_KEYLOG])]}
-    return probes
+            return {}, why
+        return {"go_write": [body_offset(f, funcs[WRITE_RECORD])],
+                "go_read_enter": [body_offset(f, read)],
+                "go_read_ret": rets,
+                "go_keylog": [body_offset(f, funcs[WRITE_KEYLOG])]}, None
+
+
+_CHILD = """
+import json, sys
+sys.path[:0] = json.loads(sys.argv[1])
+from crypto_tracer.host import gobin
+funcs = {k: gobin.GoFunc(*v) for k, v in json.loads(sys.stdin.read()).items()}
+print(json.dumps(gobin._probe_offsets(sys.argv[2], funcs)))
+"""
+
+
+def _probe_offsets_child(path: str, funcs: dict[str, GoFunc]) -> tuple[dict[str, list[int]], str | None]:
+    import json
+    import subprocess
+    import sys
+
+    arg = {k: [f.name, f.address, f.size, f.offset, f.source] for k, f in funcs.items()}
+    try:
+        out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(sys.path), path], input=json.dumps(arg),
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {}, f"disassembly: {exc}"
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        return {}, f"disassembly failed: {lines[-1] if lines else out.returncode}"
+    offsets, reason = json.loads(out.stdout)
+    return offsets, reason
