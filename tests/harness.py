@@ -323,11 +323,13 @@ def make_cert(directory, cn: str = "localhost", days: float = 7, key=None, rsa_b
 
 def wait_exec(pid: int, name: str, timeout: float = 10.0) -> None:
     """Wait until process pid runs the program called name (it has exec'd it)."""
-    def running():  # exec switches the exe before it renames the task: wait for both
+    def running():  # exec switches the exe, then renames the task, then lays out its arguments
         try:
             with open(f"/proc/{pid}/comm") as f:
                 comm = f.read().strip()
-            return os.path.basename(os.readlink(f"/proc/{pid}/exe")) == name and comm == name[:15]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read()
+            return os.path.basename(os.readlink(f"/proc/{pid}/exe")) == name and comm == name[:15] and bool(args)
         except OSError:
             return False
 
