@@ -54,7 +54,7 @@ class _Watch:
     __slots__ = ("slot", "since", "next_at", "last")
 
     def __init__(self, slot: int, now: float):
-        self.slot, self.since, self.next_at = slot, now, now
+        self.slot, self.since, self.next_at = slot, now, 0.0  # read at the next poll
         self.last: KeyMaterial | None = None
 
 
@@ -88,12 +88,13 @@ class PendingObjects:
 
     def poll(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        if not self.watch or now < self._next:
+        slack = POLL_S / 2  # the loop's timer may fire a little early: do not skip a whole cycle
+        if not self.watch or now < self._next - slack:
             return
         self._next = now + POLL_S
         readers: dict[int, Callable[[int, int], bytes]] = {}
         for key, w in list(self.watch.items()):
-            if now < w.next_at:
+            if now < w.next_at - slack:
                 continue
             pid, ssl = key
             read = readers.get(pid)
