@@ -39,6 +39,7 @@ enum ct_event_type {
 	CT_EV_PACKET = 9,
 	CT_EV_CONNECT = 10,
 	CT_EV_TLS_KEYLINE = 11, /* one key log line (Go's writeKeyLog) */
+	CT_EV_TLS_OBJECT = 12,  /* an SSL object created or freed (bpf/tls_keys.h) */
 };
 
 enum ct_counter {

@@ -697,14 +697,59 @@ int BPF_KRETPROBE(tls_hs_return, long ret)
 	return 0;
 }
 
-/* SSL_free: forget the SSL*'s fd (the address is reused by the next connection). */
+static __always_inline void emit_object(__u64 ssl, __u32 slot, __u32 event)
+{
+	struct ct_tls_obj_rec rec = {};
+
+	ct_fill_header(&rec.h, CT_EV_TLS_OBJECT);
+	rec.ssl = ssl;
+	rec.slot = slot;
+	rec.event = event;
+	if (bpf_ringbuf_output(&events, &rec, sizeof(rec), BPF_RB_NO_WAKEUP))
+		ct_count(CT_CNT_CTRL_DROPPED);
+}
+
+/* SSL_free: the object is intact here, so its secrets are read one last time (a session shorter
+ * than user space's polling, or never polled); then its fd is forgotten (the address is reused by
+ * the next connection). */
 SEC("uprobe")
 int BPF_KPROBE(tls_free, void *ssl)
 {
 	struct ssl_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .ssl = (__u64)ssl};
+	struct ct_keys_done_key pkey = {.ssl = (__u64)ssl, .tgid = key.tgid};
+	struct ct_keys_pending_val *pv = bpf_map_lookup_elem(&keys_pending, &pkey);
+	int status = tls_keys_on_return(ctx, (__u64)ssl, CT_LIB_OPENSSL);
 
+	if (pv) {
+		emit_object((__u64)ssl, pv->slot, status == CT_KEYS_INCOMPLETE ? CT_OBJ_FREE_INCOMPLETE : CT_OBJ_FREE);
+		bpf_map_delete_elem(&keys_pending, &pkey);
+	}
 	bpf_map_delete_elem(&ssl_fd, &key);
 	bpf_map_delete_elem(&sessions, &key);
+	return 0;
+}
+
+/* SSL_new's return (key modes only): the object joins keys_pending and user space is told, so it
+ * can read the secrets of handshakes that no hooked function returns from (node: inside SSL_write). */
+SEC("uretprobe")
+int BPF_KRETPROBE(tls_new_return, long ret)
+{
+	__u32 slot = CT_TLS_KEYS_SLOT(bpf_get_attach_cookie(ctx));
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	struct ct_keys_done_key pkey = {.ssl = (__u64)ret, .tgid = tgid};
+	struct ct_keys_pending_val val = {.slot = slot, .lib_kind = CT_LIB_OPENSSL};
+	char comm[CT_COMM_LEN];
+	__u8 one = 1;
+
+	if (!ret || !slot)
+		return 0;
+	bpf_get_current_comm(comm, sizeof(comm));
+	if (!ct_process_wanted(tgid, (__u32)bpf_get_current_uid_gid(), comm))
+		return 0;
+	bpf_map_update_elem(&keys_pending, &pkey, &val, BPF_ANY);
+	bpf_map_update_elem(&keys_pending_tgid, &tgid, &one, BPF_ANY);
+	emit_object((__u64)ret, slot, CT_OBJ_NEW);
 	return 0;
 }
 
@@ -761,10 +806,12 @@ static __always_inline void mmap_seen(__u64 prot, long fd)
  * fd's socket (close, dup2/dup3 onto it: go_sock). */
 #if defined(__TARGET_ARCH_arm64)
 enum { NR_READ = 63, NR_WRITE = 64, NR_READV = 65, NR_WRITEV = 66, NR_SENDTO = 206, NR_RECVFROM = 207,
-       NR_SENDMSG = 211, NR_RECVMSG = 212, NR_MMAP = 222, NR_CLOSE = 57, NR_DUP2 = -2, NR_DUP3 = 24 };
+       NR_SENDMSG = 211, NR_RECVMSG = 212, NR_MMAP = 222, NR_CLOSE = 57, NR_DUP2 = -2, NR_DUP3 = 24,
+       NR_EXIT_GROUP = 94 };
 #else
 enum { NR_READ = 0, NR_WRITE = 1, NR_MMAP = 9, NR_READV = 19, NR_WRITEV = 20, NR_SENDTO = 44,
-       NR_RECVFROM = 45, NR_SENDMSG = 46, NR_RECVMSG = 47, NR_CLOSE = 3, NR_DUP2 = 33, NR_DUP3 = 292 };
+       NR_RECVFROM = 45, NR_SENDMSG = 46, NR_RECVMSG = 47, NR_CLOSE = 3, NR_DUP2 = 33, NR_DUP3 = 292,
+       NR_EXIT_GROUP = 231 };
 #endif
 
 /* One raw tracepoint for every syscall of interest: one link to attach and detach instead of
@@ -787,6 +834,9 @@ int BPF_PROG(tls_sys_enter, struct pt_regs *regs, long id)
 		break;
 	case NR_MMAP:
 		mmap_seen(PT_REGS_PARM3_CORE_SYSCALL(regs), (long)PT_REGS_PARM5_CORE_SYSCALL(regs));
+		break;
+	case NR_EXIT_GROUP:
+		tls_keys_sweep();
 		break;
 	}
 	return 0;
@@ -814,6 +864,9 @@ struct tls_btf_anchor {
 	enum tls_cookie cookie;
 	enum tls_counter counter;
 	enum tls_keys_const keys;
+	enum tls_keys_status keys_status;
+	enum tls_obj_event obj_event;
+	struct ct_tls_obj_rec obj;
 };
 
 static __attribute__((used, noinline)) int tls_btf_anchor(struct tls_btf_anchor *a)

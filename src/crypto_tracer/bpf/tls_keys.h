@@ -1,8 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* TLS secrets, read at the return of handshake and data calls (owned by the keylog work).
+/* TLS secrets, read at points that occur once per connection (owned by the keylog work).
  *
- * tls.bpf.c calls tls_keys_on_return(ctx, ssl, lib_kind) at every OpenSSL handshake/data
- * return. Where the secrets live in the SSL object is learned per library build by user
+ * tls.bpf.c calls tls_keys_on_return(ctx, ssl, lib_kind) at handshake returns, at the entry of
+ * SSL_free (the object is intact there) and, in -m text/json only, at data call returns. SSL_new's
+ * return puts the object into keys_pending: user space (keys/pending.py) reads its secrets from
+ * process memory until they are complete (handshakes driven inside SSL_read/SSL_write, as in
+ * node), and a process's exit_group reads every pending object of the process (tls_keys_sweep). Where the secrets live in the SSL object is learned per library build by user
  * space (crypto_tracer/keys/calibrate.py) and written into `keys_layouts[slot]`; the slot of
  * a hooked library file is in bits 16-19 of its uprobes' cookie. With no layout in the slot
  * (keys not wanted, or the library's layout is unknown) nothing is read at all.
@@ -62,6 +65,32 @@ struct ct_tls_keys_event {
 	__u8 exporter[CT_TLS_SECRET_LEN];
 };
 
+/* What tls_keys_read found. */
+enum tls_keys_status {
+	CT_KEYS_DONE = 0,       /* sent now or before */
+	CT_KEYS_INCOMPLETE = 1, /* a handshake started (client_random set), secrets not all there */
+	CT_KEYS_NOTHING = 2,    /* no layout, no ClientHello yet, or the ring was full */
+};
+
+/* CT_EV_TLS_OBJECT: an SSL object of a traced library was created or freed (keys/pending.py). */
+enum tls_obj_event {
+	CT_OBJ_NEW = 1,
+	CT_OBJ_FREE = 2,            /* its keys were out (or it never started a handshake) */
+	CT_OBJ_FREE_INCOMPLETE = 3, /* freed with a handshake started and its secrets incomplete */
+};
+
+struct ct_tls_obj_rec {
+	struct ct_header h;
+	__u64 ssl;
+	__u32 slot;
+	__u32 event;
+};
+
+struct ct_keys_pending_val {
+	__u32 slot;
+	__u32 lib_kind;
+};
+
 struct ct_keys_done_key {
 	__u64 ssl;
 	__u32 tgid;
@@ -89,6 +118,22 @@ struct {
 	__type(value, struct ct_tls_keys_event);
 } keys_scratch SEC(".maps");
 
+/* (tgid, ssl) -> its layout: objects SSL_new returned and SSL_free has not freed yet */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ct_keys_done_key);
+	__type(value, struct ct_keys_pending_val);
+} keys_pending SEC(".maps");
+
+/* tgids with an entry in keys_pending: exit_group sweeps only those */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u32);
+	__type(value, __u8);
+} keys_pending_tgid SEC(".maps");
+
 static __always_inline __u64 tls_keys_ptr_at(__u64 base, __s32 off)
 {
 	__u64 p = 0;
@@ -107,26 +152,25 @@ static __always_inline bool tls_keys_nonzero(const __u8 *b)
 	return *(const __u64 *)b != 0;
 }
 
-static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_kind)
+static __always_inline int tls_keys_read(__u64 ssl, __u32 lib_kind, __u32 slot)
 {
-	__u32 slot = CT_TLS_KEYS_SLOT(bpf_get_attach_cookie(ctx));
 	struct ct_keys_layout *lay = bpf_map_lookup_elem(&keys_layouts, &slot);
 	if (!slot || !lay || !lay->enabled || !ssl)
-		return;
+		return CT_KEYS_NOTHING;
 
 	__u64 cr_base = lay->cr_deref >= 0 ? tls_keys_ptr_at(ssl, lay->cr_deref) : ssl;
 	__u64 cr8 = tls_keys_ptr_at(cr_base, lay->cr_off);
 	if (!cr8)
-		return; /* no ClientHello yet */
+		return CT_KEYS_NOTHING; /* no ClientHello yet */
 	struct ct_keys_done_key key = { .ssl = ssl, .tgid = bpf_get_current_pid_tgid() >> 32 };
 	__u64 *done = bpf_map_lookup_elem(&keys_done, &key);
 	if (done && *done == cr8)
-		return; /* this session's keys went out already */
+		return CT_KEYS_DONE; /* this session's keys went out already */
 
 	__u32 zero = 0;
 	struct ct_tls_keys_event *e = bpf_map_lookup_elem(&keys_scratch, &zero);
 	if (!e)
-		return;
+		return CT_KEYS_NOTHING;
 	__u64 vbase = lay->version_deref >= 0 ? tls_keys_ptr_at(ssl, lay->version_deref) : ssl;
 	e->version = 0;
 	if (vbase)
@@ -142,18 +186,18 @@ static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_k
 		bpf_probe_read_user(e->exporter, sizeof(e->exporter), (void *)(ssl + lay->exporter_off));
 		if (!tls_keys_nonzero(e->hs_a) || !tls_keys_nonzero(e->hs_b) || !tls_keys_nonzero(e->client_app) ||
 		    !tls_keys_nonzero(e->server_app) || !tls_keys_nonzero(e->exporter))
-			return; /* handshake not finished yet */
+			return CT_KEYS_INCOMPLETE; /* handshake not finished yet */
 		__builtin_memset(e->master_key, 0, sizeof(e->master_key));
 	} else {
 		__builtin_memset(e->hs_a, 0, sizeof(e->hs_a) * 5);
 	}
 	__u64 session = lay->session_off >= 0 ? tls_keys_ptr_at(ssl, lay->session_off) : ssl;
 	if (!session)
-		return;
+		return CT_KEYS_INCOMPLETE;
 	if (e->version != 0x0304) {
 		bpf_probe_read_user(e->master_key, sizeof(e->master_key), (void *)(session + lay->master_key_off));
 		if (!tls_keys_nonzero(e->master_key))
-			return;
+			return CT_KEYS_INCOMPLETE;
 	}
 	__u64 cipher = tls_keys_ptr_at(lay->cipher_in_session ? session : ssl, lay->cipher_off);
 	e->cipher_id = 0;
@@ -162,7 +206,7 @@ static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_k
 	if (lay->cipher_id_be)
 		e->cipher_id = tls_keys_swap16(e->cipher_id);
 	if (!e->cipher_id)
-		return;
+		return CT_KEYS_INCOMPLETE;
 
 	ct_fill_header(&e->h, CT_EV_TLS_KEYS);
 	e->ssl = ssl;
@@ -172,8 +216,42 @@ static __always_inline void tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_k
 	if (!ct_process_wanted(e->h.pid, e->h.uid, e->h.comm))
 		ct_count(CT_CNT_KFILTERED);
 	else if (ct_output(e, sizeof(*e)))
-		return; /* ring full: counted as a drop, read again at the next call */
+		return CT_KEYS_NOTHING; /* ring full: counted as a drop, read again at the next point */
 	bpf_map_update_elem(&keys_done, &key, &cr8, BPF_ANY);
+	return CT_KEYS_DONE;
+}
+
+/* At a uprobe: the layout slot is in the cookie. */
+static __always_inline int tls_keys_on_return(void *ctx, __u64 ssl, __u32 lib_kind)
+{
+	return tls_keys_read(ssl, lib_kind, CT_TLS_KEYS_SLOT(bpf_get_attach_cookie(ctx)));
+}
+
+struct tls_keys_sweep_ctx {
+	__u32 tgid;
+};
+
+static long tls_keys_sweep_one(struct bpf_map *map, struct ct_keys_done_key *key, struct ct_keys_pending_val *val,
+			       struct tls_keys_sweep_ctx *c)
+{
+	if (key->tgid != c->tgid)
+		return 0;
+	tls_keys_read(key->ssl, val->lib_kind, val->slot);
+	bpf_map_delete_elem(map, key);
+	return 0;
+}
+
+/* exit_group: the process's memory is intact still; read the objects whose keys may not be out
+ * (a program that exits right after an implicit handshake, without SSL_free). */
+static __always_inline void tls_keys_sweep(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct tls_keys_sweep_ctx c = {.tgid = tgid};
+
+	if (!bpf_map_lookup_elem(&keys_pending_tgid, &tgid))
+		return;
+	bpf_map_delete_elem(&keys_pending_tgid, &tgid);
+	bpf_for_each_map_elem(&keys_pending, tls_keys_sweep_one, &c, 0);
 }
 
 #endif

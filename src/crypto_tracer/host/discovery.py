@@ -28,7 +28,7 @@ OPENSSL_HANDSHAKE = ("SSL_do_handshake", "SSL_connect", "SSL_accept")
 GNUTLS_FUNCS = ("gnutls_record_recv", "gnutls_record_send", "gnutls_handshake")
 NSS_FUNCS = ("PR_Read", "PR_Recv", "PR_Write", "PR_Send", "PR_Writev")
 WANTED_SYMBOLS = frozenset(OPENSSL_DATA + OPENSSL_HANDSHAKE + GNUTLS_FUNCS + NSS_FUNCS +
-                           ("SSL_free", "SSL_is_connection", "SSL_ImportFD"))
+                           ("SSL_free", "SSL_new", "SSL_is_connection", "SSL_ImportFD"))
 
 
 _KEY_NAMES = (b"SSL_write", b"gnutls_record_send", b"PR_Write")
@@ -99,7 +99,7 @@ def openssl_layout(kind: str, exports: TlsExports) -> str | None:
 
 
 def functions_for(kind: str, exports: TlsExports) -> tuple[str, ...]:
-    wanted = {OPENSSL: OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free",), GNUTLS: GNUTLS_FUNCS,
+    wanted = {OPENSSL: OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free", "SSL_new"), GNUTLS: GNUTLS_FUNCS,
               NSS: NSS_FUNCS}[kind]
     return tuple(f for f in wanted if f in exports.symbols)
 

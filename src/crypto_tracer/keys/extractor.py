@@ -10,13 +10,15 @@ and a message saying so.
 from __future__ import annotations
 
 import struct
+import time
 from typing import Callable
 
 from crypto_tracer.keys import tls_keys
 from crypto_tracer.keys.calibrate import layout_for
 from crypto_tracer.keys.layout import Layout
+from crypto_tracer.keys.pending import PendingObjects
 from crypto_tracer.log import log
-from crypto_tracer.probes.common import CT_EV_TLS_KEYLINE
+from crypto_tracer.probes.common import CT_EV_TLS_KEYLINE, CT_EV_TLS_OBJECT
 
 _IGNORED = ("verified", "source", "version")
 FIRST_SLOT = 1
@@ -41,6 +43,31 @@ class KeyExtractor:
         tracer.on(CT_EV_TLS_KEYLINE, self._go_line)
         tracer.key_cookie = self._cookie
         self._go_randoms: set[bytes] = set()
+        # (pid, client_random) of the sessions written: BPF (handshake return, SSL_free) and the
+        # memory reads of keys/pending.py may both find one session
+        self._written: set[tuple[int, bytes]] = set()
+        self.pending = PendingObjects(self.slots, self._from_memory)
+        tracer.on(CT_EV_TLS_OBJECT, self.pending.record)
+
+    def poll(self) -> None:
+        """Read the secrets of announced objects whose keys are not out yet (keys/pending.py)."""
+        self.pending.poll()
+
+    def _from_memory(self, pid: int, ssl: int, material) -> None:
+        self._emit(tls_keys.KeysRecord(time.monotonic_ns(), pid, pid, 0, "", ssl, 1, 0, material))
+
+    def _emit(self, rec) -> None:
+        lines = rec.material.lines()
+        if not lines:
+            return
+        key = (rec.pid, rec.material.client_random)
+        if key in self._written:
+            return
+        if len(self._written) > 262144:
+            self._written.clear()
+        self._written.add(key)
+        self.sessions += 1
+        self.on_lines(lines, rec)
 
     def _cookie(self, lib) -> int:
         """Cookie bits for a library about to be hooked: its layout slot (0: no keys)."""
@@ -98,7 +125,5 @@ class KeyExtractor:
         if lay is None:
             return
         rec.material.hs_direct = lay.hs_direct
-        lines = rec.material.lines()
-        if lines:
-            self.sessions += 1
-            self.on_lines(lines, rec)
+        self.pending.done(rec.pid, rec.ssl)
+        self._emit(rec)

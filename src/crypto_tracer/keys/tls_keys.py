@@ -25,6 +25,13 @@ _s, _m = f"{CT_TLS_SECRET_LEN}s", f"{CT_TLS_MASTER_KEY_LEN}s"
 KEYS_EVENT = CStruct("ct_tls_keys_event", ("h", CT_HEADER),
                      f"ssl Q lib_kind I version i cipher_id I slot I client_random 32s master_key {_m} hs_a {_s} "
                      f"hs_b {_s} client_app {_s} server_app {_s} exporter {_s}")
+# enum tls_keys_status (what tls_keys_read found) and enum tls_obj_event (CT_EV_TLS_OBJECT records)
+CT_KEYS_DONE, CT_KEYS_INCOMPLETE, CT_KEYS_NOTHING = 0, 1, 2
+KEYS_STATUS = CEnum("tls_keys_status", {"CT_KEYS_DONE": 0, "CT_KEYS_INCOMPLETE": 1, "CT_KEYS_NOTHING": 2})
+CT_OBJ_NEW, CT_OBJ_FREE, CT_OBJ_FREE_INCOMPLETE = 1, 2, 3
+OBJ_EVENTS = CEnum("tls_obj_event", {"CT_OBJ_NEW": 1, "CT_OBJ_FREE": 2, "CT_OBJ_FREE_INCOMPLETE": 3})
+OBJ_REC = CStruct("ct_tls_obj_rec", ("h", CT_HEADER), "ssl Q slot I event I")
+_OBJ = OBJ_REC.after("h")
 _LAYOUT = KEYS_LAYOUT.struct
 _KEYS = KEYS_EVENT.after("h")
 RECORD_SIZE = KEYS_EVENT.size  # 464
@@ -61,3 +68,10 @@ def decode(data: bytes, hs_direct: bool = False) -> KeysRecord:
                            hs_b=hs_b, client_app=capp, server_app=sapp, exporter=exporter, hs_direct=hs_direct)
     return KeysRecord(ts, pid, tid, uid, comm.split(b"\0", 1)[0].decode(errors="replace"), ssl, lib_kind, slot,
                       material)
+
+
+def decode_object(data: bytes) -> tuple[int, int, int, int]:
+    """CT_EV_TLS_OBJECT -> (pid, ssl, slot, event)."""
+    pid = _HEADER.unpack_from(data, 0)[2]
+    ssl, slot, event = _OBJ.unpack_from(data, _HEADER.size)
+    return pid, ssl, slot, event

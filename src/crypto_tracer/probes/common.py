@@ -28,6 +28,7 @@ CT_EV_TLS_KEYS = 8
 CT_EV_PACKET = 9
 CT_EV_CONNECT = 10
 CT_EV_TLS_KEYLINE = 11  # one key log line (Go's writeKeyLog)
+CT_EV_TLS_OBJECT = 12  # an SSL object created or freed (bpf/tls_keys.h, keys/pending.py)
 EVENT_TYPES = CEnum.from_module("ct_event_type", globals(), "CT_EV_")
 
 # enum ct_counter: per-CPU accounting slots of the `counters` map

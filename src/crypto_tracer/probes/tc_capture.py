@@ -221,6 +221,9 @@ def client_hello_random(frame: bytes, has_l2: bool) -> bytes | None:
     return None
 
 
+READ_BATCH = 4096  # records per read of the ring
+
+
 class TcCapture:
     """Captures packets on interfaces with TC; records go to handler(raw bytes)."""
 
@@ -237,7 +240,7 @@ class TcCapture:
         self._state = os.path.join(STATE_DIR, f"tc-capture-{os.getpid()}.json")
 
     def start(self) -> None:
-        from crypto_tracer.engine import BpfObject, RingBuffer, num_possible_cpus
+        from crypto_tracer.engine import BpfObject, num_possible_cpus, ring_reader
 
         cleanup_leftovers()
         self.obj = BpfObject.from_package("tc_capture")
@@ -256,8 +259,7 @@ class TcCapture:
         self.obj.attach_tracepoint("cap_connect_exit", "syscalls", "sys_exit_connect")
         self.obj.attach_tracepoint("cap_accept4_exit", "syscalls", "sys_exit_accept4")
         self.obj.attach_tracepoint("cap_accept_exit", "syscalls", "sys_exit_accept")
-        self.rb = RingBuffer()
-        self.rb.add(self.obj.map("events"), self.handler)
+        self.rb = ring_reader(self.obj.map("events"), READ_BATCH)  # lists of records: no ctypes call per packet
         for ifc in self.interfaces:
             self._attach(ifc)
 
@@ -290,7 +292,11 @@ class TcCapture:
                         STATE_DIR, exc.strerror)
 
     def poll(self, timeout_ms: int) -> int:
-        return self.rb.poll(timeout_ms)
+        """Wait up to timeout_ms (the kernel wakes us only when the ring fills), then hand every
+        record in the ring to the handler."""
+        if timeout_ms:
+            self.rb.wait(timeout_ms)
+        return self.drain()
 
     @property
     def epoll_fd(self) -> int:
@@ -298,7 +304,12 @@ class TcCapture:
         return self.rb.epoll_fd
 
     def drain(self) -> int:
-        return self.rb.drain() if self.rb else 0
+        n, handler = 0, self.handler
+        while self.rb is not None and (raws := self.rb.read(READ_BATCH)):
+            for raw in raws:
+                handler(raw)
+            n += len(raws)
+        return n
 
     def counters(self) -> dict:
         if self.obj is None:

@@ -70,7 +70,7 @@ DATA_OFFSET = TLS_DATA_REC.size  # 116
 
 GO_DATA_PROGRAMS = ("go_write", "go_read_enter", "go_read_ret")  # bpf/go_tls.h: uprobes only, never uretprobes
 GO_KEY_PROGRAMS = ("go_keylog",)
-UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free") + \
+UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free", "tls_new_return") + \
     GO_DATA_PROGRAMS + GO_KEY_PROGRAMS
 
 
@@ -408,7 +408,7 @@ class TlsTracer:
                       "uprobe_multi links" if self.multi else "probes")
             for cb in self._library_callbacks:
                 cb(lib)
-        elif lib.functions:
+        elif lib.functions and (self.capture_data or lib.kind in (OPENSSL, GNUTLS)):  # keys: nothing to hook in NSS
             log.warning("could not hook %s: %s", lib.display_path,
                         self.attach_failures[-1] if self.attach_failures else "no probe attached")
 
@@ -445,13 +445,16 @@ class TlsTracer:
     def _cookie(self, lib: TlsLibrary, func: str, key_bits: int) -> int:
         return FUNC_IDS.get(func, 0) | COOKIE_LAYOUTS.get(lib.openssl_layout, 0) | key_bits
 
-    @staticmethod
-    def _programs_for(func: str) -> tuple[tuple[str, bool], ...]:
+    def _programs_for(self, func: str) -> tuple[tuple[str, bool], ...]:
+        """Key modes (capture_data False) hook only what runs once per connection: handshake
+        returns, SSL_new's return and SSL_free; data calls are hooked for plaintext alone."""
         if func == "SSL_free":
             return (("tls_free", False),)
+        if func == "SSL_new":
+            return () if self.capture_data else (("tls_new_return", True),)
         if func in HANDSHAKE_FUNCS:
             return (("tls_hs_enter", False), ("tls_hs_return", True))
-        return (("tls_data_enter", False), ("tls_data_return", True))
+        return (("tls_data_enter", False), ("tls_data_return", True)) if self.capture_data else ()
 
     def _hook_multi(self, lib: TlsLibrary) -> int:
         key_bits = self.key_cookie(lib) if self.key_cookie else 0  # keys/extractor.py: layout slot

@@ -11,6 +11,7 @@ import time
 
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log, ready
+from crypto_tracer.keys.pending import POLL_S
 from crypto_tracer.pipeline.stats import DropWarner
 
 
@@ -76,6 +77,7 @@ def run(opts, keylog_path: str | None, packets=None) -> int:
         def poll(timeout_ms: int) -> None:
             select.select(fds, [], [], timeout_ms / 1000)
             tracer.poll(0)  # keys first: their DSB must precede the packets they decrypt
+            keys.poll()  # objects whose handshake runs inside SSL_read/SSL_write (keys/pending.py)
             if sessions is not None:
                 sessions.expire()
             if failures:
@@ -84,13 +86,15 @@ def run(opts, keylog_path: str | None, packets=None) -> int:
                 packets.poll()
 
         drops = _DropWatch(tracer, packets, clock)
-        runloop.run(poll, opts.duration or None, stop, tick=drops.tick, poll_ms=50)
+        runloop.run(poll, opts.duration or None, stop, tick=drops.tick, poll_ms=int(POLL_S * 1000))
     finally:
         stop.restore()
         if packets is not None:
             packets.detach()  # nothing new arrives; what is in the ring is still read
         try:
             tracer.drain()  # the last keys first, so that their DSBs precede the last packets
+            keys.pending.poll(float("inf"))  # objects still open: what their memory holds now
+            keys.pending.poll(float("inf"))  # (a complete read is written once a second read agrees)
             if sessions is not None:
                 sessions.expire(everything=True)
             if packets is not None:
@@ -125,6 +129,11 @@ def _report(keylog, keys, packets, sessions) -> None:
                  sessions.dropped, sessions.unknown_dropped)
     if packets is not None:
         packets.report()
+    if keys.pending.freed_incomplete:
+        log.info("%d TLS objects were freed with a handshake started and its secrets incomplete (failed or "
+                 "unfinished handshakes: no keys existed to write)", keys.pending.freed_incomplete)
+    if keys.pending.watch:
+        log.info("%d TLS objects still open had no complete secrets when the run ended", len(keys.pending.watch))
     if keys.unsupported:
         log.info("session secrets are not read from %s (OpenSSL and GnuTLS only)", ", ".join(keys.unsupported))
     if keys.unusable:  # each was said when its library was hooked
