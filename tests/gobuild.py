@@ -227,7 +227,8 @@ def esbuild() -> str:
                 raise GoBuildError(f"npm pack @esbuild/linux-x64@{ESBUILD_VERSION} failed: "
                                    f"{proc.stderr.strip()[-300:]}")
             with tarfile.open(tgz) as tar:
-                tar.extractall(where, filter="data")
+                # the safe "data" filter where this Python has it (3.11.4+; Debian 12 has 3.11.2)
+                tar.extractall(where, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
             os.chmod(path, 0o755)
     return path
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -27,7 +28,6 @@ print("ready", flush=True)
 sys.stdin.readline()
 sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 sctx.load_cert_chain(cert, key)
-sctx.set_ecdh_curve("X25519")  # OpenSSL 3.5 would pick X25519MLKEM768 (other key exchange calls): same on 3.0 and 3.5
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", port))
@@ -41,7 +41,6 @@ threading.Thread(target=serve, daemon=True).start()
 cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 cctx.check_hostname = False
 cctx.verify_mode = ssl.CERT_NONE
-cctx.set_ecdh_curve("X25519")
 for _ in range(n_tls):
     with cctx.wrap_socket(socket.create_connection(("127.0.0.1", port))) as s:
         s.sendall(b"hello")
@@ -91,9 +90,25 @@ def certs(tmp_path_factory):
                      cert_name="server.crt", key_name="server.key")
 
 
+# The workloads' key exchange is X25519 on every OpenSSL (3.5 would pick X25519MLKEM768, whose other
+# derive calls change the counts). Set through OpenSSL's config: Python 3.11.2's set_ecdh_curve
+# refuses X25519.
+X25519_ONLY = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+Groups = X25519
+"""
+
+
 def start_workload(script, *args, exe=None):
+    conf = os.path.join(tempfile.gettempdir(), "ct-profile-x25519.cnf")
+    with open(conf, "w") as f:
+        f.write(X25519_ONLY)
     proc = subprocess.Popen([exe or sys.executable, "-c", script, *map(str, args)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, OPENSSL_CONF=conf))
     assert proc.stdout.readline().strip() == "ready"
     return proc
 
