@@ -135,7 +135,7 @@ def main() -> int:
 
     tmp = tempfile.mkdtemp(prefix="bench-tls-")
     cert, key = make_cert(tmp)
-    nginx = subprocess.Popen(["nginx", "-c", nginx_conf(tmp, PORT, cert, key), "-p", tmp],
+    nginx = subprocess.Popen(["nginx", "-c", nginx_conf(tmp, PORT, cert, key, master=True), "-p", tmp],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # hooks: the real programs with data capture off (what the kernel side costs alone);
     # count: capture on, but user space only counts records (no decoding, no output).
