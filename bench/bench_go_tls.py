@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,8 @@ sys.path.insert(0, REPO)
 ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
 TRACER = [sys.executable, "-m", "crypto_tracer", "tls"]
 
-from bench_tls import proc_cpu, proc_hwm_mb  # noqa: E402  (same directory)
+import bench_tls  # noqa: E402  (same directory)
+from bench_tls import proc_cpu, proc_hwm_mb  # noqa: E402
 
 IN_PROCESS = r"""
 import signal, sys
@@ -73,11 +73,7 @@ def prog_stats(skip: set | None = None) -> dict[int, tuple[str, int, int]]:
 
 
 def wrk(port: int, seconds: int) -> tuple[float, float]:
-    out = subprocess.run(["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", f"https://127.0.0.1:{port}/"],
-                         capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", out).groups()
-    return rps, float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    return bench_tls.wrk(seconds, f"https://127.0.0.1:{port}/")
 
 
 class EmptyFloor:
@@ -182,18 +178,9 @@ def main() -> int:
         server.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
-    base, floor = med["untraced"], med["floor"]
-    print(f"Go {progs.toolchain.version} tlsserver, wrk -t1 -c50 -d{args.seconds}s --latency, 6-byte response, "
-          f"keep-alive; median of {args.rounds} rounds")
-    print(f"{'mode':9s} {'req/s':>9s} {'x untraced':>10s} {'x floor':>8s} {'p99 ms':>8s} {'p99 x':>6s} "
-          f"{'CPU':>5s} {'RSS MB':>7s} {'events':>8s} {'lost':>5s}")
-    for m in modes:
-        r = med[m]
-        extra = (f"{r['cpu']:5.2f} {r['rss']:7.1f} {r['events']:8.0f} {r['lost']:5.0f}" if "cpu" in r
-                 else f"{'-':>5s} {'-':>7s} {'-':>8s} {'-':>5s}")
-        print(f"{m:9s} {r['rps']:9.0f} {r['rps'] / base['rps']:10.3f} {r['rps'] / floor['rps']:8.3f} "
-              f"{r['p99']:8.2f} {r['p99'] / base['p99']:6.2f} {extra}")
+    med, floor = bench_tls.print_table(results, modes, f"Go {progs.toolchain.version} tlsserver, wrk -t1 -c50 "
+                                       f"-d{args.seconds}s --latency, 6-byte response, keep-alive; "
+                                       f"median of {args.rounds} rounds")
     for m, progs in stats.items():
         line = ", ".join(f"{name} {ns / cnt:.0f} ns x {cnt / args.rounds:.0f}" for name, (ns, cnt) in
                          sorted(progs.items()) if cnt)

@@ -39,9 +39,9 @@ PORT = 18440
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def wrk(seconds: int) -> tuple[float, float]:
-    """(requests/s, p99 latency in ms)."""
-    out = subprocess.run(["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", f"https://127.0.0.1:{PORT}/small"],
+def wrk(seconds: int, url: str = f"https://127.0.0.1:{PORT}/small") -> tuple[float, float]:
+    """(requests/s, p99 latency in ms) of wrk -t1 -c50 on url."""
+    out = subprocess.run(["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", out).groups()
@@ -121,6 +121,22 @@ def run_traced(args: list[str], seconds: int, command=None) -> dict:
     return {"rps": rps, "p99": p99, "cpu": cpu, "rss": rss, "lost": lost, "events": output}
 
 
+def print_table(results: dict, modes, title: str) -> tuple[dict, dict]:
+    """Print each mode's medians and ratios (to untraced and to the floor); (medians, floor medians)."""
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
+    base, floor = med["untraced"], med["floor"]
+    print(title)
+    print(f"{'mode':9s} {'req/s':>9s} {'x untraced':>10s} {'x floor':>8s} {'p99 ms':>8s} {'p99 x':>6s} "
+          f"{'CPU':>5s} {'RSS MB':>7s} {'events':>8s} {'lost':>5s}")
+    for m in modes:
+        r = med[m]
+        extra = (f"{r['cpu']:5.2f} {r['rss']:7.1f} {r['events']:8.0f} {r['lost']:5.0f}" if "cpu" in r
+                 else f"{'-':>5s} {'-':>7s} {'-':>8s} {'-':>5s}")
+        print(f"{m:9s} {r['rps']:9.0f} {r['rps'] / base['rps']:10.3f} {r['rps'] / floor['rps']:8.3f} "
+              f"{r['p99']:8.2f} {r['p99'] / base['p99']:6.2f} {extra}")
+    return med, floor
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run (default 5)")
@@ -166,18 +182,8 @@ def main() -> int:
         nginx.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
-    base, floor = med["untraced"], med["floor"]
-    print(f"wrk -t1 -c50 -d{args.seconds}s --latency, nginx 1 worker, 6-byte response, keep-alive; "
-          f"median of {args.rounds} rounds")
-    print(f"{'mode':9s} {'req/s':>9s} {'x untraced':>10s} {'x floor':>8s} {'p99 ms':>8s} {'p99 x':>6s} "
-          f"{'CPU':>5s} {'RSS MB':>7s} {'events':>8s} {'lost':>5s}")
-    for m in modes:
-        r = med[m]
-        extra = (f"{r['cpu']:5.2f} {r['rss']:7.1f} {r['events']:8.0f} {r['lost']:5.0f}" if "cpu" in r
-                 else f"{'-':>5s} {'-':>7s} {'-':>8s} {'-':>5s}")
-        print(f"{m:9s} {r['rps']:9.0f} {r['rps'] / base['rps']:10.3f} {r['rps'] / floor['rps']:8.3f} "
-              f"{r['p99']:8.2f} {r['p99'] / base['p99']:6.2f} {extra}")
+    med, floor = print_table(results, modes, f"wrk -t1 -c50 -d{args.seconds}s --latency, nginx 1 worker, 6-byte "
+                             f"response, keep-alive; median of {args.rounds} rounds")
     worst = min(med[m]["rps"] / floor["rps"] for m in modes[4:])
     lost = sum(r["lost"] for m in modes[4:] for r in results[m])
     rss = max(r["rss"] for m in modes[4:] for r in results[m])
