@@ -191,7 +191,7 @@ def test_unknown_layout_gives_a_message_and_no_keys(tmp_path):
         out = subprocess.run(["curl", "-sk", f"https://127.0.0.1:{port}/x"], capture_output=True, text=True,
                              timeout=30)
         assert "resp-/x" in out.stdout
-        assert read_keylog(peer_keys)
+        wait_until(lambda: read_keylog(peer_keys), 10, "node's own key log")  # written by a JS event, after the reply
         tracer.wait_stderr(f"no TLS keys for {node}", 10)  # said when the handshake's keys are looked for
     finally:
         rc = tracer.stop().rc if tracer else None
