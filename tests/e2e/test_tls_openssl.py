@@ -129,6 +129,13 @@ def test_curl_and_nginx(certs, tmp_path, http2):
         assert resp in side(events, "write", srv, http2) and resp in side(events, "read", get, http2)
         assert_tuple(events, port, put, srv)
         assert_tuple(events, port, get, srv)
+    # every event of the curl runs (all gone before the tracer stopped) has their ppid and exe, sent
+    # by the kernel with the process image's first TLS event
+    curl_exe = os.path.realpath(tp.peer("curl"))
+    mine = [e for e in events if e["event_type"].startswith("tls_") and e["pid"] in pids + [pid12]]
+    assert mine and {(e["ppid"], e["exe"]) for e in mine} == {(os.getpid(), curl_exe)}
+    nginx_exe = {e["exe"] for e in events if e["event_type"].startswith("tls_") and e["process"] == "ctpeer-nginx"}
+    assert nginx_exe == {os.path.realpath(tp.peer("nginx"))}
     assert "Events dropped: 0" in err
 
 

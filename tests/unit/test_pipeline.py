@@ -5,7 +5,7 @@ import pytest
 
 from crypto_tracer.pipeline.enrich import decode_exit, decode_open_flags
 from crypto_tracer.pipeline.filters.events import EventFilter
-from crypto_tracer.probes.monitor import path_from_parts
+from crypto_tracer.probes.common import path_from_parts
 from crypto_tracer.pipeline.redact import Redactor, redact, redact_event, redact_text
 from crypto_tracer.sinks.json import make_json_sink
 from crypto_tracer.sinks.output import Output

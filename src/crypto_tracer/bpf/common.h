@@ -40,6 +40,7 @@ enum ct_event_type {
 	CT_EV_CONNECT = 10,
 	CT_EV_TLS_KEYLINE = 11, /* one key log line (Go's writeKeyLog) */
 	CT_EV_TLS_OBJECT = 12,  /* an SSL object created or freed (bpf/tls_keys.h) */
+	CT_EV_TLS_PROCESS = 13, /* ppid and exe of a process image with TLS events (tls.bpf.c) */
 };
 
 enum ct_counter {
@@ -150,6 +151,11 @@ static __always_inline bool ct_process_wanted(__u32 tgid, __u32 uid, const char 
 }
 
 /* Fill a header for the current task. */
+/* Path walks (paths.h): here, so a record can size its path area before including paths.h. */
+#define CT_PATH_DEPTH 32
+#define CT_NAME_MAX 256
+#define CT_PATH_BUF 4096 /* bytes of components one walk may write */
+
 static __always_inline void ct_fill_header(struct ct_header *h, __u32 type)
 {
 	__u64 id = bpf_get_current_pid_tgid();

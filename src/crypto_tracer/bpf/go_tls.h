@@ -172,6 +172,7 @@ static __always_inline void go_emit(__u64 conn, __u64 buf, __u64 length, __u32 f
 
 	if (!cfg || !cfg->capture_data || !length)
 		return;
+	note_image();
 	cc.fd = go_conn_fill(conn, &cc.c);
 	cc.ssl = conn;
 	cc.buf = buf;

@@ -17,9 +17,6 @@
 
 #include "common.h"
 
-#define CT_PATH_DEPTH 32
-#define CT_NAME_MAX 256
-#define CT_PATH_BUF 4096 /* bytes of components one walk may write */
 
 struct ct_path_result {
 	__u32 len;   /* bytes written */

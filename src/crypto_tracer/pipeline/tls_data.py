@@ -11,10 +11,10 @@ general way (data_event, handshake).
 from __future__ import annotations
 
 from crypto_tracer.pipeline.events import TLS_DATA, TLS_HANDSHAKE
-from crypto_tracer.host.proc import read_exe, read_stat
+from crypto_tracer.host.proc import read_stat, read_view
 from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, TYPE_SPAN
 from crypto_tracer.probes.tls import (DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET, DATA_TRUNCATED, TLS_DATA_REC,
-                                      decode_data, decode_handshake)
+                                      decode_data, decode_handshake, decode_process)
 from crypto_tracer.pipeline.redact import Redactor
 
 WRITE_SLICE = 512  # records per write (~250 KB of json-stream)
@@ -30,21 +30,33 @@ def raw_ts(raw: bytes) -> int:
 
 
 class ProcessInfo:
-    """ppid and exe by pid, read once from /proc (None when gone)."""
+    """ppid and exe by pid: from the kernel's CT_EV_TLS_PROCESS records (sent before a process
+    image's first TLS event, so they hold for processes gone before we look), else read once
+    from /proc (None when gone). exe is in the process's own view, as on monitor's events."""
+
+    MAX = 4096
 
     def __init__(self):
         self._cache: dict[int, tuple[int | None, str | None]] = {}
+
+    def learn(self, raw: bytes) -> None:
+        pid, ppid, exe = decode_process(raw)
+        self._remember(pid, (ppid, exe))
 
     def get(self, pid: int) -> tuple[int | None, str | None]:
         info = self._cache.get(pid)
         if info is None:
             stat = read_stat(pid)
-            ppid = stat[1] if stat else None
-            exe = read_exe(pid) if stat else None
-            info = self._cache[pid] = (ppid, exe)
-            if len(self._cache) > 4096:
-                self._cache.clear()
+            info = (stat[1], read_view(pid)[0]) if stat else (None, None)
+            self._remember(pid, info)
         return info
+
+    def _remember(self, pid: int, info: tuple[int | None, str | None]) -> None:
+        if len(self._cache) >= self.MAX:  # bounded: the oldest half goes (dicts keep insertion order)
+            for old in list(self._cache)[:self.MAX // 2]:
+                del self._cache[old]
+        self._cache.pop(pid, None)
+        self._cache[pid] = info
 
 
 class TlsDataPipeline:

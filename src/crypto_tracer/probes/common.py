@@ -29,6 +29,7 @@ CT_EV_PACKET = 9
 CT_EV_CONNECT = 10
 CT_EV_TLS_KEYLINE = 11  # one key log line (Go's writeKeyLog)
 CT_EV_TLS_OBJECT = 12  # an SSL object created or freed (bpf/tls_keys.h, keys/pending.py)
+CT_EV_TLS_PROCESS = 13  # ppid and exe of a process image with TLS events (tls.bpf.c note_image)
 EVENT_TYPES = CEnum.from_module("ct_event_type", globals(), "CT_EV_")
 
 # enum ct_counter: per-CPU accounting slots of the `counters` map
@@ -58,6 +59,13 @@ class ProcessFilter:
     def write(self, obj) -> None:
         """Into a loaded BpfObject's `filter` map."""
         obj.map("filter").update(b"\0\0\0\0", self.pack())
+
+
+def path_from_parts(data: bytes) -> str:
+    """A path walk's components (bpf/paths.h: leaf first, NUL-terminated) as an absolute path."""
+    parts = [p for p in data.split(b"\0") if p]
+    parts.reverse()
+    return "/" + "/".join(p.decode(errors="replace") for p in parts)
 
 
 def add_to_pid_set(obj, pids) -> None:

@@ -15,7 +15,7 @@ from crypto_tracer.bpf.cstruct import CStruct
 from crypto_tracer.engine import BpfObject, RingBuffer
 from crypto_tracer.probes.common import (CT_EV_FILE_OPEN, CT_EV_LIB_LOAD, CT_EV_PROCESS_EXEC, CT_EV_PROCESS_EXIT,
                                          CT_HEADER, HEADER, ProcessFilter,  # noqa: F401 (ProcessFilter: API)
-                                         add_to_pid_set)
+                                         add_to_pid_set, path_from_parts)
 
 # record types (bpf/common.h enum ct_event_type)
 EV_EXEC, EV_EXIT, EV_FILE, EV_LIB = CT_EV_PROCESS_EXEC, CT_EV_PROCESS_EXIT, CT_EV_FILE_OPEN, CT_EV_LIB_LOAD
@@ -51,13 +51,6 @@ def fnv1a(data: bytes) -> int:
     for b in data:
         h = ((h ^ b) * FNV_PRIME) & MASK64
     return h
-
-
-def path_from_parts(data: bytes) -> str:
-    """Components written leaf first, NUL-terminated, into an absolute path."""
-    parts = [p for p in data.split(b"\0") if p]
-    parts.reverse()
-    return "/" + "/".join(p.decode(errors="replace") for p in parts)
 
 
 class MonitorProbe:

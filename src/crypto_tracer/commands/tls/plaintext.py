@@ -47,7 +47,7 @@ def make_pipeline(opts, clock, stats):
 
 def run(opts) -> int:
     from crypto_tracer.pipeline.clock import WallClock
-    from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS
+    from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS, CT_EV_TLS_PROCESS
     from crypto_tracer.probes.tls import TlsTracer
     from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
     from crypto_tracer.pipeline.stats import RunStats
@@ -64,6 +64,7 @@ def run(opts) -> int:
         pipe = make_pipeline(opts, clock, stats)
         for rtype in (CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS):
             tracer.on(rtype, pipe.batch.append)
+        tracer.on(CT_EV_TLS_PROCESS, pipe.procs.learn)  # before the batch it precedes is processed
         tracer.start()
         if not tracer.libraries:
             log.warning("no TLS library found in %s yet; waiting for processes that load one",
