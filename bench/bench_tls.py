@@ -11,6 +11,9 @@ In one run, alternating, each mode R times (the median is reported):
   text-pid, json-pid   the same with --pid <nginx worker> (uprobes attached for it only)
   hooks, count the real programs with data capture off / with capture on but a reader that
                only counts records: where the cost beyond the floor comes from
+  bpftrace     the peer a user would pick instead: bpftrace (Debian's) on SSL_write and
+               SSL_read's entry and return, printing pid, comm, length and the payload (its
+               buf(), at most 64 bytes) to a file, as sslsnoop-style scripts do
 For each: requests/s and p99 latency, and their ratios to untraced (same run) and to the
 floor; the tracer's CPU (user+sys seconds per wall second) and peak RSS; events lost.
 Targets: capture >= 0.9x the floor, 0 events lost, RSS <= 50 MB.
@@ -121,6 +124,40 @@ def run_traced(args: list[str], seconds: int, command=None) -> dict:
     return {"rps": rps, "p99": p99, "cpu": cpu, "rss": rss, "lost": lost, "events": output}
 
 
+BPFTRACE_SCRIPT = """
+uprobe:LIB:SSL_write { printf("W %d %s %d %r\\n", pid, comm, arg2, buf(arg1, arg2)); }
+uprobe:LIB:SSL_read { @rbuf[tid] = arg1; }
+uretprobe:LIB:SSL_read /@rbuf[tid]/ {
+  if ((int32)retval > 0) { printf("R %d %s %d %r\\n", pid, comm, (int32)retval, buf(@rbuf[tid], (int32)retval)); }
+  delete(@rbuf[tid]);
+}
+"""
+
+
+def run_bpftrace(seconds: int, out: str) -> dict:
+    """The bpftrace peer under the same load: events are the lines it wrote, lost what it says it lost."""
+    script = BPFTRACE_SCRIPT.replace("LIB", "/usr/lib/x86_64-linux-gnu/libssl.so.3")
+    p = subprocess.Popen(["bpftrace", "-o", out, "-e", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 60
+    while not (os.path.exists(out) and "Attaching" in open(out).read(4096)):
+        if p.poll() is not None or time.monotonic() > deadline:
+            sys.exit("bpftrace did not start: " + (p.stderr.read() if p.poll() is not None else "timeout"))
+        time.sleep(0.05)
+    cpu0, t0 = proc_cpu(p.pid), time.monotonic()
+    rps, p99 = wrk(seconds)
+    cpu = (proc_cpu(p.pid) - cpu0) / (time.monotonic() - t0)
+    rss = proc_hwm_mb(p.pid)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    with open(out, "rb") as f:
+        text = f.read()
+    events = text.count(b"\nW ") + text.count(b"\nR ")
+    # bpftrace reports perf-buffer losses in its output ("Lost N events")
+    lost = sum(int(n) for n in re.findall(rb"Lost (\d+) events", text + err.encode()))
+    return {"rps": rps, "p99": p99, "cpu": cpu, "rss": rss, "lost": lost, "events": events}
+
+
 def print_table(results: dict, modes, title: str) -> tuple[dict, dict]:
     """Print each mode's medians and ratios (to untraced and to the floor); (medians, floor medians)."""
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
@@ -155,7 +192,8 @@ def main() -> int:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # hooks: the real programs with data capture off (what the kernel side costs alone);
     # count: capture on, but user space only counts records (no decoding, no output).
-    modes = ("untraced", "floor", "hooks", "count", "text", "json", "text-pid", "json-pid")
+    modes = ("untraced", "floor", "hooks", "count", "text", "json", "text-pid", "json-pid") + \
+        (("bpftrace",) if shutil.which("bpftrace") else ())
     results: dict[str, list[dict]] = {m: [] for m in modes}
     try:
         wait_port(PORT)
@@ -177,6 +215,10 @@ def main() -> int:
                 results[mode].append(run_traced(base, args.seconds))
                 results[f"{mode}-pid"].append(run_traced(base + ["--pid", str(worker)], args.seconds))
                 os.unlink(out)
+            if "bpftrace" in modes:
+                out = os.path.join(tmp, "out.bpftrace")
+                results["bpftrace"].append(run_bpftrace(args.seconds, out))
+                os.unlink(out)
     finally:
         nginx.terminate()
         nginx.wait(10)
@@ -184,9 +226,10 @@ def main() -> int:
 
     med, floor = print_table(results, modes, f"wrk -t1 -c50 -d{args.seconds}s --latency, nginx 1 worker, 6-byte "
                              f"response, keep-alive; median of {args.rounds} rounds")
-    worst = min(med[m]["rps"] / floor["rps"] for m in modes[4:])
-    lost = sum(r["lost"] for m in modes[4:] for r in results[m])
-    rss = max(r["rss"] for m in modes[4:] for r in results[m])
+    ours = modes[4:8]  # the targets are ours; the bpftrace row is the peer's
+    worst = min(med[m]["rps"] / floor["rps"] for m in ours)
+    lost = sum(r["lost"] for m in ours for r in results[m])
+    rss = max(r["rss"] for m in ours for r in results[m])
     print(f"targets: capture/floor >= 0.9: {worst:.3f} ({'ok' if worst >= 0.9 else 'MISSED'}); "
           f"events lost 0: {lost:.0f} ({'ok' if lost == 0 else 'MISSED'}); "
           f"RSS <= 50 MB: {rss:.1f} ({'ok' if rss <= 50 else 'MISSED'})")
