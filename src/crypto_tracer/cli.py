@@ -17,7 +17,7 @@ from crypto_tracer.errors import ExitStatus, TracerError
 
 PROG = "crypto-tracer"
 STREAM_FORMATS = ("json-stream", "json-array", "json-pretty", "summary")
-TLS_MODELS = ("text", "json", "keylog", "key", "pcap", "pcapng")
+TLS_MODELS = ("text", "json", "streams", "keylog", "key", "pcap", "pcapng")
 
 
 # --- argument types: each rejects bad input with one clear sentence -------------------------
@@ -106,7 +106,7 @@ OPTIONS: dict[str, Opt] = {
                    help="ring buffer size (power of two; default 4M for monitor); K/M suffixes allowed")),
     # tls
     "model": Opt(("-m", "--model"), dict(choices=TLS_MODELS, default="text",
-                 help="text (default), json, keylog (alias key), pcapng (alias pcap)")),
+                 help="text (default), json, streams (plaintext per connection and direction into files under -o DIR), keylog (alias key), pcapng (alias pcap)")),
     "keylogfile": Opt(("-k", "--keylogfile"), dict(metavar="FILE", help="write the NSS key log to FILE (mode 0600)")),
     "pcapfile": Opt(("-w", "--pcapfile"), dict(metavar="FILE", help="write a pcapng with decryption secrets to FILE")),
     "ifname": Opt(("-i", "--ifname"), dict(metavar="IFACE", action="append",
@@ -171,7 +171,8 @@ COMMANDS: tuple[Command, ...] = (
              "ifname", "libssl", "hex", "tsize", "max_payload", "mapsize", "verbose", "quiet", "no_redact",
              "filter"),
             "Capture what processes send and receive inside TLS, without their keys or any change to them. "
-            "-m text|json prints plaintext; -m keylog writes an NSS key log; -m pcapng writes packets "
+            "-m text|json prints plaintext; -m streams -o DIR writes each connection's plaintext per direction "
+            "to its own file; -m keylog writes an NSS key log; -m pcapng writes packets "
             "with their decryption secrets, which Wireshark decrypts with nothing else.",
             privileges=BPF, privileges_by_model={"pcapng": PACKETS, "pcap": PACKETS}),
     Command("demo", "demo", "Run monitor on a built-in demo workload for a few seconds",

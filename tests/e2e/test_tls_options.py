@@ -228,6 +228,7 @@ def test_libssl_option_hooks_a_file_no_process_uses_yet(tmp_path):
     (["--libssl", "/bin/ls"], "exports no SSL_read"),
     (["port", "notaport"], "capture filter"),
     (["-m", "json", "-f", "summary"], "summary is not available"),
+    (["-m", "streams"], "-m streams needs -o DIR"),
 ])
 def test_bad_arguments_exit_2(args, message):
     from tests.harness import run_tracer

@@ -437,7 +437,7 @@ class ListRing:
         except InterruptedError:
             pass
 
-    def read(self, limit: int) -> list[bytes]:
+    def read(self, limit: int, max_bytes: int = 0) -> list[bytes]:
         self._rb.consume()
         out = self._records[:]
         self._records.clear()

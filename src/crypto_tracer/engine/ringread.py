@@ -52,14 +52,16 @@ class DirectRing:
         except InterruptedError:
             pass
 
-    def read(self, limit: int) -> list[bytes]:
-        """Up to limit committed records, in order; their space is returned to the kernel."""
+    def read(self, limit: int, max_bytes: int = 1 << 62) -> list[bytes]:
+        """Up to limit committed records (and about max_bytes: bulk records are 30 KB each), in
+        order; their space is returned to the kernel."""
         data, words, page, mask = self._data_map, self._words, self._page, self._mask
         cons = self._cons[0]
         prod = self._prod[0]
         out: list[bytes] = []
         append = out.append
-        while cons < prod and len(out) < limit:
+        stop = cons + max_bytes
+        while cons < prod and len(out) < limit and cons < stop:
             pos = page + (cons & mask)
             header = words[pos >> 2]
             if header & BUSY_BIT:  # reserved, not committed yet: stop here, in order

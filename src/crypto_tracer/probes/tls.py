@@ -51,6 +51,7 @@ COOKIE_LAYOUTS = {discovery.FLAT_SSL: COOKIE_LAYOUT, discovery.SPLIT_SSL: COOKIE
 CNT_CTRL_DROPPED = 4  # after bpf/common.h's counters
 TLS_COUNTERS = CEnum("tls_counter", {"CT_CNT_CTRL_DROPPED": CNT_CTRL_DROPPED})
 READ_BATCH = 2048  # records handled per read of the ring
+READ_BYTES = 4 << 20  # about this many bytes of records per poll
 COUNTERS = ("seen", "kernel_filtered", "dropped", "submitted", "control_dropped")  # by slot: common.h, then tls_counter
 
 CONN = CStruct("conn", "family B pad x lport H rport H pad2 2x laddr 16s raddr 16s")
@@ -260,6 +261,7 @@ class TlsTracer:
         self._rescans: deque[tuple[float, int]] = deque()
         self.obj = None
         self.rb = None
+        self._more = False  # the last poll left records in the ring
         self.multi = True  # uprobe_multi links; cleared when the kernel refuses them
         self._multi_linked = False  # a uprobe_multi link was made: the kernel has them
         self.key_cookie: Callable[[TlsLibrary], int] | None = None  # extra uprobe cookie bits per library
@@ -317,16 +319,22 @@ class TlsTracer:
                   ", ".join(f"{lib.display_path} ({lib.kind})" for lib in self.libraries) or "none")
 
     def poll(self, timeout_ms: int) -> int:
-        """Wait up to timeout_ms, then handle what is in the ring (at most 8 batches).
+        """Wait up to timeout_ms, then handle what is in the ring: at most 8 batches and about
+        READ_BYTES, so a bulk transfer's 30 KB records are handed on (and freed) a few MB at a
+        time; when that leaves records behind, the next poll does not wait.
 
         tls.bpf.c does not wake the reader for every small record (only for big ones or when
         the ring is an eighth full), so what arrived during the wait is consumed here."""
-        self.rb.wait(timeout_ms)
-        n = 0
+        self.rb.wait(0 if self._more else timeout_ms)
+        n, budget, self._more = 0, READ_BYTES, True
         for _ in range(8):
-            got = self._dispatch_many(self.rb.read(READ_BATCH))
-            n += got
-            if got < READ_BATCH:
+            raws = self.rb.read(READ_BATCH, budget)
+            n += self._dispatch_many(raws)
+            budget -= sum(map(len, raws))
+            if budget <= 0:
+                break
+            if len(raws) < READ_BATCH:
+                self._more = False  # the ring is empty
                 break
         self._run_rescans()
         return n

@@ -1,6 +1,7 @@
 """tls: one module per mode, each wiring probes/tls.py to its pipeline and sinks.
 
   plaintext.py  -m text | json      plaintext events (pipeline/tls_data.py -> sinks/text.py, sinks/json.py)
+                -m streams         the same records into per-connection files (sinks/streams.py)
   keylog.py     -m keylog | key     the NSS key log of every session (sinks/keylog.py)
   pcapng.py     -m pcapng | pcap    TC packets + their secrets (probes/capture.py -> sinks/pcapng.py)
   secrets.py    what keylog and pcapng share: session keys, the run loop, the end report
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-MODES = {"text": "plaintext", "json": "plaintext", "keylog": "keylog", "key": "keylog",
+MODES = {"text": "plaintext", "json": "plaintext", "streams": "plaintext", "keylog": "keylog", "key": "keylog",
          "pcapng": "pcapng", "pcap": "pcapng"}
 
 

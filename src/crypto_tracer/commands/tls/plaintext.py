@@ -1,4 +1,4 @@
-"""tls -m text|json: TLS plaintext as text or JSON.
+"""tls -m text|json|streams: TLS plaintext as text or JSON, or into a file per connection and direction.
 
 kernel (tls.bpf.c) -> ring buffer -> probes/tls.py -> pipeline/tls_data.py (per-connection
 decode, filter, enrich, redact) -> sinks/text.py or sinks/json.py (per-connection formats)
@@ -12,9 +12,14 @@ from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import is_verbose, log, ready
 
 DEFAULT_RINGBUF = 8 << 20
+# streams is the bulk-capture mode: a ring that holds ~0.2 s of a loopback download, so a reader
+# that the traced programs keep off the CPU for a moment loses nothing (bench/bench_bulk.py)
+STREAMS_RINGBUF = 64 << 20
 
 
 def check(opts) -> None:
+    if opts.model == "streams" and (not opts.output or opts.output == "-"):
+        raise TracerError("-m streams needs -o DIR (the directory the stream files go to)", ExitStatus.BAD_ARGS)
     if opts.model == "json" and opts.format == "summary":
         raise TracerError("-f summary is not available for tls", ExitStatus.BAD_ARGS,
                           "use -f json-stream, json-array or json-pretty")
@@ -26,6 +31,10 @@ def check(opts) -> None:
 def open_sink(opts):
     from crypto_tracer.sinks.output import Output
 
+    if opts.model == "streams":
+        from crypto_tracer.sinks.streams import StreamsSink
+
+        return StreamsSink(opts.output, opts.max_payload)
     out = Output(opts.output)
     if opts.model == "text":
         from crypto_tracer.sinks.text import TextSink
@@ -54,7 +63,7 @@ def run(opts) -> int:
 
     tracer = TlsTracer(pids=[opts.pid] if opts.pid else None, uid=opts.uid, name=opts.name,
                        libssl=opts.libssl or (), capture_data=True,
-                       mapsize=opts.mapsize or DEFAULT_RINGBUF, max_payload=opts.max_payload)
+                       mapsize=opts.mapsize or (STREAMS_RINGBUF if opts.model == "streams" else DEFAULT_RINGBUF), max_payload=opts.max_payload)
     stop = StopFlag().install()
     pipe = None
     try:
