@@ -6,15 +6,28 @@ same traffic decrypts in tshark alone.
 """
 
 import json
-import os
 import signal
 import subprocess
+import types
 
 import pytest
 
-from tests.harness import Tracer, free_port, https_server_cmd, need_root, need_tool, wait_port, wait_until
+from tests.harness import (
+    Tracer,
+    free_port,
+    https_server_cmd,
+    need_root,
+    need_tool,
+    wait_port,
+    wait_until,
+)
 from tests.nodewheels import NODE_OPENSSL, NODE_VERSIONS, NodeWheelError, node_binary
-from tests.tls_helpers import by_client_random, read_keylog, secrets_before_packets, token
+from tests.tls_helpers import (
+    by_client_random,
+    read_keylog,
+    secrets_before_packets,
+    token,
+)
 
 NODE_SERVER = r'''
 const fs = require("fs"), https = require("https");
@@ -55,8 +68,8 @@ def node(request, tmp_path_factory, certs):
             wait_port(port)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("CRYPTO_TRACER_LAYOUT_CACHE", str(d / "layouts"))
-            yield type("Node", (), dict(major=request.param, path=path, dir=d, node_port=node_port, py_port=py_port,
-                                        server_keys=d / "server.keys"))
+            yield types.SimpleNamespace(major=request.param, path=path, dir=d, node_port=node_port, py_port=py_port,
+                                        server_keys=d / "server.keys")
     finally:
         for p in procs:
             p.terminate()
@@ -72,13 +85,13 @@ def _traffic(node, name):
     for version in ("1.3", "1.2"):
         tok = token()
         out = subprocess.run([node.path, f"--tls-keylog={keys}", "-e", NODE_CLIENT, str(node.py_port), f"/{tok}",
-                              version], capture_output=True, text=True, timeout=30)
+                              version], capture_output=True, text=True, timeout=30, check=False)
         assert out.stdout.strip() == f"resp-/{tok}", out.stderr
         tokens.append(tok)
     for version in ("1.3", "1.2"):
         tok = token()
         out = subprocess.run(["curl", "-sk", *CURL_VERSION[version], f"https://127.0.0.1:{node.node_port}/{tok}"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, check=False)
         assert out.stdout.strip() == f"resp-/{tok}"
         tokens.append(tok)
     # 2 sessions per side: 5 lines for TLS 1.3, 1 for 1.2
@@ -89,7 +102,7 @@ def _traffic(node, name):
 
 def _calibrated(node):
     """The layout the tracer learned from this very node (the cache is fresh, nothing else provides it)."""
-    found = [json.load(open(p)) for p in (node.dir / "layouts").glob("*.json")]
+    found = [json.loads(p.read_text()) for p in (node.dir / "layouts").glob("*.json")]
     mine = [lay for lay in found if lay["source"].get("path") == node.path]
     assert len(mine) == 1, found
     assert mine[0]["version"] == NODE_OPENSSL[node.major].split("+")[0] and mine[0]["verified"] >= 12
@@ -114,7 +127,7 @@ def test_keylog_equals_nodes_own(node):
 
 def _http(path) -> list[tuple[str, str]]:
     out = subprocess.run(["tshark", "-r", str(path), "-Y", "http", "-T", "fields", "-e", "http.request.uri",
-                          "-e", "http.file_data"], capture_output=True, text=True, timeout=120)
+                          "-e", "http.file_data"], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     return [tuple((line.split("\t") + ["", ""])[:2]) for line in out.stdout.splitlines()]
 

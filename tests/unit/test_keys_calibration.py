@@ -45,7 +45,8 @@ def test_static_build_reuses_a_layout_of_the_same_version(cache, tmp_path):
     The node copy is made unrecognisable as node (its --tls-keylog option renamed), so it cannot learn its
     own layout and takes the one of the same version."""
     other = tmp_path / "static-openssl"
-    data = open(static_node(), "rb").read()
+    with open(static_node(), "rb") as f:
+        data = f.read()
     other.write_bytes(data.replace(b"--tls-keylog", b"--tls-keylox"))
     assert not calibrate_node.is_node(str(other))
     assert openssl_version(str(other)) == STATIC_NODE_OPENSSL
@@ -73,7 +74,8 @@ def test_node_learns_its_own_layout(cache):
 def test_node_without_version_string_is_not_run(cache, tmp_path):
     """No OpenSSL banner: nothing is known of what is linked in, so node is not run and gets no layout."""
     other = tmp_path / "node-unknown"
-    other.write_bytes(open(static_node(), "rb").read().replace(b"OpenSSL 3.", b"OpenXYZ 3."))
+    with open(static_node(), "rb") as f:
+        other.write_bytes(f.read().replace(b"OpenSSL 3.", b"OpenXYZ 3."))
     other.chmod(0o755)
     result = calibrate.layout_for(str(other))
     assert result.layout is None and result.how == "no OpenSSL version string in it"

@@ -20,8 +20,8 @@ import sys
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_ssize_t, c_uint, c_void_p
 
 from crypto_tracer.keys.calibrate_worker import _cert_der, read
-from crypto_tracer.keys.search import find_all, one, verify
 from crypto_tracer.keys.layout import Layout
+from crypto_tracer.keys.search import find_all, one, verify
 
 SCAN = 16384  # bytes of the session searched (the secrets sit around 6 KB in 3.7)
 GNUTLS_SERVER, GNUTLS_CLIENT = 1, 2

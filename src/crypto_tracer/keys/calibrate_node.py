@@ -109,8 +109,8 @@ class CalibrationError(RuntimeError):
 
 
 def _pem() -> tuple[str, str]:
-    from cryptography.hazmat.primitives import serialization
     from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
 
     from crypto_tracer.keys.calibrate_worker import _cert_der
 
@@ -162,13 +162,13 @@ class _Child:
         return out
 
 
-def _find(child: _Child, needles: list[bytes]) -> dict[bytes, list[int]]:
-    """Addresses of each needle in the child's anonymous writable memory (the malloc heap among it)."""
+def _find(child: _Child, needles: list[bytes], heap_only: bool) -> dict[bytes, list[int]]:
+    """Addresses of each needle in the child's malloc heap, or in all its anonymous writable memory."""
     hits: dict[bytes, list[int]] = {n: [] for n in needles}
     total = 0
     chunk = 16 << 20
     for lo, hi, perms, name in child.maps():
-        if not perms.startswith("rw") or (name and name != "[heap]"):
+        if not perms.startswith("rw") or (name and name != "[heap]") or (heap_only and name != "[heap]"):
             continue
         total += hi - lo
         if total > REGION_MAX:
@@ -264,13 +264,17 @@ def calibrate(path: str, version: str) -> Layout:
         image = [(lo, hi) for lo, hi, _, name in maps if name == real]
         text = [(lo, hi) for lo, hi, perms, name in maps if name == real and "x" in perms]
         randoms = {bytes.fromhex(cr): r for cr, r in zip(want, rounds)}
-        hits = _find(child, list(randoms))
         split = _split(version)
+        found: dict[bytes, set] = {}
+        for heap_only in (True, False):  # OpenSSL's objects are in the main thread's heap; else look everywhere
+            hits = _find(child, list(randoms), heap_only)
+            found = {cr: {o for hit in hits[cr] for o in _objects(child, hit, VERSIONS[r["version"]], split, image,
+                                                                  text)} for cr, r in randoms.items()}
+            if all(sorted(server for _, server in objs) == [0, 1] for objs in found.values()):
+                break
         samples = []
         for cr, r in randoms.items():
-            objs = set()
-            for hit in hits[cr]:
-                objs |= _objects(child, hit, VERSIONS[r["version"]], split, image, text)
+            objs = found[cr]
             if sorted(server for _, server in objs) != [0, 1]:
                 raise CalibrationError(f"{len(objs)} SSL objects found for a handshake (wants its client and server)")
             suite = SUITES.get(r["cipher"])

@@ -170,7 +170,7 @@ def learn(read: Reader, samples: list[Sample]) -> Layout:
         raise SearchError("session and master key not found")
     fits = []
     for session_off, master_key in sorted(sessions):
-        ciphers = _common(samples, lambda s: _cipher_candidates(read, s, session_off))
+        ciphers = _common(samples, lambda s, off=session_off: _cipher_candidates(read, s, off))
         if ciphers:
             fits.append((session_off, master_key, min(ciphers)))
     if not fits:
