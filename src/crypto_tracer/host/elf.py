@@ -46,7 +46,7 @@ _SYM = struct.Struct("<IBBHQQ")
 _RELA = struct.Struct("<QQq")
 
 # "OpenSSL 3.0.19 27 Jan 2026": the dated banner (keys calibration: the exact OpenSSL version)
-OPENSSL_BANNER_RE = re.compile(rb"OpenSSL (\d+\.\d+\.\d+[a-z]?)(?:-[\w.~+]+)? +\d{1,2} \w{3} \d{4}")
+OPENSSL_BANNER_RE = re.compile(rb"OpenSSL ((\d+\.\d+\.\d+[a-z]?)(?:[-+][\w.~+]+)?) +\d{1,2} \w{3} \d{4}")
 # the first banner of an OpenSSL-family library (inventory: which version a process maps)
 TLS_BANNER_RE = re.compile(rb"(OpenSSL|LibreSSL|BoringSSL|wolfSSL) (\d+\.\d+\.\d+[a-z]?)")
 BORINGSSL_RE = re.compile(rb"BoringSSL")
@@ -396,6 +396,11 @@ def search_file(path: str, regex: re.Pattern, group: int = 1) -> str | None:
 def openssl_version(path: str) -> str | None:
     """'3.0.19' from the dated 'OpenSSL 3.0.19 27 Jan 2026' banner compiled into a file, or None.
     For a shared libssl the banner lives in libcrypto; static builds (node) carry it."""
+    return search_file(path, OPENSSL_BANNER_RE, 2)
+
+
+def openssl_build(path: str) -> str | None:
+    """The whole version of that banner: '3.0.13+quic' for node 20's patched OpenSSL."""
     return search_file(path, OPENSSL_BANNER_RE)
 
 

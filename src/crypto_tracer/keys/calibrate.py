@@ -3,8 +3,11 @@ or unknown.
 
 * A shared libssl is calibrated in a subprocess (``calibrate_worker``) on that exact file,
   and the verified layout is cached by ELF build-id.
-* An executable with OpenSSL linked in (node) cannot be loaded with ctypes: it reuses a
-  verified layout learned on a shared libssl of exactly the same OpenSSL version.
+* An executable with OpenSSL linked in cannot be loaded with ctypes. node runs itself as a
+  calibration child (``calibrate_node``: handshakes with its own --tls-keylog, its memory read
+  and the layout checked against that key log), cached by build-id like a libssl. Others (or a
+  node that cannot be run) reuse a verified layout learned on a shared libssl of exactly the
+  same OpenSSL version.
 * Otherwise the layout is unknown: the caller says so and writes no keys for that library.
 """
 
@@ -18,7 +21,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from crypto_tracer.host.elf import build_id_or_digest as build_id, openssl_version
+from crypto_tracer.host.elf import build_id_or_digest as build_id, openssl_build, openssl_version
+from crypto_tracer.keys import calibrate_node
 from crypto_tracer.keys.layout import Layout
 from crypto_tracer.log import log
 
@@ -113,8 +117,33 @@ def _calibrated(path: str, bid: str, kind: str = "openssl") -> tuple[Layout | No
     return lay, how
 
 
-def _same_version_layout(version: str) -> tuple[Layout | None, str]:
+_NODE_FAILED: dict[str, str] = {}  # build-id -> why its calibration failed (not retried in this run)
+
+
+def _node_calibrated(path: str, bid: str, version: str) -> tuple[Layout | None, str]:
+    """The layout a node executable shows when run as a calibration child (keys/calibrate_node.py)."""
+    if bid in _NODE_FAILED:
+        return None, _NODE_FAILED[bid]
+    why = _safe_to_load(path)
+    if why is None:
+        try:
+            lay = calibrate_node.calibrate(path, version)
+        except (calibrate_node.CalibrationError, OSError, ValueError) as exc:
+            why = f"calibration failed: {exc}"
+        else:
+            if lay.verified >= MIN_VERIFIED:
+                lay.source = {"build_id": bid, "path": path}
+                _store(bid, lay)
+                return lay, "calibrated"
+            why = "calibration could not verify the layout"
+    _NODE_FAILED[bid] = why
+    return None, why
+
+
+def _same_version_layout(version: str, build: str | None = None) -> tuple[Layout | None, str]:
     """A verified layout learned on a shared libssl of this exact OpenSSL version."""
+    if build and "+" in build:  # node 20's 3.0.13+quic: fields added, the layout of 3.0.13 is not its own
+        return None, f"its OpenSSL {build} is a patched build: no other build's layout is used for it"
     for d in cache_dirs():
         for name in sorted(glob.glob(os.path.join(d, "*.json"))):
             lay = _cached(os.path.basename(name)[:-5])
@@ -147,7 +176,12 @@ def layout_for(path: str, kind: str = "openssl") -> LayoutResult:
             return LayoutResult(path, bid, None, "no OpenSSL version string in it")
         lay = _cached(bid)
         how = "cache"
-        if lay is None:
-            lay, how = _same_version_layout(version)
+        if lay is None and calibrate_node.is_node(path):
+            lay, how = _node_calibrated(path, bid, version)
+            if lay is None:
+                lay, other = _same_version_layout(version, openssl_build(path))
+                how = other if lay is not None else f"{how}; {other}"
+        elif lay is None:
+            lay, how = _same_version_layout(version, openssl_build(path))
     log.debug("layout of %s (build-id %s): %s", path, bid, how)
     return LayoutResult(path, bid, lay, how)

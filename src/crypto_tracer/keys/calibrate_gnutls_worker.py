@@ -19,8 +19,9 @@ import struct
 import sys
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_ssize_t, c_uint, c_void_p
 
-from crypto_tracer.keys.calibrate_worker import _cert_der, _find_all, _one, read, verify_lines
+from crypto_tracer.keys.calibrate_worker import _cert_der, read
 from crypto_tracer.keys.layout import Layout
+from crypto_tracer.keys.search import find_all, one, verify
 
 SCAN = 16384  # bytes of the session searched (the secrets sit around 6 KB in 3.7)
 GNUTLS_SERVER, GNUTLS_CLIENT = 1, 2
@@ -156,7 +157,7 @@ def _pointer_field(samples: list[tuple[int, bytes]]) -> tuple[int, int]:
     mem = read(first, 2048)
     for ptr_off in range(0, len(mem) - 8, 8):
         target = struct.unpack_from("<Q", mem, ptr_off)[0]
-        for inner in _find_all(read(target, 128), want):
+        for inner in find_all(read(target, 128), want):
             ok = True
             for session, expected in samples[1:]:
                 p = struct.unpack("<Q", read(session + ptr_off, 8) or bytes(8))[0]
@@ -174,10 +175,10 @@ def learn(g: GnuTLS, pairs: list[tuple[int, int, int, bool]]) -> Layout:
     mem = read(c13, SCAN)
 
     def where(label: str) -> int:
-        return _one(_find_all(mem, bytes.fromhex(lines[label][1])), label)
+        return one(find_all(mem, bytes.fromhex(lines[label][1])), label)
 
-    cr = _one(_find_all(read(c13, 512), g.client_random(c13)), "client_random")
-    master = _one(_find_all(read(c12, SCAN), bytes.fromhex(g.lines_for(c12)["CLIENT_RANDOM"][1])), "master secret")
+    cr = one(find_all(read(c13, 512), g.client_random(c13)), "client_random")
+    master = one(find_all(read(c12, SCAN), bytes.fromhex(g.lines_for(c12)["CLIENT_RANDOM"][1])), "master secret")
     version = _pointer_field([(s, bytes([3, 4 if tls13 else 3])) for c, sv, _, tls13 in pairs for s in (c, sv)])
     cipher = _pointer_field([(s, struct.pack(">H", suite)) for c, sv, suite, _ in pairs for s in (c, sv)])
     return Layout(version="", client_random=(-1, cr), tls_version=version[1], session=-1, master_key=master,
@@ -195,7 +196,7 @@ def calibrate(path: str) -> Layout:
             client, server = g.handshake(priority)
             pairs.append((client, server, suite, suite >> 8 == 0x13))
     lay = learn(g, pairs)
-    lay.verified = verify_lines(g, lay, [s for c, sv, _, _ in pairs for s in (c, sv)])
+    lay.verified = verify(read, lay, [(s, g.lines_for(s)) for c, sv, _, _ in pairs for s in (c, sv)])
     lay.version = "gnutls " + g.version()
     return lay
 

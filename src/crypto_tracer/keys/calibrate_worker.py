@@ -5,7 +5,7 @@
 Loads that exact file with ctypes, runs client and server SSL objects against each other
 over a memory BIO pair (TLS 1.3 and 1.2, several suites), collects OpenSSL's own key log
 through SSL_CTX_set_keylog_callback, and searches the SSL objects' memory for those
-secrets. The learned layout is then checked against every handshake; it prints one JSON
+secrets (keys/search.py, shared with the node calibration). The learned layout is then checked against every handshake; it prints one JSON
 object: {"layout": {...}} or {"error": "..."}. Nothing leaves the process: the sessions
 are in memory, the secrets are thrown away.
 """
@@ -15,18 +15,16 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import struct
 import sys
 from ctypes import c_char_p, c_int, c_long, c_void_p
 
-from crypto_tracer.keys.hkdf import hkdf_expand_label
-from crypto_tracer.keys.layout import Layout, read_material
+from crypto_tracer.keys.layout import Layout
 from crypto_tracer.keys.material import TLS1_3
+from crypto_tracer.keys.search import Sample, learn, verify
 
 SSL_CTRL_SET_MIN_PROTO_VERSION = 123
 SSL_CTRL_SET_MAX_PROTO_VERSION = 124
 EVP_PKEY_EC = 408
-SCAN = 8192  # bytes of the SSL object searched (sizeof(SSL) is 7608 in 3.0)
 KEYLOG_CB = ctypes.CFUNCTYPE(None, c_void_p, c_char_p)
 
 # (max version, TLS 1.3 suites, TLS 1.2 cipher list)
@@ -174,114 +172,20 @@ class OpenSSL:
         return out
 
 
-def _find_all(hay: bytes, needle: bytes, align: int = 1) -> list[int]:
-    found, pos = [], hay.find(needle)
-    while pos >= 0:
-        if pos % align == 0:
-            found.append(pos)
-        pos = hay.find(needle, pos + 1)
-    return found
-
-
-def _one(candidates: list[int], what: str) -> int:
-    if len(candidates) != 1:
-        raise RuntimeError(f"{what}: {len(candidates)} candidate offsets")
-    return candidates[0]
-
-
-def _client_random_candidates(ssl: int, cr: bytes) -> list[tuple[int, int]]:
-    mem = read(ssl, SCAN)
-    found = [(-1, off) for off in _find_all(mem, cr)]
-    for deref in range(0, 4096, 8):  # one pointer level (1.1.1: ssl->s3)
-        target = struct.unpack_from("<Q", mem, deref)[0]
-        if target > 0x10000:
-            found += [(deref, off) for off in _find_all(read(target, 2048), cr)]
-    return found
-
-
-def _read_client_random(ssl: int, field: tuple[int, int]) -> bytes:
-    deref, off = field
-    base = struct.unpack("<Q", read(ssl + deref, 8) or bytes(8))[0] if deref >= 0 else ssl
-    return read(base + off, 32) if base else b""
-
-
-def _find_client_random(samples: list[tuple[int, bytes]]) -> tuple[int, int]:
-    """The one place that holds client_random in every sample SSL object (a hit in a
-    neighbouring heap object, e.g. a separately allocated s3, would fail on the others)."""
-    ssl, cr = samples[0]
-    fits = [f for f in _client_random_candidates(ssl, cr)
-            if all(_read_client_random(s, f) == c for s, c in samples[1:])]
-    if not fits:
-        raise RuntimeError("client_random not found")
-    return min(fits, key=lambda f: (f[0] >= 0, f))  # prefer inside the object itself
-
-
-def _find_handshake(mem: bytes, chts: bytes, shts: bytes, app_off: int, hash_name: str) -> tuple[int, int, bool]:
-    """Offsets of (handshake_secret, handshake_traffic_hash), or of CHTS/SHTS if stored as such."""
-    n = len(chts)
-    c, s = _find_all(mem, chts), _find_all(mem, shts)
-    if c and s:
-        return c[0], s[0], True
-    window = range(max(0, app_off - 1024), app_off, 4)
-    nonzero = [o for o in window if any(mem[o:o + n])]
-    for hs in nonzero:
-        secret = mem[hs:hs + n]
-        for th in nonzero:
-            if hkdf_expand_label(secret, "c hs traffic", mem[th:th + n], n, hash_name) == chts:
-                return hs, th, False
-    raise RuntimeError("handshake secret not found")
-
-
-def learn(ossl: OpenSSL, client: int, client12: int, others: list[int]) -> Layout:
-    """A layout from one TLS 1.3 (SHA-256) client and one TLS 1.2 client (others: more SSL
-    objects that tell real offsets from accidental hits)."""
+def samples(ossl: OpenSSL, ssls: list[int]) -> list[Sample]:
+    """The SSL objects with what the library says of them (its key log, version, cipher, session)."""
     lib = ossl.lib
-    lines = ossl.lines_for(client)
-    cr = bytes.fromhex(lines["CLIENT_TRAFFIC_SECRET_0"][0])
-    secret = {k: bytes.fromhex(v[1]) for k, v in lines.items()}
-    mem = read(client, SCAN)
-    samples = [(client, cr)] + [(s, bytes.fromhex(next(iter(ossl.lines_for(s).values()))[0])) for s in others]
-    cr_field = _find_client_random(samples)
-    client_app = _one(_find_all(mem, secret["CLIENT_TRAFFIC_SECRET_0"]), "client app secret")
-    server_app = _one(_find_all(mem, secret["SERVER_TRAFFIC_SECRET_0"]), "server app secret")
-    exporter = _one(_find_all(mem, secret["EXPORTER_SECRET"]), "exporter secret")
-    hs_a, hs_b, direct = _find_handshake(mem, secret["CLIENT_HANDSHAKE_TRAFFIC_SECRET"],
-                                         secret["SERVER_HANDSHAKE_TRAFFIC_SECRET"], client_app, "sha256")
-    # the version int: the same offset holds 0x0304 on the 1.3 object and 0x0303 on the 1.2 one
-    mem12 = read(client12, SCAN)
-    v13 = set(_find_all(mem[:4096], struct.pack("<i", lib.SSL_version(client)), 4))
-    v12 = set(_find_all(mem12[:4096], struct.pack("<i", lib.SSL_version(client12)), 4))
-    tls_version = min(v13 & v12) if v13 & v12 else _one([], "version")
-    # TLS 1.2: ssl->session -> master_key; session->cipher -> id
-    session = lib.SSL_get_session(client12)
-    session_off = _one(_find_all(mem12, struct.pack("<Q", session), 8), "session pointer")
-    master = bytes.fromhex(ossl.lines_for(client12)["CLIENT_RANDOM"][1])
-    smem = read(session, 2048)
-    master_key = _one(_find_all(smem, master), "master key")
-    cipher = lib.SSL_get_current_cipher(client12)
-    cipher_off = _find_all(smem, struct.pack("<Q", cipher), 8)[0]
-    cipher_id = _find_all(read(cipher, 256), struct.pack("<I", lib.SSL_CIPHER_get_id(cipher)), 4)[0]
-    return Layout(version="", client_random=cr_field, tls_version=tls_version, session=session_off,
-                  master_key=master_key, cipher=cipher_off, cipher_id=cipher_id, hs_a=hs_a, hs_b=hs_b,
-                  client_app=client_app, server_app=server_app, exporter=exporter, hs_direct=direct)
-
-
-def verify_lines(library, lay: Layout, ssls: list[int]) -> int:
-    """Every key log line of every SSL object must come out of the layout exactly
-    (library.lines_for(ssl) gives the library's own lines: label -> (client_random, secret))."""
-    for ssl in ssls:
-        want = {(label, cr, secret) for label, (cr, secret) in library.lines_for(ssl).items()}
-        got = set(read_material(read, ssl, lay).lines())
-        if not want or got != want:
-            raise RuntimeError("the learned layout does not reproduce the library's own key log")
-    return len(ssls)
+    return [Sample(ssl, ossl.lines_for(ssl), lib.SSL_version(ssl),
+                   lib.SSL_CIPHER_get_id(lib.SSL_get_current_cipher(ssl)), lib.SSL_get_session(ssl))
+            for ssl in ssls]
 
 
 def calibrate(path: str) -> Layout:
     ossl = OpenSSL(path)
     pairs = [ossl.handshake(*r) for r in ROUNDS for _ in range(2)]
-    lay = learn(ossl, pairs[0][0], pairs[6][0], [s for pair in pairs[1:] for s in pair])
-    lay.verified = verify_lines(ossl, lay, [s for pair in pairs for s in pair])
+    found = samples(ossl, [s for pair in pairs for s in pair])
+    lay = learn(read, found)
+    lay.verified = verify(read, lay, [(s.ssl, s.lines) for s in found])
     lay.version = ossl.version().split()[1]
     return lay
 
