@@ -1,6 +1,9 @@
 """``crypto-tracer snapshot``: the crypto inventory of this host, from /proc only (no eBPF).
 
 Unprivileged it sees the caller's own processes and counts the ones it could not read.
+``-f cyclonedx`` writes it as a CycloneDX 1.6 CBOM (sinks/cyclonedx.py), with the TLS handshakes of
+``--handshakes FILE`` and of ``--observe SECONDS`` (a ``tls -m json`` run in a child process: the
+only part that needs eBPF and its privileges).
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.host import certinfo, inventory
 from crypto_tracer.host.proc import list_pids, read_cmdline, read_status_ids
 from crypto_tracer.pipeline.clock import now_iso
@@ -16,9 +20,28 @@ from crypto_tracer.log import log
 SNAPSHOT_VERSION = "1.1"
 
 
+def check(opts) -> None:
+    cbom_only = [flag for flag, attr in (("--observe", "observe"), ("--handshakes", "handshakes"))
+                 if getattr(opts, attr, None)]
+    if cbom_only and opts.format != "cyclonedx":
+        raise TracerError(f"{' and '.join(cbom_only)}: only with -f cyclonedx", ExitStatus.BAD_ARGS,
+                          "add -f cyclonedx")
+    if getattr(opts, "handshakes", None) is not None and not os.path.isfile(opts.handshakes):
+        raise TracerError(f"--handshakes {opts.handshakes}: no such file", ExitStatus.BAD_ARGS,
+                          "give a file written by 'crypto-tracer tls -m json -o FILE'")
+
+
 def run(opts) -> int:
     from crypto_tracer.sinks.output import Output
 
+    handshakes = None
+    if opts.format == "cyclonedx":
+        from crypto_tracer.sinks import cyclonedx
+
+        cyclonedx.check_available()  # before anything runs
+        handshakes = read_handshakes(opts.handshakes) if getattr(opts, "handshakes", None) else []
+        if getattr(opts, "observe", None):
+            handshakes += observe_handshakes(opts.observe, opts.no_redact)
     log.debug("Scanning /proc")
     doc = take_snapshot(redact_paths=not opts.no_redact)
     scan = doc["scan"]
@@ -27,6 +50,13 @@ def run(opts) -> int:
                     scan["processes_unreadable"])
     log.info("Snapshot: %d of %d processes use crypto (%.0f ms)", doc["summary"]["total_processes"],
              scan["processes_scanned"], scan["duration_ms"])
+    if opts.format == "cyclonedx":
+        text = cyclonedx.build(doc, handshakes)  # validated: nothing is written if it does not
+        out = Output(opts.output)
+        out.write(text.encode() + b"\n")
+        out.flush()  # a failed write raises (exit 1)
+        out.close()
+        return 0
     out = Output(opts.output)
     if opts.format == "summary":
         from crypto_tracer.sinks.snapshot_summary import render
@@ -39,6 +69,75 @@ def run(opts) -> int:
 
         dump_document(doc, opts.format, out)
     return 0
+
+
+def read_handshakes(path: str) -> list[dict]:
+    """tls_handshake events from a file of 'tls -m json' (JSON Lines, or one JSON array); other
+    events are skipped."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise TracerError(f"--handshakes {path}: {exc.strerror}", ExitStatus.ERROR) from None
+    import json
+
+    if data.lstrip().startswith(b"["):
+        try:
+            events = json.loads(data)
+        except ValueError as exc:
+            raise TracerError(f"--handshakes {path}: not valid JSON ({exc})", ExitStatus.ERROR) from None
+    else:
+        events = []
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                raise TracerError(f"--handshakes {path}: line {number} is not a JSON event", ExitStatus.ERROR,
+                                  "give a file written by 'crypto-tracer tls -m json -o FILE'") from None
+    found = [ev for ev in events if isinstance(ev, dict) and ev.get("event_type") == "tls_handshake"]
+    log.info("%d TLS handshakes read from %s", len(found), path)
+    return found
+
+
+def observe_handshakes(seconds: int, no_redact: bool) -> list[dict]:
+    """tls_handshake events of a 'tls -m json' run of SECONDS in a child process (its plaintext
+    events, cut to one byte each, are read and dropped). Ctrl-C ends the observation early and
+    the CBOM is still written."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from crypto_tracer.engine.preflight import preflight
+
+    preflight()  # the tracer's privileges, with its errors and exit codes, before a child starts
+    cmd = [sys.executable, "-m", "crypto_tracer", "tls", "-m", "json", "-f", "json-stream", "-d", str(seconds),
+           "--max-payload", "1", "-q"]
+    if no_redact:
+        cmd.append("--no-redact")
+    log.info("Observing TLS handshakes for %d s", seconds)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE)  # its errors go to our stderr
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # the child gets Ctrl-C too and ends cleanly
+    events = []
+    try:
+        for line in child.stdout:
+            if b'"tls_handshake"' in line:
+                ev = json.loads(line)
+                if ev.get("event_type") == "tls_handshake":
+                    events.append(ev)
+        status = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if status != 0:
+        raise TracerError(f"observing TLS handshakes failed (tls exited with {status})",
+                          ExitStatus(status) if status in ExitStatus._value2member_map_ else ExitStatus.ERROR)
+    log.info("%d TLS handshakes observed", len(events))
+    return events
 
 
 def take_snapshot(redact_paths: bool = True) -> dict:
