@@ -41,7 +41,7 @@ def run(opts) -> int:
         cyclonedx.check_available()  # before anything runs
         handshakes = read_handshakes(opts.handshakes) if getattr(opts, "handshakes", None) else []
         if getattr(opts, "observe", None):
-            handshakes += observe_handshakes(opts.observe, opts.no_redact)
+            handshakes += observe_handshakes(opts)
     log.debug("Scanning /proc")
     doc = take_snapshot(redact_paths=not opts.no_redact)
     scan = doc["scan"]
@@ -101,10 +101,10 @@ def read_handshakes(path: str) -> list[dict]:
     return found
 
 
-def observe_handshakes(seconds: int, no_redact: bool) -> list[dict]:
-    """tls_handshake events of a 'tls -m json' run of SECONDS in a child process (its plaintext
-    events, cut to one byte each, are read and dropped). Ctrl-C ends the observation early and
-    the CBOM is still written."""
+def observe_handshakes(opts) -> list[dict]:
+    """tls_handshake events of a 'tls -m json' run of --observe seconds in a child process (its
+    plaintext events, cut to one byte each, are read and dropped; its log lines, READY included,
+    are ours). SIGINT/SIGTERM end the observation early and the CBOM is still written."""
     import json
     import signal
     import subprocess
@@ -113,13 +113,16 @@ def observe_handshakes(seconds: int, no_redact: bool) -> list[dict]:
     from crypto_tracer.engine.preflight import preflight
 
     preflight()  # the tracer's privileges, with its errors and exit codes, before a child starts
-    cmd = [sys.executable, "-m", "crypto_tracer", "tls", "-m", "json", "-f", "json-stream", "-d", str(seconds),
-           "--max-payload", "1", "-q"]
-    if no_redact:
-        cmd.append("--no-redact")
-    log.info("Observing TLS handshakes for %d s", seconds)
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE)  # its errors go to our stderr
-    previous = signal.signal(signal.SIGINT, lambda *_: None)  # the child gets Ctrl-C too and ends cleanly
+    cmd = [sys.executable, "-m", "crypto_tracer", "tls", "-m", "json", "-f", "json-stream", "-d", str(opts.observe),
+           "--max-payload", "1"]
+    cmd += [flag for flag, on in (("-q", opts.quiet), ("-v", opts.verbose), ("--no-redact", opts.no_redact)) if on]
+    log.info("Observing TLS handshakes for %d s", opts.observe)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE)  # its stderr is ours
+
+    def forward(signum, _frame):  # the child stops as tls does; we go on with what it saw
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     events = []
     try:
         for line in child.stdout:
@@ -129,7 +132,8 @@ def observe_handshakes(seconds: int, no_redact: bool) -> list[dict]:
                     events.append(ev)
         status = child.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if child.poll() is None:
             child.kill()
             child.wait()

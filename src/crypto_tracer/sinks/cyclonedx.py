@@ -15,7 +15,8 @@ What becomes what:
 Two things cyclonedx-python-lib cannot express are written into its JSON afterwards (and the result
 is what is validated): ``dependencies[].provides`` (lib issue #691), and cipher-suite
 ``identifiers`` in the registry's byte order (the lib keeps them as a sorted set, which would turn
-["0xC0", "0x30"] into ["0x30", "0xC0"]).
+["0xC0", "0x30"] into ["0x30", "0xC0"]). Evidence occurrences are sorted there too (the lib's
+Occurrence has no order of its own).
 
 bom-refs are derived from the content (names, OIDs, certificate identity, paths), so the same host
 state gives the same refs; the serial number is derived from host name and time.
@@ -74,6 +75,12 @@ def _process_fact(p: dict) -> str:
     if container:
         fact["container"] = container.get("id") or container.get("mount_ns")
     return json.dumps(fact, separators=(",", ":"))
+
+
+def _user(uid: int | None) -> str | None:
+    from crypto_tracer.host.inventory import user_name
+
+    return user_name(uid)
 
 
 class _Cbom:
@@ -231,7 +238,7 @@ def _handshakes(cb: _Cbom, events: list[dict], libs_by_pid: dict[int, list[tuple
             proto["groups"].add(group_ref)
             provided.add(group_ref)
         who = {"pid": ev.get("pid"), "process": ev.get("process"), "exe": ev.get("exe"), "uid": ev.get("uid"),
-               "ppid": ev.get("ppid")}
+               "ppid": ev.get("ppid"), "running_as": _user(ev.get("uid"))}
         cb.occurrence(ref, ev.get("exe"), f"pid {ev.get('pid')} ({ev.get('process')}) via {ev.get('library')}")
         cb.prop(ref, "process", _process_fact(who))
         for lib_ref in _handshake_libraries(ev, libs_by_pid):
@@ -361,7 +368,8 @@ def build(doc: dict, handshakes: list[dict] | None = None) -> str:
 
 
 def _post_process(data: dict, cb: _Cbom) -> None:
-    """What the lib cannot model: dependencies[].provides, and suite identifiers in byte order."""
+    """What the lib cannot model: dependencies[].provides, suite identifiers in byte order, an order
+    of evidence occurrences."""
     deps = {d["ref"]: d for d in data.setdefault("dependencies", [])}
     for ref, provided in sorted(cb.provides.items()):
         entry = deps.get(ref)
@@ -371,6 +379,9 @@ def _post_process(data: dict, cb: _Cbom) -> None:
         entry["provides"] = sorted(provided)
     data["dependencies"].sort(key=lambda d: d["ref"])
     for comp in data.get("components", []):
+        occurrences = comp.get("evidence", {}).get("occurrences")
+        if occurrences:  # the lib's Occurrence has no order: its set comes out in hash order
+            occurrences.sort(key=lambda o: (o["location"], o.get("additionalContext", "")))
         for suite in comp.get("cryptoProperties", {}).get("protocolProperties", {}).get("cipherSuites", []):
             ids = cb.suite_ids.get(suite.get("name"))
             if ids:
