@@ -281,3 +281,21 @@ def test_read_handshakes(tmp_path):
 def test_cli_errors(args, message):
     res = subprocess.run([sys.executable, "-m", "crypto_tracer", "snapshot", *args], capture_output=True, text=True)
     assert res.returncode == 2 and message in res.stderr and res.stdout == ""
+
+
+def test_suite_table_agrees_with_openssl():
+    """Code points and OpenSSL names of the suite table, checked against `openssl ciphers -V -stdname`
+    (OpenSSL 3 builds no 3DES and lists no TLS 1.3 CCM suites by default: those four are not checked)."""
+    out = subprocess.run(["openssl", "ciphers", "-V", "-stdname", "ALL:COMPLEMENTOFALL:@SECLEVEL=0"],
+                         capture_output=True, text=True, check=True).stdout
+    listed = {}  # IANA name -> (code point, OpenSSL name)
+    for line in out.splitlines():
+        code, _, iana, _, openssl_name = line.split()[:5]
+        listed[iana] = (tuple(int(b, 16) for b in code.split(",")), openssl_name)
+    unchecked = {"TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256", "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+                 "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA"}
+    assert set(algs.SUITE_CODES) - set(listed) <= unchecked
+    for name, code in algs.SUITE_CODES.items():
+        if name in listed:
+            assert listed[name][0] == code, name
+            assert algs.cipher_suite(listed[name][1]).name == name  # OpenSSL's name for it maps back
