@@ -34,7 +34,9 @@ def files(tmp_path_factory):
                                      valid_since_days=60)
     rsa, rsa_key = make_cert(d, "rsa.cbom.test", 90, rsa_bits=2048, cert_name="rsa.pem", key_name="rsa.key",
                              serial=0x99)
-    return {"expired": expired, "expired_key": expired_key, "rsa": rsa, "rsa_key": rsa_key}
+    garbage = d / "garbage.crt"
+    garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    return {"expired": expired, "expired_key": expired_key, "rsa": rsa, "rsa_key": rsa_key, "garbage": str(garbage)}
 
 
 def inventory(files) -> dict:
@@ -52,7 +54,8 @@ def inventory(files) -> dict:
               "static_tls": None, "tls_sockets": [], "container": None}
     other = dict(server, pid=200, name="worker", cmdline="worker",
                  open_crypto_files=[entry(files["expired"], "certificate"), entry(files["rsa"], "certificate"),
-                                    {"path": "/etc/app/store.p12", "type": "keystore"}])
+                                    {"path": "/etc/app/store.p12", "type": "keystore"},
+                                    entry(files["garbage"], "certificate")])
     gosrv = dict(server, pid=300, name="gosrv", exe="/usr/local/bin/gosrv", libraries=[], open_crypto_files=[],
                  static_tls={"library": "go", "symbols": ["crypto/tls.(*Conn).Write"], "version": "go1.22.10"})
     return {"snapshot_version": "1.1", "generated_at": "2026-11-27T19:00:00.123456Z", "hostname": "cbom-host",
@@ -186,6 +189,10 @@ def test_other_crypto_files(cbom):
     [store] = [c for c in doc["components"] if c["name"] == "keystore store.p12"]
     assert store["cryptoProperties"]["relatedCryptoMaterialProperties"] == {"type": "other"}
     assert store["evidence"]["occurrences"][0]["location"] == "/etc/app/store.p12"
+    [garbage] = [c for c in doc["components"] if c["name"] == "garbage.crt"]  # not parsed: named, not guessed
+    assert garbage["cryptoProperties"] == {"assetType": "certificate", "certificateProperties": {
+        "certificateFormat": "X.509", "certificateExtension": "crt"}}
+    assert {"name": "crypto-tracer:error", "value": "not parsed"} in garbage["properties"]
 
 
 def test_protocols_suites_and_provides(cbom):

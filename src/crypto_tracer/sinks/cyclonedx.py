@@ -151,10 +151,10 @@ def _key_material(cb: _Cbom, kind: str, info: dict, identity: str) -> str:
 
 
 def _certificate(cb: _Cbom, info: dict, path: str) -> str:
-    if "subject" not in info:  # unparsable: what it is and where, nothing guessed
+    if "subject" not in info:  # not parsed: what it is and where, nothing guessed
         ref = f"crypto/certificate/{_slug(path.rsplit('/', 1)[-1])}@{_digest(path)}"
         cb.add(ref, "certificate", name=path.rsplit("/", 1)[-1], info=None, path=path)
-        cb.prop(ref, "error", info.get("error"))
+        cb.prop(ref, "error", info.get("error") or "not parsed")
         return ref
     identity = _digest(info["subject"], info["issuer"], info.get("serial"))
     cn = re.search(r"(?:^|,)CN=((?:[^,\\]|\\.)+)", info["subject"])
@@ -185,20 +185,19 @@ def _files(cb: _Cbom, doc: dict) -> None:
         fact = _process_fact(p)
         for f in p["open_crypto_files"]:
             context = f"open in pid {p['pid']} ({p['name']})"
-            if f["type"] == "certificate" and f.get("certificate"):
-                ref = _certificate(cb, f["certificate"], f["path"])
-            elif f["type"] in ("private_key", "public_key") and f.get("key"):
-                info = f["key"]
+            if f["type"] == "certificate":
+                ref = _certificate(cb, f.get("certificate") or {}, f["path"])
+            elif f["type"] in ("private_key", "public_key"):
+                info = f.get("key") or {}  # {}: not parsed (unreadable, unknown form): type and place only
                 kind = "private-key" if f["type"] == "private_key" else "public-key"
                 ref = _key_material(cb, kind, info, _digest(f["path"]))
                 cb.prop(ref, "encrypted", str(info["encrypted"]).lower() if "encrypted" in info else None)
                 for flag in info.get("flags", ()):
                     cb.prop(ref, "flag", flag)
                 cb.prop(ref, "error", info.get("error"))
-            else:  # keystores, CSRs, CRLs, unparsable keys: the file is still crypto material in use
-                kind = {"keystore": "other", "csr": "other", "crl": "other"}.get(f["type"], "unknown")
+            else:  # keystores, CSRs, CRLs: the file is crypto material in use, its content not modelled
                 ref = f"crypto/material/{_slug(f['type'])}@{_digest(f['path'])}"
-                cb.add(ref, "key", name=f"{f['type']} {f['path'].rsplit('/', 1)[-1]}", type=kind, size=None,
+                cb.add(ref, "key", name=f"{f['type']} {f['path'].rsplit('/', 1)[-1]}", type="other", size=None,
                        algorithm_ref=None)
                 cb.prop(ref, "file_type", f["type"])
             cb.occurrence(ref, f["path"], context)
