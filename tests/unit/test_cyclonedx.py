@@ -71,6 +71,9 @@ HANDSHAKES = [
     {"event_type": "tls_handshake", "pid": 300, "process": "gosrv", "exe": "/usr/local/bin/gosrv", "uid": 0,
      "library": "go", "role": "server", "result": "success", "tls_version": "TLSv1.2",
      "cipher": "ECDHE-RSA-AES128-GCM-SHA256", "group": "x25519", "peer_key_type": "RSA", "peer_key_bits": 2048},
+    {"event_type": "tls_handshake", "pid": 100, "process": "server", "exe": "/usr/bin/python3.11", "uid": 0,
+     "library": "openssl", "role": "server", "result": "success", "tls_version": "TLSv1.2",
+     "cipher": "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "group": "secp256r1"},  # a server: peer key unseen
     {"event_type": "tls_handshake", "pid": 999, "process": "gone", "exe": "/usr/bin/curl", "uid": 0,
      "library": "openssl", "role": "client", "result": "success", "tls_version": "TLSv1.3", "cipher": None},
     {"event_type": "tls_handshake", "pid": 100, "library": "openssl", "result": "failure", "tls_version": "TLSv1.1"},
@@ -105,7 +108,7 @@ def test_document_frame(cbom):
                                  "type": "operating-system", "version": "6.18.0"}
     assert meta["tools"]["components"][0]["name"] == "crypto-tracer"
     props = {p["name"]: p["value"] for p in meta["properties"]}
-    assert props["crypto-tracer:processes_scanned"] == "10" and props["crypto-tracer:handshakes_read"] == "5"
+    assert props["crypto-tracer:processes_scanned"] == "10" and props["crypto-tracer:handshakes_read"] == "6"
 
 
 def test_libraries_with_versions_paths_and_processes(cbom):
@@ -213,10 +216,16 @@ def test_protocols_suites_and_provides(cbom):
     tls12 = comp(doc, "crypto/protocol/tls@1.2")["cryptoProperties"]["protocolProperties"]
     [s12] = tls12["cipherSuites"]
     assert s12["name"] == "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" and s12["identifiers"] == ["0xC0", "0x2F"]
-    assert sorted(comp(doc, r)["name"] for r in s12["algorithms"]) == ["AES-128-GCM", "RSA-2048", "SHA-256", "X25519"]
+    # the RSA key one handshake showed stands for the suite's authentication: no family-only "RSA" beside it
+    assert sorted(comp(doc, r)["name"] for r in s12["algorithms"]) == \
+        ["AES-128-GCM", "ECDH-secp256r1", "RSA-2048", "SHA-256", "X25519"]
+    assert sorted(comp(doc, r)["name"] for r in tls12["cryptoRefArray"]) == ["ECDH-secp256r1", "X25519"]
     provides = {d["ref"]: d.get("provides") for d in doc["dependencies"]}
+    # libssl's own TLS 1.2 handshake did not show its key: it provides RSA, by family
     assert provides["crypto/library/libssl@3.0.19"] == sorted(
-        ["crypto/protocol/tls@1.3", *suite["algorithms"], pp["cryptoRefArray"][0]])
+        ["crypto/protocol/tls@1.3", *suite["algorithms"], pp["cryptoRefArray"][0], "crypto/protocol/tls@1.2",
+         "crypto/algorithm/aes-128-gcm@2.16.840.1.101.3.4.1.6", "crypto/algorithm/sha-256@2.16.840.1.101.3.4.2.1",
+         "crypto/algorithm/ecdh-secp256r1@1.3.132.1.12", "crypto/algorithm/rsa@1.2.840.113549.1.1.1"])
     assert "crypto/protocol/tls@1.2" in provides["crypto/library/go-static@go1.22.10"]
     assert provides["crypto/library/libcrypto@3.0.19"] is None  # the handshake was libssl's
 
@@ -270,10 +279,10 @@ def test_groups_and_keys():
 def test_read_handshakes(tmp_path):
     lines = tmp_path / "events.json"
     lines.write_text("\n".join(json.dumps(e) for e in HANDSHAKES) + "\n")
-    assert snapshot.read_handshakes(str(lines)) == HANDSHAKES[:4]
+    assert snapshot.read_handshakes(str(lines)) == HANDSHAKES[:5]
     array = tmp_path / "events-array.json"
     array.write_text(json.dumps(HANDSHAKES))
-    assert snapshot.read_handshakes(str(array)) == HANDSHAKES[:4]
+    assert snapshot.read_handshakes(str(array)) == HANDSHAKES[:5]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(HANDSHAKES[0]) + "\nnot json\n")
     with pytest.raises(TracerError, match="line 2 is not a JSON event"):

@@ -221,16 +221,15 @@ def _handshakes(cb: _Cbom, events: list[dict], libs_by_pid: dict[int, list[tuple
         provided = {ref}
         suite = algs.cipher_suite(ev.get("cipher"))
         if suite is not None:
-            refs = proto["suites"].setdefault(suite.name, (suite, set()))[1]
             group_ref = cb.algorithm(algs.group_algorithm(ev.get("group")))
             kx_ref = group_ref if group_ref and suite.kx in ("ECDHE", "DHE") else cb.algorithm(
                 algs.kx_algorithm(suite.kx))
             auth = suite.auth or (suite.kx if suite.kx == "RSA" else None)
-            for r in (kx_ref, cb.algorithm(algs.auth_algorithm(auth, ev.get("peer_key_type"), ev.get("peer_key_bits"))),
-                      cb.algorithm(suite.cipher), cb.algorithm(suite.hash)):
-                if r:
-                    refs.add(r)
-            provided |= refs
+            mine = {r for r in (kx_ref, cb.algorithm(algs.auth_algorithm(auth, ev.get("peer_key_type"),
+                                                                          ev.get("peer_key_bits"))),
+                                cb.algorithm(suite.cipher), cb.algorithm(suite.hash)) if r}
+            proto["suites"].setdefault(suite.name, (suite, set()))[1].update(mine)
+            provided |= mine
             cb.suite_ids[suite.name] = suite.identifiers
         group_ref = cb.algorithm(algs.group_algorithm(ev.get("group")))
         if group_ref:
@@ -242,11 +241,36 @@ def _handshakes(cb: _Cbom, events: list[dict], libs_by_pid: dict[int, list[tuple
         cb.prop(ref, "process", _process_fact(who))
         for lib_ref in _handshake_libraries(ev, libs_by_pid):
             cb.provides.setdefault(lib_ref, set()).update(provided)
+    _prune_generic(cb, [refs for proto in protocols.values() for _suite, refs in proto["suites"].values()])
     for version, proto in protocols.items():
         entry = cb.components[f"crypto/protocol/tls@{version}"]
         entry["args"]["suites"] = proto["suites"]
         entry["args"]["groups"] = proto["groups"]
         cb.prop(f"crypto/protocol/tls@{version}", "handshakes", proto["count"])
+
+
+# a suite's authentication named only by family ("RSA") next to the key one handshake showed ("RSA-2048")
+_GENERIC_AUTH = {"RSA": "RSA-", "ECDSA": "EC-", "DSA": "DSA-"}
+
+
+def _prune_generic(cb: _Cbom, suite_refs: list[set]) -> None:
+    """Drop a suite's (or a library's provided) family-only algorithm where the same set names the
+    key of that family (one handshake saw the peer's certificate, another did not); drop the
+    family-only algorithm itself when nothing refers to it any more."""
+    names = {ref: e["args"]["alg"].name for ref, e in cb.components.items() if e["kind"] == "algorithm"}
+
+    def prune(refs: set) -> set:
+        gone = {r for r in refs if names.get(r) in _GENERIC_AUTH
+                and any(names.get(o, "").startswith(_GENERIC_AUTH[names[r]]) for o in refs)}
+        refs -= gone
+        return gone
+
+    pruned = set()
+    for refs in [*suite_refs, *cb.provides.values()]:
+        pruned |= prune(refs)
+    used = set().union(*suite_refs, *cb.provides.values(), *cb.depends.values())
+    for ref in pruned - used:
+        del cb.components[ref]
 
 
 def _handshake_libraries(ev: dict, libs_by_pid: dict[int, list[tuple[str, str]]]) -> list[str]:
