@@ -77,6 +77,10 @@ HANDSHAKES = [
     {"event_type": "tls_handshake", "pid": 999, "process": "gone", "exe": "/usr/bin/curl", "uid": 0,
      "library": "openssl", "role": "client", "result": "success", "tls_version": "TLSv1.3", "cipher": None},
     {"event_type": "tls_handshake", "pid": 100, "library": "openssl", "result": "failure", "tls_version": "TLSv1.1"},
+    {"event_type": "tls_handshake", "pid": 400, "process": "old", "exe": "/opt/old", "library": "openssl",
+     "result": "success", "tls_version": "SSLv3", "cipher": "AES128-SHA"},
+    {"event_type": "tls_handshake", "pid": 401, "process": "quiet", "exe": "/opt/quiet", "library": "boringssl",
+     "result": "success", "tls_version": None, "cipher": None},
     {"event_type": "tls_data", "pid": 100},
 ]
 
@@ -108,7 +112,7 @@ def test_document_frame(cbom):
                                  "type": "operating-system", "version": "6.18.0"}
     assert meta["tools"]["components"][0]["name"] == "crypto-tracer"
     props = {p["name"]: p["value"] for p in meta["properties"]}
-    assert props["crypto-tracer:processes_scanned"] == "10" and props["crypto-tracer:handshakes_read"] == "6"
+    assert props["crypto-tracer:processes_scanned"] == "10" and props["crypto-tracer:handshakes_read"] == "8"
 
 
 def test_libraries_with_versions_paths_and_processes(cbom):
@@ -230,6 +234,18 @@ def test_protocols_suites_and_provides(cbom):
     assert provides["crypto/library/libcrypto@3.0.19"] is None  # the handshake was libssl's
 
 
+def test_ssl3_and_unknown_versions(cbom):
+    _, doc, _ = cbom
+    ssl3 = comp(doc, "crypto/protocol/ssl@3.0")
+    assert ssl3["name"] == "SSLv3"
+    pp = ssl3["cryptoProperties"]["protocolProperties"]
+    assert pp["type"] == "other" and pp["version"] == "3.0"
+    assert pp["cipherSuites"][0]["name"] == "TLS_RSA_WITH_AES_128_CBC_SHA"
+    assert pp["cipherSuites"][0]["identifiers"] == ["0x00", "0x2F"]
+    unknown = comp(doc, "crypto/protocol/tls")  # a handshake whose version the library did not say
+    assert unknown["name"] == "TLS" and unknown["cryptoProperties"]["protocolProperties"] == {"type": "tls"}
+
+
 def test_deterministic(files, tmp_path):
     """The same inventory gives the same document, also in another interpreter (other hash seed)."""
     text = cyclonedx.build(inventory(files), HANDSHAKES)
@@ -279,10 +295,10 @@ def test_groups_and_keys():
 def test_read_handshakes(tmp_path):
     lines = tmp_path / "events.json"
     lines.write_text("\n".join(json.dumps(e) for e in HANDSHAKES) + "\n")
-    assert snapshot.read_handshakes(str(lines)) == HANDSHAKES[:5]
+    assert snapshot.read_handshakes(str(lines)) == HANDSHAKES[:-1]
     array = tmp_path / "events-array.json"
     array.write_text(json.dumps(HANDSHAKES))
-    assert snapshot.read_handshakes(str(array)) == HANDSHAKES[:5]
+    assert snapshot.read_handshakes(str(array)) == HANDSHAKES[:-1]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(HANDSHAKES[0]) + "\nnot json\n")
     with pytest.raises(TracerError, match="line 2 is not a JSON event"):

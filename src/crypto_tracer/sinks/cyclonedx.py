@@ -211,13 +211,10 @@ def _handshakes(cb: _Cbom, events: list[dict], libs_by_pid: dict[int, list[tuple
     for ev in events:
         if ev.get("event_type") != "tls_handshake" or ev.get("result") not in (None, "success"):
             continue
-        version = algs.tls_version(ev.get("tls_version"))
-        if version is None:
-            continue
-        ref = f"crypto/protocol/tls@{version}"
-        proto = protocols.setdefault(version, {"suites": {}, "groups": set(), "count": 0})
+        ref, ptype, version, name = _protocol(ev.get("tls_version"))
+        proto = protocols.setdefault(ref, {"suites": {}, "groups": set(), "count": 0})
         proto["count"] += 1
-        cb.add(ref, "protocol", version=version, name=f"TLSv{version}")
+        cb.add(ref, "protocol", ptype=ptype, version=version, name=name)
         provided = {ref}
         suite = algs.cipher_suite(ev.get("cipher"))
         if suite is not None:
@@ -242,11 +239,23 @@ def _handshakes(cb: _Cbom, events: list[dict], libs_by_pid: dict[int, list[tuple
         for lib_ref in _handshake_libraries(ev, libs_by_pid):
             cb.provides.setdefault(lib_ref, set()).update(provided)
     _prune_generic(cb, [refs for proto in protocols.values() for _suite, refs in proto["suites"].values()])
-    for version, proto in protocols.items():
-        entry = cb.components[f"crypto/protocol/tls@{version}"]
+    for ref, proto in protocols.items():
+        entry = cb.components[ref]
         entry["args"]["suites"] = proto["suites"]
         entry["args"]["groups"] = proto["groups"]
-        cb.prop(f"crypto/protocol/tls@{version}", "handshakes", proto["count"])
+        cb.prop(ref, "handshakes", proto["count"])
+
+
+def _protocol(text: str | None) -> tuple[str, str, str | None, str]:
+    """(bom-ref, protocolProperties type, version, name) of a handshake's tls_version: "TLSv1.3";
+    SSLv3 (not TLS: type other); unknown (the library did not say): TLS without a version."""
+    version = algs.tls_version(text)
+    if version:
+        return f"crypto/protocol/tls@{version}", "tls", version, f"TLSv{version}"
+    if text and text.upper().startswith("SSLV"):
+        version = text[4:] + ".0" if text[4:].isdigit() else text[4:]
+        return f"crypto/protocol/ssl@{version}", "other", version, text
+    return "crypto/protocol/tls", "tls", None, "TLS"
 
 
 # a suite's authentication named only by family ("RSA") next to the key one handshake showed ("RSA-2048")
@@ -341,7 +350,7 @@ def _component(ref: str, entry: dict):
                                                 identifiers=suite.identifiers)
                   for suite_name, (suite, refs) in sorted(a.get("suites", {}).items())]
         crypto = CryptoProperties(asset_type=CryptoAssetType.PROTOCOL, protocol_properties=ProtocolProperties(
-            type=ProtocolPropertiesType.TLS, version=a["version"], cipher_suites=suites,
+            type=ProtocolPropertiesType(a["ptype"]), version=a["version"], cipher_suites=suites,
             crypto_refs=[BomRef(r) for r in sorted(a.get("groups", ()))]))
         name = a["name"]
     return Component(type=ComponentType.CRYPTOGRAPHIC_ASSET, name=name, crypto_properties=crypto, **common)
