@@ -36,15 +36,19 @@ def files(tmp_path_factory):
                              serial=0x99)
     garbage = d / "garbage.crt"
     garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
-    return {"expired": expired, "expired_key": expired_key, "rsa": rsa, "rsa_key": rsa_key, "garbage": str(garbage)}
+    ca1, _ = make_cert(d, "ca1.cbom.test", 400, cert_name="ca1.crt", key_name="ca1.key")
+    ca2, _ = make_cert(d, "ca2.cbom.test", 10, rsa_bits=3072, cert_name="ca2.crt", key_name="ca2.key")
+    bundle = d / "bundle.pem"
+    bundle.write_bytes(open(ca1, "rb").read() + open(ca2, "rb").read())
+    return {"expired": expired, "expired_key": expired_key, "rsa": rsa, "rsa_key": rsa_key, "garbage": str(garbage),
+            "bundle": str(bundle)}
 
 
 def inventory(files) -> dict:
     """A snapshot document as take_snapshot builds it: two processes share libssl and the expired
     certificate; one holds its private key; a Go program has static TLS."""
-    def entry(path, ftype):
-        info = certinfo.describe(path, ftype)
-        return {"path": path, "type": ftype, ("certificate" if ftype == "certificate" else "key"): info}
+    def entry(path, ftype):  # as the snapshot makes it for the CBOM (bundles in full)
+        return snapshot.file_entry({"path": path, "type": ftype, "read_path": path}, bundles=True)
 
     libs = [{"path": LIBSSL, "name": "libssl", "version": "3.0.19"},
             {"path": "/usr/lib/x86_64-linux-gnu/libcrypto.so.3", "name": "libcrypto", "version": "3.0.19"}]
@@ -55,7 +59,7 @@ def inventory(files) -> dict:
     other = dict(server, pid=200, name="worker", cmdline="worker",
                  open_crypto_files=[entry(files["expired"], "certificate"), entry(files["rsa"], "certificate"),
                                     {"path": "/etc/app/store.p12", "type": "keystore"},
-                                    entry(files["garbage"], "certificate")])
+                                    entry(files["garbage"], "certificate"), entry(files["bundle"], "certificate")])
     gosrv = dict(server, pid=300, name="gosrv", exe="/usr/local/bin/gosrv", libraries=[], open_crypto_files=[],
                  static_tls={"library": "go", "symbols": ["crypto/tls.(*Conn).Write"], "version": "go1.22.10"})
     return {"snapshot_version": "1.1", "generated_at": "2026-11-27T19:00:00.123456Z", "hostname": "cbom-host",
@@ -232,6 +236,30 @@ def test_protocols_suites_and_provides(cbom):
          "crypto/algorithm/ecdh-secp256r1@1.3.132.1.12", "crypto/algorithm/rsa@1.2.840.113549.1.1.1"])
     assert "crypto/protocol/tls@1.2" in provides["crypto/library/go-static@go1.22.10"]
     assert provides["crypto/library/libcrypto@3.0.19"] is None  # the handshake was libssl's
+
+
+def test_every_certificate_of_a_bundle(cbom):
+    _, doc, files = cbom
+    found = {c["name"]: c for c in doc["components"]
+             if any(o["location"] == files["bundle"] for o in c.get("evidence", {}).get("occurrences", []))}
+    assert sorted(found) == ["ca1.cbom.test", "ca2.cbom.test"]
+    ca2 = found["ca2.cbom.test"]
+    key = comp(doc, ca2["cryptoProperties"]["certificateProperties"]["subjectPublicKeyRef"])
+    assert key["cryptoProperties"]["relatedCryptoMaterialProperties"]["size"] == 3072
+    assert comp(doc, key["cryptoProperties"]["relatedCryptoMaterialProperties"]["algorithmRef"])["name"] == "RSA-3072"
+    assert sorted(p["value"] for p in ca2["properties"] if p["name"] == "crypto-tracer:flag") == \
+        ["expiring_soon", "not_quantum_safe"]
+
+
+def test_bundle_without_details(files):
+    """A document made without bundles in full (snapshot's own JSON) still says how many there are."""
+    doc = inventory(files)
+    for f in doc["processes"][1]["open_crypto_files"]:
+        f.pop("bundle_certificates", None)
+    built = json.loads(cyclonedx.build(doc))
+    [first] = [c for c in built["components"] if c["name"] == "ca1.cbom.test"]
+    assert {"name": "crypto-tracer:bundle_certificates", "value": "2"} in first["properties"]
+    assert not [c for c in built["components"] if c["name"] == "ca2.cbom.test"]
 
 
 def test_ssl3_and_unknown_versions(cbom):

@@ -55,6 +55,27 @@ def describe(path: str, file_type: str | None) -> dict | None:
     return _cache[key]
 
 
+def bundle(path: str) -> list[dict]:
+    """Every certificate of a certificate file in full (describe() gives the first and counts the
+    rest of a bundle), for the CBOM; [] when unreadable or not certificates. Cached like describe."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+        return []
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, "bundle")
+    if key not in _cache:
+        try:
+            with open(path, "rb") as f:
+                certs = _load_certificates(f.read(MAX_FILE_BYTES))
+            now = datetime.now(timezone.utc)
+            _cache[key] = [_one_certificate(cert, now) for cert in certs]
+        except Exception:  # unreadable or malformed: describe() says which
+            _cache[key] = []
+    return _cache[key] or []
+
+
 def _parse(path: str, file_type: str, size: int) -> dict | None:
     if size > MAX_FILE_BYTES:
         return {"error": "too large to parse"}

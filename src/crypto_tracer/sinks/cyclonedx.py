@@ -4,8 +4,9 @@ CBOM, modelled with cyclonedx-python-lib and validated against the 1.6 JSON sche
 What becomes what:
 - a crypto library (name, version) -> a ``library`` component; its paths are evidence occurrences,
   the processes that map it properties; statically linked TLS (Go, a static OpenSSL) likewise;
-- a certificate -> a ``certificate`` asset (subject, issuer, validity, format, extension) with its
-  signature algorithm and its subject public key (a ``related-crypto-material`` public key);
+- a certificate (each one of a bundle) -> a ``certificate`` asset (subject, issuer, validity,
+  format, extension) with its signature algorithm and its subject public key (a
+  ``related-crypto-material`` public key);
 - a key file -> a ``related-crypto-material`` asset (type, size, algorithm; never key material);
 - every algorithm named by those -> an ``algorithm`` asset (host/algorithms.py);
 - observed handshakes -> one ``protocol`` asset per TLS version with the suites in use (IANA names
@@ -172,11 +173,6 @@ def _certificate(cb: _Cbom, info: dict, path: str) -> str:
                 else None)
         for flag in info.get("flags", ()):
             cb.prop(ref, "flag", flag)
-        bundle = info.get("bundle")
-        if bundle:  # the first certificate of a bundle in full, the bundle as counts
-            cb.prop(ref, "bundle_certificates", bundle["certificates"])
-            for flag, count in bundle["flags"].items():
-                cb.prop(ref, f"bundle_flag:{flag}", count)
     return ref
 
 
@@ -185,8 +181,17 @@ def _files(cb: _Cbom, doc: dict) -> None:
         fact = _process_fact(p)
         for f in p["open_crypto_files"]:
             context = f"open in pid {p['pid']} ({p['name']})"
+            if f["type"] == "certificate" and f.get("bundle_certificates"):  # every certificate of a bundle
+                for info in f["bundle_certificates"]:
+                    ref = _certificate(cb, info, f["path"])
+                    cb.occurrence(ref, f["path"], context)
+                    cb.prop(ref, "process", fact)
+                continue
             if f["type"] == "certificate":
                 ref = _certificate(cb, f.get("certificate") or {}, f["path"])
+                bundle = (f.get("certificate") or {}).get("bundle")
+                if bundle:  # a document made without bundles: the first in full, the others counted
+                    cb.prop(ref, "bundle_certificates", bundle["certificates"])
             elif f["type"] in ("private_key", "public_key"):
                 info = f.get("key") or {}  # {}: not parsed (unreadable, unknown form): type and place only
                 kind = "private-key" if f["type"] == "private_key" else "public-key"
