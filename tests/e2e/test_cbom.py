@@ -97,6 +97,8 @@ def test_expired_certificate_key_and_libssl(tmp_path):
     rcm = k["cryptoProperties"]["relatedCryptoMaterialProperties"]
     assert k["cryptoProperties"]["assetType"] == "related-crypto-material"
     assert rcm == {"type": "private-key", "size": 384, "algorithmRef": pub["algorithmRef"]}
+    deps = {d["ref"]: d.get("dependsOn", []) for d in doc["dependencies"]}
+    assert cp["subjectPublicKeyRef"] in deps[k["bom-ref"]]  # the key of that certificate
     pem_body = "".join(open(key).read().splitlines()[1:-1])
     assert pem_body[:32] not in text.replace("\n", "").replace("\\n", "")
     # libssl with the system OpenSSL's version, found at its path in this process

@@ -48,7 +48,7 @@ def inventory(files) -> dict:
     """A snapshot document as take_snapshot builds it: two processes share libssl and the expired
     certificate; one holds its private key; a Go program has static TLS."""
     def entry(path, ftype):  # as the snapshot makes it for the CBOM (bundles in full)
-        return snapshot.file_entry({"path": path, "type": ftype, "read_path": path}, bundles=True)
+        return snapshot.file_entry({"path": path, "type": ftype, "read_path": path}, cbom=True)
 
     libs = [{"path": LIBSSL, "name": "libssl", "version": "3.0.19"},
             {"path": "/usr/lib/x86_64-linux-gnu/libcrypto.so.3", "name": "libcrypto", "version": "3.0.19"}]
@@ -180,6 +180,20 @@ def test_private_key_without_material(cbom):
     assert key["evidence"]["occurrences"] == [{"location": files["expired_key"],
                                                "additionalContext": "open in pid 100 (server)"}]
     assert {"name": "crypto-tracer:encrypted", "value": "false"} in key["properties"]
+    # matched to the certificate of its key by the public key's SHA-256 (not material: a name of it)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    import hashlib
+
+    cert = x509.load_pem_x509_certificate(open(files["expired"], "rb").read())
+    spki = hashlib.sha256(cert.public_key().public_bytes(serialization.Encoding.DER,
+                                                         serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+    assert {"name": "crypto-tracer:public_key_sha256", "value": spki} in key["properties"]
+    [cert_ref] = refs_named(doc, "expired.cbom.test")
+    public_ref = comp(doc, cert_ref)["cryptoProperties"]["certificateProperties"]["subjectPublicKeyRef"]
+    assert public_ref == f"crypto/key/public-key-ec-secp256r1@{spki[:16]}"
+    deps = {d["ref"]: d.get("dependsOn", []) for d in doc["dependencies"]}
+    assert public_ref in deps[key["bom-ref"]]
     pem = open(files["expired_key"]).read()
     body = "".join(pem.splitlines()[1:-1])
     assert body[:40] not in text.replace("\n", "")
@@ -255,7 +269,7 @@ def test_bundle_without_details(files):
     """A document made without bundles in full (snapshot's own JSON) still says how many there are."""
     doc = inventory(files)
     for f in doc["processes"][1]["open_crypto_files"]:
-        f.pop("bundle_certificates", None)
+        f.pop("certificates", None)
     built = json.loads(cyclonedx.build(doc))
     [first] = [c for c in built["components"] if c["name"] == "ca1.cbom.test"]
     assert {"name": "crypto-tracer:bundle_certificates", "value": "2"} in first["properties"]

@@ -43,7 +43,7 @@ def run(opts) -> int:
         if getattr(opts, "observe", None):
             handshakes += observe_handshakes(opts)
     log.debug("Scanning /proc")
-    doc = take_snapshot(redact_paths=not opts.no_redact, bundles=opts.format == "cyclonedx")
+    doc = take_snapshot(redact_paths=not opts.no_redact, cbom=opts.format == "cyclonedx")
     scan = doc["scan"]
     if scan["processes_unreadable"]:
         log.warning("%d processes of other users could not be read (run as root to include them)",
@@ -144,8 +144,8 @@ def observe_handshakes(opts) -> list[dict]:
     return events
 
 
-def take_snapshot(redact_paths: bool = True, bundles: bool = False) -> dict:
-    """The inventory document; bundles: every certificate of a bundle in full too (the CBOM's)."""
+def take_snapshot(redact_paths: bool = True, cbom: bool = False) -> dict:
+    """The inventory document; cbom: with what only the CBOM uses (file_entry)."""
     started = time.perf_counter()
     generated_at = now_iso()
     from crypto_tracer.pipeline.redact import Redactor
@@ -167,7 +167,7 @@ def take_snapshot(redact_paths: bool = True, bundles: bool = False) -> dict:
         if proc is None or not proc.uses_crypto:
             continue
         # scan -> redact -> summary and sink (the summary counts the paths as shown)
-        processes.append(redactor.entry(process_entry(proc, host_mnt, tcp, bundles), "libraries",
+        processes.append(redactor.entry(process_entry(proc, host_mnt, tcp, cbom), "libraries",
                                         "open_crypto_files"))
     uname = os.uname()
     return {
@@ -187,7 +187,7 @@ def take_snapshot(redact_paths: bool = True, bundles: bool = False) -> dict:
 
 
 def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inventory.TcpTables,
-                  bundles: bool = False) -> dict:
+                  cbom: bool = False) -> dict:
     uid, _gid = read_status_ids(proc.pid)
     uses_tls = proc.static_tls is not None or any(lib["name"] in ("libssl", "libgnutls", "libnss3", "libssl3",
                                                                     "libmbedtls", "libwolfssl")
@@ -203,20 +203,24 @@ def process_entry(proc: inventory.ProcessCrypto, host_mnt: str | None, tcp: inve
         "uid": uid,
         "libraries": [{"path": lib["path"], "name": lib["name"], "version": lib["version"]}
                       for lib in proc.libraries],
-        "open_crypto_files": [file_entry(f, bundles) for f in proc.files],
+        "open_crypto_files": [file_entry(f, cbom) for f in proc.files],
         "static_tls": proc.static_tls,
         "tls_sockets": tcp.sockets(proc.pid, proc.socket_inodes) if uses_tls else [],
         "container": inventory.container_info(proc.pid, host_mnt),
     }
 
 
-def file_entry(f: dict, bundles: bool = False) -> dict:
+def file_entry(f: dict, cbom: bool = False) -> dict:
+    """cbom: also every certificate of the file in full ("certificates") and the public key's
+    SHA-256 of a key file ("public_key_sha256"), which only the CBOM uses."""
     entry = {"path": f["path"], "type": f["type"]}
     insight = certinfo.describe(f["read_path"], f["type"])
     if insight is not None:
         entry["certificate" if f["type"] == "certificate" else "key"] = insight
-        if bundles and "bundle" in insight:
-            entry["bundle_certificates"] = certinfo.bundle(f["read_path"])
+        if cbom and f["type"] == "certificate" and "error" not in insight:
+            entry["certificates"] = certinfo.certificates(f["read_path"])
+        elif cbom and "error" not in insight:
+            entry["public_key_sha256"] = certinfo.public_key_sha256(f["read_path"], f["type"])
     return entry
 
 

@@ -19,7 +19,7 @@ is what is validated): ``dependencies[].provides`` (lib issue #691), and cipher-
 ["0xC0", "0x30"] into ["0x30", "0xC0"]). Evidence occurrences are sorted there too (the lib's
 Occurrence has no order of its own).
 
-bom-refs are derived from the content (names, OIDs, certificate identity, paths), so the same host
+bom-refs are derived from the content (names, OIDs, certificate identity, public key hashes, paths), so the same host
 state gives the same refs; the serial number is derived from host name and time.
 """
 
@@ -92,6 +92,7 @@ class _Cbom:
         self.depends: dict[str, set[str]] = {}
         self.provides: dict[str, set[str]] = {}
         self.suite_ids: dict[str, list[str]] = {}  # suite name -> identifiers in registry order
+        self.spki: dict[str, set[str]] = {}  # SHA-256 of a public key -> the key assets of it
 
     def add(self, ref: str, kind: str, **args) -> dict:
         entry = self.components.get(ref)
@@ -139,15 +140,20 @@ def _libraries(cb: _Cbom, doc: dict) -> dict[int, list[tuple[str, str]]]:
     return by_pid
 
 
-def _key_material(cb: _Cbom, kind: str, info: dict, identity: str) -> str:
-    """A public or private key (related-crypto-material): type, size, algorithm; no material."""
+def _key_material(cb: _Cbom, kind: str, info: dict, identity: str, spki: str | None = None) -> str:
+    """A public or private key (related-crypto-material): type, size, algorithm; no material. Keys
+    whose public key is known (spki: SHA-256 of its SubjectPublicKeyInfo) are one asset wherever
+    they are found: a certificate's key and a public key file of it, two copies of a key file."""
     alg = algs.key_algorithm(info.get("algorithm"), info.get("key_size"), info.get("curve"))
     alg_ref = cb.algorithm(alg)
     name = alg.name if alg else "unknown key"
-    ref = f"crypto/key/{kind}-{_slug(name)}@{identity}"
+    ref = f"crypto/key/{kind}-{_slug(name)}@{spki[:16] if spki else identity}"
     cb.add(ref, "key", name=name, type=kind, size=info.get("key_size"), algorithm_ref=alg_ref)
     if alg_ref:
         cb.depends.setdefault(ref, set()).add(alg_ref)
+    if spki:
+        cb.prop(ref, "public_key_sha256", spki)
+        cb.spki.setdefault(spki, set()).add(ref)
     return ref
 
 
@@ -165,7 +171,7 @@ def _certificate(cb: _Cbom, info: dict, path: str) -> str:
         sig_ref = cb.algorithm(algs.signature_algorithm(info.get("signature_algorithm")))
         key_ref = _key_material(cb, "public-key", {"algorithm": info.get("key_algorithm"),
                                                    "key_size": info.get("key_size"), "curve": info.get("curve")},
-                                identity)
+                                identity, info.get("public_key_sha256"))
         cb.add(ref, "certificate", name=name, info=info, path=path, signature_ref=sig_ref, key_ref=key_ref)
         cb.depends.setdefault(ref, set()).update(r for r in (sig_ref, key_ref) if r)
         cb.prop(ref, "serial", info.get("serial"))
@@ -181,8 +187,8 @@ def _files(cb: _Cbom, doc: dict) -> None:
         fact = _process_fact(p)
         for f in p["open_crypto_files"]:
             context = f"open in pid {p['pid']} ({p['name']})"
-            if f["type"] == "certificate" and f.get("bundle_certificates"):  # every certificate of a bundle
-                for info in f["bundle_certificates"]:
+            if f["type"] == "certificate" and f.get("certificates"):  # every certificate of the file
+                for info in f["certificates"]:
                     ref = _certificate(cb, info, f["path"])
                     cb.occurrence(ref, f["path"], context)
                     cb.prop(ref, "process", fact)
@@ -195,7 +201,7 @@ def _files(cb: _Cbom, doc: dict) -> None:
             elif f["type"] in ("private_key", "public_key"):
                 info = f.get("key") or {}  # {}: not parsed (unreadable, unknown form): type and place only
                 kind = "private-key" if f["type"] == "private_key" else "public-key"
-                ref = _key_material(cb, kind, info, _digest(f["path"]))
+                ref = _key_material(cb, kind, info, _digest(f["path"]), f.get("public_key_sha256"))
                 cb.prop(ref, "encrypted", str(info["encrypted"]).lower() if "encrypted" in info else None)
                 for flag in info.get("flags", ()):
                     cb.prop(ref, "flag", flag)
@@ -207,6 +213,11 @@ def _files(cb: _Cbom, doc: dict) -> None:
                 cb.prop(ref, "file_type", f["type"])
             cb.occurrence(ref, f["path"], context)
             cb.prop(ref, "process", fact)
+    # a private key depends on its public key where that is an asset too (the key of a certificate)
+    for refs in cb.spki.values():
+        private = {r for r in refs if r.startswith("crypto/key/private-key-")}
+        for r in private:
+            cb.depends.setdefault(r, set()).update(refs - private)
 
 
 # --- observed handshakes -------------------------------------------------------------------
