@@ -19,8 +19,9 @@ is what is validated): ``dependencies[].provides`` (lib issue #691), and cipher-
 ["0xC0", "0x30"] into ["0x30", "0xC0"]). Evidence occurrences are sorted there too (the lib's
 Occurrence has no order of its own).
 
-bom-refs are derived from the content (names, OIDs, certificate identity, public key hashes, paths), so the same host
-state gives the same refs; the serial number is derived from host name and time.
+bom-refs are derived from the content (names, OIDs, certificate identity, public key hashes,
+paths), so the same host state gives the same refs; the serial number is derived from host name
+and time.
 """
 
 from __future__ import annotations
