@@ -98,6 +98,15 @@ OPTIONS: dict[str, Opt] = {
                          help="output format (default: json-stream)")),
     "doc_format": Opt(("-f", "--format"), dict(dest="format", choices=STREAM_FORMATS, default="json-pretty",
                       help="output format (default: json-pretty)")),
+    "snapshot_format": Opt(("-f", "--format"), dict(dest="format", choices=STREAM_FORMATS + ("cyclonedx",),
+                           default="json-pretty",
+                           help="output format (default: json-pretty); cyclonedx: a CycloneDX 1.6 CBOM (JSON)")),
+    "observe": Opt(("--observe",), dict(type=_positive_int, metavar="SECONDS",
+                   help="with -f cyclonedx: first observe TLS handshakes for SECONDS (as 'tls -m json'; needs its "
+                        "privileges) and add the protocols and cipher suites in use")),
+    "handshakes": Opt(("--handshakes",), dict(metavar="FILE",
+                      help="with -f cyclonedx: add the TLS handshakes in FILE (tls_handshake events written by "
+                           "'crypto-tracer tls -m json')")),
     "verbose": Opt(("-v", "--verbose"), dict(action="store_true", help="debug logs, libbpf's log and per-second figures")),
     "quiet": Opt(("-q", "--quiet"), dict(action="store_true", help="errors only; no statistics")),
     "no_redact": Opt(("--no-redact",), dict(action="store_true", help="do not redact /home/<user> and /root in paths")),
@@ -163,9 +172,11 @@ COMMANDS: tuple[Command, ...] = (
             "Profile everything one process (or every process named NAME) does with cryptography: "
             "libraries, files, API calls, TLS sessions. --duration defaults to 30 s.", privileges=BPF),
     Command("snapshot", "snapshot", "Inventory of crypto use on this host from /proc (no eBPF)",
-            ("output", "doc_format", "verbose", "quiet", "no_redact"),
+            ("output", "snapshot_format", "observe", "handshakes", "verbose", "quiet", "no_redact"),
             "Take an instant inventory of every process's crypto libraries, files, certificates and "
-            "keys, from /proc. Unprivileged, it covers your own processes and says how many it could not read."),
+            "keys, from /proc. Unprivileged, it covers your own processes and says how many it could not read. "
+            "-f cyclonedx writes it as a CycloneDX 1.6 CBOM, with the TLS protocols and cipher suites in use "
+            "when handshakes are given (--handshakes FILE) or observed (--observe SECONDS)."),
     Command("tls", "tls", "Capture TLS plaintext, key logs and pcapng (OpenSSL, GnuTLS, NSS)",
             ("model", "duration", "pid", "name", "uid", "output", "stream_format", "keylogfile", "pcapfile",
              "ifname", "libssl", "hex", "tsize", "max_payload", "mapsize", "verbose", "quiet", "no_redact",

@@ -55,6 +55,80 @@ def describe(path: str, file_type: str | None) -> dict | None:
     return _cache[key]
 
 
+def certificates(path: str) -> list[dict]:
+    """Every certificate of a certificate file in full (describe() gives the first and counts the
+    rest of a bundle), each with ``public_key_sha256`` (of its SubjectPublicKeyInfo), for the CBOM;
+    [] when unreadable or not certificates. Cached like describe."""
+    def parse(data: bytes) -> list[dict]:
+        now = datetime.now(timezone.utc)
+        return [dict(_one_certificate(cert, now), public_key_sha256=_spki_sha256(cert.public_key))
+                for cert in _load_certificates(data)]
+
+    return _cached_read(path, "certificates", parse) or []
+
+
+def public_key_sha256(path: str, file_type: str) -> str | None:
+    """SHA-256 of the SubjectPublicKeyInfo of a private or public key file (not key material: it
+    names the public key, so a key file and the certificate of its key can be matched); None for
+    encrypted or unparsable keys."""
+    from cryptography.hazmat.primitives import serialization
+
+    def parse(data: bytes) -> str | None:
+        if file_type == "private_key":
+            if b"ENCRYPTED" in data:
+                return None
+            if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
+                key = serialization.load_ssh_private_key(data, password=None)
+            elif b"-----BEGIN" in data:
+                key = serialization.load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=True)
+            else:
+                key = serialization.load_der_private_key(data, password=None, unsafe_skip_rsa_key_validation=True)
+            return _spki_sha256(key.public_key)
+        if data.startswith((b"ssh-", b"ecdsa-")):
+            key = serialization.load_ssh_public_key(data.split(b"\n", 1)[0])
+        elif b"-----BEGIN" in data:
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = serialization.load_der_public_key(data)
+        return _spki_sha256(lambda: key)
+
+    if file_type not in ("private_key", "public_key"):
+        return None
+    return _cached_read(path, f"spki:{file_type}", parse)
+
+
+def _spki_sha256(public_key) -> str | None:
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        der = public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    except Exception:  # a key type this cryptography cannot serialise
+        return None
+    return hashlib.sha256(der).hexdigest()
+
+
+def _cached_read(path: str, kind: str, parse):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, kind)
+    if key not in _cache:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _cache[key] = parse(data)
+        except Exception:  # unreadable or malformed: describe() says which
+            _cache[key] = None
+    return _cache[key]
+
+
 def _parse(path: str, file_type: str, size: int) -> dict | None:
     if size > MAX_FILE_BYTES:
         return {"error": "too large to parse"}
