@@ -936,8 +936,26 @@ static __always_inline bool has_prefix(const char *s, const char *p, int n)
 	return true;
 }
 
-/* An executable mapping of a file named libssl*, libgnutls*, libnspr4*: the process may
- * have loaded a TLS library (at start or by dlopen); user space re-reads its maps. */
+/* A Python extension module of the stable ABI (*.abi3.so): the wheels that bundle a TLS stack of
+ * their own are built so (curl_cffi: a static BoringSSL), and are mapped by import, long after exec. */
+static __always_inline bool abi3_module(const unsigned char *dname)
+{
+	static const char suffix[8] = ".abi3.so";
+	char name[72] = {};
+	long n = bpf_probe_read_kernel_str(name, 64, dname);
+	__u32 at;
+
+	if (n < 9 || n > 64)
+		return false;
+	at = (n - 9) & 63; /* the suffix ends before the NUL at n - 1 */
+	for (int i = 0; i < 8; i++)
+		if (name[at + i] != suffix[i])
+			return false;
+	return true;
+}
+
+/* An executable mapping of a file named libssl*, libgnutls*, libnspr4* or *.abi3.so: the process
+ * may have loaded a TLS library (at start or by dlopen); user space re-reads its maps. */
 static __always_inline void mmap_seen(__u64 prot, long fd)
 {
 	char name[16] = {};
@@ -951,7 +969,8 @@ static __always_inline void mmap_seen(__u64 prot, long fd)
 		return;
 	dname = BPF_CORE_READ(f, f_path.dentry, d_name.name);
 	bpf_probe_read_kernel_str(name, sizeof(name), dname);
-	if (has_prefix(name, "libssl", 6) || has_prefix(name, "libgnutls", 9) || has_prefix(name, "libnspr4", 8))
+	if (has_prefix(name, "libssl", 6) || has_prefix(name, "libgnutls", 9) || has_prefix(name, "libnspr4", 8) ||
+	    abi3_module(dname))
 		emit_ctrl(CT_EV_LIB_LOAD, (const char *)dname);
 }
 

@@ -178,17 +178,24 @@ def executable_file(pid: int, root: str | None = None) -> tuple[str, str] | None
 
 def process_files(pid: int, others: list | None = None) -> list[tuple[str, str]]:
     """(path as the process sees it, path that reaches it from here) of the TLS candidates
-    the process maps, plus its executable. others: gets the other mapped libraries (which may
-    carry a static BoringSSL)."""
+    the process maps, plus its executable. others: gets the other mapped libraries and Python
+    stable-ABI modules (*.abi3.so), which may carry a static BoringSSL."""
     root = proc.read_root(pid)
     out = {}
-    for own, read, deleted in library_files(pid, root=root):
+    maps = proc.read_maps(pid)
+    for own, read, deleted in library_files(pid, maps=maps, root=root) if maps is not None else ():
         if deleted:
             continue
         if _candidate(own):
             out[own] = read
         elif others is not None:
             others.append((own, read))
+    if others is not None and maps is not None:
+        through = proc.root_path(pid, "")
+        for path, deleted in dict.fromkeys(proc.mapped_abi3_modules(maps)):
+            if not deleted:
+                own = proc.own_view(path, root)
+                others.append((own, through + own))
     exe = executable_file(pid, root)
     if exe:
         out.setdefault(*exe)
