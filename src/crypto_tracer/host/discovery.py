@@ -327,7 +327,8 @@ _static_cache: dict[tuple[int, int, int], dict | None] = {}
 
 
 def static_tls(path: str) -> dict | None:
-    """{library, symbols, version} if the ELF file at path defines (exports) a TLS API, else None.
+    """{library, symbols, version} if the ELF file at path defines (exports) a TLS API, is a Go
+    program with crypto/tls, or carries a BoringSSL its .symtab names (local symbols), else None.
     Cached by (device, inode, mtime)."""
     try:
         st = os.stat(path)
@@ -339,10 +340,17 @@ def static_tls(path: str) -> dict | None:
         result = None
         if symbols:
             family = STATIC_TLS_SYMBOLS[symbols[0]]
+            if family == "openssl" and exported(path, (BORINGSSL_MARK,)):
+                family = BORINGSSL
             version = classify.library_version(path, "libcrypto") if family == "openssl" else None
             result = {"library": family, "symbols": symbols, "version": version}
         else:
             result = go_static_tls(path)
+        if result is None:
+            bssl = static_boringssl(path)
+            if bssl is not None:  # BoringSSL names no version of itself
+                result = {"library": BORINGSSL, "version": None,
+                          "symbols": sorted(n for n in bssl.symbols if n in STATIC_TLS_SYMBOLS)}
         _static_cache[key] = result
     return _static_cache[key]
 
