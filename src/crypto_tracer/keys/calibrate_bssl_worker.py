@@ -29,7 +29,8 @@ import sys
 from ctypes import c_char_p, c_int, c_size_t, c_void_p
 
 from crypto_tracer.host import elf
-from crypto_tracer.keys.calibrate_worker import KEYLOG_CB, _cert_der, _find_client_random, read
+from crypto_tracer.keys.calibrate_worker import KEYLOG_CB, _cert_der, read
+from crypto_tracer.keys.search import Sample, _find_client_random
 
 EVP_PKEY_EC = 408
 TLS1_2, TLS1_3 = 0x0303, 0x0304
@@ -183,7 +184,7 @@ def calibrate(path: str) -> dict:
         if len(randoms) != 1:
             raise RuntimeError("no key log (or more than one client_random) for an SSL object")
         samples.append((ssl, bytes.fromhex(randoms.pop())))
-    s3, client_random = _find_client_random(samples)
+    s3, client_random = _find_client_random(read, [Sample(ssl, {"": (cr.hex(), "")}, 0, 0) for ssl, cr in samples])
     if s3 < 0:
         raise RuntimeError("client_random is not behind a pointer of the SSL object (ssl->s3)")
     # ssl_log_secret itself, called by us: the library's callback must print what the layout predicts
