@@ -134,7 +134,7 @@ def test_every_record_and_constant_is_declared():
             "trust_prefix", "cap_rec", "cap_config", "cap_iface", "flow_key", "flow_proc", "api_key", "api_val",
             "peer_key", "tls_proc_rec"} <= structs
     assert {"ct_event_type", "ct_counter", "tls_func", "tls_lib", "tls_cookie", "tls_counter",
-            "tls_keys_const", "ct_arg_kind"} <= {d.name for d in cstruct.ENUMS}
+            "tls_keys_const", "ct_arg_kind", "tls_bssl_cookie"} <= {d.name for d in cstruct.ENUMS}
 
 
 def test_checks_catch_drift():

@@ -177,6 +177,7 @@ static __always_inline void go_emit(__u64 conn, __u64 buf, __u64 length, __u32 f
 	cc.ssl = conn;
 	cc.buf = buf;
 	cc.func = func;
+	cc.lib = CT_LIB_GO;
 	cc.length = length;
 	cc.captured = length;
 	if (cc.captured > cfg->max_payload) {

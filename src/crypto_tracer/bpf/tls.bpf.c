@@ -28,6 +28,7 @@ enum tls_lib {
 	CT_LIB_GNUTLS = 2,
 	CT_LIB_NSS = 3,
 	CT_LIB_GO = 4,
+	CT_LIB_BORINGSSL = 5, /* OpenSSL's API, its own SSL object: F_SSL_* with CT_COOKIE_BORINGSSL */
 };
 
 #include "tls_keys.h"
@@ -38,6 +39,7 @@ enum tls_lib {
 enum tls_cookie {
 	CT_COOKIE_LAYOUT = 0x100, /* OpenSSL 1.1.1-3.1: struct ssl_st */
 	CT_COOKIE_SPLIT = 0x200,  /* OpenSSL 3.2+: struct ssl_connection_st, checked per object */
+	CT_COOKIE_BORINGSSL = 0x400, /* BoringSSL: no OpenSSL layout applies (role/version unknown) */
 };
 enum tls_counter {
 	CT_CNT_CTRL_DROPPED = 4, /* exec/library/process records lost (not part of the event accounting) */
@@ -77,6 +79,11 @@ static __always_inline __u32 func_lib(__u32 f)
 	if (f == F_GO_WRITE || f == F_GO_READ)
 		return CT_LIB_GO;
 	return CT_LIB_OPENSSL;
+}
+
+static __always_inline __u32 cookie_lib(__u32 cookie)
+{
+	return cookie & CT_COOKIE_BORINGSSL ? CT_LIB_BORINGSSL : func_lib(cookie & 0xff);
 }
 
 struct tls_config {
@@ -465,6 +472,7 @@ struct chunk_ctx {
 	__u64 ssl;
 	__u64 buf;
 	__u32 func;
+	__u32 lib;
 	__u64 length;
 	__u64 captured;
 	__u64 base;    /* offset of the current buffer in the call (PR_Writev segments) */
@@ -493,7 +501,7 @@ static long emit_chunk(__u32 index, struct chunk_ctx *cc)
 	rec->offset = cc->base + offset;
 	rec->chunk_len = n;
 	rec->fd = cc->fd;
-	rec->lib = func_lib(cc->func);
+	rec->lib = cc->lib;
 	rec->func = cc->func;
 	rec->truncated = cc->truncated;
 	rec->c = cc->c;
@@ -549,7 +557,7 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	st = *stp;
 	bpf_map_delete_elem(&data_stash, &id);
 	func = st.cookie & 0xff;
-	lib = func_lib(func);
+	lib = cookie_lib(st.cookie);
 	if (st.filtered) {
 		if (lib == CT_LIB_GNUTLS ? ret > 0 : (int)ret > 0) {
 			ct_count(CT_CNT_SEEN);
@@ -584,6 +592,7 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	cc.ssl = st.ssl;
 	cc.buf = st.buf;
 	cc.func = func;
+	cc.lib = lib;
 	fill_conn(&cc.c, cc.fd);
 	cc.captured = cc.length;
 	if (cc.captured > cfg->max_payload) {
@@ -679,7 +688,7 @@ static __always_inline void emit_handshake(struct stash *st, __u32 func, int fd,
 	rec.ssl = st->ssl;
 	rec.fd = fd;
 	rec.result = result;
-	rec.lib = func_lib(func);
+	rec.lib = cookie_lib(st->cookie);
 	rec.func = func;
 	rec.role = role;
 	rec.ok = ok;
@@ -698,10 +707,10 @@ static __always_inline void announce_session(struct stash *st, __u32 tgid, int f
 
 	if (bpf_map_lookup_elem(&sessions, &key) || bpf_map_update_elem(&sessions, &key, &one, BPF_NOEXIST))
 		return; /* already announced */
-	if (func_lib(st->cookie & 0xff) == CT_LIB_OPENSSL && ossl_fields(st->ssl, st->cookie, &of)) {
+	if (cookie_lib(st->cookie) == CT_LIB_OPENSSL && ossl_fields(st->ssl, st->cookie, &of)) {
 		version = of.version;
 		role = of.server ? 2 : 1;
-	} else if (func_lib(st->cookie & 0xff) == CT_LIB_GNUTLS) {
+	} else if (cookie_lib(st->cookie) == CT_LIB_GNUTLS) {
 		__u32 entity = 0;
 		bpf_probe_read_user(&entity, sizeof(entity), (void *)st->ssl);
 		role = entity == 1 ? 2 : entity == 2 ? 1 : 0;
@@ -745,7 +754,7 @@ int BPF_KRETPROBE(tls_hs_return, long ret)
 		ct_count(CT_CNT_KFILTERED);
 		return 0;
 	}
-	tls_keys_on_return(ctx, st.ssl, func_lib(func));
+	tls_keys_on_return(ctx, st.ssl, cookie_lib(st.cookie));
 
 	if (func == F_GNUTLS_HANDSHAKE) {
 		/* 0 done; GNUTLS_E_AGAIN (-28) / E_INTERRUPTED (-52): not finished yet */
@@ -842,6 +851,61 @@ int BPF_KRETPROBE(tls_new_return, long ret)
 	return 0;
 }
 
+/* BoringSSL's bssl::ssl_log_secret(ssl, label, Span secret): RDI ssl, RSI label (a C string),
+ * RDX/RCX the secret's pointer/length. BoringSSL calls it for every secret, key-log callback or
+ * not (the check is inside), so each secret leaves as the line SSLKEYLOGFILE would get: the same
+ * record as Go's writeKeyLog (CT_EV_TLS_KEYLINE). client_random is ssl->s3->client_random, at the
+ * offsets calibration verified on this build (keys/calibrate_bssl_worker.py), carried in the
+ * cookie: CT_BSSL_S3 (bits 0-15) and CT_BSSL_RANDOM (16-31) with CT_BSSL_VALID; without them
+ * nothing is sent. */
+enum tls_bssl_cookie {
+	CT_BSSL_RANDOM_SHIFT = 16,
+	CT_BSSL_VALID_SHIFT = 32,
+};
+
+SEC("uprobe")
+int BPF_KPROBE(bssl_keylog, void *ssl, const char *label, void *secret, __u64 secret_len)
+{
+	__u64 cookie = bpf_get_attach_cookie(ctx), id = bpf_get_current_pid_tgid(), s3 = 0;
+	struct go_keylog_rec rec = {};
+	struct ssl_key key = {.tgid = id >> 32, .ssl = (__u64)ssl};
+	struct stash *hs;
+	__s32 *fd;
+	long n;
+
+	if (!(cookie >> CT_BSSL_VALID_SHIFT & 1))
+		return 0;
+	ct_fill_header(&rec.h, CT_EV_TLS_KEYLINE);
+	ct_count(CT_CNT_SEEN);
+	if (!ct_process_wanted(rec.h.pid, rec.h.uid, rec.h.comm)) {
+		ct_count(CT_CNT_KFILTERED);
+		return 0;
+	}
+	rec.conn = (__u64)ssl;
+	rec.fd = -1;
+	/* the fd: the handshake call in progress has seen it, or an earlier call cached it */
+	hs = bpf_map_lookup_elem(&hs_stash, &id);
+	if (hs && hs->ssl == (__u64)ssl && hs->fd >= 0 && fd_sock(hs->fd))
+		rec.fd = hs->fd;
+	else if ((fd = bpf_map_lookup_elem(&ssl_fd, &key)))
+		rec.fd = *fd;
+	if (rec.fd >= 0)
+		fill_conn(&rec.c, rec.fd);
+	n = bpf_probe_read_user_str(rec.label, sizeof(rec.label), label);
+	rec.label_len = n > 0 ? n - 1 : 0;
+	if (bpf_probe_read_user(&s3, sizeof(s3), (void *)((__u64)ssl + (cookie & 0xffff))) || !s3 ||
+	    bpf_probe_read_user(rec.client_random, sizeof(rec.client_random),
+				(void *)(s3 + (cookie >> CT_BSSL_RANDOM_SHIFT & 0xffff))))
+		return 0;
+	rec.random_len = sizeof(rec.client_random);
+	rec.secret_len = secret_len;
+	if (!secret_len || secret_len > sizeof(rec.secret) ||
+	    bpf_probe_read_user(rec.secret, secret_len & 127, secret))
+		return 0;
+	ct_output(&rec, sizeof(rec));
+	return 0;
+}
+
 /* --- discovery: new processes and newly mapped TLS libraries ---------------------------- */
 
 static __always_inline void emit_ctrl(__u32 type, const char *name)
@@ -872,8 +936,26 @@ static __always_inline bool has_prefix(const char *s, const char *p, int n)
 	return true;
 }
 
-/* An executable mapping of a file named libssl*, libgnutls*, libnspr4*: the process may
- * have loaded a TLS library (at start or by dlopen); user space re-reads its maps. */
+/* A Python extension module of the stable ABI (*.abi3.so): the wheels that bundle a TLS stack of
+ * their own are built so (curl_cffi: a static BoringSSL), and are mapped by import, long after exec. */
+static __always_inline bool abi3_module(const unsigned char *dname)
+{
+	static const char suffix[8] = ".abi3.so";
+	char name[72] = {};
+	long n = bpf_probe_read_kernel_str(name, 64, dname);
+	__u32 at;
+
+	if (n < 9 || n > 64)
+		return false;
+	at = (n - 9) & 63; /* the suffix ends before the NUL at n - 1 */
+	for (int i = 0; i < 8; i++)
+		if (name[at + i] != suffix[i])
+			return false;
+	return true;
+}
+
+/* An executable mapping of a file named libssl*, libgnutls*, libnspr4* or *.abi3.so: the process
+ * may have loaded a TLS library (at start or by dlopen); user space re-reads its maps. */
 static __always_inline void mmap_seen(__u64 prot, long fd)
 {
 	char name[16] = {};
@@ -887,7 +969,8 @@ static __always_inline void mmap_seen(__u64 prot, long fd)
 		return;
 	dname = BPF_CORE_READ(f, f_path.dentry, d_name.name);
 	bpf_probe_read_kernel_str(name, sizeof(name), dname);
-	if (has_prefix(name, "libssl", 6) || has_prefix(name, "libgnutls", 9) || has_prefix(name, "libnspr4", 8))
+	if (has_prefix(name, "libssl", 6) || has_prefix(name, "libgnutls", 9) || has_prefix(name, "libnspr4", 8) ||
+	    abi3_module(dname))
 		emit_ctrl(CT_EV_LIB_LOAD, (const char *)dname);
 }
 
@@ -951,6 +1034,7 @@ struct tls_btf_anchor {
 	enum tls_func func;
 	enum tls_lib lib;
 	enum tls_cookie cookie;
+	enum tls_bssl_cookie bssl_cookie;
 	enum tls_counter counter;
 	enum tls_keys_const keys;
 	enum tls_keys_status keys_status;

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from crypto_tracer.host import classify, elf, gobin, proc
 from crypto_tracer.log import log
 
-OPENSSL, GNUTLS, NSS, GO = "openssl", "gnutls", "nss", "go"
+OPENSSL, GNUTLS, NSS, GO, BORINGSSL = "openssl", "gnutls", "nss", "go", "boringssl"
 FLAT_SSL, SPLIT_SSL = "1.1.1-3.1", "3.2+"
 
 # Functions hooked per library kind (only those the file exports are attached).
@@ -27,8 +27,15 @@ OPENSSL_DATA = ("SSL_read", "SSL_read_ex", "SSL_peek", "SSL_peek_ex", "SSL_write
 OPENSSL_HANDSHAKE = ("SSL_do_handshake", "SSL_connect", "SSL_accept")
 GNUTLS_FUNCS = ("gnutls_record_recv", "gnutls_record_send", "gnutls_handshake")
 NSS_FUNCS = ("PR_Read", "PR_Recv", "PR_Write", "PR_Send", "PR_Writev")
+# BoringSSL keeps OpenSSL's API (the same data and handshake functions) with an SSL object of its own;
+# SSL_CTX_set_grease_enabled is BoringSSL's alone
+BORINGSSL_MARK = "SSL_CTX_set_grease_enabled"
 WANTED_SYMBOLS = frozenset(OPENSSL_DATA + OPENSSL_HANDSHAKE + GNUTLS_FUNCS + NSS_FUNCS +
-                           ("SSL_free", "SSL_new", "SSL_is_connection", "SSL_ImportFD"))
+                           ("SSL_free", "SSL_new", "SSL_is_connection", "SSL_ImportFD", BORINGSSL_MARK))
+# A static BoringSSL with a .symtab (PyPI curl_cffi): its SSL_* are local symbols; bssl::ssl_log_secret
+# (C++, mangled; the parameter types differ between releases) is what tells it apart
+BSSL_LOG_SECRET = "ssl_log_secret"
+_BSSL_LOG_SECRET_MANGLED = b"_ZN4bssl14ssl_log_secretE"
 
 
 _KEY_NAMES = (b"SSL_write", b"gnutls_record_send", b"PR_Write")
@@ -86,7 +93,8 @@ def kind_of(name: str, exports: TlsExports) -> str | None:
     if base.startswith("libgnutls.so") and "gnutls_record_send" in exports.symbols:
         return GNUTLS
     if "SSL_write" in exports.symbols and "SSL_read" in exports.symbols and not base.startswith("libssl3"):
-        return OPENSSL  # libssl.so.*, or an executable with a static OpenSSL (node)
+        # libssl.so.*, or an executable with a static OpenSSL (node); Debian's android-libboringssl
+        return BORINGSSL if BORINGSSL_MARK in exports.symbols else OPENSSL
     return None
 
 
@@ -100,8 +108,36 @@ def openssl_layout(kind: str, exports: TlsExports) -> str | None:
 
 def functions_for(kind: str, exports: TlsExports) -> tuple[str, ...]:
     wanted = {OPENSSL: OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free", "SSL_new"), GNUTLS: GNUTLS_FUNCS,
-              NSS: NSS_FUNCS}[kind]
+              NSS: NSS_FUNCS,
+              # no SSL_new: its return feeds the OpenSSL layout reads, which BoringSSL has none of
+              BORINGSSL: OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free", BSSL_LOG_SECRET)}[kind]
     return tuple(f for f in wanted if f in exports.symbols)
+
+
+def static_boringssl(path: str) -> TlsExports | None:
+    """A file with BoringSSL linked in and a .symtab that names it (curl_cffi's _wrapper.abi3.so):
+    its local SSL_* functions and bssl::ssl_log_secret, with their file offsets; None otherwise.
+    Cheap for the usual stripped library: no .symtab, nothing read."""
+    f = elf.open_or_none(path)
+    if f is None:
+        return None
+    with f:
+        try:
+            mangled = f.name_starting(_BSSL_LOG_SECRET_MANGLED)
+            if mangled is None:
+                return None
+            names = OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free", BORINGSSL_MARK)
+            syms = f.symbols(names + (mangled,), table=elf.SYMTAB, types=(elf.STT_FUNC,))
+            if not {"SSL_read", "SSL_write", mangled} <= syms.keys():
+                return None
+            info = TlsExports(soname=f.soname, build_id=f.build_id)
+            offsets = {(BSSL_LOG_SECRET if n == mangled else n): s.offset for n, s in syms.items()
+                       if s.offset is not None}
+            info.symbols = frozenset(offsets) | {BORINGSSL_MARK}
+            info.offsets = offsets
+            return info
+        except (ValueError, struct.error, IndexError, OSError):
+            return None
 
 
 def _candidate(path: str) -> bool:
@@ -140,11 +176,26 @@ def executable_file(pid: int, root: str | None = None) -> tuple[str, str] | None
     return own, proc.root_path(pid, own)
 
 
-def process_files(pid: int) -> list[tuple[str, str]]:
+def process_files(pid: int, others: list | None = None) -> list[tuple[str, str]]:
     """(path as the process sees it, path that reaches it from here) of the TLS candidates
-    the process maps, plus its executable."""
+    the process maps, plus its executable. others: gets the other mapped libraries and Python
+    stable-ABI modules (*.abi3.so), which may carry a static BoringSSL."""
     root = proc.read_root(pid)
-    out = {own: read for own, read, deleted in library_files(pid, root=root) if not deleted and _candidate(own)}
+    out = {}
+    maps = proc.read_maps(pid)
+    for own, read, deleted in library_files(pid, maps=maps, root=root) if maps is not None else ():
+        if deleted:
+            continue
+        if _candidate(own):
+            out[own] = read
+        elif others is not None:
+            others.append((own, read))
+    if others is not None and maps is not None:
+        through = proc.root_path(pid, "")
+        for path, deleted in dict.fromkeys(proc.mapped_abi3_modules(maps)):
+            if not deleted:
+                own = proc.own_view(path, root)
+                others.append((own, through + own))
     exe = executable_file(pid, root)
     if exe:
         out.setdefault(*exe)
@@ -182,6 +233,10 @@ class Discovery:
             return None
         exports = read_elf(path)
         kind = kind_of(display, exports) if exports else None
+        if kind is None and exports and not _candidate(display):
+            static = static_boringssl(path)
+            if static is not None:
+                exports, kind = static, BORINGSSL
         if kind is None:
             lib = self._go(display, path, key) if exports and not _candidate(display) else None
             self.seen[key] = lib
@@ -211,9 +266,37 @@ class Discovery:
                           display_path=display, go_version=info.version or info.version_range,
                           go_probes=probes.offsets)
 
+    def examine_other(self, display: str, path: str, pid: int | None = None) -> TlsLibrary | None:
+        """A mapped library that is no TLS library by name: kept only as a static BoringSSL."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen:
+            lib = self.seen[key]
+            if lib is not None and pid is not None:
+                lib.pids.add(pid)
+            return None
+        static = static_boringssl(path)
+        lib = None
+        if static is not None:
+            lib = TlsLibrary(path=path, kind=BORINGSSL, build_id=static.build_id, dev_ino=key,
+                             functions=functions_for(BORINGSSL, static), offsets=static.offsets,
+                             display_path=display)
+            if pid is not None:
+                lib.pids.add(pid)
+        self.seen[key] = lib
+        return lib
+
     def scan_pid(self, pid: int) -> list[TlsLibrary]:
         found = []
-        files = process_files(pid)
+        others: list[tuple[str, str]] = []
+        files = process_files(pid, others)
+        for display, path in others:
+            lib = self.examine_other(display, path, pid)
+            if lib:
+                found.append(lib)
         if any(os.path.basename(d).startswith("libssl3.so") for d, _ in files):
             self.nss_pids.add(pid)
         for display, path in files:
@@ -244,7 +327,8 @@ _static_cache: dict[tuple[int, int, int], dict | None] = {}
 
 
 def static_tls(path: str) -> dict | None:
-    """{library, symbols, version} if the ELF file at path defines (exports) a TLS API, else None.
+    """{library, symbols, version} if the ELF file at path defines (exports) a TLS API, is a Go
+    program with crypto/tls, or carries a BoringSSL its .symtab names (local symbols), else None.
     Cached by (device, inode, mtime)."""
     try:
         st = os.stat(path)
@@ -256,10 +340,17 @@ def static_tls(path: str) -> dict | None:
         result = None
         if symbols:
             family = STATIC_TLS_SYMBOLS[symbols[0]]
+            if family == "openssl" and exported(path, (BORINGSSL_MARK,)):
+                family = BORINGSSL
             version = classify.library_version(path, "libcrypto") if family == "openssl" else None
             result = {"library": family, "symbols": symbols, "version": version}
         else:
             result = go_static_tls(path)
+        if result is None:
+            bssl = static_boringssl(path)
+            if bssl is not None:  # BoringSSL names no version of itself
+                result = {"library": BORINGSSL, "version": None,
+                          "symbols": sorted(n for n in bssl.symbols if n in STATIC_TLS_SYMBOLS)}
         _static_cache[key] = result
     return _static_cache[key]
 

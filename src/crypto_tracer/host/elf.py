@@ -288,6 +288,18 @@ class ElfFile:
         strings = self.read(found[1][4], found[1][5])
         return any(strings.find(b"\0" + n + b"\0") >= 0 for n in names)
 
+    def name_starting(self, prefix: bytes, table: int = SYMTAB) -> str | None:
+        """The first name in the string table of `table` that starts with prefix (a C++ name
+        whose mangled parameter types vary between builds), or None."""
+        found = self._table(table)
+        if found is None:
+            return None
+        strings = self.read(found[1][4], found[1][5])
+        pos = strings.find(b"\0" + prefix)
+        if pos < 0:
+            return None
+        return strings[pos + 1:strings.index(b"\0", pos + 1)].decode(errors="replace")
+
     def symbols(self, names=None, table: int = DYNSYM, types=FUNCTIONS, defined: bool | None = True
                 ) -> dict[str, Symbol]:
         """name -> Symbol from .dynsym (table=DYNSYM) or .symtab (SYMTAB).

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from crypto_tracer.host import classify, discovery, proc
 from crypto_tracer.host.discovery import static_tls
-from crypto_tracer.host.proc import (list_pids, own_view, parse_stat, read_bytes, read_cmdline, read_mnt_ns,
-                                     read_root, read_status_ids, readlink, start_time_epoch)
+from crypto_tracer.host.proc import (list_pids, mapped_abi3_modules, own_view, parse_stat, read_bytes, read_cmdline,
+                                     read_mnt_ns, read_root, read_status_ids, readlink, root_path, start_time_epoch)
 
 
 @dataclass
@@ -140,6 +140,15 @@ def scan_process(pid: int) -> ProcessCrypto | None:
     proc.exe = own_view(readlink(f"/proc/{pid}/exe"), root)
     if proc.exe:
         proc.static_tls = static_tls(f"/proc/{pid}/exe")
+        if proc.static_tls is not None:
+            proc.static_tls = dict(proc.static_tls, path=proc.exe)
+    if proc.static_tls is None:  # a Python module with its own TLS stack (curl_cffi: BoringSSL)
+        for path, deleted in dict.fromkeys(mapped_abi3_modules(maps)):
+            own = own_view(path, root)
+            info = None if deleted else static_tls(root_path(pid, own))
+            if info is not None:
+                proc.static_tls = dict(info, path=own)
+                break
     return proc
 
 

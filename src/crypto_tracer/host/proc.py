@@ -226,6 +226,16 @@ def read_maps(pid: int) -> bytes | None:
     return read_bytes(f"/proc/{pid}/maps", 16 << 20)
 
 
+# Python extension modules of the stable ABI: where wheels bundle a TLS stack of their own (curl_cffi)
+MAPS_ABI3_RE = re.compile(rb" (/[^\n]*/[^\n/]+\.abi3\.so)( \(deleted\))?$", re.M)
+
+
+def mapped_abi3_modules(maps: bytes):
+    """(path, deleted) of each mapping of a Python stable-ABI extension module (*.abi3.so)."""
+    for m in MAPS_ABI3_RE.finditer(maps):
+        yield m.group(1).decode(errors="replace"), m.group(2) is not None
+
+
 def mapped_libraries(maps: bytes):
     """(path, deleted) of each shared-library mapping ("/.../libNAME[-VER].so*"), in maps order,
     repeated once per mapping (a file is usually mapped several times)."""

@@ -185,3 +185,72 @@ def layout_for(path: str, kind: str = "openssl") -> LayoutResult:
             lay, how = _same_version_layout(version, openssl_build(path))
     log.debug("layout of %s (build-id %s): %s", path, bid, how)
     return LayoutResult(path, bid, lay, how)
+
+
+# --- BoringSSL: where bssl::ssl_log_secret is and where it finds client_random -----------------
+
+BSSL_WORKER = "crypto_tracer.keys.calibrate_bssl_worker"
+BSSL_MIN_VERIFIED = 8
+
+
+@dataclass
+class BsslHook:
+    log_secret: int  # file offset of bssl::ssl_log_secret (what the uprobe takes)
+    s3: int  # offset of ssl->s3
+    client_random: int  # offset of client_random in s3
+    verified: int
+
+
+def _bssl_from_json(data: dict) -> BsslHook | None:
+    try:
+        hook = BsslHook(int(data["log_secret"]), int(data["s3"]), int(data["client_random"]), int(data["verified"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return hook if hook.verified >= BSSL_MIN_VERIFIED and 0 <= hook.s3 < 1 << 16 and \
+        0 <= hook.client_random < 1 << 16 else None
+
+
+def bssl_hook_for(path: str) -> tuple[BsslHook | None, str]:
+    """What bssl_keylog needs for the BoringSSL in this file, verified on this exact file by
+    calibrate_bssl_worker (cached by build-id as bssl-<build-id>.json), or None with the reason."""
+    try:
+        bid = build_id(path)
+    except OSError as exc:
+        return None, f"cannot read it: {exc.strerror}"
+    for d in cache_dirs():
+        try:
+            with open(os.path.join(d, f"bssl-{bid}.json")) as f:
+                hook = _bssl_from_json(json.load(f))
+            if hook is not None:
+                return hook, "cache"
+        except (OSError, ValueError):
+            continue
+    unsafe = _safe_to_load(path)
+    if unsafe:
+        return None, unsafe
+    src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src_root, os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run([sys.executable, "-m", BSSL_WORKER, path], capture_output=True, text=True,
+                              timeout=60, env=env)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as exc:
+        return None, f"calibration failed ({type(exc).__name__})"
+    if "bssl" not in result:
+        return None, "calibration failed: " + result.get("error", "no result")
+    hook = _bssl_from_json(result["bssl"])
+    if hook is None:
+        return None, "calibration could not verify ssl_log_secret and client_random"
+    for d in cache_dirs():
+        try:
+            os.makedirs(d, mode=0o755, exist_ok=True)
+            tmp = os.path.join(d, f".bssl-{bid}.{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump(dict(result["bssl"], path=path), f, indent=1)
+            os.replace(tmp, os.path.join(d, f"bssl-{bid}.json"))
+            break
+        except OSError:
+            continue
+    log.debug("BoringSSL %s: ssl_log_secret at %#x, client_random at s3(%#x)+%#x (calibrated)", path,
+              hook.log_secret, hook.s3, hook.client_random)
+    return hook, "calibrated"

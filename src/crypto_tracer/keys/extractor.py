@@ -14,7 +14,7 @@ import time
 from typing import Callable
 
 from crypto_tracer.keys import tls_keys
-from crypto_tracer.keys.calibrate import layout_for
+from crypto_tracer.keys.calibrate import bssl_hook_for, layout_for
 from crypto_tracer.keys.layout import Layout
 from crypto_tracer.keys.pending import PendingObjects
 from crypto_tracer.log import log
@@ -40,9 +40,9 @@ class KeyExtractor:
         self.unsupported: list[str] = []  # library kinds whose secrets are not read (gnutls, nss)
         self.sessions = 0
         tracer.on(tls_keys.CT_EV_TLS_KEYS, self._record)
-        tracer.on(CT_EV_TLS_KEYLINE, self._go_line)
+        tracer.on(CT_EV_TLS_KEYLINE, self._key_line)
         tracer.key_cookie = self._cookie
-        self._go_randoms: set[bytes] = set()
+        self._line_randoms: set[bytes] = set()
         # (pid, client_random) of the sessions written: BPF (handshake return, SSL_free) and the
         # memory reads of keys/pending.py may both find one session
         self._written: set[tuple[int, bytes]] = set()
@@ -71,6 +71,8 @@ class KeyExtractor:
 
     def _cookie(self, lib) -> int:
         """Cookie bits for a library about to be hooked: its layout slot (0: no keys)."""
+        if lib.kind == "boringssl":
+            return self._bssl_cookie(lib)
         if lib.kind not in ("openssl", "gnutls"):
             if lib.kind not in self.unsupported:
                 self.unsupported.append(lib.kind)
@@ -93,6 +95,25 @@ class KeyExtractor:
         log.debug("keys: %s: %s, layout slot %d (%s)", lib.display_path, what, slot, result.how)
         return slot << tls_keys.SLOT_SHIFT
 
+    def _bssl_cookie(self, lib) -> int:
+        """BoringSSL: no layout slot; bssl_keylog goes on the verified ssl_log_secret, with the
+        client_random offsets in its cookie (probes/tls.py applies it to that probe alone)."""
+        from crypto_tracer.probes.tls import BSSL_LOG_SECRET, bssl_cookie
+
+        hook, how = bssl_hook_for(lib.path)
+        if hook is None:
+            message = f"no TLS keys for {lib.display_path or lib.path}: BoringSSL's ssl_log_secret could not be " \
+                      f"verified ({how})"
+            if message not in self.unusable:
+                self.unusable.append(message)
+                log.warning("%s", message)
+            return 0
+        lib.offsets = dict(lib.offsets, **{BSSL_LOG_SECRET: hook.log_secret})
+        if BSSL_LOG_SECRET not in lib.functions:
+            lib.functions = lib.functions + (BSSL_LOG_SECRET,)
+        log.debug("keys: %s: BoringSSL, ssl_log_secret at %#x (%s)", lib.display_path, hook.log_secret, how)
+        return bssl_cookie(hook.s3, hook.client_random)
+
     def _slot(self, lay: Layout) -> int | None:
         for slot, known in self.slots.items():
             if _same(known, lay):
@@ -104,18 +125,19 @@ class KeyExtractor:
         self.slots[slot] = lay
         return slot
 
-    def _go_line(self, raw: bytes) -> None:
-        """Go: each secret arrives as the line its KeyLogWriter would write (no layout involved)."""
+    def _key_line(self, raw: bytes) -> None:
+        """Go and BoringSSL: each secret arrives as the line their key log would have (Go: no
+        layout involved; BoringSSL: client_random at the verified offsets)."""
         from crypto_tracer.probes.tls import decode_go_keyline
 
         rec = decode_go_keyline(raw)
         line = rec.line()
         if line is None:
             return
-        if rec.client_random not in self._go_randoms:
-            if len(self._go_randoms) > 65536:
-                self._go_randoms.clear()
-            self._go_randoms.add(rec.client_random)
+        if rec.client_random not in self._line_randoms:
+            if len(self._line_randoms) > 65536:
+                self._line_randoms.clear()
+            self._line_randoms.add(rec.client_random)
             self.sessions += 1
         self.on_lines([line], rec)
 

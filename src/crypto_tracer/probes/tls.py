@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from crypto_tracer.engine import UPROBE_MULTI_UNSUPPORTED, AttachError
 from crypto_tracer.host import discovery
-from crypto_tracer.host.discovery import GNUTLS, GO, NSS, OPENSSL, TlsLibrary
+from crypto_tracer.host.discovery import BORINGSSL, GNUTLS, GO, NSS, OPENSSL, TlsLibrary
 from crypto_tracer.host.proc import AF_INET, AF_INET6, address_text
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
@@ -26,9 +26,10 @@ from crypto_tracer.probes.common import (CT_EV_LIB_LOAD, CT_EV_PROCESS_EXEC, CT_
 
 # The constants and records of tls.bpf.c (checked against its BTF by tests/unit/test_bpf_layouts.py).
 # enum tls_lib
-CT_LIB_OPENSSL, CT_LIB_GNUTLS, CT_LIB_NSS, CT_LIB_GO = 1, 2, 3, 4
+CT_LIB_OPENSSL, CT_LIB_GNUTLS, CT_LIB_NSS, CT_LIB_GO, CT_LIB_BORINGSSL = 1, 2, 3, 4, 5
 LIBS = CEnum.from_module("tls_lib", globals(), "CT_LIB_")
-LIB_NAMES = {CT_LIB_OPENSSL: OPENSSL, CT_LIB_GNUTLS: GNUTLS, CT_LIB_NSS: NSS, CT_LIB_GO: GO}
+LIB_NAMES = {CT_LIB_OPENSSL: OPENSSL, CT_LIB_GNUTLS: GNUTLS, CT_LIB_NSS: NSS, CT_LIB_GO: GO,
+             CT_LIB_BORINGSSL: BORINGSSL}
 LIB_KIND_IDS = {v: k for k, v in LIB_NAMES.items()}
 # enum tls_func, by the symbol each id hooks (the C name: F_ + the symbol upper-cased, gnutls
 # without "_record")
@@ -45,8 +46,20 @@ FUNC_NAMES = {**{v: k for k, v in FUNC_IDS.items()}, F_GO_WRITE: "Write", F_GO_R
 WRITE_FUNCS = frozenset([FUNC_IDS[f] for f in ("SSL_write", "SSL_write_ex", "SSL_write_ex2", "gnutls_record_send",
                                                 "PR_Write", "PR_Send", "PR_Writev")] + [F_GO_WRITE])
 HANDSHAKE_FUNCS = frozenset(("SSL_do_handshake", "SSL_connect", "SSL_accept", "gnutls_handshake"))
-COOKIE_LAYOUT, COOKIE_SPLIT = 0x100, 0x200  # enum tls_cookie: bits above the function id
-COOKIE = CEnum("tls_cookie", {"CT_COOKIE_LAYOUT": COOKIE_LAYOUT, "CT_COOKIE_SPLIT": COOKIE_SPLIT})
+COOKIE_LAYOUT, COOKIE_SPLIT, COOKIE_BORINGSSL = 0x100, 0x200, 0x400  # enum tls_cookie: bits above the function id
+COOKIE = CEnum("tls_cookie", {"CT_COOKIE_LAYOUT": COOKIE_LAYOUT, "CT_COOKIE_SPLIT": COOKIE_SPLIT,
+                              "CT_COOKIE_BORINGSSL": COOKIE_BORINGSSL})
+# enum tls_bssl_cookie: the cookie of bssl_keylog (BoringSSL's ssl_log_secret) says where
+# ssl->s3->client_random is: s3's offset in bits 0-15, client_random's in s3 in 16-31, bit 32 set
+BSSL_RANDOM_SHIFT, BSSL_VALID_SHIFT = 16, 32
+BSSL_COOKIE = CEnum("tls_bssl_cookie", {"CT_BSSL_RANDOM_SHIFT": BSSL_RANDOM_SHIFT,
+                                        "CT_BSSL_VALID_SHIFT": BSSL_VALID_SHIFT})
+BSSL_LOG_SECRET = "ssl_log_secret"  # TlsLibrary.functions/offsets name of bssl::ssl_log_secret
+
+
+def bssl_cookie(s3: int, client_random: int) -> int:
+    """bssl_keylog's cookie for ssl->s3 at s3 and s3->client_random at client_random."""
+    return s3 | client_random << BSSL_RANDOM_SHIFT | 1 << BSSL_VALID_SHIFT
 COOKIE_LAYOUTS = {discovery.FLAT_SSL: COOKIE_LAYOUT, discovery.SPLIT_SSL: COOKIE_SPLIT}
 CNT_CTRL_DROPPED = 4  # after bpf/common.h's counters
 TLS_COUNTERS = CEnum("tls_counter", {"CT_CNT_CTRL_DROPPED": CNT_CTRL_DROPPED})
@@ -72,8 +85,8 @@ DATA_OFFSET = TLS_DATA_REC.size  # 116
 
 GO_DATA_PROGRAMS = ("go_write", "go_read_enter", "go_read_ret")  # bpf/go_tls.h: uprobes only, never uretprobes
 GO_KEY_PROGRAMS = ("go_keylog",)
-UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free", "tls_new_return") + \
-    GO_DATA_PROGRAMS + GO_KEY_PROGRAMS
+UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free", "tls_new_return",
+                   "bssl_keylog") + GO_DATA_PROGRAMS + GO_KEY_PROGRAMS
 
 
 class _NoUprobeMulti(Exception):
@@ -201,10 +214,11 @@ def decode_process(raw: bytes) -> tuple[int, int, str | None]:
 
 @dataclass(slots=True)
 class GoKeyLine:
-    """One secret as Go's (*Config).writeKeyLog got it: the line its KeyLogWriter would write."""
+    """One secret as Go's (*Config).writeKeyLog or BoringSSL's ssl_log_secret got it: the line
+    their key log would have."""
     pid: int
     comm: str
-    ssl: int  # the *tls.Conn whose handshake this is (0: unknown)
+    ssl: int  # the *tls.Conn (Go) or SSL* (BoringSSL) whose handshake this is (0: unknown)
     fd: int | None
     connection: tuple | None  # (local_addr, local_port, remote_addr, remote_port) when known
     label: str
@@ -462,6 +476,8 @@ class TlsTracer:
         return attached
 
     def _cookie(self, lib: TlsLibrary, func: str, key_bits: int) -> int:
+        if lib.kind == BORINGSSL:  # its key bits (keys/extractor.py) are bssl_keylog's, nothing else's
+            return key_bits if func == BSSL_LOG_SECRET else FUNC_IDS.get(func, 0) | COOKIE_BORINGSSL
         return FUNC_IDS.get(func, 0) | COOKIE_LAYOUTS.get(lib.openssl_layout, 0) | key_bits
 
     def _programs_for(self, func: str) -> tuple[tuple[str, bool], ...]:
@@ -469,6 +485,8 @@ class TlsTracer:
         returns, SSL_new's return and SSL_free; data calls are hooked for plaintext alone."""
         if func == "SSL_free":
             return (("tls_free", False),)
+        if func == BSSL_LOG_SECRET:
+            return () if self.capture_data else (("bssl_keylog", False),)
         if func == "SSL_new":
             return () if self.capture_data else (("tls_new_return", True),)
         if func in HANDSHAKE_FUNCS:
@@ -506,9 +524,11 @@ class TlsTracer:
         for func in lib.functions:
             for pid in self.pids or [-1]:
                 for prog, ret in self._programs_for(func):
+                    # by offset when discovery has it (BoringSSL: local symbols, unnamed ssl_log_secret)
+                    where = {"offset": lib.offsets[func]} if lib.kind == BORINGSSL else {"func_name": func}
                     try:
-                        self.obj.attach_uprobe(prog, lib.path, func_name=func, pid=pid, retprobe=ret,
-                                               cookie=self._cookie(lib, func, key_bits))
+                        self.obj.attach_uprobe(prog, lib.path, pid=pid, retprobe=ret,
+                                               cookie=self._cookie(lib, func, key_bits), **where)
                         attached += 1
                     except TracerError as exc:
                         self.attach_failures.append(str(exc).splitlines()[0])

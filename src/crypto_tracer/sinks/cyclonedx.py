@@ -135,7 +135,8 @@ def _libraries(cb: _Cbom, doc: dict) -> dict[int, list[tuple[str, str]]]:
             name = f"{static['library']} (static)"
             ref = f"crypto/library/{_slug(name)}" + (f"@{static['version']}" if static.get("version") else "")
             cb.add(ref, "library", name=name, version=static.get("version"))
-            cb.occurrence(ref, p["exe"], f"linked into pid {p['pid']} ({p['name']})")
+            # the file that carries it: the executable, or a module it loaded (curl_cffi's BoringSSL)
+            cb.occurrence(ref, static.get("path") or p["exe"], f"linked into pid {p['pid']} ({p['name']})")
             cb.prop(ref, "process", fact)
             by_pid.setdefault(p["pid"], []).append((f"static:{static['library']}", ref))
     return by_pid

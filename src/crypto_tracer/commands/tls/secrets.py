@@ -135,6 +135,6 @@ def _report(keylog, keys, packets, sessions) -> None:
     if keys.pending.watch:
         log.info("%d TLS objects still open had no complete secrets when the run ended", len(keys.pending.watch))
     if keys.unsupported:
-        log.info("session secrets are not read from %s (OpenSSL and GnuTLS only)", ", ".join(keys.unsupported))
+        log.info("session secrets are not read from %s (OpenSSL, BoringSSL, GnuTLS and Go only)", ", ".join(keys.unsupported))
     if keys.unusable:  # each was said when its library was hooked
         log.info("%d TLS libraries got no keys: their layout could not be learned", len(keys.unusable))
