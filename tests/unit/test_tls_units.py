@@ -250,22 +250,23 @@ def test_output_write_many_keeps_record_boundaries(tmp_path, monkeypatch):
 
 def test_direct_ring_reader_layout():
     """DirectRing.read on a fake ring: committed records in order, discarded ones skipped,
-    a record that wraps read whole (the data area is mapped twice), a busy one stops it."""
+    a record that wraps read whole (its two parts joined: the data area is mapped once), a busy one
+    stops it, and a byte budget stops it after the record that reaches it."""
     import struct as st
 
     from crypto_tracer.engine.ringread import BUSY_BIT, DISCARD_BIT, DirectRing
 
     page, size = 4096, 128
     ring = object.__new__(DirectRing)
-    cons_buf, data_buf = bytearray(page), bytearray(page + 2 * size)
+    cons_buf, data_buf = bytearray(page), bytearray(page + size)
     ring._cons_map, ring._data_map, ring._page, ring._mask = cons_buf, data_buf, page, size - 1
     ring._cons, ring._prod = memoryview(cons_buf).cast("Q"), memoryview(data_buf).cast("Q")
     ring._words = memoryview(data_buf).cast("I")
 
-    def put(pos, payload, flags=0):  # pos: producer-side position; written to both mappings
+    def put(pos, payload, flags=0):  # pos: producer-side position
         rec = st.pack("<II", len(payload) | flags, 0) + payload
         for i, b in enumerate(rec):
-            data_buf[page + (pos + i) % size] = data_buf[page + size + (pos + i) % size] = b
+            data_buf[page + (pos + i) % size] = b
         return pos + ((len(rec) + 7) & ~7)
 
     start = 96  # records are 8-byte aligned
@@ -276,6 +277,8 @@ def test_direct_ring_reader_layout():
     busy = pos
     pos = put(pos, b"later", BUSY_BIT)
     ring._prod[0] = pos
+    assert list(map(bytes, ring.read(10, max_bytes=1))) == [b"abc"]
+    ring._cons[0] = start
     assert list(map(bytes, ring.read(10))) == [b"abc", b"0123456789"]
     assert data_buf[page + 120:page + 128] == b"01234567" and data_buf[page:page + 2] == b"89"  # it did wrap
     assert ring._cons[0] == busy
