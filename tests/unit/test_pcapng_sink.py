@@ -117,3 +117,16 @@ def test_the_writer_and_the_kernel_agree_on_the_epb_layout():
     assert (btype, length, struct.unpack_from("<I", block, length - 4)[0]) == (6, len(block), len(block))
     assert epb_fields(block[8:-4]) == (1, T0, frame, 9, [(2, b"\x01\x00\x00\x00"), (1, b"pid=7 comm=curl"),
                                                          (0, b"")])
+
+
+def test_flows_of_connections_opened_before_the_capture_carry_the_kernels_comment():
+    """existing_flows() fills the flows map as note_socket() does: pid, and the packets' opt_comment
+    ready to copy (header, "pid=N comm=X", zero padding); bytes outside ASCII become '?'."""
+    from crypto_tracer.probes.tc_capture import FLOW_PROC, flow_proc
+
+    pid, length, comm, opt = FLOW_PROC.unpack(flow_proc(4242, b"nginx"))
+    assert (pid, length, comm.rstrip(b"\0")) == (4242, 24, b"nginx")
+    assert opt[:length] == struct.pack("<HH", 1, 19) + b"pid=4242 comm=nginx\0" and not opt[length:].strip(b"\0")
+    pid, length, comm, opt = FLOW_PROC.unpack(flow_proc(7, "wörker-with-a-long-name".encode()))
+    text = b"pid=7 comm=w??rker-with-a-"  # 15 bytes of comm; each byte of the o-umlaut a "?"
+    assert opt[:length] == struct.pack("<HH", 1, len(text)) + text + b"\0" * (-len(text) % 4)

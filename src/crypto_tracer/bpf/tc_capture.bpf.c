@@ -69,10 +69,14 @@ struct flow_key {
 	__u8 raddr[16];
 };
 
+#define CAP_COMMENT_MAX 48 /* opt_comment "pid=N comm=X": 4 + at most 35, padded; room for the verifier */
+
+/* The process of a connection, and its packets' comment option, built once per connection. */
 struct flow_proc {
 	__u32 pid;
-	__u32 pad;
+	__u32 comment_len; /* bytes of comment_opt in use (header and padding included); 0: none */
 	char comm[CT_COMM_LEN];
+	__u8 comment_opt[CAP_COMMENT_MAX];
 };
 
 /* A packet: a pcapng Enhanced Packet Block. This 28-byte head, cap_len bytes of the packet
@@ -192,65 +196,18 @@ static __always_inline int cap_output(void *data, __u64 size)
 	return 0;
 }
 
-/* "pid=N comm=X" at c; returns its length (at most 35). */
-static __always_inline __u32 put_comment(__u8 *c, __u32 pid, const char *comm)
-{
-	__u32 nd = 0, v = pid;
-#pragma unroll
-	for (int i = 0; i < 10; i++) {
-		if (v) {
-			nd++;
-			v /= 10;
-		}
-	}
-	if (!nd)
-		nd = 1;
-	c[0] = 'p';
-	c[1] = 'i';
-	c[2] = 'd';
-	c[3] = '=';
-	v = pid;
-#pragma unroll
-	for (int i = 0; i < 10; i++) {
-		if (i < nd) {
-			c[(4 + nd - 1 - i) & 31] = '0' + v % 10;
-			v /= 10;
-		}
-	}
-	__u32 n = 4 + nd;
-	const char tag[6] = {' ', 'c', 'o', 'm', 'm', '='};
-#pragma unroll
-	for (int i = 0; i < 6; i++)
-		c[(n + i) & 31] = tag[i];
-	n += 6;
-#pragma unroll
-	for (int i = 0; i < CT_COMM_LEN - 1; i++) {
-		char ch = comm[i];
-		if (!ch)
-			break;
-		c[n & 63] = (ch & 0x80) ? '?' : ch; /* the comment is UTF-8: no stray bytes */
-		n++;
-	}
-	return n & 63;
-}
-
-/* The EPB's options at b (CAP_OPTS_MAX bytes of room); returns their length with the trailing block_len. */
-static __always_inline __u32 put_options(__u8 *b, __u32 egress, __u32 pid, const char *comm)
+/* The EPB's options at b (CAP_OPTS_MAX bytes of room): epb_flags, the connection's comment when
+ * its process is known, opt_endofopt; returns their length with the trailing block_len. */
+static __always_inline __u32 put_options(__u8 *b, __u32 egress, struct flow_proc *fp)
 {
 	*(__u32 *)b = EPB_FLAGS | (4 << 16);
 	*(__u32 *)(b + 4) = egress ? 2 : 1; /* outbound : inbound */
 	__u32 x = 8;
-	if (pid && comm) {
-		__u32 n = put_comment(b + 12, pid, comm);
-		if (n > 36)
-			n = 36;
-		*(__u32 *)(b + 8) = OPT_COMMENT | (n << 16);
-		b[(12 + n) & 63] = 0;
-		b[(13 + n) & 63] = 0;
-		b[(14 + n) & 63] = 0;
-		x = 12 + ((n + 3) & ~3U);
+	if (fp && fp->comment_len) {
+		__builtin_memcpy(b + 8, fp->comment_opt, CAP_COMMENT_MAX);
+		x += fp->comment_len & 60;
 	}
-	*(__u32 *)(b + (x & 60)) = 0; /* opt_endofopt */
+	*(__u32 *)(b + x) = 0; /* opt_endofopt */
 	return x + 8;
 }
 
@@ -350,8 +307,7 @@ other:
 	rec->cap_len = len;
 	rec->orig_len = skb->len;
 
-	__u32 pid = 0;
-	const char *comm = NULL;
+	struct flow_proc *fp = NULL;
 	if (key.lport) {
 		/* the local end: the sender on egress, the receiver on ingress */
 		if (!egress) {
@@ -363,11 +319,7 @@ other:
 			key.lport = key.rport;
 			key.rport = p;
 		}
-		struct flow_proc *fp = bpf_map_lookup_elem(&flows, &key);
-		if (fp) {
-			pid = fp->pid;
-			comm = fp->comm;
-		}
+		fp = bpf_map_lookup_elem(&flows, &key);
 	}
 	if (proto == IPPROTO_TCP && key.lport)
 		note_hello(rec, l4, len);
@@ -381,9 +333,9 @@ other:
 	if (o > CAP_MAX)
 		return TC_ACT_UNSPEC;
 	__u8 *b = rec->data + o;
-	__u32 x = put_options(b, egress, pid, comm);
+	__u32 x = put_options(b, egress, fp);
 	__u32 block_len = offsetof(struct cap_rec, data) + o + x;
-	*(__u32 *)(b + ((x - 4) & 60)) = block_len;
+	*(__u32 *)(b + x - 4) = block_len;
 	rec->block_len = block_len;
 	cap_output(rec, block_len);
 	return TC_ACT_UNSPEC;
@@ -425,6 +377,52 @@ static __always_inline struct sock *fd_sock(int fd)
 	return BPF_CORE_READ(sock, sk);
 }
 
+/* "pid=N comm=X" into c (CAP_COMMENT_MAX - 4 bytes, zeroed); returns its length (at most 35).
+ * Bytes outside ASCII become '?': the comment is UTF-8. */
+static __always_inline __u32 put_comment(__u8 *c, __u32 pid, const char *comm)
+{
+	__u32 nd = 0, v = pid;
+#pragma unroll
+	for (int i = 0; i < 10; i++) {
+		if (v) {
+			nd++;
+			v /= 10;
+		}
+	}
+	if (!nd)
+		nd = 1;
+	nd &= 15;
+	c[0] = 'p';
+	c[1] = 'i';
+	c[2] = 'd';
+	c[3] = '=';
+	v = pid;
+#pragma unroll
+	for (int i = 0; i < 10; i++) {
+		if (i < nd) {
+			c[(4 + nd - 1 - i) & 15] = '0' + v % 10;
+			v /= 10;
+		}
+	}
+	__u8 *t = c + 4 + nd; /* at most c + 19 */
+	t[0] = ' ';
+	t[1] = 'c';
+	t[2] = 'o';
+	t[3] = 'm';
+	t[4] = 'm';
+	t[5] = '=';
+	__u32 n = 0;
+#pragma unroll
+	for (int i = 0; i < CT_COMM_LEN - 1; i++) {
+		char ch = comm[i];
+		if (!ch)
+			break;
+		t[6 + i] = (ch & 0x80) ? '?' : ch;
+		n++;
+	}
+	return 10 + nd + n;
+}
+
 static const __u8 v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
 /* Remember which process owns the socket behind fd. */
@@ -460,7 +458,15 @@ static __always_inline void note_socket(int fd)
 		return;
 	proc.pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(proc.comm, sizeof(proc.comm));
-	bpf_map_update_elem(&flows, &key, &proc, BPF_ANY);
+	if (bpf_map_update_elem(&flows, &key, &proc, BPF_ANY))
+		return;
+	/* the comment its packets carry, formatted once here rather than per packet */
+	struct flow_proc *fp = bpf_map_lookup_elem(&flows, &key);
+	if (!fp)
+		return;
+	__u32 n = put_comment(fp->comment_opt + 4, proc.pid, proc.comm);
+	*(__u32 *)fp->comment_opt = OPT_COMMENT | (n << 16);
+	fp->comment_len = 4 + ((n + 3) & ~3U);
 }
 
 SEC("tracepoint/syscalls/sys_enter_connect")

@@ -146,7 +146,16 @@ def cleanup_leftovers() -> int:
 # --- connections that existed before the capture ------------------------------------------
 
 FLOW_KEY = CStruct("flow_key", "family I lport H rport H laddr 16s raddr 16s").struct
-FLOW_PROC = CStruct("flow_proc", "pid I pad 4x comm 16s").struct
+FLOW_PROC = CStruct("flow_proc", "pid I comment_len I comm 16s comment_opt 48s").struct
+OPT_COMMENT = 1
+
+
+def flow_proc(pid: int, comm: bytes) -> bytes:
+    """A flows-map value: the process and its packets' opt_comment, as note_socket() builds them."""
+    comm = bytes(c if c < 0x80 else 0x3F for c in comm.split(b"\0", 1)[0][:15])  # UTF-8: '?' for the rest
+    text = b"pid=%d comm=%s" % (pid, comm)
+    opt = struct.pack("<HH", OPT_COMMENT, len(text)) + text + b"\0" * (-len(text) % 4)
+    return FLOW_PROC.pack(pid, len(opt), comm, opt)
 
 
 def existing_flows() -> dict[bytes, bytes]:
@@ -179,7 +188,7 @@ def existing_flows() -> dict[bytes, bytes]:
                 continue
             inode = proc.socket_inode(link)
             if inode in sockets:
-                out[sockets[inode]] = FLOW_PROC.pack(int(pid), comm)
+                out[sockets[inode]] = flow_proc(int(pid), comm)
     return out
 
 
