@@ -306,7 +306,11 @@ class TcCapture:
         self._attached.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created})
         self._save_state()
         hook = _tc(ifc.ifindex)
-        for prog, egress in (("tc_ingress", False), ("tc_egress", True)):
+        # lo: every packet passes egress, then ingress again; an ingress program there would only
+        # return (~100 ns a packet), so none is attached (the kernel's egress_only stays as a guard)
+        directions = (("tc_egress", True),) if ifc.arphrd == ARPHRD_LOOPBACK else \
+            (("tc_ingress", False), ("tc_egress", True))
+        for prog, egress in directions:
             try:
                 hook.attach(self.obj.program(prog), egress)
             except AttachError as exc:
