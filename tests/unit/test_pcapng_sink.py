@@ -133,24 +133,32 @@ def test_flows_of_connections_opened_before_the_capture_carry_the_kernels_commen
 
 
 def test_packet_ring_reads_committed_records_in_order_and_skips_discarded_ones():
-    """PacketRing's loop on a ring laid out as kernel/bpf/ringbuf.c lays it out (a data area mapped
-    twice; 8-byte headers with BUSY and DISCARD bits; records 8-byte aligned)."""
+    """PacketRing's loop on a ring laid out as kernel/bpf/ringbuf.c lays it out (8-byte headers with
+    BUSY and DISCARD bits, records 8-byte aligned), the data area mapped once as DirectRing maps it:
+    a record that wraps around its end comes back whole."""
     from crypto_tracer.engine.ringread import BUSY_BIT, DISCARD_BIT
     from crypto_tracer.probes.tc_capture import PacketRing
 
     page, size = 4096, 1 << 12
     area = bytearray(size)
-    records = [bytes([6]) + bytes([i]) * (40 + i) for i in range(8)]
-    pos, flags = 0, {3: DISCARD_BIT, 6: BUSY_BIT}
+
+    def put(pos: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            area[(pos + i) % size] = b
+
+    records = [bytes([6]) + bytes([i]) * (300 + i) for i in range(8)]
+    start = pos = size - 2 * 312 - 160  # the third record's bytes cross the end of the area
+    flags = {3: DISCARD_BIT, 6: BUSY_BIT}
     for i, rec in enumerate(records):
-        struct.pack_into("<II", area, pos, len(rec) | flags.get(i, 0), 0)
-        area[pos + 8:pos + 8 + len(rec)] = rec
+        put(pos, struct.pack("<II", len(rec) | flags.get(i, 0), 0) + rec)
         pos += (len(rec) + 15) & ~7
-    ring = object.__new__(PacketRing)  # the mapping itself is DirectRing's (and the kernel's)
-    ring._data_map = bytes(page) + bytes(area) + bytes(area)
+    ring = object.__new__(PacketRing)
+    ring._data_map = struct.pack("<Q", pos) + bytes(page - 8) + bytes(area)  # page 1: the producer position
     ring._words = memoryview(ring._data_map).cast("I")
-    ring._cons = memoryview(bytearray(8)).cast("Q")
-    ring._prod = memoryview(bytearray(struct.pack("<Q", pos))).cast("Q")
+    ring._cons = memoryview(bytearray(struct.pack("<Q", start))).cast("Q")
+    ring._prod = memoryview(ring._data_map).cast("Q")
     ring._page, ring._mask = page, size - 1
+    third = start + 2 * 312
+    assert third + 8 < size < third + 8 + len(records[2])
     assert ring.read() == records[:3] + records[4:6]  # the busy one and all after it wait
-    assert ring._cons[0] == sum((len(r) + 15) & ~7 for r in records[:6])
+    assert ring._cons[0] == start + sum((len(r) + 15) & ~7 for r in records[:6])
