@@ -153,6 +153,21 @@ def pcapng_blocks(path: str):
         pos += length
 
 
+def epb_fields(body: bytes) -> tuple[int, int, bytes, int, list[tuple[int, bytes]]]:
+    """An Enhanced Packet Block's body: (interface id, timestamp, data, original length,
+    [(option code, value)] in order, opt_endofopt included)."""
+    import struct
+
+    if_id, ts_hi, ts_lo, caplen, orig = struct.unpack_from("<IIIII", body)
+    pos = 20 + caplen + (-caplen % 4)
+    opts = []
+    while pos + 4 <= len(body):
+        code, length = struct.unpack_from("<HH", body, pos)
+        opts.append((code, body[pos + 4:pos + 4 + length]))
+        pos += 4 + length + (-length % 4)
+    return if_id, ts_hi << 32 | ts_lo, body[20:20 + caplen], orig, opts
+
+
 def secrets_before_packets(path: str) -> tuple[set, set, list]:
     """Walk a pcapng in order: (client randoms given by DSBs, client randoms of the
     ClientHellos captured, ClientHellos whose secrets had not come before them)."""

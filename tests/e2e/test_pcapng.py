@@ -7,9 +7,11 @@ nothing stays attached after the run, not even after kill -9.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -26,6 +28,8 @@ from tests.harness import (
 from tests.tls_helpers import (
     PYCLIENT,
     by_client_random,
+    epb_fields,
+    pcapng_blocks,
     read_keylog,
     secrets_before_packets,
     token,
@@ -78,6 +82,7 @@ def test_capture_decrypts_in_tshark_alone(servers):
     d = servers.dir
     before = _tc_state()
     pcap, keys, peer_keys = d / "cap.pcapng", d / "tracer.keys", d / "peers.keys"
+    t_start = time.time_ns()
     tracer = Tracer(["tls", "-m", "pcapng", "-w", str(pcap), "-k", str(keys), "-i", "lo",
                      "port", str(NGINX_PORT), "or", "port", str(PY_PORT)])
     assert "clsact" in _tc_state()
@@ -112,6 +117,7 @@ def test_capture_decrypts_in_tshark_alone(servers):
     rc = tracer.stop(signal.SIGTERM).rc
     assert rc == 0, tracer.stderr
     assert "dropped 0" in tracer.stderr
+    _assert_kernel_blocks(pcap, t_start, time.time_ns())
 
     assert oct(os.stat(pcap).st_mode & 0o777) == "0o600"
     rows = _http(pcap)
@@ -139,6 +145,29 @@ def test_capture_decrypts_in_tshark_alone(servers):
     assert {line[1] for line in read_keylog(peer_keys)} <= set(mine)
     # everything attached is gone again
     assert _tc_state() == before
+
+
+def _assert_kernel_blocks(pcap, t_start: int, t_end: int) -> None:
+    """The kernel builds each packet's Enhanced Packet Block (bpf/tc_capture.bpf.c): byte for byte
+    what the Python writer makes of the same packet, stamped with the wall clock, direction set."""
+    from crypto_tracer.sinks.pcapng import EPB_TYPE, epb
+
+    n = 0
+    for btype, body in pcapng_blocks(str(pcap)):
+        if btype != EPB_TYPE:
+            continue
+        n += 1
+        if_id, ts, data, orig, opts = epb_fields(body)
+        assert if_id == 0 and t_start <= ts <= t_end and len(data) == orig
+        codes = [code for code, _ in opts]
+        assert codes in ([2, 1, 0], [2, 0]), opts
+        comment = opts[1][1].decode() if codes[1] == 1 else None
+        assert comment is None or re.fullmatch(r"pid=[1-9]\d* comm=[ -~]{1,15}", comment), comment
+        flags = int.from_bytes(opts[0][1], "little")
+        assert flags in (1, 2)
+        block = epb(if_id, ts, data, orig, outbound=flags == 2, comment=comment)
+        assert block[8:-4] == body
+    assert n > 100
 
 
 def test_leftovers_of_a_killed_run_are_removed(servers, tmp_path):

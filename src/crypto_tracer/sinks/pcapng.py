@@ -4,12 +4,17 @@ Secrets Blocks carrying TLS key log lines, so Wireshark decrypts the file on its
 
 Every block is written whole; the file is valid after each write (pcapng has no trailer).
 PacketSink feeds a writer with captured packets and the TLS secrets that decrypt them.
+
+Byte order: the host's ("=" below). bpf/tc_capture.bpf.c builds the Enhanced Packet Blocks of
+captured packets in the kernel, in host order, and PacketSink writes them unchanged; the Section
+Header Block's magic tells readers which order that is.
 """
 
 from __future__ import annotations
 
 import collections
 import struct
+import sys
 import time
 
 from crypto_tracer.sinks.output import Output
@@ -40,23 +45,39 @@ def _pad4(data: bytes) -> bytes:
 
 
 def _option(code: int, value: bytes) -> bytes:
-    return struct.pack("<HH", code, len(value)) + _pad4(value)
+    return struct.pack("=HH", code, len(value)) + _pad4(value)
 
 
 def _options(opts: list[bytes]) -> bytes:
-    return b"".join(opts) + struct.pack("<HH", OPT_END, 0) if opts else b""
+    return b"".join(opts) + struct.pack("=HH", OPT_END, 0) if opts else b""
 
 
 def _block(block_type: int, body: bytes) -> bytes:
     total = 12 + len(body)
-    return struct.pack("<II", block_type, total) + body + struct.pack("<I", total)
+    return struct.pack("=II", block_type, total) + body + struct.pack("=I", total)
+
+
+def epb(interface_id: int, ts_epoch_ns: int, data: bytes, orig_len: int | None = None,
+        outbound: bool | None = None, comment: str | None = None) -> bytes:
+    """An Enhanced Packet Block; bpf/tc_capture.bpf.c builds the same bytes for a captured packet
+    (options in this order: epb_flags, opt_comment, opt_endofopt)."""
+    orig = len(data) if orig_len is None else orig_len
+    body = struct.pack("=IIIII", interface_id, ts_epoch_ns >> 32, ts_epoch_ns & 0xFFFFFFFF, len(data), orig)
+    body += _pad4(data)
+    opts = []
+    if outbound is not None:
+        opts.append(_option(EPB_FLAGS, struct.pack("=I", OUTBOUND if outbound else INBOUND)))
+    if comment:
+        opts.append(_option(OPT_COMMENT, comment.encode(errors="replace")))
+    body += _options(opts)
+    return _block(EPB_TYPE, body)
 
 
 class PcapngWriter:
     def __init__(self, path: str, application: str = "crypto-tracer", os_name: str = "Linux"):
         self._out = Output(path)
         self._interfaces: dict[str, int] = {}
-        body = struct.pack("<IHHq", BYTE_ORDER_MAGIC, 1, 0, -1)
+        body = struct.pack("=IHHq", BYTE_ORDER_MAGIC, 1, 0, -1)
         body += _options([_option(SHB_OS, os_name.encode()), _option(SHB_USERAPPL, application.encode())])
         self._out.write(_block(SHB_TYPE, body))
         self.packets = 0
@@ -66,7 +87,7 @@ class PcapngWriter:
         """Write an IDB (nanosecond timestamps); returns its interface id."""
         if name in self._interfaces:
             return self._interfaces[name]
-        body = struct.pack("<HHI", linktype, 0, snaplen)
+        body = struct.pack("=HHI", linktype, 0, snaplen)
         body += _options([_option(IF_NAME, name.encode()), _option(IF_TSRESOL, bytes([9]))])
         self._out.write(_block(IDB_TYPE, body))
         self._interfaces[name] = len(self._interfaces)
@@ -76,23 +97,19 @@ class PcapngWriter:
         """A DSB with TLS key log lines; it must precede the packets it decrypts."""
         if not keylog:
             return
-        body = struct.pack("<II", SECRETS_TLS_KEYLOG, len(keylog)) + _pad4(keylog)
+        body = struct.pack("=II", SECRETS_TLS_KEYLOG, len(keylog)) + _pad4(keylog)
         self._out.write(_block(DSB_TYPE, body))
         self.secrets_blocks += 1
 
     def add_packet(self, interface_id: int, ts_epoch_ns: int, data: bytes, orig_len: int | None = None,
                    outbound: bool | None = None, comment: str | None = None) -> None:
-        orig = len(data) if orig_len is None else orig_len
-        body = struct.pack("<IIIII", interface_id, ts_epoch_ns >> 32, ts_epoch_ns & 0xFFFFFFFF, len(data), orig)
-        body += _pad4(data)
-        opts = []
-        if outbound is not None:
-            opts.append(_option(EPB_FLAGS, struct.pack("<I", OUTBOUND if outbound else INBOUND)))
-        if comment:
-            opts.append(_option(OPT_COMMENT, comment.encode(errors="replace")))
-        body += _options(opts)
-        self._out.write(_block(EPB_TYPE, body))
+        self._out.write(epb(interface_id, ts_epoch_ns, data, orig_len, outbound, comment))
         self.packets += 1
+
+    def add_blocks(self, blocks: list[bytes]) -> None:
+        """Enhanced Packet Blocks built elsewhere (bpf/tc_capture.bpf.c), written as they are."""
+        self._out.write_many(blocks)
+        self.packets += len(blocks)
 
     def flush(self) -> None:
         self._out.flush()
@@ -106,24 +123,24 @@ MAX_HELD = 200_000  # packets; beyond this the oldest go out without waiting
 
 
 class PacketSink:
-    """Writes captured packets (raw tc_capture.bpf.c records) to a pcapng once their keys had
-    time to arrive (HOLD_S).
+    """Writes the records of tc_capture.bpf.c to a pcapng once their keys had time to arrive
+    (HOLD_S), one list of records (one read of the ring) at a time.
 
-    A session's secrets go into a Decryption Secrets Block just before its ClientHello
-    (found by its client_random), so they precede every packet they decrypt; secrets of
+    A packet record is a complete Enhanced Packet Block, written as it is. A cap_hello record
+    announces the next ClientHello (by its client_random): the session's secrets go into a
+    Decryption Secrets Block right there, so they precede every packet they decrypt; secrets of
     sessions that are not in the capture are not put in the file at all.
     """
 
-    def __init__(self, writer: PcapngWriter, interfaces, clock):
-        from crypto_tracer.probes.tc_capture import client_hello_random, decode
-
-        self._decode, self._hello_random = decode, client_hello_random  # the Python side of tc_capture.bpf.c
+    def __init__(self, writer: PcapngWriter, interfaces, clock=None):
         self.writer = writer
         self.clock = clock
-        self.ids = {ifc.ifindex: writer.add_interface(ifc.name, ifc.linktype) for ifc in interfaces}
-        self.has_l2 = {ifc.ifindex: ifc.has_l2 for ifc in interfaces}
-        self.held: collections.deque = collections.deque()
-        self.truncated = 0
+        # interface ids in the order of interfaces: TcCapture stamps packets with the same
+        self.ids = [writer.add_interface(ifc.name, ifc.linktype) for ifc in interfaces]
+        if self.ids != list(range(len(self.ids))):
+            raise ValueError("PacketSink needs a writer without interfaces yet")
+        self.held: collections.deque = collections.deque()  # (time.monotonic() of the read, records)
+        self.held_records = 0
         self.pending: dict[bytes, bytes] = {}  # client_random -> key log text, ClientHello not written yet
         self.hellos: set[bytes] = set()  # client randoms whose ClientHello is in the file
         self.late_secrets = 0  # sessions whose keys came after their ClientHello had been written
@@ -135,26 +152,45 @@ class PacketSink:
         else:
             self.pending[client_random] = self.pending.get(client_random, b"") + text
 
-    def add(self, raw: bytes) -> None:
-        self.held.append((time.monotonic(), raw))
-        if len(self.held) > MAX_HELD:
-            self._write(self.held.popleft()[1])
+    def add(self, records: list[bytes]) -> None:
+        """One read of the ring, in order."""
+        if not records:
+            return
+        self.held.append((time.monotonic(), records))
+        self.held_records += len(records)
+        while self.held_records > MAX_HELD:
+            self._write(self._pop())
+
+    def _pop(self) -> list[bytes]:
+        records = self.held.popleft()[1]
+        self.held_records -= len(records)
+        return records
 
     def flush(self, everything: bool = False) -> None:
         limit = time.monotonic() - HOLD_S
         while self.held and (everything or self.held[0][0] <= limit):
-            self._write(self.held.popleft()[1])
+            self._write(self._pop())
         self.writer.flush()
 
-    def _write(self, raw: bytes) -> None:
-        pkt = self._decode(raw)
-        client_random = self._hello_random(pkt.data, self.has_l2.get(pkt.ifindex, True))
-        if client_random is not None:
-            self.hellos.add(client_random)
-            if client_random in self.pending:
-                self.writer.add_secrets(self.pending.pop(client_random))
-        if pkt.orig_len > len(pkt.data):
-            self.truncated += 1
-        comment = f"pid={pkt.pid} comm={pkt.comm}" if pkt.pid else None
-        self.writer.add_packet(self.ids.get(pkt.ifindex, 0), self.clock.epoch_ns(pkt.ts_ns), pkt.data,
-                               orig_len=pkt.orig_len, outbound=pkt.egress, comment=comment)
+    def _write(self, records: list[bytes]) -> None:
+        # the only per-packet work: its first byte (0x06: an EPB; 0xC7: a cap_hello)
+        hellos = [i for i, rec in enumerate(records) if rec[0] != 6]
+        if not hellos:
+            self.writer.add_blocks(records)
+            return
+        start = 0
+        for i in hellos:
+            self.writer.add_blocks(records[start:i])
+            self._hello(records[i])
+            start = i + 1
+        self.writer.add_blocks(records[start:])
+
+    def _hello(self, rec: bytes) -> None:
+        from crypto_tracer.probes.tc_capture import CAP_HELLO_TYPE, HELLO_RANDOM
+
+        if int.from_bytes(rec[:4], sys.byteorder) != CAP_HELLO_TYPE:
+            raise ValueError(f"unknown tc_capture record {rec[:8].hex()}")
+        client_random = rec[HELLO_RANDOM]
+        self.hellos.add(client_random)
+        if client_random in self.pending:
+            self.writer.add_secrets(self.pending.pop(client_random))

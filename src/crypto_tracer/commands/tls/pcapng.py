@@ -40,15 +40,18 @@ class Packets:
         self.path, self.mapsize = opts.pcapfile, opts.mapsize
         self.interfaces = _interfaces(opts)
         self.packet_filter = compile_packet_filter(opts.filter)
-        self.sink = self.capture = None
+        self.sink = self.capture = self.clock = None
         self.counters_at_end: dict | None = None
 
     def start(self, clock) -> None:
         from crypto_tracer.probes.tc_capture import TcCapture
         from crypto_tracer.sinks.pcapng import PacketSink, PcapngWriter
 
+        self.clock = clock
         self.sink = PacketSink(PcapngWriter(self.path), self.interfaces, clock)
-        self.capture = TcCapture(self.interfaces, self.packet_filter, self.sink.add, mapsize=self.mapsize)
+        # the kernel writes each packet's EPB, wall-clock timestamp included
+        self.capture = TcCapture(self.interfaces, self.packet_filter, self.sink.add, mapsize=self.mapsize,
+                                 epoch_offset=clock.offset_ns)
         self.capture.start()
 
     def describe(self) -> str:
@@ -59,6 +62,7 @@ class Packets:
         return self.capture.epoll_fd
 
     def poll(self) -> None:
+        self.capture.set_epoch_offset(self.clock.offset_ns)  # after WallClock.resync (a map update when it moved)
         self.capture.poll(0)
         self.sink.flush()
 
@@ -87,7 +91,7 @@ class Packets:
         sink, c = self.sink, self.counters_at_end
         log.info("%d packets written to %s (seen %d, filtered out %d, dropped %d, submitted %d%s)",
                  sink.writer.packets, self.path, c["seen"], c["kernel_filtered"], c["dropped"], c["submitted"],
-                 f", truncated {sink.truncated}" if sink.truncated else "")
+                 f", truncated {c['truncated']}" if c.get("truncated") else "")
         if sink.pending:
             log.info("secrets of %d sessions whose handshake is not in the capture were left out of the pcapng",
                      len(sink.pending))
