@@ -194,3 +194,26 @@ def test_metrics_families_expose_the_accounting():
                  'crypto_tracer_snapshot_items{kind="processes"} 5.0',
                  "crypto_tracer_last_snapshot_timestamp_seconds 1.7000000005e+09"):
         assert line in text.splitlines(), line
+
+
+def test_otlp_endpoint_without_the_otlp_module_is_a_clear_error(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("crypto_tracer.sinks.otlp") is not None:
+        pytest.skip("this build has the OTLP sink")
+    from crypto_tracer.cli import main
+
+    rc = main(["agent", "--output-dir", str(tmp_path), "--otlp-endpoint", "http://127.0.0.1:4318"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("crypto-tracer: error: OTLP export is not part of this build"), err
+    assert os.listdir(tmp_path) == []  # refused before anything started
+
+
+def test_bad_config_file_exits_2_before_privileges(tmp_path, capsys):
+    from crypto_tracer.cli import main
+
+    path = write(tmp_path, "[events]\nmax_backups = -1\n")
+    assert main(["agent", "--config", path]) == 2
+    assert capsys.readouterr().err == (f"crypto-tracer: error: {path}: [events] max_backups must not be negative\n"
+                                       f"  -> see the commented example /etc/crypto-tracer/agent.toml "
+                                       f"(packaging/agent.toml)\n")
