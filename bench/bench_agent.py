@@ -25,7 +25,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_monitor import ENV, TRACER, build_generator, rss_kb  # noqa: E402
+from bench_monitor import ENV, TRACER, build_generator, rss_kb  # noqa: E402 (after the path)
 
 
 def cpu_seconds(pid: int) -> float:
