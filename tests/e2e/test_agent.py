@@ -345,3 +345,37 @@ def test_duration_ends_with_exit_0_and_every_probe_detached(tmp_path):
     acc = final_accounting(r.stderr)
     assert acc["probes_attached"] == 0 and acc["snapshot"]["count"] == 1
     assert acc["sinks"]["events_file"]["written"] == acc["output"]
+
+
+def test_a_burst_that_overflows_the_ring_is_counted_and_survived(tmp_path):
+    cert, _ = make_cert(tmp_path, "burst", days=2, cert_name="burst.crt", key_name="burst-key.pem")
+    port = free_port()
+    t, out = agent(tmp_path, "--mapsize", "16K", "--metrics-address", str(port), config="""
+        [snapshot]
+        enabled = false
+    """)
+    n = 20000
+    try:
+        os.kill(t.proc.pid, signal.SIGSTOP)  # the reader stopped while the burst runs: the ring overflows
+        p = subprocess.run([sys.executable, "-c", f"import os\nfor _ in range({n}): os.close(os.open({cert!r}, 0))"],
+                           timeout=120)
+        assert p.returncode == 0
+        os.kill(t.proc.pid, signal.SIGCONT)
+        assert t.wait_stderr("Ring buffer backpressure detected", 30), t.stderr
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        scraped = float(re.search(r'^crypto_tracer_events_dropped_total\{reason="ring_buffer_full",sink="kernel"\} '
+                                  r'(\S+)$', body, re.M).group(1))
+        out_, err, rc = t.stop(signal.SIGTERM)
+    finally:
+        if t.proc.poll() is None:
+            os.kill(t.proc.pid, signal.SIGCONT)
+            t.proc.kill()
+    assert rc == 0, err
+    acc = final_accounting(err)
+    k = acc["kernel"]
+    assert 0 < scraped <= k["dropped"]
+    assert k["seen"] == k["kernel_filtered"] + acc["filtered_user"] + acc["output"] + k["dropped"]
+    events = read_jsonl(f"{out}/events.jsonl")
+    assert len(events) == acc["output"]
+    mine = sum(e["event_type"] == "file_open" and e["file"] == cert for e in events)
+    assert 0 < mine < n and mine + k["dropped"] >= n  # what is missing of the burst was counted as dropped
