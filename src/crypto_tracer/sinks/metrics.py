@@ -80,8 +80,8 @@ def families(acc: dict):
 
 
 class MetricsServer:
-    """The /metrics endpoint over source() -> accounting dict. After final() the next scrape is
-    recorded, so a stopping agent can wait for its last figures to be collected."""
+    """The /metrics endpoint over source() -> accounting dict. After final(), final_scraped is set once a
+    scrape of the final figures has been delivered, so a stopping agent can wait for them to be collected."""
 
     def __init__(self, host: str, port: int, source):
         try:
@@ -92,6 +92,7 @@ class MetricsServer:
                               "install it (pip install prometheus-client) or leave --metrics-address unset") from None
         self._source = source
         self._final = False
+        self._final_requests = 0
         self.final_scraped = threading.Event()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
@@ -104,10 +105,13 @@ class MetricsServer:
         self.address = f"{host}:{self._server.server_address[1]}"
 
     def collect(self):
-        final = self._final
+        if self._final:
+            # The scraper asks again only after it received the previous answer: the second request after
+            # final() proves the final figures were delivered (the first one's reply could be cut by the exit).
+            self._final_requests += 1
+            if self._final_requests >= 2:
+                self.final_scraped.set()
         yield from families(self._source())
-        if final:
-            self.final_scraped.set()
 
     def describe(self):
         return []
