@@ -52,7 +52,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "snapshot": {
         "enabled": Key(True, (bool,), "take a snapshot of the host's crypto inventory periodically"),
         "interval": Key(3600, _num(), "seconds between snapshots (the first one at start)"),
-        "keep": Key(24, (int,), "snapshot files kept in output_dir/snapshots; older ones are removed"),
+        "keep": Key(24, (int,), "snapshot files kept in output_dir/snapshots (per format); older ones are removed"),
+        "formats": Key(["json"], (list,), "json (snapshot-<time>.json, as `snapshot`) and/or cyclonedx "
+                       "(snapshot-<time>.cdx.json, a CycloneDX 1.6 CBOM, as `snapshot -f cyclonedx`)"),
     },
     "otlp": {
         "endpoint": Key("", (str,), "OTLP collector URL, e.g. http://127.0.0.1:4318; empty = no export"),
@@ -66,9 +68,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "metrics": {
         "address": Key("", (str,), "Prometheus endpoint HOST:PORT (PORT alone = 127.0.0.1:PORT); empty = none",
                        live=False),
-        "final_scrape_wait": Key(0, _num(), "on stop, serve the final figures until scraped once, for at most "
-                                 "this many seconds (0 = exit at once; set it to the scrape interval to lose "
-                                 "no count)"),
+        "final_scrape_wait": Key(0, _num(), "on stop, serve the final figures until a scrape of them was "
+                                 "delivered, for at most this many seconds (0 = exit at once; twice the scrape "
+                                 "interval loses no count)"),
     },
 }
 
@@ -132,6 +134,8 @@ def validate(cfg: dict, where: str = "configuration") -> None:
         raise _bad(where, "[events] max_backups must not be negative")
     if not e["file"] or "/" in e["file"]:
         raise _bad(where, f"[events] file = {e['file']!r}: a file name, without '/'")
+    if not s["formats"] or any(f not in ("json", "cyclonedx") for f in s["formats"]):
+        raise _bad(where, f"[snapshot] formats = {s['formats']!r}: json and/or cyclonedx")
     if s["interval"] <= 0 or s["keep"] < 1:
         raise _bad(where, "[snapshot] interval must be > 0 and keep >= 1")
     if o["protocol"] not in ("http", "grpc"):

@@ -338,13 +338,24 @@ def test_kill_9_then_restart_leaves_nothing_attached(tmp_path):
 
 
 def test_duration_ends_with_exit_0_and_every_probe_detached(tmp_path):
+    (tmp_path / "agent.toml").write_text('[snapshot]\nformats = ["json", "cyclonedx"]\n')
     started = time.monotonic()
-    r = run_tracer(["agent", "--output-dir", str(tmp_path / "o"), "-d", "2"])
+    r = run_tracer(["agent", "--output-dir", str(tmp_path / "o"), "-d", "2", "-c", str(tmp_path / "agent.toml")])
     assert r.returncode == 0, r.stderr
     assert 2 <= time.monotonic() - started < 20
     acc = final_accounting(r.stderr)
-    assert acc["probes_attached"] == 0 and acc["snapshot"]["count"] == 1
+    assert acc["probes_attached"] == 0 and acc["snapshot"]["count"] == 1 and acc["snapshot"]["failed"] == 0
     assert acc["sinks"]["events_file"]["written"] == acc["output"]
+    # one snapshot in both formats, from one scan
+    (cdx,) = glob.glob(f"{tmp_path}/o/snapshots/snapshot-*.cdx.json")
+    (js,) = [p for p in glob.glob(f"{tmp_path}/o/snapshots/snapshot-*.json") if p != cdx]
+    assert cdx.removesuffix(".cdx.json") == js.removesuffix(".json")
+    assert mode(cdx) == mode(js) == 0o600
+    bom, doc = json.load(open(cdx)), json.load(open(js))
+    assert bom["bomFormat"] == "CycloneDX" and bom["specVersion"] == "1.6"
+    assert doc["summary"]["total_processes"] == len(doc["processes"])
+    assert not any(k in f for p in doc["processes"] for f in p["open_crypto_files"]
+                   for k in ("certificates", "public_key_sha256"))  # as `snapshot` writes it
 
 
 def test_a_burst_that_overflows_the_ring_is_counted_and_survived(tmp_path):

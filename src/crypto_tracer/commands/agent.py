@@ -40,6 +40,10 @@ def check(opts) -> None:
     opts.cfg = config.apply_flags(config.load(path), opts)
     if opts.cfg["otlp"]["endpoint"]:
         otlp_class()
+    if "cyclonedx" in opts.cfg["snapshot"]["formats"]:
+        from crypto_tracer.sinks import cyclonedx
+
+        cyclonedx.check_available()
 
 
 def otlp_class():
@@ -220,6 +224,15 @@ class Fanout:
 
 # --- periodic snapshot --------------------------------------------------------------------------
 
+def _without_cbom_fields(doc: dict) -> dict:
+    """The snapshot document as `snapshot` writes it: without what only the CBOM uses."""
+    out = dict(doc)
+    out["processes"] = [dict(p, open_crypto_files=[{k: v for k, v in f.items()
+                                                    if k not in ("certificates", "public_key_sha256")}
+                                                   for f in p["open_crypto_files"]]) for p in doc["processes"]]
+    return out
+
+
 class Snapshots:
     """[snapshot]: take_snapshot() in a thread every interval, each to its own JSON file (0600)."""
 
@@ -243,50 +256,67 @@ class Snapshots:
 
     def _take(self) -> None:
         from crypto_tracer.commands.snapshot import take_snapshot
-        from crypto_tracer.sinks.rotating import REASON_DISK_FULL, REASON_IO
 
         cfg = self.cfg
+        formats = list(cfg["snapshot"]["formats"])
         started, wall = time.monotonic(), time.time()
         try:
-            doc = take_snapshot(redact_paths=cfg["agent"]["redact"])
+            doc = take_snapshot(redact_paths=cfg["agent"]["redact"], cbom="cyclonedx" in formats)
+            files = {}
+            if "cyclonedx" in formats:
+                from crypto_tracer.sinks import cyclonedx
+
+                files[".cdx.json"] = cyclonedx.build(doc).encode() + b"\n"
+            if "json" in formats:
+                files[".json"] = orjson.dumps(_without_cbom_fields(doc) if "cyclonedx" in formats else doc,
+                                              option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
         except Exception as exc:  # a snapshot must never stop the agent
             self.failed += 1
-            log.warning("snapshot failed: %s: %s", type(exc).__name__, exc)
+            log.warning("snapshot failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0])
             return
         directory = os.path.join(cfg["agent"]["output_dir"], SNAPSHOT_DIR)
-        name = time.strftime("snapshot-%Y%m%dT%H%M%SZ", time.gmtime(wall)) + ".json"
-        path = os.path.join(directory, name)
+        stem = time.strftime("snapshot-%Y%m%dT%H%M%SZ", time.gmtime(wall))
+        for suffix, data in files.items():
+            if not self._write(os.path.join(directory, stem + suffix), data):
+                self.failed += 1
+                return
+        for suffix in files:
+            self._prune(directory, suffix)
+        summary = doc["summary"]
+        self.last = {"time": wall, "duration": time.monotonic() - started,
+                     "processes": summary["total_processes"], "libraries": summary["total_libraries"],
+                     "files": summary["total_files"]}
+        self.count += 1
+        log.debug("snapshot %s: %d processes use crypto", stem, summary["total_processes"])
+
+    def _write(self, path: str, data: bytes) -> bool:
+        """path.tmp then renamed: a reader never sees half a snapshot; False (counted) when it fails."""
+        from crypto_tracer.sinks.rotating import REASON_DISK_FULL, REASON_IO
+
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
                 done = 0
                 while done < len(data):
                     done += os.write(fd, data[done:])
             finally:
                 os.close(fd)
             os.replace(path + ".tmp", path)
+            return True
         except OSError as exc:
             reason = REASON_DISK_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else REASON_IO
             self.write_errors[reason] = self.write_errors.get(reason, 0) + 1
-            self.failed += 1
             log.warning("snapshot %s not written: %s", path, exc.strerror or exc)
             try:
                 os.unlink(path + ".tmp")
             except OSError:
                 pass
-            return
-        self._prune(directory)
-        summary = doc["summary"]
-        self.last = {"time": wall, "duration": time.monotonic() - started,
-                     "processes": summary["total_processes"], "libraries": summary["total_libraries"],
-                     "files": summary["total_files"]}
-        self.count += 1
-        log.debug("snapshot %s: %d processes use crypto", path, summary["total_processes"])
+            return False
 
-    def _prune(self, directory: str) -> None:
-        files = sorted(glob.glob(os.path.join(directory, "snapshot-*.json")))
+    def _prune(self, directory: str, suffix: str) -> None:
+        files = sorted(f for f in glob.glob(os.path.join(directory, "snapshot-*" + suffix))
+                       if suffix == ".cdx.json" or not f.endswith(".cdx.json"))
         for old in files[:max(len(files) - self.cfg["snapshot"]["keep"], 0)]:
             try:
                 os.unlink(old)
