@@ -127,6 +127,15 @@ OPTIONS: dict[str, Opt] = {
                  help="print at most N bytes of each payload (capture is unaffected; 0 = all)")),
     "max_payload": Opt(("--max-payload",), dict(type=_size, default=1 << 20, metavar="BYTES",
                        help="capture at most BYTES of each call, the rest is marked truncated (default 1M)")),
+    # agent
+    "config": Opt(("-c", "--config"), dict(metavar="FILE",
+                  help="TOML configuration (default /etc/crypto-tracer/agent.toml when it exists)")),
+    "output_dir": Opt(("--output-dir",), dict(metavar="DIR",
+                      help="directory for events, snapshots (default /var/log/crypto-tracer)")),
+    "otlp_endpoint": Opt(("--otlp-endpoint",), dict(metavar="URL",
+                         help="export events as OpenTelemetry logs to this OTLP collector, e.g. http://127.0.0.1:4318")),
+    "metrics_address": Opt(("--metrics-address",), dict(metavar="HOST:PORT",
+                           help="serve Prometheus metrics here (PORT alone binds 127.0.0.1)")),
     "filter": Opt(("filter",), dict(nargs="*", metavar="FILTER",
                   help="connection filter: 'port 443', 'host 10.0.0.1 and not port 22' (see README)")),
 }
@@ -186,6 +195,13 @@ COMMANDS: tuple[Command, ...] = (
             "to its own file; -m keylog writes an NSS key log; -m pcapng writes packets "
             "with their decryption secrets, which Wireshark decrypts with nothing else.",
             privileges=BPF, privileges_by_model={"pcapng": PACKETS, "pcap": PACKETS}),
+    Command("agent", "agent", "Run as a host sensor: rotated JSON Lines, snapshots, OTLP, Prometheus",
+            ("config", "output_dir", "otlp_endpoint", "metrics_address", "duration", "mapsize", "verbose", "quiet",
+             "no_redact"),
+            "Run monitor's stream and a periodic snapshot until stopped, writing rotated JSON Lines and snapshot "
+            "files (mode 0600), optionally exporting OpenTelemetry logs and serving Prometheus metrics. "
+            "Configured by one TOML file, overridden by flags. SIGTERM/SIGINT stop it (exit 0); SIGHUP "
+            "reopens its files and reloads the configuration.", privileges=BPF),
     Command("demo", "demo", "Run monitor on a built-in demo workload for a few seconds",
             ("duration", "output", "stream_format", "verbose", "quiet", "no_redact"),
             "Start monitor, run a small workload that loads libssl, opens a fresh key and certificate and "

@@ -92,3 +92,32 @@ class DirectRing:
             view.release()
         self._cons_map.close()
         self._data_map.close()
+
+
+class RingLevel:
+    """How full a BPF ring buffer is, from its consumer and producer pages (read-only maps of
+    their own, beside whichever reader consumes it): for metrics, read at any time."""
+
+    def __init__(self, map_fd: int, size: int):
+        page = mmap.PAGESIZE
+        self.size = size
+        self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=0)
+        self._prod_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._cons = memoryview(self._cons_map).cast("Q")
+        self._prod = memoryview(self._prod_map).cast("Q")
+
+    def fill(self) -> float:
+        """Bytes waiting to be read / ring size, 0..1."""
+        if self._cons is None:
+            return 0.0
+        used = self._prod[0] - self._cons[0]
+        return min(max(used / self.size, 0.0), 1.0)
+
+    def close(self) -> None:
+        if self._cons is None:
+            return
+        self._cons.release()
+        self._prod.release()
+        self._cons, self._prod = None, None
+        self._cons_map.close()
+        self._prod_map.close()
