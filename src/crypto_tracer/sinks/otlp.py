@@ -12,7 +12,7 @@ the agent's contract is that every event is accounted for (written = sent + fail
 queued), so the queue, the batching and the counting are ours and only the wire format and the
 transport are the SDK's.
 
-Record layout (semantic conventions; see docs/agent.md):
+Record layout (semantic conventions; docs/OTLP.md has the full table):
 - event name = ``event_type``; body = the whole event (a map; unknown fields stay null);
 - timestamp = the event's own wall-clock ``timestamp``; observed timestamp = when it was queued;
 - attributes: ``process.*``, ``file.path``, ``tls.*``, ``server.*``/``client.*``, ``network.*``
