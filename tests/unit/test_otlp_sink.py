@@ -3,6 +3,7 @@ endpoint, an endpoint that is down and one that never answers. No privileges nee
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -53,7 +54,7 @@ EXPECTED_ATTRS = {
 
 def check_record(rec: dict, event: dict, written_after_ns: int) -> None:
     assert rec["event_name"] == event["event_type"]
-    assert rec["body"] == event  # the whole event, nulls kept as nulls
+    assert json.loads(rec["body"]) == event  # the whole event as JSON text, nulls kept as nulls
     assert rec["attributes"] == EXPECTED_ATTRS[event["event_type"]]
     assert rec["time_unix_nano"] == timestamp_ns(event["timestamp"])
     assert rec["observed_time_unix_nano"] >= written_after_ns
