@@ -69,8 +69,10 @@ class Collector:
     tls=(cert, key) serves HTTPS; client_ca additionally requires a client certificate it signed."""
 
     def __init__(self, tls: tuple[str, str] | None = None, client_ca: str | None = None, status: int = 200):
-        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (ExportLogsServiceRequest,
-                                                                            ExportLogsServiceResponse)
+        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+            ExportLogsServiceRequest,
+            ExportLogsServiceResponse,
+        )
 
         self.records: list[dict] = []
         self.requests = 0

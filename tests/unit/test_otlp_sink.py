@@ -141,7 +141,7 @@ def make_pki(directory) -> dict[str, str]:
 
 def test_tls_and_client_certificate(tmp_path):
     pki = make_pki(str(tmp_path))
-    server_cert, client_cert, client_key = pki["server"], pki["client"], pki["client_key"]
+    client_cert, client_key = pki["client"], pki["client_key"]
     collector = Collector(tls=(pki["server"], pki["server_key"]), client_ca=pki["ca"])
     try:
         sink = OtlpSink(collector.url, ca_file=pki["ca"], cert_file=client_cert, key_file=client_key,

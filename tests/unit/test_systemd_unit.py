@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tests.harness import REPO, need_tool
 from tests import systemd_unit as su
+from tests.harness import REPO, need_tool
 
 
 @pytest.fixture(autouse=True)
