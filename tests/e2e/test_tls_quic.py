@@ -88,6 +88,11 @@ def test_openssl_quic_server_with_aioquic_client(libssl, tmp_path):
         assert (e["fd"], e["local_addr"], e["local_port"], e["remote_addr"], e["remote_port"]) == \
             (done["fd"], "127.0.0.1", port, "127.0.0.1", client["local_port"]), e
         assert e["library"] == "openssl" and e["function"] in ("SSL_read_ex", "SSL_write_ex")
+    # one session, announced by its first stream's first call, with the connection's 4-tuple
+    hss = [e for e in events if e["event_type"] == "tls_handshake" and e["pid"] == server.pid]
+    (hs,) = hss
+    assert (hs["fd"], hs["local_port"], hs["remote_addr"], hs["remote_port"], hs["result"]) == \
+        (done["fd"], port, "127.0.0.1", client["local_port"], "success")
 
 
 def test_openssl_quic_client_with_aioquic_server(libssl, tmp_path):

@@ -590,6 +590,20 @@ static __always_inline void emit_iovec(struct chunk_ctx *cc, __u64 iov_count)
 	}
 }
 
+/* The TLS object inside an OpenSSL 3.5 QUIC connection: type 0, its user_ssl (0x40, see ossl_fields)
+ * is the connection (type 0x80). Its handshake is the connection's, run from calls that are not
+ * hooked (SSL_accept_connection, the QUIC event loop). */
+static __always_inline bool quic_inner(struct stash *st)
+{
+	struct { __s32 type; __s32 pad; __u64 ptr[8]; } head = {};  /* the first 0x48 bytes */
+	__u32 type = 0;
+
+	if (!(st->cookie & CT_COOKIE_SPLIT) || (st->cookie >> CT_COOKIE_QUIC_SHIFT) == 0 ||
+	    bpf_probe_read_user(&head, sizeof(head), (void *)st->ssl) || head.type != 0 || head.ptr[7] == st->ssl)
+		return false;
+	return !bpf_probe_read_user(&type, sizeof(type), (void *)head.ptr[7]) && type == CT_QUIC_CONNECTION;
+}
+
 static __always_inline __u64 read_ptr(__u64 addr)
 {
 	__u64 v = 0;
@@ -867,6 +881,8 @@ int BPF_KPROBE(tls_hs_enter, void *ssl)
 		outer->nested++;
 		return 0;
 	}
+	if (!outer && quic_inner(&st))
+		return 0;
 	bpf_get_current_comm(comm, sizeof(comm));
 	st.filtered = !ct_process_wanted(id >> 32, (__u32)bpf_get_current_uid_gid(), comm);
 	/* SSL_connect/SSL_accept call SSL_do_handshake: keep the outer call, it knows the role. */
