@@ -127,3 +127,28 @@ def test_openssl_quic_client_with_aioquic_server(libssl, tmp_path):
             (client["fd"], *local, "127.0.0.1", port), e
     (hs,) = [e for e in events if e["event_type"] == "tls_handshake"]  # one session, not one per stream
     assert (hs["role"], hs["result"], hs["pid"]) == ("client", "success", pid)
+
+
+def test_streams_mode_writes_a_file_per_quic_stream(libssl, tmp_path):
+    """-m streams: one file per QUIC stream and direction (not one per UDP 4-tuple)."""
+    cert, key = make_cert(tmp_path)
+    port = free_port()
+    out = tmp_path / "streams"
+    tracer = Tracer(["tls", "-m", "streams", "-o", str(out), "--libssl", libssl, "--name", "ctquic"])
+    server = None
+    try:
+        server = _start("aioquic-server", str(port), cert, key)
+        client = _run("ossl-client", libssl, str(port))
+    finally:
+        if server:
+            server.kill()
+            server.wait(10)
+        tracer.stop()
+    files = {}
+    for name in os.listdir(out):
+        if name.endswith((".sent", ".received")):
+            stem, direction = name.rsplit(".", 1)
+            assert "-stream" in stem, name
+            files[(direction, int(stem.rsplit("-stream", 1)[1]))] = (out / name).read_bytes()
+    assert files == {("sent" if side == "client" else "received", sid): d
+                     for (side, sid), d in _expected(client["sent"]).items()}
