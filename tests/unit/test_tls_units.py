@@ -17,10 +17,10 @@ CONN = ("127.0.0.1", 40000, "10.0.0.1", 443)
 
 
 def _data_record(payload, family=2, laddr=bytes([127, 0, 0, 1]) + bytes(12), func=5, length=None, offset=0,
-                 truncated=0, fd=7):
+                 truncated=0, fd=7, stream_id=-1):
     header = probe.HEADER.pack(123, common.CT_EV_TLS_DATA, 10, 11, 0, b"curl")
     body = probe.DATA.pack(0xABC, length or len(payload), offset, len(payload), fd, 1, func, truncated, family,
-                           40000, 443, laddr, bytes([10, 0, 0, 1]) + bytes(12))
+                           40000, 443, laddr, bytes([10, 0, 0, 1]) + bytes(12), stream_id)
     return header + body + payload
 
 
@@ -30,9 +30,12 @@ def test_decode_data_record():
         (10, 11, "curl", "openssl", "SSL_write", "write", 7)
     assert (rec.local_addr, rec.local_port, rec.remote_addr, rec.remote_port) == CONN
     assert rec.data == b"GET / HTTP/1.1\r\n" and rec.truncated is False
-    assert probe.DATA_OFFSET == 116  # offsetof(struct tls_data_rec, data)
+    assert probe.DATA_OFFSET == 128  # offsetof(struct tls_data_rec, data)
+    assert rec.stream_id is None  # TCP
     rec = probe.decode_data(_data_record(b"", family=0, fd=-1, func=2))
     assert (rec.fd, rec.local_addr, rec.direction, rec.function) == (None, None, "read", "SSL_read_ex")
+    rec = probe.decode_data(_data_record(b"quic", stream_id=4))
+    assert rec.stream_id == 4  # a QUIC stream
 
 
 def test_addresses():
@@ -142,7 +145,8 @@ def _reference_event(raw, clock, max_payload=1 << 20):
     ev = dict(event_type="tls_data", timestamp=clock.iso(rec.ts_ns), pid=rec.pid, ppid=None, uid=rec.uid,
               process=rec.comm, exe=None, tid=rec.tid, library=rec.library, function=rec.function,
               direction=rec.direction, fd=rec.fd, local_addr=rec.local_addr, local_port=rec.local_port,
-              remote_addr=rec.remote_addr, remote_port=rec.remote_port, length=rec.length, offset=rec.offset,
+              remote_addr=rec.remote_addr, remote_port=rec.remote_port, stream_id=rec.stream_id, length=rec.length,
+              offset=rec.offset,
               truncated=rec.truncated)
     last = rec.offset + len(rec.data) >= min(rec.length, max_payload)
     return ev, rec.data, last
@@ -154,9 +158,9 @@ def _varied_records():
             _data_record(b"caf\xc3\xa9 \x00\x01"), _data_record(b"\xff\xfe\x00"), _data_record(b""),
             _data_record(b"x" * 40, length=100, offset=60, truncated=1), _data_record(b"y" * 30, length=90),
             _data_record(b"z", family=0, fd=-1, func=2), _data_record(b"six", family=10, laddr=v6),
-            _data_record(b"%s %d \"q\" \\ \x7f\t\n", func=8)]
+            _data_record(b"%s %d \"q\" \\ \x7f\t\n", func=8), _data_record(b"on a QUIC stream", stream_id=8)]
     header = probe.HEADER.pack(2_000_000_000, common.CT_EV_TLS_DATA, 2**31, 3, 65534, b"a%s\"\\\xc3(\x01nul\0x")
-    body = probe.DATA.pack(1, 5, 0, 5, 3, 3, 12, 0, 2, 1, 2, bytes(16), bytes(16))
+    body = probe.DATA.pack(1, 5, 0, 5, 3, 3, 12, 0, 2, 1, 2, bytes(16), bytes(16), -1)
     recs.append(header + body + b"hello")  # an odd comm, NSS, no addresses
     return recs
 

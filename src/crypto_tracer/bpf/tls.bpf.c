@@ -15,7 +15,8 @@
  * also known for connections opened before the tool started.
  *
  * The uprobe cookie carries the function id (low byte) and which OpenSSL object layout the
- * library has (CT_COOKIE_LAYOUT: 1.1.1-3.1, CT_COOKIE_SPLIT: 3.2+, see ossl_fields).
+ * library has (CT_COOKIE_LAYOUT: 1.1.1-3.1, CT_COOKIE_SPLIT: 3.2+, see ossl_fields), and the slot
+ * of its QUIC object layout (bits 20-23, see quic_data).
  *
  * Go's crypto/tls has its own programs (go_tls.h): entry and RET uprobes, never a uretprobe.
  */
@@ -40,6 +41,10 @@ enum tls_cookie {
 	CT_COOKIE_LAYOUT = 0x100, /* OpenSSL 1.1.1-3.1: struct ssl_st */
 	CT_COOKIE_SPLIT = 0x200,  /* OpenSSL 3.2+: struct ssl_connection_st, checked per object */
 	CT_COOKIE_BORINGSSL = 0x400, /* BoringSSL: no OpenSSL layout applies (role/version unknown) */
+	CT_COOKIE_QUIC_SHIFT = 20, /* bits 20-23: the library's slot in quic_layouts (0: none) */
+	CT_QUIC_SLOTS = 16,
+	CT_QUIC_CONNECTION = 0x80, /* struct ssl_st's type of OpenSSL 3.5's QUIC objects */
+	CT_QUIC_XSO = 0x81,
 };
 enum tls_counter {
 	CT_CNT_CTRL_DROPPED = 4, /* exec/library/process records lost (not part of the event accounting) */
@@ -121,6 +126,8 @@ struct tls_data_rec {
 	__u8 truncated;
 	__u8 pad;
 	struct conn c;
+	__u32 pad3;
+	__s64 stream_id; /* QUIC stream id; -1: none (TCP) or unknown */
 	__u8 data[CT_TLS_CHUNK];
 };
 
@@ -151,6 +158,7 @@ struct stash {
 	__s32 fd;
 	__u32 cookie;
 	__u8 filtered;
+	__u8 nested; /* calls of other objects in progress inside this one (QUIC: its inner TLS object) */
 };
 
 struct ssl_key {
@@ -204,6 +212,31 @@ struct {
 	__type(key, __u32);
 	__type(value, struct tls_data_rec);
 } data_scratch SEC(".maps");
+
+/* Where one libssl build keeps a QUIC object's facts, learned by keys/calibrate_quic_worker.py on
+ * that file (probes/tls.py QUIC_LAYOUT). A path is up to two pointer hops, then an offset. */
+struct quic_layout {
+	__u32 xso_conn;       /* stream object: its QUIC_CONNECTION * */
+	__u32 xso_stream;     /* stream object: its QUIC_STREAM * */
+	__u32 stream_id;      /* QUIC_STREAM: uint64_t id */
+	__u32 qc_default_xso; /* connection: its default stream object (NULL: none) */
+	__u32 bio_hops;       /* connection -> the network BIO * */
+	__u32 bio_ptr0;
+	__u32 bio_ptr1;
+	__u32 bio;
+	__u32 bio_num;        /* BIO: its fd */
+	__u32 peer_hops;      /* connection -> the peer's BIO_ADDR */
+	__u32 peer_ptr0;
+	__u32 peer_ptr1;
+	__u32 peer;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CT_QUIC_SLOTS);
+	__type(key, __u32);
+	__type(value, struct quic_layout);
+} quic_layouts SEC(".maps");
 
 /* ct_output without a wake-up per record: user space polls on a 100 ms timer and is woken
  * early only once the ring holds a 64th of its size (a wake-up costs the traced process a few
@@ -438,6 +471,16 @@ static __always_inline bool nss_is_ssl_fd(__u64 prfd)
 	return file_type == PR_DESC_LAYERED && identity != 0;
 }
 
+/* OpenSSL 3.5+ QUIC: is the object of this call a QUIC connection or stream (3.2+ libraries only)? */
+static __always_inline bool quic_object(struct stash *st)
+{
+	__u32 type = 0;
+
+	if (!(st->cookie & CT_COOKIE_SPLIT) || bpf_probe_read_user(&type, sizeof(type), (void *)st->ssl))
+		return false;
+	return type == CT_QUIC_CONNECTION || type == CT_QUIC_XSO;
+}
+
 SEC("uprobe")
 int BPF_KPROBE(tls_data_enter, void *ssl, void *buf, __u64 num, void *count_ptr)
 {
@@ -462,6 +505,12 @@ int BPF_KPROBE(tls_data_enter, void *ssl, void *buf, __u64 num, void *count_ptr)
 	struct stash *outer = bpf_map_lookup_elem(&data_stash, &id);
 	if (outer && outer->ssl == st.ssl && outer->buf == st.buf && outer->count_ptr == st.count_ptr)
 		return 0;
+	/* A QUIC object's call makes calls of its own (OpenSSL 3.5 calls SSL_read on the connection's
+	 * inner TLS object): they are skipped, and their returns leave the outer call's stash alone. */
+	if (outer && outer->nested < 255 && quic_object(outer)) {
+		outer->nested++;
+		return 0;
+	}
 	bpf_get_current_comm(comm, sizeof(comm));
 	st.filtered = !ct_process_wanted(id >> 32, (__u32)bpf_get_current_uid_gid(), comm);
 	bpf_map_update_elem(&data_stash, &id, &st, BPF_ANY);
@@ -480,6 +529,7 @@ struct chunk_ctx {
 	__s32 fd;
 	__u8 truncated;
 	struct conn c;
+	__s64 stream_id;
 };
 
 static long emit_chunk(__u32 index, struct chunk_ctx *cc)
@@ -505,6 +555,8 @@ static long emit_chunk(__u32 index, struct chunk_ctx *cc)
 	rec->func = cc->func;
 	rec->truncated = cc->truncated;
 	rec->c = cc->c;
+	rec->pad3 = 0;
+	rec->stream_id = cc->stream_id;
 	ct_count(CT_CNT_SEEN);
 	if (bpf_probe_read_user(rec->data, n, (void *)(cc->buf + offset)))
 		n = 0; /* unreadable (paged out): the record still says how long the call was */
@@ -538,6 +590,88 @@ static __always_inline void emit_iovec(struct chunk_ctx *cc, __u64 iov_count)
 	}
 }
 
+/* The TLS object inside an OpenSSL 3.5 QUIC connection: type 0, its user_ssl (0x40, see ossl_fields)
+ * is the connection (type 0x80). Its handshake is the connection's, run from calls that are not
+ * hooked (SSL_accept_connection, the QUIC event loop). */
+static __always_inline bool quic_inner(struct stash *st)
+{
+	struct { __s32 type; __s32 pad; __u64 ptr[8]; } head = {};  /* the first 0x48 bytes */
+	__u32 type = 0;
+
+	if (!(st->cookie & CT_COOKIE_SPLIT) || (st->cookie >> CT_COOKIE_QUIC_SHIFT) == 0 ||
+	    bpf_probe_read_user(&head, sizeof(head), (void *)st->ssl) || head.type != 0 || head.ptr[7] == st->ssl)
+		return false;
+	return !bpf_probe_read_user(&type, sizeof(type), (void *)head.ptr[7]) && type == CT_QUIC_CONNECTION;
+}
+
+static __always_inline __u64 read_ptr(__u64 addr)
+{
+	__u64 v = 0;
+
+	if (addr)
+		bpf_probe_read_user(&v, sizeof(v), (void *)addr);
+	return v;
+}
+
+/* Up to two pointer hops from base, then the offset. */
+static __always_inline __u64 quic_path(__u64 base, __u32 hops, __u32 ptr0, __u32 ptr1, __u32 off)
+{
+	if (hops > 0)
+		base = read_ptr(base + ptr0);
+	if (hops > 1 && base)
+		base = read_ptr(base + ptr1);
+	return base ? base + off : 0;
+}
+
+/* A QUIC object's stream id, the UDP fd of its connection and the 4-tuple: the local end from the
+ * socket, the remote from the connection's peer address (the server's socket is unconnected).
+ * Without a learned layout all of it is unknown (fd: the calls' own syscalls, as for TCP).
+ * Returns the connection object (the object itself when unknown). */
+static __always_inline __u64 quic_data(struct stash *st, __s32 *fdp, struct conn *c, __s64 *stream_id,
+					__u32 tgid)
+{
+	__u32 slot = (st->cookie >> CT_COOKIE_QUIC_SHIFT) & (CT_QUIC_SLOTS - 1);
+	struct quic_layout *ql = slot ? bpf_map_lookup_elem(&quic_layouts, &slot) : NULL;
+	struct { __u16 family; __u16 port; __u32 flow; __u8 addr6[16]; } sa = {};
+	__u64 qc = st->ssl, xso = st->ssl, stream, bio;
+	__u32 type = 0;
+	__s32 fd = -1;
+
+	*stream_id = -1;
+	c->family = 0;
+	if (!ql || !ql->xso_stream) {
+		*fdp = resolve_fd(st, tgid);
+		return st->ssl;
+	}
+	bpf_probe_read_user(&type, sizeof(type), (void *)st->ssl);
+	if (type == CT_QUIC_XSO)
+		qc = read_ptr(xso + ql->xso_conn);
+	else
+		xso = read_ptr(qc + ql->qc_default_xso);
+	stream = xso ? read_ptr(xso + ql->xso_stream) : 0;
+	if (stream)
+		bpf_probe_read_user(stream_id, sizeof(*stream_id), (void *)(stream + ql->stream_id));
+	bio = read_ptr(quic_path(qc, ql->bio_hops, ql->bio_ptr0, ql->bio_ptr1, ql->bio));
+	if (!bio || bpf_probe_read_user(&fd, sizeof(fd), (void *)(bio + ql->bio_num)) || !fd_sock(fd))
+		fd = -1;
+	*fdp = fd;
+	if (fd < 0)
+		return qc;
+	fill_conn(c, fd);
+	__u64 peer = quic_path(qc, ql->peer_hops, ql->peer_ptr0, ql->peer_ptr1, ql->peer);
+	if (!peer || bpf_probe_read_user(&sa, sizeof(sa), (void *)peer) || sa.family != c->family) {
+		c->family = 0; /* the peer is not known: no half-known 4-tuple */
+		return qc;
+	}
+	c->rport = bpf_ntohs(sa.port);
+	__builtin_memset(c->raddr, 0, 16);
+	if (sa.family == AF_INET)
+		__builtin_memcpy(c->raddr, &sa.flow, 4); /* sockaddr_in: the address follows the port */
+	else
+		__builtin_memcpy(c->raddr, sa.addr6, 16);
+	return qc;
+}
+
 /* A session whose handshake we did not see end (NSS, node's implicit handshakes inside
  * SSL_read/SSL_write, sessions older than the tool) is announced at its first data call. */
 static __always_inline void announce_session(struct stash *st, __u32 tgid, int fd, struct conn *c);
@@ -554,6 +688,10 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 
 	if (!stp)
 		return 0;
+	if (stp->nested) { /* the return of a call inside a QUIC object's call */
+		stp->nested--;
+		return 0;
+	}
 	st = *stp;
 	bpf_map_delete_elem(&data_stash, &id);
 	func = st.cookie & 0xff;
@@ -571,8 +709,11 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	if (!cfg || !cfg->capture_data)
 		return 0;
 	/* Every call, also a failed one (a handshake in progress), learns the fd: node's calls do
-	 * no I/O themselves, the socket write that follows binds the SSL* to its fd. */
-	cc.fd = resolve_fd(&st, tgid);
+	 * no I/O themselves, the socket write that follows binds the SSL* to its fd. A QUIC
+	 * object's fd comes from its connection (quic_data), for successful calls only. */
+	bool quic = quic_object(&st);
+	if (!quic)
+		cc.fd = resolve_fd(&st, tgid);
 	if (func_has_count_ptr(func)) {
 		if ((int)ret != 1 || !st.count_ptr)
 			return 0;
@@ -593,13 +734,19 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	cc.buf = st.buf;
 	cc.func = func;
 	cc.lib = lib;
-	fill_conn(&cc.c, cc.fd);
+	struct stash session = st; /* a QUIC stream's session is its connection */
+	if (quic) {
+		session.ssl = quic_data(&st, &cc.fd, &cc.c, &cc.stream_id, tgid);
+	} else {
+		cc.stream_id = -1;
+		fill_conn(&cc.c, cc.fd);
+	}
 	cc.captured = cc.length;
 	if (cc.captured > cfg->max_payload) {
 		cc.captured = cfg->max_payload;
 		cc.truncated = 1;
 	}
-	announce_session(&st, tgid, cc.fd, &cc.c);
+	announce_session(&session, tgid, cc.fd, &cc.c);
 	if (cc.captured == 0) { /* max_payload 0: metadata only */
 		cc.captured = 0;
 		struct tls_data_rec *rec = bpf_map_lookup_elem(&data_scratch, &zero);
@@ -615,6 +762,8 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 		rec->func = func;
 		rec->truncated = 1;
 		rec->c = cc.c;
+		rec->pad3 = 0;
+		rec->stream_id = cc.stream_id;
 		ct_count(CT_CNT_SEEN);
 		tls_output(rec, offsetof(struct tls_data_rec, data));
 		return 0;
@@ -725,6 +874,15 @@ int BPF_KPROBE(tls_hs_enter, void *ssl)
 	struct stash st = {.ssl = (__u64)ssl, .fd = -1, .cookie = bpf_get_attach_cookie(ctx)};
 	char comm[CT_COMM_LEN];
 
+	struct stash *outer = bpf_map_lookup_elem(&hs_stash, &id);
+
+	/* A QUIC connection's handshake runs its inner TLS object's (SSL_do_handshake): skipped. */
+	if (outer && outer->nested < 255 && quic_object(outer)) {
+		outer->nested++;
+		return 0;
+	}
+	if (!outer && quic_inner(&st))
+		return 0;
 	bpf_get_current_comm(comm, sizeof(comm));
 	st.filtered = !ct_process_wanted(id >> 32, (__u32)bpf_get_current_uid_gid(), comm);
 	/* SSL_connect/SSL_accept call SSL_do_handshake: keep the outer call, it knows the role. */
@@ -746,6 +904,10 @@ int BPF_KRETPROBE(tls_hs_return, long ret)
 
 	if (!stp)
 		return 0;
+	if (stp->nested) {
+		stp->nested--;
+		return 0;
+	}
 	st = *stp;
 	bpf_map_delete_elem(&hs_stash, &id);
 	func = st.cookie & 0xff;
@@ -783,8 +945,13 @@ int BPF_KRETPROBE(tls_hs_return, long ret)
 				version = of.version;
 		}
 	}
-	fd = resolve_fd(&st, tgid);
-	fill_conn(&c, fd);
+	if (quic_object(&st)) {
+		__s64 stream_id;
+		quic_data(&st, &fd, &c, &stream_id, tgid);
+	} else {
+		fd = resolve_fd(&st, tgid);
+		fill_conn(&c, fd);
+	}
 	note_image();
 	if (ok) {
 		struct ssl_key key = {.tgid = tgid, .ssl = st.ssl};
@@ -1041,6 +1208,7 @@ struct tls_btf_anchor {
 	enum tls_obj_event obj_event;
 	struct ct_tls_obj_rec obj;
 	struct tls_proc_rec proc;
+	struct quic_layout quic;
 };
 
 static __attribute__((used, noinline)) int tls_btf_anchor(struct tls_btf_anchor *a)

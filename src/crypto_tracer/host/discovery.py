@@ -31,7 +31,8 @@ NSS_FUNCS = ("PR_Read", "PR_Recv", "PR_Write", "PR_Send", "PR_Writev")
 # SSL_CTX_set_grease_enabled is BoringSSL's alone
 BORINGSSL_MARK = "SSL_CTX_set_grease_enabled"
 WANTED_SYMBOLS = frozenset(OPENSSL_DATA + OPENSSL_HANDSHAKE + GNUTLS_FUNCS + NSS_FUNCS +
-                           ("SSL_free", "SSL_new", "SSL_is_connection", "SSL_ImportFD", BORINGSSL_MARK))
+                           ("SSL_free", "SSL_new", "SSL_is_connection", "SSL_ImportFD", BORINGSSL_MARK,
+                            "SSL_new_listener"))  # SSL_new_listener: OpenSSL 3.5+, QUIC objects (probes/tls.py)
 # A static BoringSSL with a .symtab (PyPI curl_cffi): its SSL_* are local symbols; bssl::ssl_log_secret
 # (C++, mangled; the parameter types differ between releases) is what tells it apart
 BSSL_LOG_SECRET = "ssl_log_secret"

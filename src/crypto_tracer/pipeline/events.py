@@ -59,7 +59,7 @@ API_CALL = EventType("api_call", ("function_name", "library"))
 TLS_HANDSHAKE = EventType("tls_handshake", ("tid", "library", "role", "fd", "local_addr", "local_port", "remote_addr",
                                             "remote_port", "result", "tls_version", "cipher"))
 TLS_DATA = EventType("tls_data", ("tid", "library", "function", "direction", "fd", "local_addr", "local_port",
-                                  "remote_addr", "remote_port", "length", "offset", "truncated", "data_b64"))
+                                  "remote_addr", "remote_port", "stream_id", "length", "offset", "truncated", "data_b64"))
 
 TYPES: dict[str, EventType] = {t.name: t for t in (PROCESS_EXEC, PROCESS_EXIT, FILE_OPEN, LIB_LOAD, API_CALL,
                                                    TLS_HANDSHAKE, TLS_DATA)}

@@ -124,7 +124,8 @@ class TlsDataPipeline:
         return self.redactor.event(TLS_DATA.build(
             pid=rec.pid, ppid=ppid, uid=rec.uid, process=rec.comm, exe=exe, tid=rec.tid, library=rec.library,
             function=rec.function, direction=rec.direction, fd=rec.fd, local_addr=rec.local_addr,
-            local_port=rec.local_port, remote_addr=rec.remote_addr, remote_port=rec.remote_port))
+            local_port=rec.local_port, remote_addr=rec.remote_addr, remote_port=rec.remote_port,
+            stream_id=rec.stream_id))
 
     def data_event(self, entry, raw: bytes, timestamp: str) -> tuple[dict, bytes, bool]:
         """(event, payload chunk, whether it is the last captured chunk of the call)."""

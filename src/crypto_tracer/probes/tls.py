@@ -47,8 +47,12 @@ WRITE_FUNCS = frozenset([FUNC_IDS[f] for f in ("SSL_write", "SSL_write_ex", "SSL
                                                 "PR_Write", "PR_Send", "PR_Writev")] + [F_GO_WRITE])
 HANDSHAKE_FUNCS = frozenset(("SSL_do_handshake", "SSL_connect", "SSL_accept", "gnutls_handshake"))
 COOKIE_LAYOUT, COOKIE_SPLIT, COOKIE_BORINGSSL = 0x100, 0x200, 0x400  # enum tls_cookie: bits above the function id
+COOKIE_QUIC_SHIFT, QUIC_SLOTS = 20, 16  # the library's quic_layouts slot: cookie bits 20-23 (0: none)
+QUIC_CONNECTION, QUIC_XSO = 0x80, 0x81  # OpenSSL 3.5's QUIC objects (struct ssl_st's type)
 COOKIE = CEnum("tls_cookie", {"CT_COOKIE_LAYOUT": COOKIE_LAYOUT, "CT_COOKIE_SPLIT": COOKIE_SPLIT,
-                              "CT_COOKIE_BORINGSSL": COOKIE_BORINGSSL})
+                              "CT_COOKIE_BORINGSSL": COOKIE_BORINGSSL, "CT_COOKIE_QUIC_SHIFT": COOKIE_QUIC_SHIFT,
+                              "CT_QUIC_SLOTS": QUIC_SLOTS, "CT_QUIC_CONNECTION": QUIC_CONNECTION,
+                              "CT_QUIC_XSO": QUIC_XSO})
 # enum tls_bssl_cookie: the cookie of bssl_keylog (BoringSSL's ssl_log_secret) says where
 # ssl->s3->client_random is: s3's offset in bits 0-15, client_random's in s3 in 16-31, bit 32 set
 BSSL_RANDOM_SHIFT, BSSL_VALID_SHIFT = 16, 32
@@ -70,18 +74,21 @@ COUNTERS = ("seen", "kernel_filtered", "dropped", "submitted", "control_dropped"
 CONN = CStruct("conn", "family B pad x lport H rport H pad2 2x laddr 16s raddr 16s")
 TLS_DATA_REC = CStruct("tls_data_rec", ("h", CT_HEADER),
                        "ssl Q length Q offset Q chunk_len I fd i lib B func B truncated B pad x", ("c", CONN),
-                       until="data")
+                       "pad3 4x stream_id q", until="data")
 TLS_HS_REC = CStruct("tls_hs_rec", ("h", CT_HEADER),
                      "ssl Q fd i result i lib B func B role B ok B version I", ("c", CONN))
 TLS_CTRL_REC = CStruct("tls_ctrl_rec", ("h", CT_HEADER), "name 32s")
 TLS_CONFIG = CStruct("tls_config", "capture_data I max_payload I")
 TLS_PROC_REC = CStruct("tls_proc_rec", ("h", CT_HEADER), "ppid I exe_len I", until="data")
+# keys/calibrate_quic_worker.py's layout as tls.bpf.c reads it
+QUIC_LAYOUT = CStruct("quic_layout", "xso_conn I xso_stream I stream_id I qc_default_xso I bio_hops I bio_ptr0 I "
+                      "bio_ptr1 I bio I bio_num I peer_hops I peer_ptr0 I peer_ptr1 I peer I")
 GO_KEYLOG_REC = CStruct("go_keylog_rec", ("h", CT_HEADER),
                         "conn Q fd i pad0 I", ("c", CONN),
                         "label_len I random_len I secret_len I pad I label 48s client_random 32s secret 64s")
 DATA = TLS_DATA_REC.after("h")  # struct tls_data_rec after its header, up to data[]
 HANDSHAKE = TLS_HS_REC.after("h")
-DATA_OFFSET = TLS_DATA_REC.size  # 116
+DATA_OFFSET = TLS_DATA_REC.size  # 128
 
 GO_DATA_PROGRAMS = ("go_write", "go_read_enter", "go_read_ret")  # bpf/go_tls.h: uprobes only, never uretprobes
 GO_KEY_PROGRAMS = ("go_keylog",)
@@ -127,6 +134,7 @@ class TlsData:
     truncated: bool
     ssl: int
     data: bytes
+    stream_id: int | None = None  # QUIC streams only
 
 
 @dataclass(slots=True)
@@ -169,14 +177,14 @@ _DATA_RECORD = TLS_DATA_REC.struct  # one unpack of every field
 # bytes DATA_KEY_SPANS cover (type, pid, tid, uid, comm; fd, lib, func, truncated, conn).
 DATA_CHANGING = TLS_DATA_REC.unpacker("h.ts_ns", "length", "offset", "chunk_len")  # "<Q40xQQI"
 DATA_TRUNCATED = TLS_DATA_REC.offset("truncated")  # 74
-DATA_KEY_SPANS = (TLS_DATA_REC.span("h.type", "h.comm"), TLS_DATA_REC.span("fd", "c.raddr"))  # (8, 40), (68, 116)
+DATA_KEY_SPANS = (TLS_DATA_REC.span("h.type", "h.comm"), TLS_DATA_REC.span("fd", "stream_id"))  # (8, 40), (68, 128)
 _COMMS: dict[bytes, str] = {}
 _DIRECTIONS = {f: ("write" if f in WRITE_FUNCS else "read") for f in FUNC_NAMES}
 
 
 def decode_data(raw: bytes) -> TlsData:
     (ts, _type, pid, tid, uid, comm, ssl, length, offset, chunk_len, fd, lib, func, truncated, family, lport,
-     rport, laddr, raddr) = _DATA_RECORD.unpack_from(raw, 0)
+     rport, laddr, raddr, stream_id) = _DATA_RECORD.unpack_from(raw, 0)
     name = _COMMS.get(comm)
     if name is None:
         if len(_COMMS) > 4096:
@@ -188,7 +196,8 @@ def decode_data(raw: bytes) -> TlsData:
         la = ra = lport = rport = None
     return TlsData(ts, pid, tid, uid, name, LIB_NAMES.get(lib, str(lib)), FUNC_NAMES.get(func, str(func)),
                    _DIRECTIONS.get(func, "read"), fd if fd >= 0 else None, la, lport, ra, rport,
-                   length, offset, bool(truncated), ssl, raw[DATA_OFFSET:DATA_OFFSET + chunk_len])
+                   length, offset, bool(truncated), ssl, raw[DATA_OFFSET:DATA_OFFSET + chunk_len],
+                   stream_id if stream_id >= 0 else None)
 
 
 def decode_handshake(raw: bytes) -> TlsHandshake:
@@ -279,6 +288,7 @@ class TlsTracer:
         self.multi = True  # uprobe_multi links; cleared when the kernel refuses them
         self._multi_linked = False  # a uprobe_multi link was made: the kernel has them
         self.key_cookie: Callable[[TlsLibrary], int] | None = None  # extra uprobe cookie bits per library
+        self._quic_slots: dict[str, int] = {}  # build-id -> quic_layouts slot
 
     # --- public interface ----------------------------------------------------------------
 
@@ -478,7 +488,33 @@ class TlsTracer:
     def _cookie(self, lib: TlsLibrary, func: str, key_bits: int) -> int:
         if lib.kind == BORINGSSL:  # its key bits (keys/extractor.py) are bssl_keylog's, nothing else's
             return key_bits if func == BSSL_LOG_SECRET else FUNC_IDS.get(func, 0) | COOKIE_BORINGSSL
-        return FUNC_IDS.get(func, 0) | COOKIE_LAYOUTS.get(lib.openssl_layout, 0) | key_bits
+        return FUNC_IDS.get(func, 0) | COOKIE_LAYOUTS.get(lib.openssl_layout, 0) | key_bits | \
+            self._quic_slot(lib) << COOKIE_QUIC_SHIFT
+
+    def _quic_slot(self, lib: TlsLibrary) -> int:
+        """The quic_layouts slot of an OpenSSL 3.5+ library whose QUIC objects' layout is known
+        (keys/quic_layout.py: calibrated on that file, cached by build-id); 0: unknown, and a QUIC
+        object's stream id and 4-tuple stay null."""
+        if not self.capture_data or lib.openssl_layout != discovery.SPLIT_SSL or \
+                "SSL_new_listener" not in lib.offsets or ".so" not in os.path.basename(lib.path):
+            return 0
+        key = lib.build_id or lib.path
+        slot = self._quic_slots.get(key)
+        if slot is None:
+            from crypto_tracer.keys.quic_layout import quic_layout_for
+
+            lay, how = quic_layout_for(lib.path)
+            slot = 0
+            if lay is None:
+                log.debug("tls: %s: QUIC stream ids and 4-tuples unknown: %s", lib.display_path, how)
+            elif len(set(self._quic_slots.values()) - {0}) + 1 < QUIC_SLOTS:
+                slot = len(set(self._quic_slots.values()) - {0}) + 1
+                self.obj.map("quic_layouts").update(struct.pack("<I", slot), QUIC_LAYOUT.struct.pack(
+                    lay["xso_conn"], lay["xso_stream"], lay["stream_id"], lay["qc_default_xso"],
+                    len(lay["bio_path"]), *(lay["bio_path"] + [0, 0])[:2], lay["bio"], lay["bio_num"],
+                    len(lay["peer_path"]), *(lay["peer_path"] + [0, 0])[:2], lay["peer"]))
+            self._quic_slots[key] = slot
+        return slot
 
     def _programs_for(self, func: str) -> tuple[tuple[str, bool], ...]:
         """Key modes (capture_data False) hook only what runs once per connection: handshake

@@ -3,6 +3,7 @@ does for TCP), the cheapest output for bulk captures.
 
   DIR/<pid>-<comm>-<local ip.port>-<remote ip.port>.sent      what the process wrote
   DIR/<pid>-<comm>-<local ip.port>-<remote ip.port>.received  what it read
+                         (QUIC: -stream<id> before the suffix, a file per stream)
   DIR/connections.jsonl  a JSON line per stream when it opens (the connection's fields and the
                          file), the tls_handshake events, and at the end one line per stream with
                          its bytes and any gaps (calls cut by --max-payload)
@@ -71,12 +72,14 @@ class StreamsSink:
         """The stream of a connection's direction (shared by its threads' cache entries)."""
         direction = "sent" if base["direction"] == "write" else "received"
         key = (base["pid"], base["fd"], base["local_addr"], base["local_port"], base["remote_addr"],
-               base["remote_port"], base["library"], direction)
+               base["remote_port"], base["library"], direction, base.get("stream_id"))
         stream = self.streams.get(key)
         if stream is None:
             comm = _SAFE.sub("_", base["process"] or "") or "unknown"
             stem = (f"{base['pid']}-{comm}-{_endpoint(base['local_addr'], base['local_port'])}-"
                     f"{_endpoint(base['remote_addr'], base['remote_port'])}")
+            if base.get("stream_id") is not None:  # a QUIC connection: a file per stream
+                stem += f"-stream{base['stream_id']}"
             name = self._free_name(stem, direction)
             stream = self.streams[key] = Stream(name, os.path.join(self.dir, name))
             info = {k: v for k, v in base.items() if k not in _CHANGING}

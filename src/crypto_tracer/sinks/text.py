@@ -46,7 +46,8 @@ def _who(ev: dict) -> str:
 def data_header_parts(ev: dict) -> tuple[str, str]:
     """The parts of a tls_data header line that are the same for a whole connection: the line is
     timestamp + mid + size + lib (tls's hot path prepares them once per connection)."""
-    return f"{_who(ev)} {ev['direction']} ", f" [{ev['library']} {ev['function']}]"
+    stream = f"stream {ev['stream_id']} " if ev.get("stream_id") is not None else ""  # QUIC
+    return f"{_who(ev)} {stream}{ev['direction']} ", f" [{ev['library']} {ev['function']}]"
 
 
 def header_line(ev: dict, chunk: int = 0) -> str:
