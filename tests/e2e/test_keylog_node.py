@@ -102,8 +102,9 @@ def _traffic(node, name):
 
 def _calibrated(node):
     """The layout the tracer learned from this very node (the cache is fresh, nothing else provides it)."""
+    # BoringSSL's and QUIC's cached facts (bssl-*.json, *.quic.json) sit beside the SSL layouts
     found = [json.loads(p.read_text()) for p in (node.dir / "layouts").glob("*.json")]
-    mine = [lay for lay in found if lay["source"].get("path") == node.path]
+    mine = [lay for lay in found if (lay.get("source") or {}).get("path") == node.path]
     assert len(mine) == 1, found
     assert mine[0]["version"] == NODE_OPENSSL[node.major].split("+")[0] and mine[0]["verified"] >= 12
     return mine[0]
