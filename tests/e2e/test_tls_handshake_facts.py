@@ -1,0 +1,199 @@
+"""tls -m json: the handshake facts of every tls_handshake event (version, cipher, group, SNI, ALPN,
+resumption, the peer's certificate), read from the handshake messages by tls_hello.bpf.c, asserted
+field by field on both sides of real handshakes: curl -> nginx (TLS 1.2 and 1.3, AES-GCM and
+ChaCha20, X25519 and P-256), node -> node (OpenSSL 3.5: X25519MLKEM768), openssl s_client session
+resumption, gnutls-cli -> gnutls-serv and NSS's tstclnt -> selfserv. Ground truth: what each
+peer was told to use, or what it reports itself."""
+
+import re
+import subprocess
+
+import pytest
+from cryptography import x509
+
+from tests.e2e import tlspeers as tp
+from tests.harness import free_port, need_root, need_tool
+
+pytestmark = pytest.mark.ebpf
+
+FACTS = ("role", "tls_version", "cipher", "group", "sni", "alpn", "resumed", "peer_cert_subject", "peer_cert_issuer",
+         "peer_key_type", "peer_key_bits")
+NO_PEER_CERT = {"peer_cert_subject": None, "peer_cert_issuer": None, "peer_key_type": None, "peer_key_bits": None}
+
+
+@pytest.fixture(scope="module")
+def ec_cert(certs):
+    need_root()
+    need_tool("openssl", "curl")
+    return certs
+
+
+def subject_of(cert_path):
+    with open(cert_path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    return cert.subject.rfc4514_string(), cert.issuer.rfc4514_string()
+
+
+def run_tracer(tmp_path):
+    out = str(tmp_path / "events.json")
+    return tp.tls_tracer(["-m", "json", "-o", out]), out
+
+
+def handshakes(events, **match):
+    return [e for e in events if e["event_type"] == "tls_handshake" and all(e.get(k) == v for k, v in match.items())]
+
+
+def one(events, **match) -> dict:
+    found = handshakes(events, **match)
+    assert len(found) == 1, (match, handshakes(events))
+    return {k: found[0][k] for k in FACTS}
+
+
+def client_and_server(events, client_match, server_process, port):
+    """The facts of the client's handshake and of the server's handshake of the same connection."""
+    c = handshakes(events, remote_port=port, **client_match)
+    assert len(c) == 1, handshakes(events)
+    server = one(events, process=server_process, local_port=port, remote_port=c[0]["local_port"])
+    return {k: c[0][k] for k in FACTS}, server
+
+
+@pytest.mark.parametrize("tls13", [True, False], ids=["tls13-chacha20-x25519", "tls12-aesgcm-p256"])
+def test_curl_nginx(ec_cert, tmp_path, tls13):
+    need_tool("nginx")
+    cert, key = ec_cert
+    port = free_port()
+    if tls13:
+        extra = ["--tlsv1.3", "--tls13-ciphers", "TLS_CHACHA20_POLY1305_SHA256", "--curves", "X25519"]
+        want = {"tls_version": "TLSv1.3", "cipher": "TLS_CHACHA20_POLY1305_SHA256", "group": "x25519",
+                "sni": "localhost", "alpn": None, "resumed": False}  # TLS 1.3 sends ALPN encrypted
+        peer = NO_PEER_CERT  # and the certificate too
+    else:
+        extra = ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256", "--curves", "P-256"]
+        want = {"tls_version": "TLSv1.2", "cipher": "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "group": "secp256r1",
+                "sni": "localhost", "alpn": "h2", "resumed": False}
+        subject, issuer = subject_of(cert)
+        peer = {"peer_cert_subject": subject, "peer_cert_issuer": issuer, "peer_key_type": "EC", "peer_key_bits": 256}
+    with tp.nginx(tmp_path, port, cert, key):
+        tracer, out = run_tracer(tmp_path)
+        pid = tp.curl(f"https://localhost:{port}/small", extra=extra)
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    client, server = client_and_server(tp.read_events(out), {"pid": pid}, "ctpeer-nginx", port)
+    assert client == {"role": "client", **want, **peer}
+    assert server == {"role": "server", **want, **NO_PEER_CERT}  # curl sent no client certificate
+    assert "handshake facts from packets are off" not in err
+
+
+def test_node_hybrid_post_quantum_group(ec_cert, tmp_path):
+    """node 24's OpenSSL 3.5 offers and picks X25519MLKEM768; no SNI for an IP address."""
+    cert, key = ec_cert
+    port = free_port()
+    (tmp_path / "req").write_bytes(b"ping")
+    (tmp_path / "resp").write_bytes(b"pong")
+    with tp.node_server(port, cert, key, str(tmp_path / "resp")):
+        tracer, out = run_tracer(tmp_path)
+        tp.node_client(port, str(tmp_path / "req"), str(tmp_path / "got"))
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    assert (tmp_path / "got").read_bytes() == b"pong"
+    events = tp.read_events(out)
+    client = [e for e in handshakes(events, process="ctpeer-node", remote_port=port)]
+    assert len(client) == 1, handshakes(events)
+    server = one(events, process="ctpeer-node", local_port=port, remote_port=client[0]["local_port"])
+    want = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "group": "X25519MLKEM768", "sni": None,
+            "alpn": None, "resumed": False, **NO_PEER_CERT}
+    assert {k: client[0][k] for k in FACTS} == {"role": "client", **want}
+    assert server == {"role": "server", **want}
+
+
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+def test_openssl_resumption(ec_cert, tmp_path, version):
+    """s_client saves its session and resumes it: resumed false, then true (s_client says 'New'/'Reused')."""
+    cert, key = ec_cert
+    port = free_port()
+    sess = str(tmp_path / "session.pem")
+    request = b"GET / HTTP/1.0\r\n\r\n"
+
+    def s_client(flag):
+        p = subprocess.run([tp.peer("openssl"), "s_client", "-connect", f"127.0.0.1:{port}", "-servername",
+                            "facts.test", version, "-ign_eof", flag, sess], input=request, capture_output=True,
+                           timeout=20)
+        m = re.search(rb"^(New|Reused), (TLSv1\.[23])", p.stdout, re.M)
+        assert m, p.stdout[-2000:]
+        return p, m.group(1).decode()
+
+    with tp.process([tp.peer("openssl"), "s_server", "-accept", str(port), "-cert", cert, "-key", key, "-www"],
+                    port=port):
+        tracer, out = run_tracer(tmp_path)
+        _, first = s_client("-sess_out")
+        _, second = s_client("-sess_in")
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    assert (first, second) == ("New", "Reused")
+    hs = handshakes(tp.read_events(out), process="ctpeer-openssl", remote_port=port, role="client")
+    assert len(hs) == 2, hs
+    name = "TLSv1.3" if version == "-tls1_3" else "TLSv1.2"
+    assert [(e["tls_version"], e["sni"], e["resumed"]) for e in hs] == [(name, "facts.test", False),
+                                                                        (name, "facts.test", True)]
+    assert hs[0]["cipher"] == hs[1]["cipher"] is not None
+
+
+def test_gnutls(ec_cert, tmp_path):
+    """GnuTLS does not say its version: packets do. TLS 1.2 with ChaCha20 and X25519, as the priority string
+    pins them; gnutls-cli's own description line agrees."""
+    need_tool("gnutls-serv", "gnutls-cli")
+    cert, key = ec_cert
+    port = free_port()
+    prio = "NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+CHACHA20-POLY1305:-GROUP-ALL:+GROUP-X25519"
+    with tp.process([tp.peer("gnutls-serv"), "--echo", "-p", str(port), "--x509certfile", cert,
+                     "--x509keyfile", key], port=port):
+        tracer, out = run_tracer(tmp_path)
+        p = subprocess.run([tp.peer("gnutls-cli"), "--insecure", "--priority", prio, "--sni-hostname", "facts.test",
+                            "-p", str(port), "127.0.0.1"], input=b"hello\n", capture_output=True, timeout=20)
+        assert b"(TLS1.2-X.509)-(ECDHE-X25519)-(ECDSA-SHA256)-(CHACHA20-POLY1305)" in p.stdout, p.stdout
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    subject, issuer = subject_of(cert)
+    want = {"tls_version": "TLSv1.2", "cipher": "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", "group": "x25519",
+            "sni": "facts.test", "alpn": None, "resumed": False}
+    client, server = client_and_server(tp.read_events(out), {"process": "ctpeer-gnutls-c"}, "ctpeer-gnutls-s", port)
+    assert client == {"role": "client", **want, "peer_cert_subject": subject, "peer_cert_issuer": issuer,
+                      "peer_key_type": "EC", "peer_key_bits": 256}
+    assert server == {"role": "server", **want, **NO_PEER_CERT}
+
+
+@pytest.fixture(scope="module")
+def nssdb(rsa_certs, tmp_path_factory):
+    need_tool("certutil", "pk12util", "selfserv", "tstclnt")
+    cert, key = rsa_certs
+    d = tmp_path_factory.mktemp("nssdb")
+    db = f"sql:{d}"
+    p12 = str(d / "srv.p12")
+    subprocess.run(["certutil", "-N", "-d", db, "--empty-password"], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkcs12", "-export", "-in", cert, "-inkey", key, "-out", p12, "-name", "srv",
+                    "-passout", "pass:"], check=True, capture_output=True)
+    subprocess.run(["pk12util", "-i", p12, "-d", db, "-W", ""], check=True, capture_output=True)
+    return db
+
+
+def test_nss(nssdb, tmp_path):
+    """NSS's events had no role: packets say which side sent the ClientHello. TLS 1.3, NSS's first
+    suite (AES-128-GCM) and first key share (x25519)."""
+    need_root()
+    port = free_port()
+    (tmp_path / "request").write_bytes(b"GET /nss HTTP/1.0\r\n\r\n")
+    with tp.process([tp.peer("selfserv"), "-d", nssdb, "-n", "srv", "-p", str(port), "-V", "tls1.2:tls1.3"],
+                    port=port):
+        tracer, out = run_tracer(tmp_path)
+        with open(tmp_path / "request", "rb") as stdin:  # tstclnt hangs on a pipe's EOF, not a file's
+            client = subprocess.run([tp.peer("tstclnt"), "-h", "127.0.0.1", "-p", str(port), "-d", nssdb, "-o",
+                                     "-V", "tls1.3:tls1.3", "-a", "facts.test"], stdin=stdin, capture_output=True,
+                                    timeout=20)
+        assert b"GET /nss" in client.stdout
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    want = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256", "group": "x25519", "sni": "facts.test",
+            "alpn": None, "resumed": False, **NO_PEER_CERT}
+    c, s = client_and_server(tp.read_events(out), {"process": "ctpeer-tstclnt"}, "ctpeer-selfserv", port)
+    assert c == {"role": "client", **want}
+    assert s == {"role": "server", **want}
