@@ -197,3 +197,44 @@ def test_nss(nssdb, tmp_path):
     c, s = client_and_server(tp.read_events(out), {"process": "ctpeer-tstclnt"}, "ctpeer-selfserv", port)
     assert c == {"role": "client", **want}
     assert s == {"role": "server", **want}
+
+
+def test_without_cap_net_admin(ec_cert, tmp_path, monkeypatch):
+    """No CAP_NET_ADMIN: one warning, the run goes on, the facts packets give are null, the library's stay."""
+    need_tool("capsh", "nginx")
+    import tests.harness as harness
+
+    cmd = harness.tracer_cmd()
+    monkeypatch.setattr(harness, "tracer_cmd", lambda: ["capsh", "--drop=cap_net_admin", "--", "-c",
+                                                        'exec "$0" "$@"'] + cmd)
+    cert, key = ec_cert
+    port = free_port()
+    with tp.nginx(tmp_path, port, cert, key):
+        tracer, out = run_tracer(tmp_path)
+        pid = tp.curl(f"https://localhost:{port}/small", extra=["--tlsv1.3"])
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    assert err.count("handshake facts from packets are off") == 1, err
+    assert "needs CAP_NET_ADMIN" in err
+    client = one(tp.read_events(out), pid=pid, remote_port=port)
+    assert client == {"role": "client", "tls_version": "TLSv1.3", "cipher": None, "group": None, "sni": None,
+                      "alpn": None, "resumed": None, **NO_PEER_CERT}
+
+
+def tc_filters() -> str:
+    return "".join(subprocess.run(["tc", "filter", "show", "dev", "lo", d], capture_output=True, text=True).stdout
+                   for d in ("ingress", "egress"))
+
+
+def test_classifier_removed_after_kill_9(ec_cert, tmp_path):
+    """A run killed with SIGKILL leaves its TC filters; the next run removes them, and its own at exit."""
+    need_tool("tc")
+    tracer, _ = run_tracer(tmp_path)
+    assert "hello_egress" in tc_filters()
+    tracer.proc.kill()
+    tracer.wait()
+    assert "hello_egress" in tc_filters()  # nothing ran at SIGKILL
+    tracer, _ = run_tracer(tmp_path)
+    _, err, rc = tracer.stop()
+    assert rc == 0, err
+    assert "hello_egress" not in tc_filters()

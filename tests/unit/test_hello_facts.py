@@ -41,8 +41,10 @@ def handshake(cert, client_setup=None, server_setup=None, session=None, mss=0, s
     done_flows = []
     facts = HelloFacts(done=done_flows.append)
     seq = {CLIENT: 1000, SERVER: 5000}
+    facts.sent = {CLIENT: b"", SERVER: b""}  # each side's bytes, for the comparison with dpkt
 
     def send(src, dst, data):
+        facts.sent[src] += data
         step = mss or len(data)
         for i in range(0, len(data), step):
             part = data[i:i + step]
@@ -85,6 +87,7 @@ def test_tls13_aes_gcm_x25519(cert):
                           "peer_cert_issuer": None, "peer_key_type": None, "peer_key_bits": None}
     assert f.alpn_offered == ["h2", "http/1.1"]
     assert 0x1302 in f.offered_suites and 0x0304 in f.offered_versions and 0x001D in f.offered_groups
+    assert {0, 10, 13, 16, 43, 51} <= set(f.offered_extensions) and 0x0804 in f.signature_algorithms
     assert len(done) == 2  # both directions read: the kernel stops copying them
 
 
@@ -133,3 +136,47 @@ def test_garbage_is_not_facts():
     facts = HelloFacts()
     facts.add(Segment(0, True, CLIENT, SERVER, 1, 9, b"\x16\x03\x01\x00\x04\x01\x00\x00\xff", b""))
     assert facts.lookup(CLIENT, SERVER) is None
+
+
+def test_text_line_shows_the_facts():
+    from crypto_tracer.pipeline.events import TLS_HANDSHAKE
+    from crypto_tracer.sinks.text import header_line
+
+    ev = TLS_HANDSHAKE.build(timestamp="T", pid=7, process="curl", tid=7, library="openssl", role="client", fd=5,
+                             local_addr="127.0.0.1", local_port=40000, remote_addr="127.0.0.1", remote_port=443,
+                             result="success", tls_version="TLSv1.2",
+                             cipher="TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", group="secp256r1", sni="localhost",
+                             alpn="h2", resumed=False, peer_cert_subject="CN=localhost", peer_key_type="EC",
+                             peer_key_bits=256)
+    assert header_line(ev) == ("T curl pid=7 tid=7 fd=5 127.0.0.1:40000 -> 127.0.0.1:443 handshake client success "
+                               "TLSv1.2 TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 secp256r1 sni=localhost alpn=h2 "
+                               "full-handshake peer='CN=localhost' (EC 256) [openssl]")
+    bare = TLS_HANDSHAKE.build(timestamp="T", pid=7, process="curl", tid=7, library="nss", result="success")
+    assert header_line(bare) == "T curl pid=7 tid=7 fd=? ? -> ? handshake unknown-role success [nss]"
+
+
+def test_agrees_with_dpkt(cert):
+    """Our parser and dpkt's (a maintained one, test-only: it costs ~6 MB of RSS at run time) read the same
+    hellos alike; our cipher-suite table is dpkt's IANA names."""
+    dpkt = pytest.importorskip("dpkt")
+    from dpkt import ssl as dssl, ssl_ciphersuites
+
+    from crypto_tracer.pipeline.hello_facts import _messages
+    from crypto_tracer.pipeline.tls_names import CIPHER_SUITES
+
+    assert CIPHER_SUITES == {c: n.name for c, n in ssl_ciphersuites.BY_CODE.items() if n.name.startswith("TLS_")}
+
+    def client(ctx):
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["h2"])
+
+    for setup in (None, client):
+        facts, _, _ = handshake(cert, setup)
+        f = facts.lookup(CLIENT, SERVER)
+        ch = dssl.TLSClientHello(_messages(facts.sent[CLIENT])[0][0][1])
+        sh = dssl.TLSServerHello(_messages(facts.sent[SERVER])[0][0][1])
+        assert f.offered_suites == [c.code for c in ch.ciphersuites if (c.code & 0x0F0F) != 0x0A0A]
+        assert f.offered_extensions == [t for t, _ in ch.extensions]
+        assert f.client_session_id == ch.session_id
+        assert f.cipher == sh.ciphersuite.code and f.fields()["cipher"] == sh.ciphersuite.name
+        assert dpkt.__version__

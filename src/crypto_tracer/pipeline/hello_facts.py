@@ -4,8 +4,8 @@ per TCP connection, what the ClientHello offered and what the server chose.
 Each direction's segments are put back in order (by TCP sequence number) until its messages are
 read: the ClientHello for the client; for the server the ServerHello and, in TLS 1.2, the
 Certificate, the ServerKeyExchange and ServerHelloDone (or the ChangeCipherSpec of a resumed
-session). Message bodies are parsed by dpkt (its hello classes and cipher-suite table); the
-extensions TLS 1.3 depends on (supported_versions, key_share, pre_shared_key) and SNI/ALPN here.
+session). Messages are parsed here (a few fixed layouts; dpkt, which the unit tests compare
+against, would cost ~6 MB of RSS); cipher-suite names are IANA's (pipeline/tls_names.py).
 
 ``Facts.lookup(local, remote)`` joins a hooked library's tls_handshake event to its connection.
 What packets cannot see stays None: TLS 1.3's ALPN and certificate are encrypted.
@@ -13,7 +13,6 @@ What packets cannot see stays None: TLS 1.3's ALPN and certificate are encrypted
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ GROUPS = {0x0017: "secp256r1", 0x0018: "secp384r1", 0x0019: "secp521r1", 0x001D:
           0x11EB: "SecP256r1MLKEM768", 0x11EC: "X25519MLKEM768", 0x11ED: "SecP384r1MLKEM1024",
           0x6399: "X25519Kyber768Draft00", 0x639A: "SecP256r1Kyber768Draft00"}
 HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
-EXT_SNI, EXT_GROUPS, EXT_ALPN, EXT_PSK, EXT_VERSIONS, EXT_KEY_SHARE = 0, 10, 16, 41, 43, 51
+EXT_SNI, EXT_GROUPS, EXT_SIG_ALGS, EXT_ALPN, EXT_PSK, EXT_VERSIONS, EXT_KEY_SHARE = 0, 10, 13, 16, 41, 43, 51
 HS_CLIENT_HELLO, HS_SERVER_HELLO, HS_TICKET, HS_CERTIFICATE, HS_SKE, HS_CERT_REQUEST, HS_SHD = 1, 2, 4, 11, 12, 13, 14
 REC_CCS, REC_HANDSHAKE = 20, 22
 MAX_STREAM = 64 * 1024  # bytes of one direction kept while waiting for its messages
@@ -45,10 +44,9 @@ def group_name(code: int | None) -> str | None:
 def cipher_name(code: int | None) -> str | None:
     if code is None:
         return None
-    from dpkt import ssl_ciphersuites
+    from crypto_tracer.pipeline.tls_names import CIPHER_SUITES
 
-    suite = ssl_ciphersuites.BY_CODE.get(code)
-    return suite.name if suite is not None else f"0x{code:04x}"
+    return CIPHER_SUITES.get(code, f"0x{code:04x}")
 
 
 @dataclass
@@ -63,6 +61,8 @@ class ConnFacts:
     offered_versions: list[int] | None = None
     offered_suites: list[int] | None = None
     offered_groups: list[int] | None = None
+    offered_extensions: list[int] | None = None  # in order, GREASE left out (JA4 needs them)
+    signature_algorithms: list[int] | None = None
     client_session_id: bytes = b""
     # the server's choice
     version: int | None = None
@@ -158,14 +158,47 @@ def _sni(data: bytes) -> str | None:
     return None
 
 
-def parse_client_hello(body: bytes, facts: ConnFacts) -> None:
-    from dpkt import ssl
+class _Reader:
+    """Big-endian fields of a handshake message; a short message raises ValueError."""
 
-    hello = ssl.TLSClientHello(body)
-    facts.client_session_id = hello.session_id
-    facts.offered_suites = [c.code for c in hello.ciphersuites if not _grease(c.code)]
-    facts.offered_versions = [hello.version]
-    for ext, data in getattr(hello, "extensions", []):
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ValueError("short handshake message")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def int(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def vector(self, lenbytes: int) -> bytes:
+        return self.take(self.int(lenbytes))
+
+    def extensions(self) -> list[tuple[int, bytes]]:
+        if self.pos >= len(self.data):
+            return []
+        ext, out = _Reader(self.vector(2)), []
+        while ext.pos < len(ext.data):
+            out.append((ext.int(2), ext.vector(2)))
+        return out
+
+
+def parse_client_hello(body: bytes, facts: ConnFacts) -> None:
+    r = _Reader(body)
+    version = r.int(2)
+    r.take(32)  # random
+    facts.client_session_id = r.vector(1)
+    suites = r.vector(2)
+    facts.offered_suites = [c for c in (int.from_bytes(suites[i:i + 2], "big") for i in range(0, len(suites) - 1, 2))
+                            if not _grease(c)]
+    r.vector(1)  # compression methods
+    facts.offered_versions = [version]
+    exts = r.extensions()
+    facts.offered_extensions = [ext for ext, _ in exts if not _grease(ext)]
+    for ext, data in exts:
         if ext == EXT_SNI:
             facts.sni = _sni(data)
         elif ext == EXT_ALPN:
@@ -174,19 +207,21 @@ def parse_client_hello(body: bytes, facts: ConnFacts) -> None:
             facts.offered_groups = [g for g in _u16s(data) if not _grease(g)]
         elif ext == EXT_VERSIONS:
             facts.offered_versions = [v for v in _u16s(data, 1) if not _grease(v)]
+        elif ext == EXT_SIG_ALGS:
+            facts.signature_algorithms = _u16s(data)
 
 
 def parse_server_hello(body: bytes, facts: ConnFacts) -> bool:
     """The server's choices; False for a HelloRetryRequest (its ServerHello comes next)."""
-    from dpkt import ssl
-
-    hello = ssl.TLSServerHello(body)
-    exts = dict(getattr(hello, "extensions", []))
-    if hello.random == HRR_RANDOM:
+    r = _Reader(body)
+    version, random, session_id, suite = r.int(2), r.take(32), r.vector(1), r.int(2)
+    r.take(1)  # compression method
+    exts = dict(r.extensions())
+    if random == HRR_RANDOM:
         facts.hello_retry = True
         return False
-    facts.version = int.from_bytes(exts[EXT_VERSIONS][:2], "big") if EXT_VERSIONS in exts else hello.version
-    facts.cipher = hello.ciphersuite.code
+    facts.version = int.from_bytes(exts[EXT_VERSIONS][:2], "big") if EXT_VERSIONS in exts else version
+    facts.cipher = suite
     if facts.version >= 0x0304:
         facts.group = int.from_bytes(exts[EXT_KEY_SHARE][:2], "big") if EXT_KEY_SHARE in exts else None
         facts.resumed = EXT_PSK in exts
@@ -195,23 +230,23 @@ def parse_server_hello(body: bytes, facts: ConnFacts) -> bool:
             names = _alpn_list(exts[EXT_ALPN])
             facts.alpn = names[0] if names else None
         # a session id the server echoes: an abbreviated handshake (tickets: decided by the next message)
-        if facts.client_session_id and hello.session_id == facts.client_session_id:
+        if facts.client_session_id and session_id == facts.client_session_id:
             facts.resumed = True
     return True
 
 
 def parse_certificate(body: bytes, facts: ConnFacts) -> None:
-    from dpkt import ssl
-
-    certs = ssl.TLSCertificate(body).certificates
-    if not certs:
+    """The first certificate of a TLS 1.2 Certificate message (the sender's own)."""
+    r = _Reader(_Reader(body).vector(3))
+    first = r.vector(3) if r.data else b""
+    if not first:
         return
     try:
         from cryptography import x509
 
         from crypto_tracer.host.certinfo import _public_key_summary
 
-        cert = x509.load_der_x509_certificate(bytes(certs[0]))
+        cert = x509.load_der_x509_certificate(first)
         key = _public_key_summary(cert)
         facts.cert = {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
                       "key_type": key["algorithm"], "key_bits": key["key_size"]}
@@ -226,10 +261,12 @@ def parse_server_key_exchange(body: bytes, facts: ConnFacts) -> None:
 
 
 class HelloFacts:
-    """Segments -> per-connection facts. done(flow) tells the kernel to stop copying a direction."""
+    """Segments -> per-connection facts. done(flow) tells the kernel to stop copying a direction;
+    completed(facts), when given, is called once the server's messages are read (a handshake
+    seen from packets alone: what `tls -m handshake` reports)."""
 
-    def __init__(self, done=None):
-        self.done = done
+    def __init__(self, done=None, completed=None):
+        self.done, self.completed = done, completed
         self.conns: OrderedDict[tuple, ConnFacts] = OrderedDict()
         self.streams: OrderedDict[tuple, _Stream] = OrderedDict()
         self.errors = 0
@@ -264,6 +301,9 @@ class HelloFacts:
             self.streams.pop(d, None)
             if self.done is not None:
                 self.done(seg.flow)
+            if self.completed is not None and (facts := self.conns.get(self.key(seg.src, seg.dst))) is not None \
+                    and facts.server == seg.src:
+                self.completed(facts)
 
     def _conn(self, client: tuple, server: tuple, ts: int, new: bool) -> ConnFacts:
         key = self.key(client, server)

@@ -116,6 +116,9 @@ class HelloCapture:
                 hook.attach(self.obj.program("hello_ingress"), False)
                 hook.attach(self.obj.program("hello_egress"), True)
             except AttachError as exc:
+                if exc.errno == errno.EPERM:  # (the qdisc was there already)
+                    self.close()
+                    raise HelloUnavailable("attaching a TC classifier needs CAP_NET_ADMIN") from None
                 log.debug("tls_hello: attaching on %s failed: %s", ifc.name, exc)
         if not self._attached:
             self.close()
