@@ -237,4 +237,5 @@ def test_classifier_removed_after_kill_9(ec_cert, tmp_path):
     tracer, _ = run_tracer(tmp_path)
     _, err, rc = tracer.stop()
     assert rc == 0, err
+    assert "removed the TC handshake classifier left behind" in err
     assert "hello_egress" not in tc_filters()

@@ -125,7 +125,8 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def cleanup_leftovers(prefix: str = "tc-capture", handle: int = TC_HANDLE, priority: int = TC_PRIORITY) -> int:
+def cleanup_leftovers(prefix: str = "tc-capture", handle: int = TC_HANDLE, priority: int = TC_PRIORITY,
+                      what: str = "TC capture") -> int:
     """Remove what dead runs attached (state files prefix-PID.json, filters handle/priority: also
     probes/tls_hello.py's); returns how many interfaces were cleaned."""
     cleaned = 0
@@ -139,7 +140,7 @@ def cleanup_leftovers(prefix: str = "tc-capture", handle: int = TC_HANDLE, prior
                 _remove(int(ifc["ifindex"]), bool(ifc["created_qdisc"]), handle, priority)
                 cleaned += 1
             os.unlink(path)
-            log.info("removed the TC %s left behind by crypto-tracer pid %s", prefix, state["pid"])
+            log.info("removed the %s left behind by crypto-tracer pid %s", what, state["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return cleaned

@@ -88,7 +88,7 @@ class HelloCapture:
         from crypto_tracer.engine import AttachError, BpfObject, TcHook
         from crypto_tracer.errors import TracerError
 
-        tc_capture.cleanup_leftovers(STATE_PREFIX, TC_HANDLE, TC_PRIORITY)
+        tc_capture.cleanup_leftovers(STATE_PREFIX, TC_HANDLE, TC_PRIORITY, "TC handshake classifier")
         try:
             self.obj = BpfObject.from_package("tls_hello")
             events = self.obj.map("events")
