@@ -84,6 +84,23 @@ def test_curl_nginx(ec_cert, tmp_path, tls13):
     assert "handshake facts from packets are off" not in err
 
 
+def test_ipv6(ec_cert, tmp_path):
+    """curl -> nginx over ::1: the same facts (no SNI for an address literal)."""
+    need_tool("nginx")
+    cert, key = ec_cert
+    port = free_port()
+    with tp.nginx(tmp_path, port, cert, key):
+        tracer, out = run_tracer(tmp_path)
+        pid = tp.curl(f"https://[::1]:{port}/small", extra=["--tlsv1.3", "--tls13-ciphers", "TLS_AES_128_GCM_SHA256"])
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    client, server = client_and_server(tp.read_events(out), {"pid": pid, "remote_addr": "::1"}, "ctpeer-nginx", port)
+    want = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256", "group": "x25519", "sni": None,
+            "alpn": None, "resumed": False, **NO_PEER_CERT}
+    assert client == {"role": "client", **want}
+    assert server == {"role": "server", **want}
+
+
 def test_node_hybrid_post_quantum_group(ec_cert, tmp_path):
     """node 24's OpenSSL 3.5 offers and picks X25519MLKEM768; no SNI for an IP address."""
     cert, key = ec_cert

@@ -79,16 +79,26 @@ struct {
 	__type(value, struct hello_rec);
 } hello_scratch SEC(".maps");
 
-static __always_inline int hello(struct __sk_buff *skb, __u32 egress)
+/* The start of UAPI struct __sk_buff (stable: no CO-RE). Read through this rather than vmlinux.h's
+ * copy, whose preserve_access_index would make libbpf load and parse the kernel's BTF (a ~9 MB
+ * peak of the tool's RSS) for relocations that can never change. */
+struct hello_skb {
+	__u32 len, pkt_type, mark, queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto, priority,
+		ingress_ifindex, ifindex;
+};
+
+static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 {
-	__u32 zero = 0, ifindex = skb->ifindex;
+	struct hello_skb *sk = (struct hello_skb *)ctx;
+	struct __sk_buff *skb = ctx;
+	__u32 zero = 0, ifindex = sk->ifindex;
 	struct hello_iface *ifc = bpf_map_lookup_elem(&hello_ifaces, &ifindex);
 	if (!ifc || (ifc->egress_only && !egress))
 		return TC_ACT_UNSPEC;
 
 	struct hello_flow f = {};
-	__u32 l3 = ifc->l2_len & 0xff, l4, end = skb->len;
-	__u16 eth_proto = bpf_ntohs(skb->protocol);
+	__u32 l3 = ifc->l2_len & 0xff, l4, end = sk->len;
+	__u16 eth_proto = bpf_ntohs(sk->protocol);
 	if (eth_proto == ETH_P_IP) {
 		__u8 ip[20];
 		if (bpf_skb_load_bytes(skb, l3, ip, sizeof(ip)) || ip[9] != IPPROTO_TCP || (ip[6] & 0x1f) || ip[7])

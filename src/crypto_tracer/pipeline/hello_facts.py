@@ -30,7 +30,7 @@ EXT_SNI, EXT_GROUPS, EXT_SIG_ALGS, EXT_ALPN, EXT_PSK, EXT_VERSIONS, EXT_KEY_SHAR
 HS_CLIENT_HELLO, HS_SERVER_HELLO, HS_TICKET, HS_CERTIFICATE, HS_SKE, HS_CERT_REQUEST, HS_SHD = 1, 2, 4, 11, 12, 13, 14
 REC_CCS, REC_HANDSHAKE = 20, 22
 MAX_STREAM = 64 * 1024  # bytes of one direction kept while waiting for its messages
-MAX_CONNECTIONS = 16384
+MAX_CONNECTIONS = 4096  # connections remembered (a handshake event follows its hellos within a poll or two)
 
 
 def _grease(code: int) -> bool:
@@ -71,14 +71,23 @@ class ConnFacts:
     alpn: str | None = None
     resumed: bool | None = None
     hello_retry: bool = False
-    cert: dict | None = None  # TLS 1.2: the server's certificate (subject, issuer, key_type, key_bits)
+    cert_der: bytes | None = None  # TLS 1.2: the server's certificate, parsed when an event asks (certificate())
+    _cert: dict | None = None
 
     def role_of(self, local: tuple) -> str | None:
         return "client" if local == self.client else "server" if local == self.server else None
 
-    def fields(self) -> dict:
-        """The tls_handshake fields these facts fill."""
-        cert = self.cert or {}
+    def certificate(self) -> dict | None:
+        """subject, issuer, key_type, key_bits of the TLS 1.2 certificate; parsed on first use, as
+        importing cryptography adds ~10 MB of RSS that runs without such events never pay."""
+        if self._cert is None and self.cert_der:
+            self._cert = _certificate_facts(self.cert_der)
+            self.cert_der = None
+        return self._cert
+
+    def fields(self, with_cert: bool = True) -> dict:
+        """The tls_handshake fields these facts fill (the certificate's only with_cert)."""
+        cert = (self.certificate() if with_cert else None) or {}
         return {"tls_version": VERSIONS.get(self.version) if self.version else None,
                 "cipher": cipher_name(self.cipher), "group": group_name(self.group), "sni": self.sni,
                 "alpn": self.alpn, "resumed": self.resumed, "peer_cert_subject": cert.get("subject"),
@@ -236,22 +245,23 @@ def parse_server_hello(body: bytes, facts: ConnFacts) -> bool:
 
 
 def parse_certificate(body: bytes, facts: ConnFacts) -> None:
-    """The first certificate of a TLS 1.2 Certificate message (the sender's own)."""
+    """The first certificate of a TLS 1.2 Certificate message (the sender's own), kept as DER."""
     r = _Reader(_Reader(body).vector(3))
-    first = r.vector(3) if r.data else b""
-    if not first:
-        return
+    facts.cert_der = r.vector(3) if r.data else None
+
+
+def _certificate_facts(der: bytes) -> dict:
     try:
         from cryptography import x509
 
         from crypto_tracer.host.certinfo import _public_key_summary
 
-        cert = x509.load_der_x509_certificate(first)
+        cert = x509.load_der_x509_certificate(der)
         key = _public_key_summary(cert)
-        facts.cert = {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
-                      "key_type": key["algorithm"], "key_bits": key["key_size"]}
+        return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
+                "key_type": key["algorithm"], "key_bits": key["key_size"]}
     except Exception:  # a certificate cryptography cannot read: unknown
-        facts.cert = None
+        return {}
 
 
 def parse_server_key_exchange(body: bytes, facts: ConnFacts) -> None:
