@@ -90,6 +90,16 @@ class HelloOnly:
         self.capture.close()
         self.ring.close()
 
+    @staticmethod
+    def run_stats() -> tuple[int, int]:
+        """(runs, run time ns) of the classifier's programs (kernel.bpf_stats_enabled=1, bpftool)."""
+        import json
+
+        out = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                                        check=True).stdout)
+        ours = [p for p in out if p.get("name") in ("hello_ingress", "hello_egress")]
+        return sum(p.get("run_cnt", 0) for p in ours), sum(p.get("run_time_ns", 0) for p in ours)
+
 
 IN_PROCESS = r"""
 import signal, sys
@@ -215,6 +225,7 @@ def main() -> int:
     modes = ("untraced", "floor", "tc-hello", "hooks", "count", "text", "json", "text-pid", "json-pid") + \
         (("bpftrace",) if shutil.which("bpftrace") else ())
     results: dict[str, list[dict]] = {m: [] for m in modes}
+    hello_ns: list[tuple[int, int]] = []  # tc-hello rounds: (classifier runs, their run time ns)
     try:
         wait_port(PORT)
         time.sleep(0.3)
@@ -228,7 +239,14 @@ def main() -> int:
             floor.close()
             results["floor"].append({"rps": rps, "p99": p99})
             hello = HelloOnly()
+            stats = shutil.which("bpftool") is not None
+            if stats:  # the classifier's own run time per packet, beside the req/s ratio
+                subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=True)
             rps, p99 = wrk(args.seconds)
+            if stats:
+                runs, ns = HelloOnly.run_stats()
+                subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=0"], check=False)
+                hello_ns.append((runs, ns))
             hello.close()
             results["tc-hello"].append({"rps": rps, "p99": p99})
             for mode in ("hooks", "count"):
@@ -250,6 +268,10 @@ def main() -> int:
 
     med, floor = print_table(results, modes, f"wrk -t1 -c50 -d{args.seconds}s --latency, nginx 1 worker, 6-byte "
                              f"response, keep-alive; median of {args.rounds} rounds")
+    if hello_ns:
+        runs, ns = sum(r for r, _ in hello_ns), sum(n for _, n in hello_ns)
+        print(f"tc-hello: {runs} packets classified, {ns / max(runs, 1):.0f} ns each (kernel run time with "
+              f"bpf_stats on; one run per packet: lo has the egress program only)")
     ours = modes[5:9]  # the targets are ours; the bpftrace row is the peer's
     worst = min(med[m]["rps"] / floor["rps"] for m in ours)
     lost = sum(r["lost"] for m in ours for r in results[m])

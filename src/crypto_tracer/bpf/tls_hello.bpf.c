@@ -7,12 +7,12 @@
  * Only segments that start a ClientHello or ServerHello record (content type 22, version 3.x,
  * handshake type 1 or 2) are copied, plus the next few segments of the same flow and direction
  * (a hello split over segments, TLS 1.2's Certificate and ServerKeyExchange) while the `follow`
- * map holds that direction: a data segment costs the header loads, one byte compare and one
- * hash lookup. User space deletes the follow entry as soon as it has read what it needs.
+ * map holds that direction: a data segment costs the header loads and a few byte compares (one
+ * hash lookup more when it does not start with an application-data record header). User space deletes the follow entry as soon as it has read what it needs.
  *
  * The records go to the ring buffer user space gives us (map reuse: the tls object's own
  * ring), so a hello is read before the handshake return it precedes.
- * On lo every packet passes egress and then ingress: only egress is kept there.
+ * On lo every packet passes egress and then ingress: only egress is hooked there.
  */
 #include "common.h"
 #include <bpf/bpf_endian.h>
@@ -31,7 +31,8 @@
 
 struct hello_iface {
 	__u32 l2_len;      /* 14 on Ethernet-like devices (and lo), 0 on raw IP devices */
-	__u32 egress_only; /* lo */
+	__u32 egress_only; /* lo (user space attaches no ingress program there either) */
+	__u32 attached;
 };
 
 /* One direction of a TCP connection: the sender first. */
@@ -57,9 +58,11 @@ struct hello_rec {
 	__u8 data[HELLO_MAX];
 };
 
+/* by ifindex: an array, whose lookup the verifier inlines (a hash lookup per packet costs more) */
+#define HELLO_IFINDEX_MAX 4096
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 256);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HELLO_IFINDEX_MAX);
 	__type(key, __u32);
 	__type(value, struct hello_iface);
 } hello_ifaces SEC(".maps");
@@ -93,7 +96,7 @@ static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 	struct __sk_buff *skb = ctx;
 	__u32 zero = 0, ifindex = sk->ifindex;
 	struct hello_iface *ifc = bpf_map_lookup_elem(&hello_ifaces, &ifindex);
-	if (!ifc || (ifc->egress_only && !egress))
+	if (!ifc || !ifc->attached || (ifc->egress_only && !egress))
 		return TC_ACT_UNSPEC;
 
 	struct hello_flow f = {};
@@ -140,6 +143,10 @@ static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 		__u32 left = FOLLOW_SEGMENTS;
 		bpf_map_update_elem(&hello_follow, &f, &left, BPF_ANY);
 	} else {
+		/* a segment starting with an application-data record header (the bulk of TLS traffic)
+		 * continues no hello flight: no lookup */
+		if (head[0] == 23 && head[1] == 3 && head[2] == 3)
+			return TC_ACT_UNSPEC;
 		__u32 *left = bpf_map_lookup_elem(&hello_follow, &f);
 		if (!left)
 			return TC_ACT_UNSPEC; /* the data path: nothing more */

@@ -32,7 +32,8 @@ STATE_PREFIX = "tls-hello"
 HELLO_FLOW = CStruct("hello_flow", "family I sport H dport H saddr 16s daddr 16s")
 HELLO_REC = CStruct("hello_rec", ("h", CT_HEADER), "ifindex I egress I", ("f", HELLO_FLOW),
                     "seq I payload_len I cap_len I pad I", until="data")
-HELLO_IFACE = CStruct("hello_iface", "l2_len I egress_only I")
+HELLO_IFACE = CStruct("hello_iface", "l2_len I egress_only I attached I")
+IFINDEX_MAX = 4096  # HELLO_IFINDEX_MAX: hello_ifaces is an array by ifindex
 _HEAD = HELLO_REC.struct
 _FLOW0, _FLOW1 = HELLO_REC.span("f.family", "f.daddr")
 _TYPE = CT_EV_TLS_HELLO.to_bytes(4, "little")
@@ -99,8 +100,12 @@ class HelloCapture:
             self.close()
             raise HelloUnavailable(str(exc).splitlines()[0]) from None
         for ifc in self.interfaces if self.interfaces is not None else all_interfaces():
+            if ifc.ifindex >= IFINDEX_MAX:
+                log.debug("tls_hello: %s not watched (ifindex %d)", ifc.name, ifc.ifindex)
+                continue
+            loopback = ifc.arphrd == tc_capture.ARPHRD_LOOPBACK
             self.obj.map("hello_ifaces").update(struct.pack("<I", ifc.ifindex), HELLO_IFACE.struct.pack(
-                14 if ifc.has_l2 else 0, int(ifc.arphrd == tc_capture.ARPHRD_LOOPBACK)))
+                14 if ifc.has_l2 else 0, int(loopback), 1))
             hook = TcHook(ifc.ifindex, TC_HANDLE, TC_PRIORITY)
             try:
                 created = hook.create()
@@ -113,7 +118,8 @@ class HelloCapture:
             self._attached.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created})
             self._save_state()
             try:
-                hook.attach(self.obj.program("hello_ingress"), False)
+                if not loopback:  # lo: each packet passes egress, then ingress
+                    hook.attach(self.obj.program("hello_ingress"), False)
                 hook.attach(self.obj.program("hello_egress"), True)
             except AttachError as exc:
                 if exc.errno == errno.EPERM:  # (the qdisc was there already)
