@@ -256,3 +256,34 @@ def test_classifier_removed_after_kill_9(ec_cert, tmp_path):
     assert rc == 0, err
     assert "removed the TC handshake classifier left behind" in err
     assert "hello_egress" not in tc_filters()
+
+
+@pytest.mark.parametrize("version", ["tls1.3", "tls1.2"])
+def test_boringssl(ec_cert, tmp_path, version):
+    """bssl-tool (Debian's android-libboringssl) client -> server: the facts equal what bssl-tool prints
+    about its own connection (Version, Cipher, ECDHE curve, Resumed session)."""
+    need_tool("bssl-tool")
+    cert, key = ec_cert
+    port = free_port()
+    with tp.process([tp.peer("bssl-tool"), "server", "-accept", str(port), "-www", "-loop", "-key", key, "-cert",
+                     cert], port=port):
+        tracer, out = run_tracer(tmp_path)
+        p = subprocess.run([tp.peer("bssl-tool"), "client", "-connect", f"127.0.0.1:{port}", "-server-name",
+                            "facts.test", "-min-version", version, "-max-version", version],
+                           input=b"GET / HTTP/1.0\r\n\r\n", capture_output=True, timeout=20)
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    said = dict(re.findall(r"^  ([A-Za-z ]+): (.*)$", p.stdout.decode(), re.M))
+    assert said["Version"] == ("TLSv1.3" if version == "tls1.3" else "TLSv1.2"), p.stdout
+    want = {"tls_version": said["Version"], "cipher": said["Cipher"],
+            "group": {"X25519": "x25519", "P-256": "secp256r1"}[said["ECDHE curve"]], "sni": "facts.test",
+            "alpn": None, "resumed": {"no": False, "yes": True}[said["Resumed session"]]}
+    events = tp.read_events(out)
+    client, server = client_and_server(events, {"process": "ctpeer-bssl-too", "role": "client"},
+                                       "ctpeer-bssl-too", port)
+    peer = NO_PEER_CERT
+    if version == "tls1.2":
+        subject, issuer = subject_of(cert)
+        peer = {"peer_cert_subject": subject, "peer_cert_issuer": issuer, "peer_key_type": "EC", "peer_key_bits": 256}
+    assert client == {"role": "client", **want, **peer}
+    assert server == {"role": "server", **want, **NO_PEER_CERT}
