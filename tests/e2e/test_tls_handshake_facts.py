@@ -5,6 +5,7 @@ ChaCha20, X25519 and P-256), node -> node (OpenSSL 3.5: X25519MLKEM768), openssl
 resumption, gnutls-cli -> gnutls-serv and NSS's tstclnt -> selfserv. Ground truth: what each
 peer was told to use, or what it reports itself."""
 
+import os
 import re
 import subprocess
 
@@ -287,3 +288,75 @@ def test_boringssl(ec_cert, tmp_path, version):
         peer = {"peer_cert_subject": subject, "peer_cert_issuer": issuer, "peer_key_type": "EC", "peer_key_bits": 256}
     assert client == {"role": "client", **want, **peer}
     assert server == {"role": "server", **want, **NO_PEER_CERT}
+
+
+NODE_HELLO = r"""
+process.title = 'ctpeer-node';
+const tls = require('tls');
+const [host, port] = process.argv.slice(1);
+const s = tls.connect({host, port: +port, servername: 'facts.test', rejectUnauthorized: false}, () => {
+  s.write('GET / HTTP/1.0\r\n\r\n');
+});
+s.on('data', () => {}); s.on('end', () => s.destroy());
+"""
+
+
+@pytest.fixture
+def veth_netns():
+    """A network namespace behind a veth pair (MTU 1500, unlike lo's 64 KiB): a peer there is reached over
+    a real interface, both TC directions, and hellos and certificates span segments. The tool must start
+    after it exists (it watches the interfaces present at its start)."""
+    need_root()
+    need_tool("ip")
+    ns, host_if, ns_if = f"cthello{os.getpid() % 10000}", f"cth{os.getpid() % 10000}a", f"cth{os.getpid() % 10000}b"
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "link", "add", host_if, "mtu", "1500", "type", "veth", "peer", "name", ns_if, "mtu", "1500")
+        run("ip", "link", "set", ns_if, "netns", ns)
+        run("ip", "addr", "add", "10.201.7.1/24", "dev", host_if)
+        run("ip", "link", "set", host_if, "up")
+        run("ip", "netns", "exec", ns, "ip", "addr", "add", "10.201.7.2/24", "dev", ns_if)
+        run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield ns
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_real_interface_segments(veth_netns, tmp_path):
+    """Over a veth (MTU 1500): a TLS 1.2 server flight with an RSA 4096 certificate and node's ~1.8 KB
+    ClientHello (a hybrid key share) each span several segments; the facts are whole."""
+    need_tool("curl", "openssl")
+    from tests.harness import make_cert, wait_until
+
+    cert, key = make_cert(tmp_path, cn="big.facts.test", rsa_bits=4096)
+    port = free_port()
+    server = subprocess.Popen(["ip", "netns", "exec", veth_netns, tp.peer("openssl"), "s_server", "-accept",
+                               f"10.201.7.2:{port}", "-cert", cert, "-key", key, "-www", "-alpn", "http/1.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: subprocess.run(["ip", "netns", "exec", veth_netns, "ss", "-Hltn", f"sport = :{port}"],
+                                          capture_output=True, text=True).stdout.strip(), 10, "s_server listening")
+        # a node running before the tracer: its executable is hooked at start, so the short client is traced
+        with tp.process([tp.peer("node"), "-e", "setTimeout(() => {}, 60000)"]):
+            tracer, out = run_tracer(tmp_path)
+            curl_pid = tp.curl(f"https://10.201.7.2:{port}/", extra=["--tls-max", "1.2", "--ciphers",
+                                                                      "ECDHE-RSA-AES256-GCM-SHA384"])
+            subprocess.run([tp.peer("node"), "-e", NODE_HELLO, "10.201.7.2", str(port)], check=True, timeout=30)
+            _, err, rc = tracer.stop()
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert rc == 0, err
+    events = tp.read_events(out)
+    subject, issuer = subject_of(cert)
+    assert one(events, pid=curl_pid, remote_port=port) == {
+        "role": "client", "tls_version": "TLSv1.2", "cipher": "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+        "group": "x25519", "sni": None, "alpn": "http/1.1", "resumed": False, "peer_cert_subject": subject,
+        "peer_cert_issuer": issuer, "peer_key_type": "RSA", "peer_key_bits": 4096}
+    # OpenSSL 3.0's s_server knows no ML-KEM: it takes node's second key share
+    assert one(events, process="ctpeer-node", remote_port=port) == {
+        "role": "client", "tls_version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "group": "x25519",
+        "sni": "facts.test", "alpn": None, "resumed": False, **NO_PEER_CERT}
