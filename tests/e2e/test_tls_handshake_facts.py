@@ -360,3 +360,21 @@ def test_real_interface_segments(veth_netns, tmp_path):
     assert one(events, process="ctpeer-node", remote_port=port) == {
         "role": "client", "tls_version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "group": "x25519",
         "sni": "facts.test", "alpn": None, "resumed": False, **NO_PEER_CERT}
+
+
+def test_shared_qdisc_kept_for_a_later_capture(tmp_path):
+    """tls -m json creates lo's clsact; a pcapng capture started later uses it: when the json run ends, the
+    capture's filters (and so the qdisc) stay."""
+    need_root()
+    need_tool("tc")
+    tracer, _ = run_tracer(tmp_path)
+    capture = tp.tls_tracer(["-m", "pcapng", "-w", str(tmp_path / "c.pcapng"), "-i", "lo"])
+    try:
+        both = tc_filters()
+        assert "hello_egress" in both and "tc_egress" in both
+        _, err, rc = tracer.stop()
+        assert rc == 0, err
+        left = tc_filters()
+        assert "hello_egress" not in left and "tc_egress" in left and "tc_ingress" in left
+    finally:
+        assert capture.stop().rc == 0

@@ -64,6 +64,25 @@ def decode(raw: bytes) -> Segment:
                    raw[_HEAD.size:_HEAD.size + cap_len], raw[_FLOW0:_FLOW1])
 
 
+def _other_filters(name: str) -> bool:
+    """Whether the interface's clsact still holds filters (ours are detached first): a pcapng capture
+    started after us uses the qdisc we created, which must then stay. Without tc(8): no."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("tc"):
+        return False
+    for direction in ("ingress", "egress"):
+        try:
+            out = subprocess.run(["tc", "filter", "show", "dev", name, direction], capture_output=True, text=True,
+                                 timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        if f"pref {TC_PRIORITY} " not in out and out.strip():
+            return True
+    return False
+
+
 def all_interfaces() -> list[tc_capture.Interface]:
     out = []
     for _index, name in socket.if_nameindex():
@@ -151,7 +170,8 @@ class HelloCapture:
 
     def detach(self) -> None:
         for ifc in reversed(self._attached):
-            tc_capture._remove(ifc["ifindex"], ifc["created_qdisc"], TC_HANDLE, TC_PRIORITY)
+            tc_capture._remove(ifc["ifindex"], ifc["created_qdisc"] and not _other_filters(ifc["name"]),
+                               TC_HANDLE, TC_PRIORITY)
         self._attached.clear()
         try:
             os.unlink(self._state)
