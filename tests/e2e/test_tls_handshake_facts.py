@@ -375,7 +375,7 @@ def test_shared_qdisc_kept_for_a_later_capture(tmp_path):
         _, err, rc = tracer.stop()
         assert rc == 0, err
         left = tc_filters()
-        assert "hello_egress" not in left and "tc_egress" in left and "tc_ingress" in left
+        assert "hello_egress" not in left and "tc_egress" in left
     finally:
         assert capture.stop().rc == 0
         # the capture found the qdisc there, so it left it (empty): the json run made it, the test removes it

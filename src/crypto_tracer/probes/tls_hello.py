@@ -78,7 +78,7 @@ def _other_filters(name: str) -> bool:
                                  timeout=5).stdout
         except (OSError, subprocess.SubprocessError):
             return False
-        if f"pref {TC_PRIORITY} " not in out and out.strip():
+        if out.strip():
             return True
     return False
 
@@ -170,8 +170,10 @@ class HelloCapture:
 
     def detach(self) -> None:
         for ifc in reversed(self._attached):
-            tc_capture._remove(ifc["ifindex"], ifc["created_qdisc"] and not _other_filters(ifc["name"]),
-                               TC_HANDLE, TC_PRIORITY)
+            tc_capture._remove(ifc["ifindex"], False, TC_HANDLE, TC_PRIORITY)  # our filters
+            log.debug("tls_hello: detached from %s (qdisc ours: %s)", ifc["name"], ifc["created_qdisc"])
+            if ifc["created_qdisc"] and not _other_filters(ifc["name"]):
+                tc_capture._remove(ifc["ifindex"], True, TC_HANDLE, TC_PRIORITY)  # and the qdisc we made
         self._attached.clear()
         try:
             os.unlink(self._state)
