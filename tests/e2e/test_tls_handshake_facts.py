@@ -136,7 +136,7 @@ def test_openssl_resumption(ec_cert, tmp_path, version):
         p = subprocess.run([tp.peer("openssl"), "s_client", "-connect", f"127.0.0.1:{port}", "-servername",
                             "facts.test", version, "-ign_eof", flag, sess], input=request, capture_output=True,
                            timeout=20)
-        m = re.search(rb"^(New|Reused), (TLSv1\.[23])", p.stdout, re.M)
+        m = re.search(rb"^(New|Reused), (TLSv1\.[23])", p.stdout, re.MULTILINE)
         assert m, p.stdout[-2000:]
         return p, m.group(1).decode()
 
@@ -220,7 +220,7 @@ def test_nss(nssdb, tmp_path):
 def test_without_cap_net_admin(ec_cert, tmp_path, monkeypatch):
     """No CAP_NET_ADMIN: one warning, the run goes on, the facts packets give are null, the library's stay."""
     need_tool("capsh", "nginx")
-    import tests.harness as harness
+    from tests import harness
 
     cmd = harness.tracer_cmd()
     monkeypatch.setattr(harness, "tracer_cmd", lambda: ["capsh", "--drop=cap_net_admin", "--", "-c",
@@ -274,7 +274,7 @@ def test_boringssl(ec_cert, tmp_path, version):
                            input=b"GET / HTTP/1.0\r\n\r\n", capture_output=True, timeout=20)
         _, err, rc = tracer.stop(settle=[port])
     assert rc == 0, err
-    said = dict(re.findall(r"^  ([A-Za-z ]+): (.*)$", p.stdout.decode(), re.M))
+    said = dict(re.findall(r"^  ([A-Za-z ]+): (.*)$", p.stdout.decode(), re.MULTILINE))
     assert said["Version"] == ("TLSv1.3" if version == "tls1.3" else "TLSv1.2"), p.stdout
     want = {"tls_version": said["Version"], "cipher": said["Cipher"],
             "group": {"X25519": "x25519", "P-256": "secp256r1"}[said["ECDHE curve"]], "sni": "facts.test",

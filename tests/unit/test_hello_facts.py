@@ -159,7 +159,8 @@ def test_agrees_with_dpkt(cert):
     """Our parser and dpkt's (a maintained one, test-only: it costs ~6 MB of RSS at run time) read the same
     hellos alike; our cipher-suite table is dpkt's IANA names."""
     dpkt = pytest.importorskip("dpkt")
-    from dpkt import ssl as dssl, ssl_ciphersuites
+    from dpkt import ssl as dssl
+    from dpkt import ssl_ciphersuites
 
     from crypto_tracer.pipeline.hello_facts import _messages
     from crypto_tracer.pipeline.tls_names import CIPHER_SUITES

@@ -15,8 +15,8 @@ import json
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from crypto_tracer.bpf.cstruct import CStruct
 from crypto_tracer.log import log
@@ -75,7 +75,7 @@ def _other_filters(name: str) -> bool:
     for direction in ("ingress", "egress"):
         try:
             out = subprocess.run(["tc", "filter", "show", "dev", name, direction], capture_output=True, text=True,
-                                 timeout=5).stdout
+                                 check=False, timeout=5).stdout
         except (OSError, subprocess.SubprocessError):
             return False
         if out.strip():
