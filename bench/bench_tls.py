@@ -7,6 +7,8 @@ In one run, alternating, each mode R times (the median is reported):
   untraced     no probes
   floor        empty programs on the very uprobes `tls` uses (SSL_* entries and returns in
                libssl, which nginx and wrk both use): what the kernel's trap alone costs
+  tc-hello     the handshake-facts TC classifier (tls_hello.bpf.c) alone on every interface:
+               its cost per packet (text and json include it)
   text, json   crypto-tracer tls -m text / -m json, output to a file, whole host
   text-pid, json-pid   the same with --pid <nginx worker> (uprobes attached for it only)
   hooks, count the real programs with data capture off / with capture on but a reader that
@@ -69,6 +71,34 @@ class EmptyFloor:
 
     def close(self):
         self.obj.close()
+
+
+class HelloOnly:
+    """tls_hello.bpf.c alone on every interface (its records go to a loaded but unattached tls
+    object's ring): what the handshake-facts classifier costs each packet."""
+
+    def __init__(self):
+        from crypto_tracer.engine import BpfObject
+        from crypto_tracer.probes.tls_hello import HelloCapture
+
+        self.ring = BpfObject.from_package("tls")
+        self.ring.load()
+        self.capture = HelloCapture(self.ring.map("events"))
+        self.capture.start()
+
+    def close(self):
+        self.capture.close()
+        self.ring.close()
+
+    @staticmethod
+    def run_stats() -> tuple[int, int]:
+        """(runs, run time ns) of the classifier's programs (kernel.bpf_stats_enabled=1, bpftool)."""
+        import json
+
+        out = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                                        check=True).stdout)
+        ours = [p for p in out if p.get("name") in ("hello_ingress", "hello_egress")]
+        return sum(p.get("run_cnt", 0) for p in ours), sum(p.get("run_time_ns", 0) for p in ours)
 
 
 IN_PROCESS = r"""
@@ -192,9 +222,10 @@ def main() -> int:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # hooks: the real programs with data capture off (what the kernel side costs alone);
     # count: capture on, but user space only counts records (no decoding, no output).
-    modes = ("untraced", "floor", "hooks", "count", "text", "json", "text-pid", "json-pid") + \
+    modes = ("untraced", "floor", "tc-hello", "hooks", "count", "text", "json", "text-pid", "json-pid") + \
         (("bpftrace",) if shutil.which("bpftrace") else ())
     results: dict[str, list[dict]] = {m: [] for m in modes}
+    hello_ns: list[tuple[int, int]] = []  # tc-hello rounds: (classifier runs, their run time ns)
     try:
         wait_port(PORT)
         time.sleep(0.3)
@@ -207,6 +238,17 @@ def main() -> int:
             rps, p99 = wrk(args.seconds)
             floor.close()
             results["floor"].append({"rps": rps, "p99": p99})
+            hello = HelloOnly()
+            stats = shutil.which("bpftool") is not None
+            if stats:  # the classifier's own run time per packet, beside the req/s ratio
+                subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=True)
+            rps, p99 = wrk(args.seconds)
+            if stats:
+                runs, ns = HelloOnly.run_stats()
+                subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=0"], check=False)
+                hello_ns.append((runs, ns))
+            hello.close()
+            results["tc-hello"].append({"rps": rps, "p99": p99})
             for mode in ("hooks", "count"):
                 results[mode].append(run_traced([], args.seconds, [sys.executable, "-c", IN_PROCESS, mode]))
             for mode in ("text", "json"):
@@ -226,7 +268,11 @@ def main() -> int:
 
     med, floor = print_table(results, modes, f"wrk -t1 -c50 -d{args.seconds}s --latency, nginx 1 worker, 6-byte "
                              f"response, keep-alive; median of {args.rounds} rounds")
-    ours = modes[4:8]  # the targets are ours; the bpftrace row is the peer's
+    if hello_ns:
+        runs, ns = sum(r for r, _ in hello_ns), sum(n for _, n in hello_ns)
+        print(f"tc-hello: {runs} packets classified, {ns / max(runs, 1):.0f} ns each (kernel run time with "
+              f"bpf_stats on; one run per packet: lo has the egress program only)")
+    ours = modes[5:9]  # the targets are ours; the bpftrace row is the peer's
     worst = min(med[m]["rps"] / floor["rps"] for m in ours)
     lost = sum(r["lost"] for m in ours for r in results[m])
     rss = max(r["rss"] for m in ours for r in results[m])

@@ -94,8 +94,9 @@ def test_bssl_plaintext(bssl, tmp_path, version):
     assert printed.endswith(response)  # what the client printed is what it read
     hs = {e["pid"]: e for e in events if e["event_type"] == "tls_handshake" and e["result"] == "success"}
     assert hs[client_pid]["role"] == "client" and hs[client_pid]["remote_port"] == bssl.port
-    # BoringSSL's SSL object is not OpenSSL's: nothing is read from it, so the version is unknown, not wrong
-    assert hs[client_pid]["tls_version"] is None and hs[bssl.pid]["tls_version"] is None
+    # BoringSSL's SSL object is not OpenSSL's: nothing is read from it; the version is the ServerHello's
+    # (handshake facts from packets, tests/e2e/test_tls_handshake_facts.py)
+    assert hs[client_pid]["tls_version"] == hs[bssl.pid]["tls_version"] == f"TLSv{version}"
 
 
 def test_bssl_keylog_equals_its_own(bssl, tmp_path):

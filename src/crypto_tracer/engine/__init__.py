@@ -114,6 +114,12 @@ class Map:
         if ret:
             raise TracerError(f"cannot size map {self.name} to {n}: {os.strerror(_err(ret))}", ExitStatus.BPF_FAILURE)
 
+    def reuse_fd(self, fd: int) -> None:
+        """Before load: use another loaded object's map (e.g. its ring buffer) instead of a new one."""
+        ret = lb().bpf_map__reuse_fd(self._ptr, fd)
+        if ret:
+            raise TracerError(f"cannot share map {self.name}: {os.strerror(_err(ret))}", ExitStatus.BPF_FAILURE)
+
     def lookup(self, key: bytes, value_size: int | None = None) -> bytes | None:
         size = value_size if value_size is not None else self.value_size
         out = ctypes.create_string_buffer(size)

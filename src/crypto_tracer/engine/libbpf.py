@@ -81,6 +81,7 @@ bpf_program__attach_uprobe_opts = _decl("bpf_program__attach_uprobe_opts", c_voi
 bpf_link__destroy = _decl("bpf_link__destroy", c_int, c_void_p)
 bpf_map__fd = _decl("bpf_map__fd", c_int, c_void_p)
 bpf_map__set_max_entries = _decl("bpf_map__set_max_entries", c_int, c_void_p, c_uint32)
+bpf_map__reuse_fd = _decl("bpf_map__reuse_fd", c_int, c_void_p, c_int)
 bpf_map__max_entries = _decl("bpf_map__max_entries", c_uint32, c_void_p)
 bpf_map__key_size = _decl("bpf_map__key_size", c_uint32, c_void_p)
 bpf_map__value_size = _decl("bpf_map__value_size", c_uint32, c_void_p)

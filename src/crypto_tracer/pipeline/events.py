@@ -56,8 +56,13 @@ PROCESS_EXIT = EventType("process_exit", (*PROCESS_VIEW_FIELDS, "exit_code", "si
 FILE_OPEN = EventType("file_open", (*PROCESS_VIEW_FIELDS, "file", "file_type", "flags", "result"))
 LIB_LOAD = EventType("lib_load", (*PROCESS_VIEW_FIELDS, "library", "library_name", "version"))
 API_CALL = EventType("api_call", ("function_name", "library"))
+# tls_version .. peer_key_bits: from the hooked library where it says, else from the handshake
+# messages (pipeline/hello_facts.py); the peer_* fields describe the peer's certificate (TLS 1.2:
+# the server's, on the client's event; TLS 1.3 sends it encrypted).
 TLS_HANDSHAKE = EventType("tls_handshake", ("tid", "library", "role", "fd", "local_addr", "local_port", "remote_addr",
-                                            "remote_port", "result", "tls_version", "cipher"))
+                                            "remote_port", "result", "tls_version", "cipher", "group", "sni", "alpn",
+                                            "resumed", "peer_cert_subject", "peer_cert_issuer", "peer_key_type",
+                                            "peer_key_bits"))
 TLS_DATA = EventType("tls_data", ("tid", "library", "function", "direction", "fd", "local_addr", "local_port",
                                   "remote_addr", "remote_port", "stream_id", "length", "offset", "truncated", "data_b64"))
 

@@ -75,7 +75,7 @@ class TlsDataPipeline:
     raw_ts = staticmethod(raw_ts)
 
     def __init__(self, sink, stats, clock, conn_filter=None, redact_paths: bool = True,
-                 max_payload: int = 1 << 20):
+                 max_payload: int = 1 << 20, hello_facts=None):
         self.sink, self.stats, self.clock = sink, stats, clock
         self.conn_filter = conn_filter
         self.max_payload = max_payload
@@ -83,6 +83,7 @@ class TlsDataPipeline:
         self.procs = ProcessInfo()
         self.batch: list[bytes] = []
         self.conns: dict[bytes, tuple | None] = {}  # see entry()
+        self.hello_facts = hello_facts  # pipeline/hello_facts.HelloFacts: what the handshake messages said
 
     def process(self) -> None:
         raws = self.batch
@@ -141,8 +142,17 @@ class TlsDataPipeline:
                                                                   rec.remote_port)):
             return None
         ppid, exe = self.procs.get(rec.pid)
+        facts, local = None, (rec.local_addr, rec.local_port)
+        if self.hello_facts is not None and rec.local_addr is not None:
+            facts = self.hello_facts.lookup(local, (rec.remote_addr, rec.remote_port))
+        role = rec.role or (facts.role_of(local) if facts else None)
+        # the certificate packets show is the server's: the peer's only on the client's event
+        f = facts.fields(with_cert=role == "client") if facts else {}
         return self.redactor.event(TLS_HANDSHAKE.build(
             timestamp=self.clock.iso(rec.ts_ns), pid=rec.pid, ppid=ppid, uid=rec.uid, process=rec.comm, exe=exe,
-            tid=rec.tid, library=rec.library, role=rec.role, fd=rec.fd, local_addr=rec.local_addr,
+            tid=rec.tid, library=rec.library, role=role, fd=rec.fd, local_addr=rec.local_addr,
             local_port=rec.local_port, remote_addr=rec.remote_addr, remote_port=rec.remote_port, result=rec.result,
-            tls_version=rec.tls_version, cipher=None))
+            tls_version=rec.tls_version or f.get("tls_version"), cipher=f.get("cipher"), group=f.get("group"),
+            sni=f.get("sni"), alpn=f.get("alpn"), resumed=f.get("resumed"),
+            peer_cert_subject=f.get("peer_cert_subject"), peer_cert_issuer=f.get("peer_cert_issuer"),
+            peer_key_type=f.get("peer_key_type"), peer_key_bits=f.get("peer_key_bits")))

@@ -90,10 +90,10 @@ def interface(name: str) -> Interface:
     return Interface(name, ifindex, arphrd)
 
 
-def _tc(ifindex: int):
+def _tc(ifindex: int, handle: int = TC_HANDLE, priority: int = TC_PRIORITY):
     from crypto_tracer.engine import TcHook
 
-    return TcHook(ifindex, TC_HANDLE, TC_PRIORITY)
+    return TcHook(ifindex, handle, priority)
 
 
 def _create_qdisc(ifindex: int) -> bool:
@@ -107,9 +107,9 @@ def _create_qdisc(ifindex: int) -> bool:
                           "pcapng capture needs CAP_NET_ADMIN") from None
 
 
-def _remove(ifindex: int, created_qdisc: bool) -> None:
+def _remove(ifindex: int, created_qdisc: bool, handle: int = TC_HANDLE, priority: int = TC_PRIORITY) -> None:
     """Detach our filters; remove the qdisc if we created it."""
-    hook = _tc(ifindex)
+    hook = _tc(ifindex, handle, priority)
     hook.detach()
     if created_qdisc:
         hook.destroy()
@@ -125,20 +125,22 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def cleanup_leftovers() -> int:
-    """Remove what dead runs attached; returns how many interfaces were cleaned."""
+def cleanup_leftovers(prefix: str = "tc-capture", handle: int = TC_HANDLE, priority: int = TC_PRIORITY,
+                      what: str = "TC capture") -> int:
+    """Remove what dead runs attached (state files prefix-PID.json, filters handle/priority: also
+    probes/tls_hello.py's); returns how many interfaces were cleaned."""
     cleaned = 0
-    for path in glob.glob(os.path.join(STATE_DIR, "tc-capture-*.json")):
+    for path in glob.glob(os.path.join(STATE_DIR, f"{prefix}-*.json")):
         try:
             with open(path) as f:
                 state = json.load(f)
             if _alive(int(state["pid"])) and int(state["pid"]) != os.getpid():
                 continue
             for ifc in state["interfaces"]:
-                _remove(int(ifc["ifindex"]), bool(ifc["created_qdisc"]))
+                _remove(int(ifc["ifindex"]), bool(ifc["created_qdisc"]), handle, priority)
                 cleaned += 1
             os.unlink(path)
-            log.info("removed the TC capture left behind by crypto-tracer pid %s", state["pid"])
+            log.info("removed the %s left behind by crypto-tracer pid %s", what, state["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return cleaned

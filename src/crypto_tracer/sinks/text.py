@@ -52,7 +52,15 @@ def data_header_parts(ev: dict) -> tuple[str, str]:
 
 def header_line(ev: dict, chunk: int = 0) -> str:
     if ev["event_type"] == "tls_handshake":
-        extra = " ".join(str(x) for x in (ev["tls_version"], ev["cipher"]) if x)
+        extra = " ".join(str(x) for x in (ev["tls_version"], ev["cipher"], ev["group"]) if x)
+        for name in ("sni", "alpn"):
+            if ev[name]:
+                extra += f" {name}={ev[name]}"
+        if ev["resumed"] is not None:
+            extra += " resumed" if ev["resumed"] else " full-handshake"
+        if ev["peer_cert_subject"]:
+            key = " ".join(str(x) for x in (ev["peer_key_type"], ev["peer_key_bits"]) if x)
+            extra += f" peer={ev['peer_cert_subject']!r}{' (' + key + ')' if key else ''}"
         return f"{ev['timestamp']}{_who(ev)} handshake {ev['role'] or 'unknown-role'} {ev['result']}" \
                f"{' ' + extra if extra else ''} [{ev['library']}]"
     mid, lib = data_header_parts(ev)

@@ -45,13 +45,13 @@ def open_sink(opts):
     return make_json_sink(opts.format, out)
 
 
-def make_pipeline(opts, clock, stats):
+def make_pipeline(opts, clock, stats, hello_facts=None):
     """The sink and the pipeline that feeds it, for the options of a run."""
     from crypto_tracer.pipeline.filters.connections import compile_connection_filter
     from crypto_tracer.pipeline.tls_data import TlsDataPipeline
 
     return TlsDataPipeline(open_sink(opts), stats, clock, conn_filter=compile_connection_filter(opts.filter),
-                           redact_paths=not opts.no_redact, max_payload=opts.max_payload)
+                           redact_paths=not opts.no_redact, max_payload=opts.max_payload, hello_facts=hello_facts)
 
 
 def run(opts) -> int:
@@ -64,17 +64,26 @@ def run(opts) -> int:
     tracer = TlsTracer(pids=[opts.pid] if opts.pid else None, uid=opts.uid, name=opts.name,
                        libssl=opts.libssl or (), capture_data=True,
                        mapsize=opts.mapsize or (STREAMS_RINGBUF if opts.model == "streams" else DEFAULT_RINGBUF), max_payload=opts.max_payload)
+    from crypto_tracer.pipeline.hello_facts import HelloFacts
+    from crypto_tracer.probes import tls_hello
+
     stop = StopFlag().install()
-    pipe = None
+    pipe = hello = None
     try:
         t0 = time.monotonic()
         clock = WallClock()
         stats = RunStats(tracer.counters)
-        pipe = make_pipeline(opts, clock, stats)
+        facts = HelloFacts()
+        pipe = make_pipeline(opts, clock, stats, hello_facts=facts)
         for rtype in (CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS):
             tracer.on(rtype, pipe.batch.append)
         tracer.on(CT_EV_TLS_PROCESS, pipe.procs.learn)  # before the batch it precedes is processed
         tracer.start()
+        # handshake facts from the hello messages, on the tracer's own ring (they precede its records);
+        # streams files hold no handshake events
+        hello = tls_hello.start_for(tracer, facts.add_raw) if opts.model != "streams" else None
+        if hello is not None:
+            facts.done = hello.done
         if not tracer.libraries:
             log.warning("no TLS library found in %s yet; waiting for processes that load one",
                         f"process {opts.pid}" if opts.pid else "running processes")
@@ -91,6 +100,8 @@ def run(opts) -> int:
         run_loop(poll, opts.duration, stop, tick)
         if stop.signal:
             log.info("Shutdown requested, cleaning up...")
+        if hello is not None:
+            hello.detach()
         tracer.detach()  # nothing new arrives; then every submitted record is handled
         tracer.drain()
         pipe.process()
@@ -100,4 +111,9 @@ def run(opts) -> int:
         stop.restore()
         if pipe is not None:
             pipe.sink.close()
+        if hello is not None:
+            if hello.counters()["dropped"]:
+                log.warning("%d handshake packets were lost (ring buffer full): some handshake facts are null",
+                            hello.counters()["dropped"])
+            hello.close()
         tracer.close()

@@ -1,0 +1,205 @@
+// SPDX-License-Identifier: GPL-2.0
+/* crypto-tracer: the TLS handshake messages of every TCP connection, seen by TC (clsact
+ * ingress and egress on every interface), for the handshake facts user space reads from them
+ * (probes/tls_hello.py): version, cipher suite, key-exchange group, SNI, ALPN, resumption and,
+ * for TLS 1.2, the certificate.
+ *
+ * Only segments that start a ClientHello or ServerHello record (content type 22, version 3.x,
+ * handshake type 1 or 2) are copied, plus the next few segments of the same flow and direction
+ * (a hello split over segments, TLS 1.2's Certificate and ServerKeyExchange) while the `follow`
+ * map holds that direction: a data segment costs the header loads and a few byte compares (one
+ * hash lookup more when it does not start with an application-data record header). User space deletes the follow entry as soon as it has read what it needs.
+ *
+ * The records go to the ring buffer user space gives us (map reuse: the tls object's own
+ * ring), so a hello is read before the handshake return it precedes.
+ * On lo every packet passes egress and then ingress: only egress is hooked there.
+ */
+#include "common.h"
+#include <bpf/bpf_endian.h>
+
+/* A record type of its own, outside common.h's enum so that the shared header (and every
+ * object's manifest entry) is unchanged; far above that enum's numbers. */
+#define CT_EV_TLS_HELLO 32
+#define HELLO_MAX (16 * 1024) /* bytes of one segment's payload copied: hellos, a certificate chain */
+#define FOLLOW_SEGMENTS 8      /* segments copied after a hello's first, per direction */
+#define TC_ACT_UNSPEC (-1)
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+
+struct hello_iface {
+	__u32 l2_len;      /* 14 on Ethernet-like devices (and lo), 0 on raw IP devices */
+	__u32 egress_only; /* lo (user space attaches no ingress program there either) */
+	__u32 attached;
+};
+
+/* One direction of a TCP connection: the sender first. */
+struct hello_flow {
+	__u32 family;
+	__u16 sport;
+	__u16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+/* CT_EV_TLS_HELLO: this head (ct_header without a process: TC runs in no process's context),
+ * then cap_len bytes of the segment's TCP payload. */
+struct hello_rec {
+	struct ct_header h;
+	__u32 ifindex;
+	__u32 egress;
+	struct hello_flow f;
+	__u32 seq;         /* TCP sequence number of the payload's first byte */
+	__u32 payload_len; /* of the segment (pre-GSO on lo: can exceed the MTU) */
+	__u32 cap_len;
+	__u32 pad;
+	__u8 data[HELLO_MAX];
+};
+
+/* by ifindex: an array, whose lookup the verifier inlines (a hash lookup per packet costs more) */
+#define HELLO_IFINDEX_MAX 4096
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HELLO_IFINDEX_MAX);
+	__type(key, __u32);
+	__type(value, struct hello_iface);
+} hello_ifaces SEC(".maps");
+
+/* direction -> segments still to copy (user space deletes the entry when it is done) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct hello_flow);
+	__type(value, __u32);
+} hello_follow SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hello_rec);
+} hello_scratch SEC(".maps");
+
+/* The start of UAPI struct __sk_buff (stable: no CO-RE). Read through this rather than vmlinux.h's
+ * copy, whose preserve_access_index would make libbpf load and parse the kernel's BTF (a ~9 MB
+ * peak of the tool's RSS) for relocations that can never change. */
+struct hello_skb {
+	__u32 len, pkt_type, mark, queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto, priority,
+		ingress_ifindex, ifindex;
+};
+
+static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
+{
+	struct hello_skb *sk = (struct hello_skb *)ctx;
+	struct __sk_buff *skb = ctx;
+	__u32 zero = 0, ifindex = sk->ifindex;
+	struct hello_iface *ifc = bpf_map_lookup_elem(&hello_ifaces, &ifindex);
+	if (!ifc || !ifc->attached || (ifc->egress_only && !egress))
+		return TC_ACT_UNSPEC;
+
+	struct hello_flow f = {};
+	__u32 l3 = ifc->l2_len & 0xff, l4, end = sk->len;
+	__u16 eth_proto = bpf_ntohs(sk->protocol);
+	if (eth_proto == ETH_P_IP) {
+		__u8 ip[20];
+		if (bpf_skb_load_bytes(skb, l3, ip, sizeof(ip)) || ip[9] != IPPROTO_TCP || (ip[6] & 0x1f) || ip[7])
+			return TC_ACT_UNSPEC;
+		f.family = AF_INET;
+		l4 = l3 + (ip[0] & 0xf) * 4;
+		__u32 tot = (ip[2] << 8) | ip[3]; /* 0 on BIG TCP packets: then the skb's length */
+		if (tot && l3 + tot < end)
+			end = l3 + tot; /* Ethernet padding of short frames */
+		__builtin_memcpy(f.saddr, &ip[12], 4);
+		__builtin_memcpy(f.daddr, &ip[16], 4);
+	} else if (eth_proto == ETH_P_IPV6) {
+		__u8 ip6[40];
+		if (bpf_skb_load_bytes(skb, l3, ip6, sizeof(ip6)) || ip6[6] != IPPROTO_TCP)
+			return TC_ACT_UNSPEC;
+		f.family = AF_INET6;
+		l4 = l3 + 40;
+		__u32 plen = (ip6[4] << 8) | ip6[5];
+		if (plen && l4 + plen < end)
+			end = l4 + plen;
+		__builtin_memcpy(f.saddr, &ip6[8], 16);
+		__builtin_memcpy(f.daddr, &ip6[24], 16);
+	} else {
+		return TC_ACT_UNSPEC;
+	}
+	struct { __be16 sport, dport; __be32 seq, ack; __u8 off, flags; } tcp;
+	if (bpf_skb_load_bytes(skb, l4, &tcp, sizeof(tcp)))
+		return TC_ACT_UNSPEC;
+	__u32 payload = l4 + (tcp.off >> 4) * 4;
+	if (payload >= end)
+		return TC_ACT_UNSPEC; /* no payload: ACKs, SYNs, FINs */
+	__u8 head[6];
+	if (bpf_skb_load_bytes(skb, payload, head, sizeof(head)))
+		return TC_ACT_UNSPEC;
+	f.sport = bpf_ntohs(tcp.sport);
+	f.dport = bpf_ntohs(tcp.dport);
+
+	if (head[0] == 22 && head[1] == 3 && (head[5] == 1 || head[5] == 2)) {
+		__u32 left = FOLLOW_SEGMENTS;
+		bpf_map_update_elem(&hello_follow, &f, &left, BPF_ANY);
+	} else {
+		/* a segment starting with an application-data record header (the bulk of TLS traffic)
+		 * continues no hello flight: no lookup */
+		if (head[0] == 23 && head[1] == 3 && head[2] == 3)
+			return TC_ACT_UNSPEC;
+		__u32 *left = bpf_map_lookup_elem(&hello_follow, &f);
+		if (!left)
+			return TC_ACT_UNSPEC; /* the data path: nothing more */
+		if (*left == 0) {
+			bpf_map_delete_elem(&hello_follow, &f);
+			return TC_ACT_UNSPEC;
+		}
+		__sync_fetch_and_add(left, -1);
+	}
+	ct_count(CT_CNT_SEEN);
+
+	struct hello_rec *rec = bpf_map_lookup_elem(&hello_scratch, &zero);
+	if (!rec)
+		return TC_ACT_UNSPEC;
+	__u32 len = end - payload;
+	rec->payload_len = len;
+	if (len > HELLO_MAX)
+		len = HELLO_MAX;
+	if (len == 0)
+		return TC_ACT_UNSPEC;
+	barrier_var(len);
+	if (len > HELLO_MAX)
+		return TC_ACT_UNSPEC;
+	if (bpf_skb_load_bytes(skb, payload, rec->data, len))
+		return TC_ACT_UNSPEC;
+	__builtin_memset(&rec->h, 0, sizeof(rec->h));
+	rec->h.ts_ns = bpf_ktime_get_ns();
+	rec->h.type = CT_EV_TLS_HELLO;
+	rec->ifindex = ifindex;
+	rec->egress = egress;
+	rec->f = f;
+	rec->seq = bpf_ntohl(tcp.seq);
+	rec->cap_len = len;
+	rec->pad = 0;
+	/* no wake-up: the handshake record that follows wakes the reader */
+	if (bpf_ringbuf_output(&events, rec, offsetof(struct hello_rec, data) + len, BPF_RB_NO_WAKEUP)) {
+		ct_count(CT_CNT_DROPPED);
+		return TC_ACT_UNSPEC;
+	}
+	ct_count(CT_CNT_SUBMITTED);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int hello_ingress(struct __sk_buff *skb)
+{
+	return hello(skb, 0);
+}
+
+SEC("tc")
+int hello_egress(struct __sk_buff *skb)
+{
+	return hello(skb, 1);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,367 @@
+"""Handshake facts read from the handshake messages themselves (probes/tls_hello.py's segments):
+per TCP connection, what the ClientHello offered and what the server chose.
+
+Each direction's segments are put back in order (by TCP sequence number) until its messages are
+read: the ClientHello for the client; for the server the ServerHello and, in TLS 1.2, the
+Certificate, the ServerKeyExchange and ServerHelloDone (or the ChangeCipherSpec of a resumed
+session). Messages are parsed here (a few fixed layouts; dpkt, which the unit tests compare
+against, would cost ~6 MB of RSS); cipher-suite names are IANA's (pipeline/tls_names.py).
+
+``Facts.lookup(local, remote)`` joins a hooked library's tls_handshake event to its connection.
+What packets cannot see stays None: TLS 1.3's ALPN and certificate are encrypted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
+# IANA TLS Supported Groups (the ones hosts meet)
+GROUPS = {0x0017: "secp256r1", 0x0018: "secp384r1", 0x0019: "secp521r1", 0x001D: "x25519", 0x001E: "x448",
+          0x001A: "brainpoolP256r1", 0x001B: "brainpoolP384r1", 0x001C: "brainpoolP512r1",
+          0x001F: "brainpoolP256r1tls13", 0x0020: "brainpoolP384r1tls13", 0x0021: "brainpoolP512r1tls13",
+          0x0100: "ffdhe2048", 0x0101: "ffdhe3072", 0x0102: "ffdhe4096", 0x0103: "ffdhe6144", 0x0104: "ffdhe8192",
+          0x0200: "MLKEM512", 0x0201: "MLKEM768", 0x0202: "MLKEM1024",
+          0x11EB: "SecP256r1MLKEM768", 0x11EC: "X25519MLKEM768", 0x11ED: "SecP384r1MLKEM1024",
+          0x6399: "X25519Kyber768Draft00", 0x639A: "SecP256r1Kyber768Draft00"}
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+EXT_SNI, EXT_GROUPS, EXT_SIG_ALGS, EXT_ALPN, EXT_PSK, EXT_VERSIONS, EXT_KEY_SHARE = 0, 10, 13, 16, 41, 43, 51
+HS_CLIENT_HELLO, HS_SERVER_HELLO, HS_TICKET, HS_CERTIFICATE, HS_SKE, HS_CERT_REQUEST, HS_SHD = 1, 2, 4, 11, 12, 13, 14
+REC_CCS, REC_HANDSHAKE = 20, 22
+MAX_STREAM = 64 * 1024  # bytes of one direction kept while waiting for its messages
+MAX_CONNECTIONS = 4096  # connections remembered (a handshake event follows its hellos within a poll or two)
+
+
+def _grease(code: int) -> bool:
+    return (code & 0x0F0F) == 0x0A0A and (code >> 8) == (code & 0xFF)
+
+
+def group_name(code: int | None) -> str | None:
+    return None if code is None else GROUPS.get(code, f"0x{code:04x}")
+
+
+def cipher_name(code: int | None) -> str | None:
+    if code is None:
+        return None
+    from crypto_tracer.pipeline.tls_names import CIPHER_SUITES
+
+    return CIPHER_SUITES.get(code, f"0x{code:04x}")
+
+
+@dataclass
+class ConnFacts:
+    """One connection's facts; None: not seen (or not visible in packets)."""
+    client: tuple[str, int]
+    server: tuple[str, int]
+    ts_ns: int = 0
+    # the ClientHello's offer
+    sni: str | None = None
+    alpn_offered: list[str] | None = None
+    offered_versions: list[int] | None = None
+    offered_suites: list[int] | None = None
+    offered_groups: list[int] | None = None
+    offered_extensions: list[int] | None = None  # in order, GREASE left out (JA4 needs them)
+    signature_algorithms: list[int] | None = None
+    client_session_id: bytes = b""
+    # the server's choice
+    version: int | None = None
+    cipher: int | None = None
+    group: int | None = None
+    alpn: str | None = None
+    resumed: bool | None = None
+    hello_retry: bool = False
+    cert_der: bytes | None = None  # TLS 1.2: the server's certificate, parsed when an event asks (certificate())
+    _cert: dict | None = None
+
+    def role_of(self, local: tuple) -> str | None:
+        return "client" if local == self.client else "server" if local == self.server else None
+
+    def certificate(self) -> dict | None:
+        """subject, issuer, key_type, key_bits of the TLS 1.2 certificate; parsed on first use, as
+        importing cryptography adds ~10 MB of RSS that runs without such events never pay."""
+        if self._cert is None and self.cert_der:
+            self._cert = _certificate_facts(self.cert_der)
+            self.cert_der = None
+        return self._cert
+
+    def fields(self, with_cert: bool = True) -> dict:
+        """The tls_handshake fields these facts fill (the certificate's only with_cert)."""
+        cert = (self.certificate() if with_cert else None) or {}
+        return {"tls_version": VERSIONS.get(self.version) if self.version else None,
+                "cipher": cipher_name(self.cipher), "group": group_name(self.group), "sni": self.sni,
+                "alpn": self.alpn, "resumed": self.resumed, "peer_cert_subject": cert.get("subject"),
+                "peer_cert_issuer": cert.get("issuer"), "peer_key_type": cert.get("key_type"),
+                "peer_key_bits": cert.get("key_bits")}
+
+
+@dataclass
+class _Stream:
+    """One direction's bytes from its first handshake segment on."""
+    base: int
+    segs: dict[int, bytes] = field(default_factory=dict)  # offset -> payload
+    used: int = 0  # bytes of handshake messages already parsed
+
+    def add(self, seq: int, data: bytes) -> None:
+        off = (seq - self.base) & 0xFFFFFFFF
+        if off < MAX_STREAM and len(data) > len(self.segs.get(off, b"")):
+            self.segs[off] = data
+
+    def contiguous(self) -> bytes:
+        out = bytearray()
+        for off in sorted(self.segs):
+            if off > len(out):
+                break
+            out += self.segs[off][len(out) - off:]
+        return bytes(out)
+
+
+def _messages(stream: bytes, past_ccs: bool = False) -> tuple[list[tuple[int, bytes]], bool, bool]:
+    """The complete handshake messages at the start of a direction's bytes, whether a
+    ChangeCipherSpec record came, and whether anything else ended them. Handshake records after
+    a ChangeCipherSpec are encrypted, unless past_ccs (a HelloRetryRequest's compatibility CCS)."""
+    body, pos, ccs, other = bytearray(), 0, False, False
+    while pos + 5 <= len(stream):
+        rtype, length = stream[pos], int.from_bytes(stream[pos + 3:pos + 5], "big")
+        if pos + 5 + length > len(stream):
+            break
+        if rtype == REC_CCS:
+            ccs = True
+        elif rtype == REC_HANDSHAKE and (past_ccs or not ccs):
+            body += stream[pos + 5:pos + 5 + length]
+        else:
+            other = True
+            break
+        pos += 5 + length
+    msgs, p = [], 0
+    while p + 4 <= len(body):
+        n = int.from_bytes(body[p + 1:p + 4], "big")
+        if p + 4 + n > len(body):
+            break
+        msgs.append((body[p], bytes(body[p + 4:p + 4 + n])))
+        p += 4 + n
+    return msgs, ccs, other
+
+
+def _u16s(data: bytes, lenbytes: int = 2) -> list[int]:
+    n = int.from_bytes(data[:lenbytes], "big")
+    return [int.from_bytes(data[i:i + 2], "big") for i in range(lenbytes, lenbytes + n - 1, 2)]
+
+
+def _alpn_list(data: bytes) -> list[str]:
+    out, p, end = [], 2, 2 + int.from_bytes(data[:2], "big")
+    while p < min(end, len(data)):
+        n = data[p]
+        out.append(data[p + 1:p + 1 + n].decode("ascii", "replace"))
+        p += 1 + n
+    return out
+
+
+def _sni(data: bytes) -> str | None:
+    p, end = 2, 2 + int.from_bytes(data[:2], "big")
+    while p + 3 <= min(end, len(data)):
+        kind, n = data[p], int.from_bytes(data[p + 1:p + 3], "big")
+        if kind == 0:
+            return data[p + 3:p + 3 + n].decode("ascii", "replace")
+        p += 3 + n
+    return None
+
+
+class _Reader:
+    """Big-endian fields of a handshake message; a short message raises ValueError."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ValueError("short handshake message")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def int(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def vector(self, lenbytes: int) -> bytes:
+        return self.take(self.int(lenbytes))
+
+    def extensions(self) -> list[tuple[int, bytes]]:
+        if self.pos >= len(self.data):
+            return []
+        ext, out = _Reader(self.vector(2)), []
+        while ext.pos < len(ext.data):
+            out.append((ext.int(2), ext.vector(2)))
+        return out
+
+
+def parse_client_hello(body: bytes, facts: ConnFacts) -> None:
+    r = _Reader(body)
+    version = r.int(2)
+    r.take(32)  # random
+    facts.client_session_id = r.vector(1)
+    suites = r.vector(2)
+    facts.offered_suites = [c for c in (int.from_bytes(suites[i:i + 2], "big") for i in range(0, len(suites) - 1, 2))
+                            if not _grease(c)]
+    r.vector(1)  # compression methods
+    facts.offered_versions = [version]
+    exts = r.extensions()
+    facts.offered_extensions = [ext for ext, _ in exts if not _grease(ext)]
+    for ext, data in exts:
+        if ext == EXT_SNI:
+            facts.sni = _sni(data)
+        elif ext == EXT_ALPN:
+            facts.alpn_offered = _alpn_list(data)
+        elif ext == EXT_GROUPS:
+            facts.offered_groups = [g for g in _u16s(data) if not _grease(g)]
+        elif ext == EXT_VERSIONS:
+            facts.offered_versions = [v for v in _u16s(data, 1) if not _grease(v)]
+        elif ext == EXT_SIG_ALGS:
+            facts.signature_algorithms = _u16s(data)
+
+
+def parse_server_hello(body: bytes, facts: ConnFacts) -> bool:
+    """The server's choices; False for a HelloRetryRequest (its ServerHello comes next)."""
+    r = _Reader(body)
+    version, random, session_id, suite = r.int(2), r.take(32), r.vector(1), r.int(2)
+    r.take(1)  # compression method
+    exts = dict(r.extensions())
+    if random == HRR_RANDOM:
+        facts.hello_retry = True
+        return False
+    facts.version = int.from_bytes(exts[EXT_VERSIONS][:2], "big") if EXT_VERSIONS in exts else version
+    facts.cipher = suite
+    if facts.version >= 0x0304:
+        facts.group = int.from_bytes(exts[EXT_KEY_SHARE][:2], "big") if EXT_KEY_SHARE in exts else None
+        facts.resumed = EXT_PSK in exts
+    else:
+        if EXT_ALPN in exts:
+            names = _alpn_list(exts[EXT_ALPN])
+            facts.alpn = names[0] if names else None
+        # a session id the server echoes: an abbreviated handshake (tickets: decided by the next message)
+        if facts.client_session_id and session_id == facts.client_session_id:
+            facts.resumed = True
+    return True
+
+
+def parse_certificate(body: bytes, facts: ConnFacts) -> None:
+    """The first certificate of a TLS 1.2 Certificate message (the sender's own), kept as DER."""
+    r = _Reader(_Reader(body).vector(3))
+    facts.cert_der = r.vector(3) if r.data else None
+
+
+def _certificate_facts(der: bytes) -> dict:
+    try:
+        from cryptography import x509
+
+        from crypto_tracer.host.certinfo import _public_key_summary
+
+        cert = x509.load_der_x509_certificate(der)
+        key = _public_key_summary(cert)
+        return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
+                "key_type": key["algorithm"], "key_bits": key["key_size"]}
+    except Exception:  # a certificate cryptography cannot read: unknown
+        return {}
+
+
+def parse_server_key_exchange(body: bytes, facts: ConnFacts) -> None:
+    # ECDHE: ECParameters {curve_type named_curve(3), NamedCurve}; DHE's explicit prime has no name
+    if len(body) >= 3 and body[0] == 3 and facts.cipher is not None:
+        facts.group = int.from_bytes(body[1:3], "big")
+
+
+class HelloFacts:
+    """Segments -> per-connection facts. done(flow) tells the kernel to stop copying a direction;
+    completed(facts), when given, is called once the server's messages are read (a handshake
+    seen from packets alone: what `tls -m handshake` reports)."""
+
+    def __init__(self, done=None, completed=None):
+        self.done, self.completed = done, completed
+        self.conns: OrderedDict[tuple, ConnFacts] = OrderedDict()
+        self.streams: OrderedDict[tuple, _Stream] = OrderedDict()
+        self.errors = 0
+
+    @staticmethod
+    def key(a: tuple, b: tuple) -> tuple:
+        return (a, b) if a <= b else (b, a)
+
+    def add_raw(self, raw: bytes) -> None:
+        from crypto_tracer.probes.tls_hello import decode
+
+        self.add(decode(raw))
+
+    def add(self, seg) -> None:
+        d = (seg.src, seg.dst)
+        data = seg.data
+        start = len(data) >= 6 and data[0] == REC_HANDSHAKE and data[5] in (HS_CLIENT_HELLO, HS_SERVER_HELLO)
+        stream = self.streams.get(d)
+        if start and (stream is None or ((seg.seq - stream.base) & 0xFFFFFFFF) >= MAX_STREAM):
+            stream = self.streams[d] = _Stream(seg.seq)
+            if len(self.streams) > MAX_CONNECTIONS:
+                self.streams.popitem(last=False)
+        if stream is None:
+            return
+        stream.add(seg.seq, data)
+        try:
+            finished = self._parse(seg, stream)
+        except Exception:  # malformed or not TLS after all: what was read stays
+            self.errors += 1
+            finished = True
+        if finished:
+            self.streams.pop(d, None)
+            if self.done is not None:
+                self.done(seg.flow)
+            if self.completed is not None and (facts := self.conns.get(self.key(seg.src, seg.dst))) is not None \
+                    and facts.server == seg.src:
+                self.completed(facts)
+
+    def _conn(self, client: tuple, server: tuple, ts: int, new: bool) -> ConnFacts:
+        key = self.key(client, server)
+        facts = self.conns.get(key)
+        if facts is None or facts.client != client or new:
+            facts = self.conns[key] = ConnFacts(client, server, ts)
+            if len(self.conns) > MAX_CONNECTIONS:
+                self.conns.popitem(last=False)
+        self.conns.move_to_end(key)
+        return facts
+
+    def _parse(self, seg, stream: _Stream) -> bool:
+        """Read the direction's new messages; True when nothing more is needed from it."""
+        data = stream.contiguous()
+        msgs, ccs, other = _messages(data)
+        if not msgs:
+            return False
+        if msgs[0][0] == HS_CLIENT_HELLO:
+            parse_client_hello(msgs[0][1], self._conn(seg.src, seg.dst, seg.ts_ns, new=True))
+            return True  # (after a HelloRetryRequest the second ClientHello adds nothing the first lacked)
+        if msgs[0][0] != HS_SERVER_HELLO:
+            return True
+        facts = self._conn(seg.dst, seg.src, seg.ts_ns, new=False)
+        if facts.hello_retry:
+            msgs, ccs, other = _messages(data, past_ccs=True)
+        for mtype, body in msgs[stream.used:]:
+            stream.used += 1
+            if mtype == HS_SERVER_HELLO:
+                if not parse_server_hello(body, facts):
+                    return self._parse(seg, stream)  # HRR: its ServerHello follows the compatibility CCS
+                if facts.version >= 0x0304:
+                    return True
+            elif mtype in (HS_CERTIFICATE, HS_SKE, HS_SHD):
+                if mtype == HS_CERTIFICATE:
+                    parse_certificate(body, facts)
+                elif mtype == HS_SKE:
+                    parse_server_key_exchange(body, facts)
+                if facts.resumed is None:
+                    facts.resumed = False  # a full handshake
+                if mtype == HS_SHD:
+                    return True
+            elif mtype == HS_TICKET and facts.resumed is None:  # a ticket right after ServerHello: abbreviated
+                facts.resumed = True
+        if ccs and facts.version is not None and facts.version < 0x0304:
+            if facts.resumed is None:
+                facts.resumed = True  # ServerHello then ChangeCipherSpec: abbreviated
+            return True
+        return other
+
+    def lookup(self, local: tuple, remote: tuple) -> ConnFacts | None:
+        return self.conns.get(self.key(local, remote))

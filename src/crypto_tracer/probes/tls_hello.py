@@ -1,0 +1,200 @@
+"""The Python side of bpf/tls_hello.bpf.c: the TLS handshake messages of every TCP connection,
+from a TC classifier on every interface, written into the ring buffer of another object (the tls
+tracer's: one ring keeps a connection's hellos before its handshake record).
+
+Interfaces, state files and cleanup after a crash are probes/tc_capture.py's, with our own
+filter handle/priority and state-file prefix, so a pcapng capture and this run side by side.
+Needs CAP_NET_ADMIN (and CAP_BPF): without it, start() raises HelloUnavailable and the caller
+goes on without packet facts.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from crypto_tracer.bpf.cstruct import CStruct
+from crypto_tracer.log import log
+from crypto_tracer.probes import tc_capture
+from crypto_tracer.probes.common import CT_HEADER
+
+CT_EV_TLS_HELLO = 32  # bpf/tls_hello.bpf.c (outside common.h's enum on purpose)
+TC_HANDLE = 0xC8  # tc_capture's is 0xC7
+TC_PRIORITY = 0xC8
+STATE_PREFIX = "tls-hello"
+
+# The structs of tls_hello.bpf.c (checked against its BTF by tests/unit/test_bpf_layouts.py).
+HELLO_FLOW = CStruct("hello_flow", "family I sport H dport H saddr 16s daddr 16s")
+HELLO_REC = CStruct("hello_rec", ("h", CT_HEADER), "ifindex I egress I", ("f", HELLO_FLOW),
+                    "seq I payload_len I cap_len I pad I", until="data")
+HELLO_IFACE = CStruct("hello_iface", "l2_len I egress_only I attached I")
+IFINDEX_MAX = 4096  # HELLO_IFINDEX_MAX: hello_ifaces is an array by ifindex
+_HEAD = HELLO_REC.struct
+_FLOW0, _FLOW1 = HELLO_REC.span("f.family", "f.daddr")
+_TYPE = CT_EV_TLS_HELLO.to_bytes(4, "little")
+
+
+class HelloUnavailable(Exception):
+    """The TC classifier cannot run here (no CAP_NET_ADMIN, no clsact...): packet facts stay null."""
+
+
+@dataclass(slots=True)
+class Segment:
+    ts_ns: int
+    egress: bool
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    seq: int
+    payload_len: int
+    data: bytes
+    flow: bytes  # the follow map's key (this direction)
+
+
+def decode(raw: bytes) -> Segment:
+    (ts, _type, _pid, _tid, _uid, _comm, _ifindex, egress, family, sport, dport, saddr, daddr, seq, payload_len,
+     cap_len, _pad) = _HEAD.unpack_from(raw, 0)
+    src = tc_capture.proc.address_text(family, saddr)
+    dst = tc_capture.proc.address_text(family, daddr)
+    return Segment(ts, bool(egress), (src, sport), (dst, dport), seq, payload_len,
+                   raw[_HEAD.size:_HEAD.size + cap_len], raw[_FLOW0:_FLOW1])
+
+
+def _other_filters(name: str) -> bool:
+    """Whether the interface's clsact still holds filters (ours are detached first): a pcapng capture
+    started after us uses the qdisc we created, which must then stay. Without tc(8): no."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("tc"):
+        return False
+    for direction in ("ingress", "egress"):
+        try:
+            out = subprocess.run(["tc", "filter", "show", "dev", name, direction], capture_output=True, text=True,
+                                 check=False, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        if out.strip():
+            return True
+    return False
+
+
+def all_interfaces() -> list[tc_capture.Interface]:
+    out = []
+    for _index, name in socket.if_nameindex():
+        try:
+            out.append(tc_capture.interface(name))
+        except Exception:  # gone meanwhile
+            continue
+    return out
+
+
+class HelloCapture:
+    """Loads tls_hello.bpf.o onto `ring` (a loaded object's ringbuf map) and attaches it to every
+    interface present at start (interfaces created later are not followed)."""
+
+    def __init__(self, ring, interfaces: list[tc_capture.Interface] | None = None):
+        self.ring = ring
+        self.interfaces = interfaces
+        self.obj = None
+        self._attached: list[dict] = []
+        self._state = os.path.join(tc_capture.STATE_DIR, f"{STATE_PREFIX}-{os.getpid()}.json")
+
+    def start(self) -> None:
+        from crypto_tracer.engine import AttachError, BpfObject, TcHook
+        from crypto_tracer.errors import TracerError
+
+        tc_capture.cleanup_leftovers(STATE_PREFIX, TC_HANDLE, TC_PRIORITY, "TC handshake classifier")
+        try:
+            self.obj = BpfObject.from_package("tls_hello")
+            events = self.obj.map("events")
+            events.set_max_entries(self.ring.max_entries)
+            events.reuse_fd(self.ring.fd)
+            self.obj.load()
+        except TracerError as exc:
+            self.close()
+            raise HelloUnavailable(str(exc).splitlines()[0]) from None
+        for ifc in self.interfaces if self.interfaces is not None else all_interfaces():
+            if ifc.ifindex >= IFINDEX_MAX:
+                log.debug("tls_hello: %s not watched (ifindex %d)", ifc.name, ifc.ifindex)
+                continue
+            loopback = ifc.arphrd == tc_capture.ARPHRD_LOOPBACK
+            self.obj.map("hello_ifaces").update(struct.pack("<I", ifc.ifindex), HELLO_IFACE.struct.pack(
+                14 if ifc.has_l2 else 0, int(loopback), 1))
+            hook = TcHook(ifc.ifindex, TC_HANDLE, TC_PRIORITY)
+            try:
+                created = hook.create()
+            except AttachError as exc:
+                if exc.errno == errno.EPERM:
+                    self.close()
+                    raise HelloUnavailable("adding a clsact qdisc needs CAP_NET_ADMIN") from None
+                log.debug("tls_hello: no clsact on %s: %s", ifc.name, exc)
+                continue
+            self._attached.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created})
+            self._save_state()
+            try:
+                if not loopback:  # lo: each packet passes egress, then ingress
+                    hook.attach(self.obj.program("hello_ingress"), False)
+                hook.attach(self.obj.program("hello_egress"), True)
+            except AttachError as exc:
+                if exc.errno == errno.EPERM:  # (the qdisc was there already)
+                    self.close()
+                    raise HelloUnavailable("attaching a TC classifier needs CAP_NET_ADMIN") from None
+                log.debug("tls_hello: attaching on %s failed: %s", ifc.name, exc)
+        if not self._attached:
+            self.close()
+            raise HelloUnavailable("no interface took the TC classifier")
+        log.debug("tls_hello: on %s", ", ".join(a["name"] for a in self._attached))
+
+    def _save_state(self) -> None:
+        try:
+            os.makedirs(tc_capture.STATE_DIR, mode=0o700, exist_ok=True)
+            with open(self._state, "w") as f:
+                json.dump({"pid": os.getpid(), "interfaces": self._attached}, f)
+        except OSError as exc:
+            log.warning("cannot record the TC state in %s (%s): a crash would leave filters behind",
+                        tc_capture.STATE_DIR, exc.strerror)
+
+    def done(self, flow: bytes) -> None:
+        """Stop copying this direction's segments (its handshake messages are read)."""
+        if self.obj is not None:
+            self.obj.map("hello_follow").delete(flow)
+
+    def counters(self) -> dict:
+        return self.obj.counters() if self.obj is not None else {"seen": 0, "kernel_filtered": 0, "dropped": 0,
+                                                                  "submitted": 0}
+
+    def detach(self) -> None:
+        for ifc in reversed(self._attached):
+            tc_capture._remove(ifc["ifindex"], False, TC_HANDLE, TC_PRIORITY)  # our filters
+            log.debug("tls_hello: detached from %s (qdisc ours: %s)", ifc["name"], ifc["created_qdisc"])
+            if ifc["created_qdisc"] and not _other_filters(ifc["name"]):
+                tc_capture._remove(ifc["ifindex"], True, TC_HANDLE, TC_PRIORITY)  # and the qdisc we made
+        self._attached.clear()
+        try:
+            os.unlink(self._state)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.detach()
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+
+def start_for(tracer, on_segment: Callable[[bytes], None]) -> HelloCapture | None:
+    """The classifier on the tls tracer's ring, its records to on_segment; None (one warning)
+    when it cannot run."""
+    capture = HelloCapture(tracer.map("events"))
+    try:
+        capture.start()
+    except HelloUnavailable as exc:
+        log.warning("handshake facts from packets are off (%s): cipher, group, sni, alpn and resumed stay null", exc)
+        return None
+    tracer.on(CT_EV_TLS_HELLO, on_segment)
+    return capture
