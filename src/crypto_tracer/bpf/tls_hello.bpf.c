@@ -17,9 +17,6 @@
 #include "common.h"
 #include <bpf/bpf_endian.h>
 
-/* A record type of its own, outside common.h's enum so that the shared header (and every
- * object's manifest entry) is unchanged; far above that enum's numbers. */
-#define CT_EV_TLS_HELLO 32
 #define HELLO_MAX (16 * 1024) /* bytes of one segment's payload copied: hellos, a certificate chain */
 #define FOLLOW_SEGMENTS 8      /* segments copied after a hello's first, per direction */
 #define TC_ACT_UNSPEC (-1)

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from crypto_tracer.bpf.cstruct import CStruct
 from crypto_tracer.log import log
 from crypto_tracer.probes import tc_capture
-from crypto_tracer.probes.common import CT_HEADER
+from crypto_tracer.probes.common import CT_EV_TLS_HELLO, CT_HEADER
 
-CT_EV_TLS_HELLO = 32  # bpf/tls_hello.bpf.c (outside common.h's enum on purpose)
 TC_HANDLE = 0xC8  # tc_capture's is 0xC7
 TC_PRIORITY = 0xC8
 STATE_PREFIX = "tls-hello"
