@@ -39,7 +39,8 @@ def rendered(tmp_path_factory):
     path = tmp_path_factory.mktemp("man") / "crypto-tracer.8"
     assert clidoc.main(["--man", str(path)]) == 0
     # man -l formats a local file; LC_ALL=C keeps '-' a plain hyphen, col -b drops overstrikes
-    env = dict(os.environ, LC_ALL="C", MANWIDTH="1000", MAN_KEEP_FORMATTING="0")
+    # GROFF_NO_SGR: groff 1.23 (Debian 13) would emit colour escapes, which col -b does not remove
+    env = dict(os.environ, LC_ALL="C", MANWIDTH="1000", MAN_KEEP_FORMATTING="0", GROFF_NO_SGR="1")
     r = subprocess.run(["man", "-l", str(path)], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     text = subprocess.run(["col", "-b"], input=r.stdout, capture_output=True, text=True, check=True).stdout
