@@ -167,6 +167,13 @@ def test_exact_bodies_both_ways(certs, tmp_path, label, variant):
     for port_events, body in zip((by_port[p] for p in sorted(by_port, key=lambda p: by_port[p][0]["timestamp"])),
                                  bodies):
         check_exact(port_events, srv.port, body, 1)
+    # each connection is announced once per side at its first data call, with the hello packets' facts
+    hs = [e for e in events if e["event_type"] == "tls_handshake"]
+    sides = sorted((e["process"] == CLIENT_NAME, e["local_port"] if e["process"] == CLIENT_NAME else e["remote_port"],
+                    e["library"], e["role"], e["tls_version"]) for e in hs)
+    assert sides == sorted([(False, p, "go", "server", "TLSv1.3") for p in by_port] +
+                           [(True, p, "go", "client", "TLSv1.3") for p in by_port]), hs
+    assert all(e["cipher"].startswith("TLS_") and e["group"] and e["sni"] is None for e in hs), hs
 
 
 def test_50_concurrent_connections_every_byte(certs, tmp_path):

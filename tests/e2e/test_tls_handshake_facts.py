@@ -381,3 +381,24 @@ def test_shared_qdisc_kept_for_a_later_capture(tmp_path):
         # the capture found the qdisc there, so it left it (empty): the json run made it, the test removes it
         if not tc_filters():
             subprocess.run(["tc", "qdisc", "del", "dev", "lo", "clsact"], capture_output=True)
+
+
+def test_shared_qdisc_kept_for_a_later_classifier(tmp_path):
+    """The other way round: a pcapng capture creates lo's clsact, tls -m json adds its classifier; when the
+    capture ends first, the classifier (and so the qdisc) stays."""
+    need_root()
+    need_tool("tc")
+    capture = tp.tls_tracer(["-m", "pcapng", "-w", str(tmp_path / "c.pcapng"), "-i", "lo"])
+    tracer = None
+    try:
+        tracer, _ = run_tracer(tmp_path)
+        assert capture.stop().rc == 0
+        left = tc_filters()
+        assert "hello_egress" in left and "tc_egress" not in left
+    finally:
+        if capture.proc.poll() is None:
+            capture.stop()
+        if tracer is not None:
+            assert tracer.stop().rc == 0
+        if not tc_filters():
+            subprocess.run(["tc", "qdisc", "del", "dev", "lo", "clsact"], capture_output=True)

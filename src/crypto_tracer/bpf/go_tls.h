@@ -110,7 +110,7 @@ struct {
 /* fd and 4-tuple of a *tls.Conn (fd -1 and family 0 when unknown). fd: tls.Conn.conn -> netFD ->
  * Sysfd, read per call (the Conn's address is reused after GC); it counts only when it is a TCP
  * socket of the calling process. */
-static __always_inline int go_conn_fill(__u64 conn, struct conn *c)
+static __always_inline int go_conn_fill(__u64 conn, struct conn *c, bool *fresh)
 {
 	__u64 tcpconn = 0, netfd = 0;
 	__s64 sysfd = -1;
@@ -151,6 +151,8 @@ static __always_inline int go_conn_fill(__u64 conn, struct conn *c)
 	if (c->rport) { /* connected: its 4-tuple stays until close */
 		v.c = *c;
 		bpf_map_update_elem(&go_sock, &key, &v, BPF_ANY);
+		if (fresh)
+			*fresh = true; /* first sight of this connection's socket */
 	}
 	return (int)sysfd;
 }
@@ -172,8 +174,15 @@ static __always_inline void go_emit(__u64 conn, __u64 buf, __u64 length, __u32 f
 
 	if (!cfg || !cfg->capture_data || !length)
 		return;
+	bool fresh = false;
+
 	note_image();
-	cc.fd = go_conn_fill(conn, &cc.c);
+	cc.fd = go_conn_fill(conn, &cc.c, &fresh);
+	if (fresh) { /* Go has no hooked handshake: the connection is announced at its first data call
+		      * (role and version null here; the hello packets' facts fill them in user space) */
+		struct stash st = {.ssl = conn, .cookie = func};
+		emit_handshake(&st, func, cc.fd, &cc.c, 1, 1, 0, 0);
+	}
 	cc.ssl = conn;
 	cc.buf = buf;
 	cc.func = func;
@@ -298,7 +307,7 @@ int go_keylog(struct pt_regs *ctx)
 	rec.fd = -1;
 	if (conn) {
 		rec.conn = *conn;
-		rec.fd = go_conn_fill(rec.conn, &rec.c);
+		rec.fd = go_conn_fill(rec.conn, &rec.c, NULL);
 	}
 	rec.label_len = GO_REG(ctx, cx);
 	rec.random_len = GO_REG(ctx, si);

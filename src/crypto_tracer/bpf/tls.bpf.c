@@ -675,6 +675,8 @@ static __always_inline __u64 quic_data(struct stash *st, __s32 *fdp, struct conn
 /* A session whose handshake we did not see end (NSS, node's implicit handshakes inside
  * SSL_read/SSL_write, sessions older than the tool) is announced at its first data call. */
 static __always_inline void announce_session(struct stash *st, __u32 tgid, int fd, struct conn *c);
+static __always_inline void emit_handshake(struct stash *st, __u32 func, int fd, struct conn *c, int result,
+					   __u8 ok, __u8 role, __u32 version);
 
 SEC("uretprobe")
 int BPF_KRETPROBE(tls_data_return, long ret)

@@ -107,11 +107,35 @@ def _create_qdisc(ifindex: int) -> bool:
                           "pcapng capture needs CAP_NET_ADMIN") from None
 
 
+def _other_filters(ifindex: int) -> bool:
+    """Whether the interface's clsact still holds filters (ours are detached first): another capture
+    (tls's handshake classifier, a later pcapng run) uses the qdisc we created, which must then
+    stay. Without tc(8): no."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("tc"):
+        return False
+    try:
+        name = socket.if_indextoname(ifindex)
+    except OSError:
+        return False
+    for direction in ("ingress", "egress"):
+        try:
+            out = subprocess.run(["tc", "filter", "show", "dev", name, direction], capture_output=True, text=True,
+                                 check=False, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        if out.strip():
+            return True
+    return False
+
+
 def _remove(ifindex: int, created_qdisc: bool, handle: int = TC_HANDLE, priority: int = TC_PRIORITY) -> None:
-    """Detach our filters; remove the qdisc if we created it."""
+    """Detach our filters; remove the qdisc if we created it and no other capture's filters are on it."""
     hook = _tc(ifindex, handle, priority)
     hook.detach()
-    if created_qdisc:
+    if created_qdisc and not _other_filters(ifindex):
         hook.destroy()
 
 

@@ -63,25 +63,6 @@ def decode(raw: bytes) -> Segment:
                    raw[_HEAD.size:_HEAD.size + cap_len], raw[_FLOW0:_FLOW1])
 
 
-def _other_filters(name: str) -> bool:
-    """Whether the interface's clsact still holds filters (ours are detached first): a pcapng capture
-    started after us uses the qdisc we created, which must then stay. Without tc(8): no."""
-    import shutil
-    import subprocess
-
-    if not shutil.which("tc"):
-        return False
-    for direction in ("ingress", "egress"):
-        try:
-            out = subprocess.run(["tc", "filter", "show", "dev", name, direction], capture_output=True, text=True,
-                                 check=False, timeout=5).stdout
-        except (OSError, subprocess.SubprocessError):
-            return False
-        if out.strip():
-            return True
-    return False
-
-
 def all_interfaces() -> list[tc_capture.Interface]:
     out = []
     for _index, name in socket.if_nameindex():
@@ -169,10 +150,9 @@ class HelloCapture:
 
     def detach(self) -> None:
         for ifc in reversed(self._attached):
-            tc_capture._remove(ifc["ifindex"], False, TC_HANDLE, TC_PRIORITY)  # our filters
+            # our filters, and the qdisc if we made it and no other capture uses it
+            tc_capture._remove(ifc["ifindex"], ifc["created_qdisc"], TC_HANDLE, TC_PRIORITY)
             log.debug("tls_hello: detached from %s (qdisc ours: %s)", ifc["name"], ifc["created_qdisc"])
-            if ifc["created_qdisc"] and not _other_filters(ifc["name"]):
-                tc_capture._remove(ifc["ifindex"], True, TC_HANDLE, TC_PRIORITY)  # and the qdisc we made
         self._attached.clear()
         try:
             os.unlink(self._state)
