@@ -17,7 +17,7 @@ from crypto_tracer.errors import ExitStatus, TracerError
 
 PROG = "crypto-tracer"
 STREAM_FORMATS = ("json-stream", "json-array", "json-pretty", "summary")
-TLS_MODELS = ("text", "json", "streams", "keylog", "key", "pcap", "pcapng")
+TLS_MODELS = ("text", "json", "streams", "keylog", "key", "pcap", "pcapng", "handshake")
 
 
 # --- argument types: each rejects bad input with one clear sentence -------------------------
@@ -115,7 +115,7 @@ OPTIONS: dict[str, Opt] = {
                    help="ring buffer size (power of two; default 4M for monitor); K/M suffixes allowed")),
     # tls
     "model": Opt(("-m", "--model"), dict(choices=TLS_MODELS, default="text",
-                 help="text (default), json, streams (plaintext per connection and direction into files under -o DIR), keylog (alias key), pcapng (alias pcap)")),
+                 help="text (default), json, streams (plaintext per connection and direction into files under -o DIR), keylog (alias key), pcapng (alias pcap), handshake (one event per TLS handshake from packets, any implementation; -f summary: one table)")),
     "keylogfile": Opt(("-k", "--keylogfile"), dict(metavar="FILE", help="write the NSS key log to FILE (mode 0600)")),
     "pcapfile": Opt(("-w", "--pcapfile"), dict(metavar="FILE", help="write a pcapng with decryption secrets to FILE")),
     "ifname": Opt(("-i", "--ifname"), dict(metavar="IFACE", action="append",
@@ -194,7 +194,7 @@ COMMANDS: tuple[Command, ...] = (
             "-m text|json prints plaintext; -m streams -o DIR writes each connection's plaintext per direction "
             "to its own file; -m keylog writes an NSS key log; -m pcapng writes packets "
             "with their decryption secrets, which Wireshark decrypts with nothing else.",
-            privileges=BPF, privileges_by_model={"pcapng": PACKETS, "pcap": PACKETS}),
+            privileges=BPF, privileges_by_model={"pcapng": PACKETS, "pcap": PACKETS, "handshake": PACKETS}),
     Command("agent", "agent", "Run as a host sensor: rotated JSON Lines, snapshots, OTLP, Prometheus",
             ("config", "output_dir", "otlp_endpoint", "metrics_address", "duration", "mapsize", "verbose", "quiet",
              "no_redact"),

@@ -365,3 +365,84 @@ class HelloFacts:
 
     def lookup(self, local: tuple, remote: tuple) -> ConnFacts | None:
         return self.conns.get(self.key(local, remote))
+
+
+# --- what `tls -m handshake` adds: JA4 and the flags ------------------------------------------
+
+_JA4_VERSIONS = {0x0304: "13", 0x0303: "12", 0x0302: "11", 0x0301: "10", 0x0300: "s3", 0x0002: "s2",
+                 0xFEFF: "d1", 0xFEFD: "d2", 0xFEFC: "d3"}
+
+
+def _alpn_end(b: int) -> str | None:
+    return chr(b) if 0x20 <= b <= 0x7E else "9" if b >= 0x80 else None
+
+
+def _sha12(items: list[int]) -> str:
+    import hashlib
+
+    return hashlib.sha256(",".join(f"{v:04x}" for v in items).encode()).hexdigest()[:12]
+
+
+def ja4(facts: ConnFacts) -> str | None:
+    """FoxIO's JA4 of the ClientHello (TCP: 't'), GREASE values left out: version (highest offered),
+    SNI d/i, cipher and extension counts, ALPN first+last character, sha256-12 of the sorted
+    ciphers, sha256-12 of the sorted extensions without SNI and ALPN '_' the signature algorithms
+    in order. None without a parsed ClientHello."""
+    if facts.offered_suites is None or facts.offered_extensions is None:
+        return None
+    versions = [v for v in facts.offered_versions or [] if not _grease(v)]
+    version = _JA4_VERSIONS.get(max(versions), "00") if versions else "00"
+    exts = facts.offered_extensions
+    alpn = "00"
+    if facts.alpn_offered and facts.alpn_offered[0]:
+        first = facts.alpn_offered[0].encode("utf-8")
+        ends = _alpn_end(first[0]), _alpn_end(first[-1])
+        alpn = "99" if None in ends else ends[0] + ends[1]
+    a = f"t{version}{'d' if EXT_SNI in exts else 'i'}{min(len(facts.offered_suites), 99):02d}" \
+        f"{min(len(exts), 99):02d}{alpn}"
+    b = _sha12(sorted(facts.offered_suites)) if facts.offered_suites else "000000000000"
+    sorted_exts = sorted(e for e in exts if e not in (EXT_SNI, EXT_ALPN))
+    c_text = ",".join(f"{e:04x}" for e in sorted_exts)
+    sigs = [s for s in facts.signature_algorithms or [] if not _grease(s)]
+    if sigs:
+        c_text += "_" + ",".join(f"{s:04x}" for s in sigs)
+    import hashlib
+
+    c = hashlib.sha256(c_text.encode()).hexdigest()[:12] if sorted_exts else "000000000000"
+    return f"{a}_{b}_{c}"
+
+
+# weak_cipher: suites whose name holds one of these (IANA names): no encryption or authentication,
+# export grade, 40/56-bit or broken ciphers (RC4, DES, 3DES, RC2, IDEA), MD5 MACs; and CBC suites
+# with a SHA-1 MAC (Lucky13-class padding oracles, SHA-1).
+WEAK_CIPHER_PARTS = ("_NULL_", "_NULL", "EXPORT", "_anon_", "RC4", "_DES_", "DES40", "3DES", "_RC2_", "_IDEA_",
+                     "_MD5")
+# Key-exchange groups that hold against a quantum computer: ML-KEM, alone or in a hybrid.
+QUANTUM_SAFE_GROUPS = {0x0200, 0x0201, 0x0202, 0x11EB, 0x11EC, 0x11ED}
+
+
+def weak_cipher(name: str | None) -> bool | None:
+    if name is None or not name.startswith("TLS_"):
+        return None
+    if any(part in name for part in WEAK_CIPHER_PARTS):
+        return True
+    return "_CBC_" in name and name.endswith("_SHA")
+
+
+def flags(facts: ConnFacts) -> dict:
+    """legacy_version, no_forward_secrecy, weak_cipher, not_quantum_safe_key_exchange: None when
+    what they depend on is not known."""
+    version, name = facts.version, cipher_name(facts.cipher)
+    legacy = None if version is None else version < 0x0303
+    if version is None or name is None:
+        no_fs = None
+    elif version >= 0x0304:  # TLS 1.3: ephemeral unless a resumption without key share (psk_ke)
+        no_fs = facts.group is None and bool(facts.resumed)
+    else:
+        no_fs = not ("_ECDHE_" in name or "_DHE_" in name)
+    if facts.group is not None:
+        not_pq = facts.group not in QUANTUM_SAFE_GROUPS
+    else:  # TLS 1.2 RSA or DHE with explicit parameters: no ML-KEM either
+        not_pq = True if name is not None and version is not None else None
+    return {"legacy_version": legacy, "no_forward_secrecy": no_fs, "weak_cipher": weak_cipher(name),
+            "not_quantum_safe_key_exchange": not_pq}

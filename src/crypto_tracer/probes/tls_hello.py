@@ -26,6 +26,7 @@ from crypto_tracer.probes.common import CT_EV_TLS_HELLO, CT_HEADER
 TC_HANDLE = 0xC8  # tc_capture's is 0xC7
 TC_PRIORITY = 0xC8
 STATE_PREFIX = "tls-hello"
+OWN_RING = 4 << 20  # without a tracer's ring: room for ~250 16 KB certificate segments between reads
 
 # The structs of tls_hello.bpf.c (checked against its BTF by tests/unit/test_bpf_layouts.py).
 HELLO_FLOW = CStruct("hello_flow", "family I sport H dport H saddr 16s daddr 16s")
@@ -74,8 +75,8 @@ def all_interfaces() -> list[tc_capture.Interface]:
 
 
 class HelloCapture:
-    """Loads tls_hello.bpf.o onto `ring` (a loaded object's ringbuf map) and attaches it to every
-    interface present at start (interfaces created later are not followed)."""
+    """Loads tls_hello.bpf.o onto `ring` (a loaded object's ringbuf map; None: its own) and attaches
+    it to every interface present at start (interfaces created later are not followed)."""
 
     def __init__(self, ring, interfaces: list[tc_capture.Interface] | None = None):
         self.ring = ring
@@ -92,8 +93,11 @@ class HelloCapture:
         try:
             self.obj = BpfObject.from_package("tls_hello")
             events = self.obj.map("events")
-            events.set_max_entries(self.ring.max_entries)
-            events.reuse_fd(self.ring.fd)
+            if self.ring is None:  # a ring of our own (tls -m handshake), of OWN_RING bytes
+                events.set_max_entries(OWN_RING)
+            else:
+                events.set_max_entries(self.ring.max_entries)
+                events.reuse_fd(self.ring.fd)
             self.obj.load()
         except TracerError as exc:
             self.close()

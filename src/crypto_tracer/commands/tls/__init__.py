@@ -4,6 +4,8 @@
                 -m streams         the same records into per-connection files (sinks/streams.py)
   keylog.py     -m keylog | key     the NSS key log of every session (sinks/keylog.py)
   pcapng.py     -m pcapng | pcap    TC packets + their secrets (probes/capture.py -> sinks/pcapng.py)
+  handshake.py  -m handshake       one event per handshake from packets alone, any implementation
+                                   (probes/tls_hello.py -> pipeline/tls_handshakes.py)
   secrets.py    what keylog and pcapng share: session keys, the run loop, the end report
 
 The privileges of each mode are declared in cli.py (COMMANDS).
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib
 
 MODES = {"text": "plaintext", "json": "plaintext", "streams": "plaintext", "keylog": "keylog", "key": "keylog",
-         "pcapng": "pcapng", "pcap": "pcapng"}
+         "pcapng": "pcapng", "pcap": "pcapng", "handshake": "handshake"}
 
 
 def _mode(opts):

@@ -1,0 +1,92 @@
+"""`tls -m handshake`: one tls_handshake event per TLS handshake seen in packets (hello_facts.py),
+attributed to the process owning the socket (probes/socket_owner.py) where that is known, and
+for -f summary one table: which process talks to whom with what."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from crypto_tracer.host import proc
+from crypto_tracer.pipeline import hello_facts as hf
+from crypto_tracer.pipeline.events import TLS_HANDSHAKE
+
+
+def _thread_comms(pid: int) -> set[str]:
+    """The names of the process's threads (a connect() from a named thread carries that name)."""
+    import os
+
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return set()
+    return {(proc.read_bytes(f"/proc/{pid}/task/{t}/comm", 64) or b"").decode("utf-8", "replace").strip()
+            for t in tids[:256]}
+
+
+def _process(pid: int, comm: str) -> tuple[int | None, int | None, str | None]:
+    """(ppid, uid, exe) from /proc, only while the pid still names the process that owned the
+    socket (its comm): a reused pid gives nulls, not another process's identity."""
+    stat = proc.read_stat(pid)
+    if stat is None or (stat[0] != comm and comm not in _thread_comms(pid)):
+        return None, None, None
+    uid, _gid = proc.read_status_ids(pid)
+    exe = proc.read_exe(pid)
+    if proc.read_stat(pid) != stat:  # exited (or exec'd) while we read
+        return None, None, None
+    return stat[1], uid, exe
+
+
+def handshake_event(facts: hf.ConnFacts, owners, clock) -> dict:
+    owner, role = owners.owner(facts.client, facts.server) if owners else None, None
+    if owner is not None:
+        role, local, remote = "client", facts.client, facts.server
+    else:
+        owner = owners.owner(facts.server, facts.client) if owners else None
+        role = "server" if owner is not None else None
+        local, remote = (facts.server, facts.client) if owner is not None else (facts.client, facts.server)
+    pid, comm = owner if owner is not None else (None, None)
+    ppid, uid, exe = _process(pid, comm) if owner is not None else (None, None, None)
+    f = facts.fields(with_cert=True)  # packets show the server's certificate
+    return TLS_HANDSHAKE.build(
+        timestamp=clock.iso(facts.ts_ns), pid=pid, ppid=ppid, uid=uid, process=comm, exe=exe, role=role,
+        local_addr=local[0], local_port=local[1], remote_addr=remote[0], remote_port=remote[1],
+        tls_version=f["tls_version"], cipher=f["cipher"], cipher_code=facts.cipher, group=f["group"], sni=facts.sni,
+        alpn=f["alpn"], resumed=f["resumed"], peer_cert_subject=f["peer_cert_subject"],
+        peer_cert_issuer=f["peer_cert_issuer"], peer_key_type=f["peer_key_type"], peer_key_bits=f["peer_key_bits"],
+        alpn_offered=facts.alpn_offered,
+        offered_versions=[hf.VERSIONS.get(v, f"0x{v:04x}") for v in facts.offered_versions or []] or None,
+        offered_ciphers=facts.offered_suites, offered_groups=[hf.group_name(g) for g in facts.offered_groups or []]
+        or None, ja4=hf.ja4(facts), **hf.flags(facts))
+
+
+SUMMARY_COLUMNS = ("process", "remote", "sni", "version", "cipher", "group", "count")
+
+
+class HandshakeSummary:
+    """-f summary: the handshakes counted by (process, remote, sni, version, cipher, group)."""
+
+    def __init__(self, out):
+        self.out = out
+        self.rows: Counter[tuple] = Counter()
+
+    def write(self, ev: dict) -> None:
+        who = f"{ev['process']}[{ev['pid']}]" if ev["pid"] is not None else "?"
+        remote = ev["remote_addr"] if ":" not in (ev["remote_addr"] or "") else f"[{ev['remote_addr']}]"
+        if ev["role"] != "server":  # a server's peers: by address (their ports are ephemeral)
+            remote = f"{remote}:{ev['remote_port']}"
+        self.rows[(who, remote, ev["sni"] or "-", ev["tls_version"] or "-",
+                   ev["cipher"] or "-", ev["group"] or "-")] += 1
+
+    def flush(self) -> None:
+        pass
+
+    def render(self) -> str:
+        rows = [SUMMARY_COLUMNS] + [(*k, str(n)) for k, n in sorted(self.rows.items(), key=lambda kv: (-kv[1], kv[0]))]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(SUMMARY_COLUMNS))]
+        lines = [f"TLS handshakes: {sum(self.rows.values())}"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join(lines) + "\n"
+
+    def close(self) -> None:
+        self.out.write_final(self.render().encode())
+        self.out.close()

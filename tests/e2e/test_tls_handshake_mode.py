@@ -1,0 +1,212 @@
+"""tls -m handshake: one tls_handshake event per handshake from packets alone (no library hooks),
+with the owning process (connect()/accept() tracepoints), the ClientHello's offer, JA4 and flags.
+Clients: curl (OpenSSL), gnutls-cli, Python's ssl, Java (JSSE, which the tool never hooks) against
+nginx. JA4 ground truth: ja4plus (the test extra) on the ClientHello bytes this test captures
+itself from lo with an AF_PACKET socket."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e import tlspeers as tp
+from tests.harness import free_port, need_root, need_tool, wait_until
+
+pytestmark = pytest.mark.ebpf
+ETH_P_ALL = 3
+
+
+@pytest.fixture(scope="module")
+def ec_cert(certs):
+    need_root()
+    need_tool("openssl", "curl", "nginx")
+    return certs
+
+
+class HelloSniffer:
+    """The first ClientHello sent to `port` on lo, as the bytes of its TCP payload."""
+
+    def __init__(self, port):
+        self.port = port
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind(("lo", 0))
+        self.sock.setblocking(False)
+
+    def client_hello(self) -> bytes:
+        while True:
+            try:
+                frame = self.sock.recv(1 << 17)
+            except BlockingIOError:
+                raise AssertionError("no ClientHello captured") from None
+            if frame[12:14] == b"\x08\x00" and frame[23] == 6:  # IPv4, TCP
+                ip = 14 + (frame[14] & 0xF) * 4
+                tcp = ip + (frame[ip + 12] >> 4) * 4
+                payload = frame[tcp:14 + int.from_bytes(frame[16:18], "big")]
+                if int.from_bytes(frame[ip + 2:ip + 4], "big") == self.port and payload[:1] == b"\x16" \
+                        and payload[5:6] == b"\x01":
+                    return payload
+
+    def close(self):
+        self.sock.close()
+
+
+def ja4_reference(payload: bytes) -> str:
+    from ja4plus.fingerprinters.ja4 import generate_ja4
+    from ja4plus.utils.tls_utils import parse_tls_handshake
+
+    return generate_ja4(parse_tls_handshake(payload))
+
+
+def run(tmp_path, *extra):
+    out = str(tmp_path / "hs.out")
+    return tp.Tracer(["tls", "-m", "handshake", "--no-redact", "-o", out, *extra]), out
+
+
+def subject_of(cert_path):
+    from cryptography import x509
+
+    with open(cert_path, "rb") as f:
+        return x509.load_pem_x509_certificate(f.read()).subject.rfc4514_string()
+
+
+def curl_exe():
+    return os.path.realpath(shutil.which("curl"))
+
+
+@pytest.mark.parametrize("tls13", [True, False], ids=["tls13", "tls12"])
+def test_curl_nginx(ec_cert, tmp_path, tls13):
+    cert, key = ec_cert
+    port = free_port()
+    if tls13:
+        extra = ["--tlsv1.3", "--tls13-ciphers", "TLS_AES_256_GCM_SHA384", "--curves", "X25519"]
+        want = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "cipher_code": 0x1302,
+                "group": "x25519", "alpn": None, "peer_cert_subject": None, "peer_key_type": None,
+                "legacy_version": False, "no_forward_secrecy": False, "weak_cipher": False,
+                "not_quantum_safe_key_exchange": True}
+    else:
+        extra = ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-SHA", "--curves", "P-256"]
+        want = {"tls_version": "TLSv1.2", "cipher": "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA", "cipher_code": 0xC009,
+                "group": "secp256r1", "alpn": "h2", "peer_cert_subject": subject_of(cert), "peer_key_type": "EC",
+                "legacy_version": False, "no_forward_secrecy": False, "weak_cipher": True,
+                "not_quantum_safe_key_exchange": True}
+    with tp.nginx(tmp_path, port, cert, key):
+        tracer, out = run(tmp_path, "--name", tp.PEER_PREFIX)
+        sniff = HelloSniffer(port)
+        try:
+            pid = tp.curl(f"https://localhost:{port}/small", extra=extra)
+            hello = sniff.client_hello()
+        finally:
+            sniff.close()
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    events = tp.read_events(out)
+    assert len(events) == 1, events  # one per handshake (not one per side)
+    ev = events[0]
+    assert {k: ev[k] for k in want} == want
+    assert (ev["event_type"], ev["pid"], ev["process"], ev["role"]) == ("tls_handshake", pid, "ctpeer-curl", "client")
+    # uid and exe come from /proc when the handshake is read: null once curl has exited (exe already
+    # when it is a zombie)
+    assert ev["uid"] in (0, None) and ev["exe"] in (curl_exe(), None)
+    assert (ev["local_addr"], ev["remote_addr"], ev["remote_port"]) == ("127.0.0.1", "127.0.0.1", port)
+    assert ev["sni"] == "localhost" and ev["alpn_offered"] == ["h2", "http/1.1"]
+    assert ev["resumed"] is False
+    assert ev["offered_versions"] == (["TLSv1.3"] if tls13 else ["TLSv1.2"])
+    assert want["cipher_code"] in ev["offered_ciphers"] and want["group"] in ev["offered_groups"]
+    assert ev["ja4"] == ja4_reference(hello)
+    assert ev["ja4"].startswith("t13d" if tls13 else "t12d")
+
+
+JAVA_CLIENT = r"""
+import javax.net.ssl.*; import java.security.cert.X509Certificate;
+public class HsClient {
+  public static void main(String[] a) throws Exception {
+    TrustManager[] all = { new X509TrustManager() {
+      public void checkClientTrusted(X509Certificate[] c, String t) {}
+      public void checkServerTrusted(X509Certificate[] c, String t) {}
+      public X509Certificate[] getAcceptedIssuers() { return new X509Certificate[0]; } } };
+    SSLContext ctx = SSLContext.getInstance("TLSv1.3"); ctx.init(null, all, null);
+    try (SSLSocket s = (SSLSocket) ctx.getSocketFactory().createSocket("127.0.0.1", Integer.parseInt(a[0]))) {
+      s.startHandshake();
+      System.out.println(s.getSession().getCipherSuite());
+    }
+  }
+}
+"""
+
+
+PYTHON_CLIENT = ("import socket, ssl, sys; c = ssl.create_default_context(); c.check_hostname = False; "
+                 "c.verify_mode = ssl.CERT_NONE; s = c.wrap_socket(socket.create_connection(('127.0.0.1', "
+                 "int(sys.argv[1]))), server_hostname='py.test'); print(s.cipher()[0], flush=True); sys.stdin.read(); "
+                 "s.close()")
+
+
+def events_of(out, pid):
+    try:
+        return [e for e in tp.read_events(out) if e["pid"] == pid]
+    except (OSError, ValueError):
+        return []
+
+
+def test_any_implementation_and_summary(ec_cert, tmp_path):
+    """gnutls-cli, Python ssl and Java each get their own event with their own pid; -f summary: one
+    row per (process, remote, sni, version, cipher, group)."""
+    need_tool("gnutls-cli", "javac", "java")
+    cert, key = ec_cert
+    port = free_port()
+    java_dir = tmp_path / "java"
+    java_dir.mkdir()
+    (java_dir / "HsClient.java").write_text(JAVA_CLIENT)
+    subprocess.run(["javac", "HsClient.java"], cwd=java_dir, check=True, timeout=120)
+    with tp.nginx(tmp_path, port, cert, key):
+        tracer, out = run(tmp_path, "port", str(port))
+        g = subprocess.Popen([tp.peer("gnutls-cli"), "--insecure", "-p", str(port), "--sni-hostname", "gnutls.test",
+                              "127.0.0.1"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        assert g.wait(30) == 0
+        # the Python client stays until its event is out: its uid and exe are read from /proc then
+        py = subprocess.Popen([tp.peer("python"), "-c", PYTHON_CLIENT, str(port)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+        py_cipher = py.stdout.readline().strip()
+        wait_until(lambda: events_of(out, py.pid), 10, "the Python client's event")
+        py.stdin.close()
+        assert py.wait(30) == 0
+        j = subprocess.Popen(["java", "-cp", str(java_dir), "HsClient", str(port)], stdout=subprocess.PIPE, text=True)
+        java_out, _ = j.communicate(timeout=60)
+        assert j.returncode == 0
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    events = [e for e in tp.read_events(out) if e["role"] == "client"]
+    by_process = {e["process"]: e for e in events}
+    assert len(events) == 3, events
+    gn = by_process["ctpeer-gnutls-c"]
+    assert (gn["pid"], gn["sni"], gn["tls_version"]) == (g.pid, "gnutls.test", "TLSv1.3")
+    pyev = by_process["ctpeer-python"]
+    assert (pyev["pid"], pyev["sni"], pyev["cipher"], pyev["uid"], pyev["exe"], pyev["role"]) == \
+        (py.pid, "py.test", py_cipher, 0, os.path.realpath(sys.executable), "client")
+    jev = [e for e in events if e["pid"] == j.pid]
+    assert len(jev) == 1, events
+    assert (jev[0]["tls_version"], jev[0]["cipher"]) == ("TLSv1.3", java_out.strip())
+    assert jev[0]["exe"] and jev[0]["exe"].endswith("/bin/java")
+    for e in events:
+        assert e["ja4"].startswith("t13") and e["remote_port"] == port
+
+
+def test_summary(ec_cert, tmp_path):
+    cert, key = ec_cert
+    port = free_port()
+    extra = ["--tlsv1.3", "--tls13-ciphers", "TLS_AES_128_GCM_SHA256", "--curves", "X25519"]
+    with tp.nginx(tmp_path, port, cert, key):
+        tracer, out = run(tmp_path, "-f", "summary", "--name", "ctpeer-curl")
+        pids = [tp.curl(f"https://localhost:{port}/small", extra=extra) for _ in range(2)]
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    with open(out) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "TLS handshakes: 2"
+    assert lines[1].split() == ["process", "remote", "sni", "version", "cipher", "group", "count"]
+    rows = sorted(line.split() for line in lines[2:])
+    assert rows == sorted([f"ctpeer-curl[{pid}]", f"127.0.0.1:{port}", "localhost", "TLSv1.3",
+                           "TLS_AES_128_GCM_SHA256", "x25519", "1"] for pid in pids)
