@@ -154,6 +154,9 @@ def aioquic_client(port: int) -> None:
             got = {sid: (await asyncio.wait_for(f, 20)).hex() for sid, f in waits.items()}
             local = client._transport.get_extra_info("sockname")
             _emit({"local_port": local[1], "sent": sent, "got": got})
+            # the connection stays open until the test says the server read everything: closing it at
+            # once could cut off a unidirectional stream the server had not read yet
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
     asyncio.run(main())
 

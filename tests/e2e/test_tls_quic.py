@@ -66,12 +66,19 @@ def test_openssl_quic_server_with_aioquic_client(libssl, tmp_path):
     cert, key = make_cert(tmp_path)
     port = free_port()
     tracer = Tracer(["tls", "-m", "json", "--libssl", libssl, "--name", "ctquic"])
-    server = None
+    server = peer = None
     try:
         server = _start("ossl-server", libssl, str(port), cert, key, str(len(PAYLOADS)))
-        client = _run("aioquic-client", str(port))
+        peer = subprocess.Popen([sys.executable, PEER, "aioquic-client", str(port)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=tracer_env())
+        client = json.loads(peer.stdout.readline())  # it has every answer; its connection stays open
         done = json.loads(server.stdout.readline())  # after its last call returned
+        peer.stdin.close()  # now it may close the connection
+        assert peer.wait(30) == 0
     finally:
+        if peer and peer.poll() is None:
+            peer.kill()
+            peer.wait(10)
         if server:
             server.kill()
             server.wait(10)
