@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from crypto_tracer.host.elf import build_id_or_digest as build_id, openssl_build, openssl_version
 from crypto_tracer.keys import calibrate_node
@@ -29,6 +30,7 @@ from crypto_tracer.log import log
 CACHE_DIRS = ("/var/cache/crypto-tracer/layouts", "~/.cache/crypto-tracer/layouts")
 MIN_VERIFIED = 12  # SSL objects (both sides, TLS 1.2 and 1.3) a layout must reproduce
 
+T = TypeVar("T")
 
 @dataclass
 class LayoutResult:
@@ -43,43 +45,65 @@ def cache_dirs() -> list[str]:
     return [override] if override else [os.path.expanduser(d) for d in CACHE_DIRS]
 
 
-def _cached(bid: str) -> Layout | None:
+def read_cache(name: str, parse: Callable[[dict], T | None]) -> T | None:
+    """The first cache file `name` that parse accepts (SSL layouts, QUIC layouts, BoringSSL hooks)."""
     for d in cache_dirs():
         try:
-            with open(os.path.join(d, bid + ".json")) as f:
-                lay = Layout.from_json(json.load(f))
-            if lay.verified >= MIN_VERIFIED:
-                return lay
+            with open(os.path.join(d, name)) as f:
+                value = parse(json.load(f))
         except (OSError, ValueError, TypeError, KeyError):
             continue
+        if value is not None:
+            return value
     return None
 
 
-def _store(bid: str, lay: Layout) -> None:
+def write_cache(name: str, data: dict) -> None:
+    """Into the first writable cache directory, atomically."""
     for d in cache_dirs():
         try:
             os.makedirs(d, mode=0o755, exist_ok=True)
-            tmp = os.path.join(d, f".{bid}.{os.getpid()}")
+            tmp = os.path.join(d, f".{name}.{os.getpid()}")
             with open(tmp, "w") as f:
-                json.dump(lay.to_json(), f, indent=1)
-            os.replace(tmp, os.path.join(d, bid + ".json"))
+                json.dump(data, f, indent=1)
+            os.replace(tmp, os.path.join(d, name))
             return
         except OSError:
             continue
+
+
+def run_worker(module: str, path: str) -> tuple[dict | None, str]:
+    """A calibration worker run on path in a subprocess: (its JSON result, "") or (None, what failed)."""
+    src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src_root, os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, path], capture_output=True, text=True, timeout=60,
+                              env=env)
+        return json.loads(proc.stdout.strip().splitlines()[-1]), ""
+    except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as exc:
+        return None, type(exc).__name__
+
+
+def _verified_layout(data: dict) -> Layout | None:
+    lay = Layout.from_json(data)
+    return lay if lay.verified >= MIN_VERIFIED else None
+
+
+def _cached(bid: str) -> Layout | None:
+    return read_cache(bid + ".json", _verified_layout)
+
+
+def _store(bid: str, lay: Layout) -> None:
+    write_cache(bid + ".json", lay.to_json())
 
 
 WORKERS = {"openssl": "crypto_tracer.keys.calibrate_worker", "gnutls": "crypto_tracer.keys.calibrate_gnutls_worker"}
 
 
 def _run_worker(path: str, kind: str = "openssl") -> tuple[Layout | None, str]:
-    src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src_root, os.environ.get("PYTHONPATH")])))
-    try:
-        proc = subprocess.run([sys.executable, "-m", WORKERS[kind], path],
-                              capture_output=True, text=True, timeout=60, env=env)
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as exc:
-        return None, f"calibration failed ({type(exc).__name__})"
+    result, failed = run_worker(WORKERS[kind], path)
+    if result is None:
+        return None, f"calibration failed ({failed})"
     if "layout" in result:
         return Layout.from_json(result["layout"]), "calibrated"
     return None, "calibration failed: " + result.get("error", "no result")
@@ -217,40 +241,21 @@ def bssl_hook_for(path: str) -> tuple[BsslHook | None, str]:
         bid = build_id(path)
     except OSError as exc:
         return None, f"cannot read it: {exc.strerror}"
-    for d in cache_dirs():
-        try:
-            with open(os.path.join(d, f"bssl-{bid}.json")) as f:
-                hook = _bssl_from_json(json.load(f))
-            if hook is not None:
-                return hook, "cache"
-        except (OSError, ValueError):
-            continue
+    hook = read_cache(f"bssl-{bid}.json", _bssl_from_json)
+    if hook is not None:
+        return hook, "cache"
     unsafe = _safe_to_load(path)
     if unsafe:
         return None, unsafe
-    src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src_root, os.environ.get("PYTHONPATH")])))
-    try:
-        proc = subprocess.run([sys.executable, "-m", BSSL_WORKER, path], capture_output=True, text=True,
-                              timeout=60, env=env)
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as exc:
-        return None, f"calibration failed ({type(exc).__name__})"
+    result, failed = run_worker(BSSL_WORKER, path)
+    if result is None:
+        return None, f"calibration failed ({failed})"
     if "bssl" not in result:
         return None, "calibration failed: " + result.get("error", "no result")
     hook = _bssl_from_json(result["bssl"])
     if hook is None:
         return None, "calibration could not verify ssl_log_secret and client_random"
-    for d in cache_dirs():
-        try:
-            os.makedirs(d, mode=0o755, exist_ok=True)
-            tmp = os.path.join(d, f".bssl-{bid}.{os.getpid()}")
-            with open(tmp, "w") as f:
-                json.dump(dict(result["bssl"], path=path), f, indent=1)
-            os.replace(tmp, os.path.join(d, f"bssl-{bid}.json"))
-            break
-        except OSError:
-            continue
+    write_cache(f"bssl-{bid}.json", dict(result["bssl"], path=path))
     log.debug("BoringSSL %s: ssl_log_secret at %#x, client_random at s3(%#x)+%#x (calibrated)", path,
               hook.log_secret, hook.s3, hook.client_random)
     return hook, "calibrated"

@@ -7,13 +7,8 @@ and server against each other over loopback) and cached by ELF build-id beside t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 from crypto_tracer.host.elf import build_id_or_digest as build_id
-from crypto_tracer.keys.calibrate import _safe_to_load, cache_dirs
+from crypto_tracer.keys.calibrate import _safe_to_load, read_cache, run_worker, write_cache
 from crypto_tracer.log import log
 
 FIELDS = ("xso_conn", "xso_stream", "stream_id", "qc_default_xso", "bio_path", "bio", "bio_num", "peer_path", "peer")
@@ -25,40 +20,10 @@ def _valid(lay) -> bool:
         and len(lay["bio_path"]) <= 2 and len(lay["peer_path"]) <= 2
 
 
-def _cached(bid: str) -> dict | None:
-    for d in cache_dirs():
-        try:
-            with open(os.path.join(d, bid + ".quic.json")) as f:
-                lay = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if _valid(lay):
-            return lay
-    return None
-
-
-def _store(bid: str, lay: dict) -> None:
-    for d in cache_dirs():
-        try:
-            os.makedirs(d, mode=0o755, exist_ok=True)
-            tmp = os.path.join(d, f".{bid}.quic.{os.getpid()}")
-            with open(tmp, "w") as f:
-                json.dump(lay, f, indent=1)
-            os.replace(tmp, os.path.join(d, bid + ".quic.json"))
-            return
-        except OSError:
-            continue
-
-
 def _run_worker(path: str) -> tuple[dict | None, str]:
-    src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src_root, os.environ.get("PYTHONPATH")])))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "crypto_tracer.keys.calibrate_quic_worker", path],
-                              check=False, capture_output=True, text=True, timeout=60, env=env)
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as exc:
-        return None, f"QUIC calibration failed ({type(exc).__name__})"
+    result, failed = run_worker("crypto_tracer.keys.calibrate_quic_worker", path)
+    if result is None:
+        return None, f"QUIC calibration failed ({failed})"
     if _valid(result.get("quic_layout")):
         return result["quic_layout"], "calibrated"
     return None, "QUIC calibration failed: " + result.get("error", "not verified")
@@ -70,7 +35,7 @@ def quic_layout_for(path: str) -> tuple[dict | None, str]:
         bid = build_id(path)
     except OSError as exc:
         return None, f"cannot read it: {exc.strerror}"
-    lay = _cached(bid)
+    lay = read_cache(bid + ".quic.json", lambda data: data if _valid(data) else None)
     if lay is not None:
         return lay, "cache"
     unsafe = _safe_to_load(path)
@@ -79,6 +44,6 @@ def quic_layout_for(path: str) -> tuple[dict | None, str]:
     lay, how = _run_worker(path)
     if lay is not None:
         lay["source"] = {"build_id": bid, "path": path}
-        _store(bid, lay)
+        write_cache(bid + ".quic.json", lay)
     log.debug("QUIC layout of %s (build-id %s): %s", path, bid, how)
     return lay, how
