@@ -25,7 +25,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_monitor import ENV, TRACER, build_generator, rss_kb  # noqa: E402 (after the path)
+from bench_monitor import ENV, TRACER, rss_kb, workload  # noqa: E402 (after the path)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -103,12 +103,7 @@ def main() -> int:
         print("bench_agent: run as root", file=sys.stderr)
         return 3
     tmp = tempfile.mkdtemp(prefix="ct-bench-agent-")
-    gen = build_generator(tmp)
-    target = os.path.join(tmp, "bench-cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", os.path.join(tmp, "k.pem"), "-out", target, "-subj", "/CN=bench", "-days", "1"],
-                   check=True, capture_output=True)
-    print(f"machine: {os.cpu_count()} CPUs, kernel {os.uname().release}, python {sys.version.split()[0]}")
+    gen, target = workload(tmp)
     for label, rate in (("idle", None), ("5,000 events/s", 5000), ("50,000 events/s", 50000)):
         out = os.path.join(tmp, f"out-{rate or 0}")
         agent = Agent(out)

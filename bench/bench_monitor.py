@@ -32,6 +32,17 @@ def build_generator(tmp: str) -> str:
     return out
 
 
+def workload(tmp: str) -> tuple[str, str]:
+    """(the open() generator, the certificate it opens), built in tmp; prints the machine line."""
+    gen = build_generator(tmp)
+    target = os.path.join(tmp, "bench-cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", os.path.join(tmp, "k.pem"), "-out", target, "-subj", "/CN=bench", "-days", "1"],
+                   check=True, capture_output=True)
+    print(f"machine: {os.cpu_count()} CPUs, kernel {os.uname().release}, python {sys.version.split()[0]}")
+    return gen, target
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time of the process's main thread in ns resolution (schedstat), not 10 ms ticks;
     the tracer does its work on that thread."""
@@ -95,12 +106,7 @@ def main() -> int:
         print("bench_monitor: run as root", file=sys.stderr)
         return 3
     tmp = tempfile.mkdtemp(prefix="ct-bench-")
-    gen = build_generator(tmp)
-    target = os.path.join(tmp, "bench-cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", os.path.join(tmp, "k.pem"), "-out", target, "-subj", "/CN=bench", "-days", "1"],
-                   check=True, capture_output=True)
-    print(f"machine: {os.cpu_count()} CPUs, kernel {os.uname().release}, python {sys.version.split()[0]}")
+    gen, target = workload(tmp)
 
     # 1. start-up (seed test 1): to probes attached, and a whole 1 s run
     starts = []
