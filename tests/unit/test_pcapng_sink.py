@@ -65,7 +65,7 @@ def test_blocks_are_written_unchanged_and_secrets_precede_their_hello(tmp_path, 
     sink.flush()
     sink.writer.close()
     assert sink.writer.packets == 5 and sink.late_secrets == 0
-    assert list(sink.pending) == [c]  # never in the file
+    assert not sink.pending  # c: never in the file, and forgotten once KEYS_WAIT_S had passed
     assert _blocks(path) == [("epb", (0, T0)), ("dsb", b"CLIENT_RANDOM " + a.hex().encode() + b" 00\n"),
                              ("epb", (0, T0 + 1)), ("epb", (1, T0 + 2)),
                              ("dsb", b"CLIENT_RANDOM " + b.hex().encode() + b" 22\n"),
@@ -162,3 +162,20 @@ def test_packet_ring_reads_committed_records_in_order_and_skips_discarded_ones()
     assert third + 8 < size < third + 8 + len(records[2])
     assert ring.read() == records[:3] + records[4:6]  # the busy one and all after it wait
     assert ring._cons[0] == start + sum((len(r) + 15) & ~7 for r in records[:6])
+
+
+def test_uncaptured_sessions_are_forgotten_after_their_wait(tmp_path, monkeypatch):
+    """Secrets whose ClientHello is never captured (filtered out in the kernel) and ClientHellos
+    already written are kept KEYS_WAIT_S, then dropped: a long capture does not grow."""
+    now = [1000.0]
+    monkeypatch.setattr(pcapng.time, "monotonic", lambda: now[0])
+    sink = PacketSink(PcapngWriter(str(tmp_path / "cap.pcapng")), [LO])
+    a, c = b"a" * 32, b"c" * 32
+    sink.add([_hello(a), _packet(0)])
+    sink.add_secrets(c, b"CLIENT_RANDOM " + c.hex().encode() + b" 11\n")
+    now[0] += pcapng.HOLD_S + 1
+    sink.flush()
+    assert list(sink.pending) == [c] and list(sink.hellos) == [a]
+    now[0] += pcapng.KEYS_WAIT_S
+    sink.flush()
+    assert not sink.pending and not sink.hellos

@@ -92,6 +92,10 @@ DATA_OFFSET = TLS_DATA_REC.size  # 128
 
 GO_DATA_PROGRAMS = ("go_write", "go_read_enter", "go_read_ret")  # bpf/go_tls.h: uprobes only, never uretprobes
 GO_KEY_PROGRAMS = ("go_keylog",)
+# The key modes' syscall tracepoints (tls.bpf.c): tls_sys_enter, which runs on every syscall of the
+# host, is for plaintext capture only. The fd ones end Go connections: attached with the first Go program.
+KEY_SYSCALL_PROGRAMS = ("tls_key_mmap", "tls_key_exit_group")
+GO_FD_PROGRAMS = ("tls_key_close", "tls_key_dup3") + (("tls_key_dup2",) if os.uname().machine == "x86_64" else ())
 UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free", "tls_new_return",
                    "bssl_keylog") + GO_DATA_PROGRAMS + GO_KEY_PROGRAMS
 
@@ -266,12 +270,15 @@ class TlsTracer:
 
     def __init__(self, pids: Iterable[int] | None = None, uid: int | None = None, name: str | None = None,
                  libssl: Iterable[str] = (), capture_data: bool = True, mapsize: int | None = None,
-                 max_payload: int = 1 << 20, object_name: str = "tls"):
+                 max_payload: int = 1 << 20, object_name: str = "tls", connections: bool = True):
         self.pids = sorted(set(pids)) if pids else []
         self.uid = uid
         self.name = name
         self.extra_paths = list(libssl or ())
         self.capture_data = capture_data
+        # learn each TLS object's socket from its syscalls (tls_sys_enter, on every syscall of the
+        # host): plaintext capture always does; the key modes only for a connection filter
+        self.connections = capture_data or connections
         self.mapsize = mapsize
         self.max_payload = max_payload
         self.object_name = object_name
@@ -289,6 +296,7 @@ class TlsTracer:
         self._multi_linked = False  # a uprobe_multi link was made: the kernel has them
         self.key_cookie: Callable[[TlsLibrary], int] | None = None  # extra uprobe cookie bits per library
         self._quic_slots: dict[str, int] = {}  # build-id -> quic_layouts slot
+        self._go_fd_hooked = False  # GO_FD_PROGRAMS attached (key modes)
 
     # --- public interface ----------------------------------------------------------------
 
@@ -329,7 +337,8 @@ class TlsTracer:
                 self.obj.program(name).expect_uprobe_multi()
         self.obj.load()
         self._write_config()
-        self.obj.attach("tls_sys_enter")
+        for prog in ("tls_sys_enter",) if self.connections else KEY_SYSCALL_PROGRAMS:
+            self.obj.attach(prog)
         self.obj.attach_tracepoint("tls_exec", "sched", "sched_process_exec")
         self.rb = ring_reader(self.obj.map("events"), READ_BATCH)  # DirectRing: no ctypes call per record
         for path in self.extra_paths:
@@ -409,6 +418,7 @@ class TlsTracer:
         if self.obj is not None:
             self.obj.close()
             self.obj = None
+        self._go_fd_hooked = False
 
     # --- internals -------------------------------------------------------------------------
 
@@ -461,6 +471,10 @@ class TlsTracer:
         # keys: go_write too, which tells go_keylog the connection of the handshake
         programs = GO_DATA_PROGRAMS if self.capture_data else ("go_write",) + GO_KEY_PROGRAMS
         cookies = {"go_write": F_GO_WRITE, "go_read_enter": F_GO_READ, "go_read_ret": F_GO_READ}
+        if not self.connections and not self._go_fd_hooked:
+            for prog in GO_FD_PROGRAMS:
+                self.obj.attach(prog)
+            self._go_fd_hooked = True
         attached = 0
         for prog in programs:
             offsets = lib.go_probes.get(prog) or []

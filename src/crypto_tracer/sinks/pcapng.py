@@ -120,6 +120,7 @@ class PcapngWriter:
 
 HOLD_S = 1.0  # how long a packet waits for its session's keys
 MAX_HELD = 200_000  # packets; beyond this the oldest go out without waiting
+KEYS_WAIT_S = 30.0  # a session's secrets come this soon after its ClientHello, or not at all
 
 
 class PacketSink:
@@ -141,16 +142,19 @@ class PacketSink:
             raise ValueError("PacketSink needs a writer without interfaces yet")
         self.held: collections.deque = collections.deque()  # (time.monotonic() of the read, records)
         self.held_records = 0
-        self.pending: dict[bytes, bytes] = {}  # client_random -> key log text, ClientHello not written yet
-        self.hellos: set[bytes] = set()  # client randoms whose ClientHello is in the file
+        # client_random -> (time.monotonic(), key log text): ClientHello not written yet
+        self.pending: dict[bytes, tuple[float, bytes]] = {}
+        self.hellos: dict[bytes, float] = {}  # client randoms whose ClientHello is in the file, and when
         self.late_secrets = 0  # sessions whose keys came after their ClientHello had been written
+        self._expired_at = time.monotonic()
 
     def add_secrets(self, client_random: bytes, text: bytes) -> None:
         if client_random in self.hellos:
             self.late_secrets += 1  # the packets written from now on still decrypt
             self.writer.add_secrets(text)
         else:
-            self.pending[client_random] = self.pending.get(client_random, b"") + text
+            t, before = self.pending.get(client_random, (time.monotonic(), b""))
+            self.pending[client_random] = t, before + text
 
     def add(self, records: list[bytes]) -> None:
         """One read of the ring, in order."""
@@ -167,10 +171,19 @@ class PacketSink:
         return records
 
     def flush(self, everything: bool = False) -> None:
-        limit = time.monotonic() - HOLD_S
-        while self.held and (everything or self.held[0][0] <= limit):
+        now = time.monotonic()
+        while self.held and (everything or self.held[0][0] <= now - HOLD_S):
             self._write(self._pop())
         self.writer.flush()
+        if now - self._expired_at >= 1.0:
+            self._expired_at = now
+            self._expire(now - KEYS_WAIT_S)
+
+    def _expire(self, before: float) -> None:
+        """Forget the secrets of sessions whose ClientHello was not captured (filtered out, another
+        interface) and the ClientHellos whose keys had their time to come."""
+        self.pending = {cr: v for cr, v in self.pending.items() if v[0] > before}
+        self.hellos = {cr: t for cr, t in self.hellos.items() if t > before}
 
     def _write(self, records: list[bytes]) -> None:
         # the only per-packet work: its first byte (0x06: an EPB; 0xC7: a cap_hello)
@@ -191,6 +204,6 @@ class PacketSink:
         if int.from_bytes(rec[:4], sys.byteorder) != CAP_HELLO_TYPE:
             raise ValueError(f"unknown tc_capture record {rec[:8].hex()}")
         client_random = rec[HELLO_RANDOM]
-        self.hellos.add(client_random)
+        self.hellos[client_random] = time.monotonic()
         if client_random in self.pending:
-            self.writer.add_secrets(self.pending.pop(client_random))
+            self.writer.add_secrets(self.pending.pop(client_random)[1])

@@ -24,14 +24,19 @@ def run(opts, keylog_path: str | None, packets=None) -> int:
     from crypto_tracer.probes.tls import TlsTracer
     from crypto_tracer.sinks.keylog import KeyLog
 
-    # keys (key log and Decryption Secrets Blocks) only of sessions whose connection matches
+    # keys (key log and Decryption Secrets Blocks) only of sessions whose connection matches. A
+    # pcapng alone needs no connections: its sink keeps the secrets of the ClientHellos it
+    # captured, which the same filter selected in the kernel.
     match = compile_connection_filter(opts.filter, with_packets=packets is not None)
+    if packets is not None and keylog_path is None:
+        match = None
     sessions = SessionFilter(match) if match is not None else None
 
     clock = WallClock()
     keylog = KeyLog(keylog_path)
     tracer = TlsTracer(pids=[opts.pid] if opts.pid else None, uid=opts.uid, name=opts.name,
-                       libssl=opts.libssl or (), capture_data=False, mapsize=opts.mapsize)
+                       libssl=opts.libssl or (), capture_data=False, mapsize=opts.mapsize,
+                       connections=sessions is not None)
 
     failures: list[TracerError] = []  # raised inside ring-buffer callbacks, re-raised by the loop
 
