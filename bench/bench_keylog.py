@@ -41,7 +41,7 @@ PORT = 18540
 HOOKS_ONLY = r'''
 import signal, sys, time
 from crypto_tracer.probes.tls import TlsTracer
-t = TlsTracer(capture_data=False)
+t = TlsTracer(capture_data=False, connections=False)  # as -m keylog without a filter
 t.start()
 print("ready", flush=True)
 stop = []
