@@ -312,8 +312,8 @@ s.on('data', () => {}); s.on('end', () => s.destroy());
 @pytest.fixture
 def veth_netns():
     """A network namespace behind a veth pair (MTU 1500, unlike lo's 64 KiB): a peer there is reached over
-    a real interface, both TC directions, and hellos and certificates span segments. The tool must start
-    after it exists (it watches the interfaces present at its start)."""
+    a real interface, both TC directions, and hellos and certificates span segments (made before the tool
+    starts; test_tls_new_interfaces.py makes one after)."""
     need_root()
     need_tool("ip")
     ns, host_if, ns_if = f"cthello{os.getpid() % 10000}", f"cth{os.getpid() % 10000}a", f"cth{os.getpid() % 10000}b"

@@ -11,6 +11,7 @@ import struct
 
 RTMGRP_LINK = 1
 RTM_NEWLINK = 16
+RTM_DELLINK = 17
 NLMSG_DONE = 3
 IFLA_IFNAME = 3
 _NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
@@ -22,17 +23,17 @@ def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
-def new_links(data: bytes) -> list[tuple[int, str]]:
-    """(ifindex, name) of each RTM_NEWLINK message in a datagram of rtnetlink messages. The
-    kernel sends one for a link created and for every change of an existing one: callers keep
-    what they have seen."""
+def link_changes(data: bytes) -> list[tuple[int, str, bool]]:
+    """(ifindex, name, present) of each RTM_NEWLINK (present) and RTM_DELLINK message in a
+    datagram of rtnetlink messages. The kernel sends RTM_NEWLINK for a link created and for every
+    change of an existing one: callers keep what they have seen."""
     out = []
     off = 0
     while off + _NLMSG.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
         if length < _NLMSG.size or off + length > len(data):
             break
-        if kind == RTM_NEWLINK and length >= _NLMSG.size + _IFINFO.size:
+        if kind in (RTM_NEWLINK, RTM_DELLINK) and length >= _NLMSG.size + _IFINFO.size:
             _family, _type, index, _ifflags, _change = _IFINFO.unpack_from(data, off + _NLMSG.size)
             name = None
             a = off + _NLMSG.size + _IFINFO.size
@@ -44,7 +45,7 @@ def new_links(data: bytes) -> list[tuple[int, str]]:
                     name = data[a + _RTA.size:a + alen].split(b"\0", 1)[0].decode("utf-8", "replace")
                 a += _align4(alen)
             if name and index > 0:
-                out.append((index, name))
+                out.append((index, name, kind == RTM_NEWLINK))
         off += _align4(length)
     return out
 
@@ -60,8 +61,9 @@ class LinkWatcher:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self) -> list[tuple[int, str]]:
-        """The links announced since the last read (possibly again ones already known)."""
+    def read(self) -> list[tuple[int, str, bool]]:
+        """(ifindex, name, present) of the links announced since the last read (possibly again
+        ones already known), in order."""
         out = []
         while True:
             try:
@@ -72,8 +74,8 @@ class LinkWatcher:
                 if exc.errno != errno.ENOBUFS:
                     raise
                 # the socket's buffer overflowed and notifications were lost: every link instead
-                out.extend(socket.if_nameindex())
-            out.extend(new_links(data))
+                out.extend((index, name, True) for index, name in socket.if_nameindex())
+            out.extend(link_changes(data))
 
     def close(self) -> None:
         self.sock.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from crypto_tracer.bpf.cstruct import CStruct
+from crypto_tracer.host.links import LinkWatcher
 from crypto_tracer.log import log
 from crypto_tracer.probes import tc_capture
 from crypto_tracer.probes.common import CT_EV_TLS_HELLO, CT_HEADER
@@ -76,17 +77,19 @@ def all_interfaces() -> list[tc_capture.Interface]:
 
 class HelloCapture:
     """Loads tls_hello.bpf.o onto `ring` (a loaded object's ringbuf map; None: its own) and attaches
-    it to every interface present at start (interfaces created later are not followed)."""
+    it to every interface present at start, and to those created later when follow_links() is
+    called (or only to `interfaces`)."""
 
     def __init__(self, ring, interfaces: list[tc_capture.Interface] | None = None):
         self.ring = ring
         self.interfaces = interfaces
         self.obj = None
         self._attached: list[dict] = []
+        self.links: LinkWatcher | None = None
         self._state = os.path.join(tc_capture.STATE_DIR, f"{STATE_PREFIX}-{os.getpid()}.json")
 
     def start(self) -> None:
-        from crypto_tracer.engine import AttachError, BpfObject, TcHook
+        from crypto_tracer.engine import BpfObject
         from crypto_tracer.errors import TracerError
 
         tc_capture.cleanup_leftovers(STATE_PREFIX, TC_HANDLE, TC_PRIORITY, "TC handshake classifier")
@@ -102,37 +105,75 @@ class HelloCapture:
         except TracerError as exc:
             self.close()
             raise HelloUnavailable(str(exc).splitlines()[0]) from None
-        for ifc in self.interfaces if self.interfaces is not None else all_interfaces():
-            if ifc.ifindex >= IFINDEX_MAX:
-                log.debug("tls_hello: %s not watched (ifindex %d)", ifc.name, ifc.ifindex)
-                continue
-            loopback = ifc.arphrd == tc_capture.ARPHRD_LOOPBACK
-            self.obj.map("hello_ifaces").update(struct.pack("<I", ifc.ifindex), HELLO_IFACE.struct.pack(
-                14 if ifc.has_l2 else 0, int(loopback), 1))
-            hook = TcHook(ifc.ifindex, TC_HANDLE, TC_PRIORITY)
-            try:
-                created = hook.create()
-            except AttachError as exc:
-                if exc.errno == errno.EPERM:
-                    self.close()
-                    raise HelloUnavailable("adding a clsact qdisc needs CAP_NET_ADMIN") from None
-                log.debug("tls_hello: no clsact on %s: %s", ifc.name, exc)
-                continue
-            self._attached.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created})
-            self._save_state()
-            try:
-                if not loopback:  # lo: each packet passes egress, then ingress
-                    hook.attach(self.obj.program("hello_ingress"), False)
-                hook.attach(self.obj.program("hello_egress"), True)
-            except AttachError as exc:
-                if exc.errno == errno.EPERM:  # (the qdisc was there already)
-                    self.close()
-                    raise HelloUnavailable("attaching a TC classifier needs CAP_NET_ADMIN") from None
-                log.debug("tls_hello: attaching on %s failed: %s", ifc.name, exc)
+        if self.interfaces is None:  # every interface: those of now, then each one created later
+            self.links = LinkWatcher()  # subscribed before the scan, so none falls between
+        try:
+            for ifc in self.interfaces if self.interfaces is not None else all_interfaces():
+                self._attach(ifc)
+        except HelloUnavailable:
+            self.close()
+            raise
         if not self._attached:
             self.close()
             raise HelloUnavailable("no interface took the TC classifier")
         log.debug("tls_hello: on %s", ", ".join(a["name"] for a in self._attached))
+
+    def _attach(self, ifc: tc_capture.Interface) -> None:
+        from crypto_tracer.engine import AttachError, TcHook
+
+        if ifc.ifindex >= IFINDEX_MAX:
+            log.debug("tls_hello: %s not watched (ifindex %d)", ifc.name, ifc.ifindex)
+            return
+        loopback = ifc.arphrd == tc_capture.ARPHRD_LOOPBACK
+        self.obj.map("hello_ifaces").update(struct.pack("<I", ifc.ifindex), HELLO_IFACE.struct.pack(
+            14 if ifc.has_l2 else 0, int(loopback), 1))
+        hook = TcHook(ifc.ifindex, TC_HANDLE, TC_PRIORITY)
+        try:
+            created = hook.create()
+        except AttachError as exc:
+            if exc.errno == errno.EPERM:
+                raise HelloUnavailable("adding a clsact qdisc needs CAP_NET_ADMIN") from None
+            log.debug("tls_hello: no clsact on %s: %s", ifc.name, exc)
+            return
+        self._attached.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created})
+        self._save_state()
+        try:
+            if not loopback:  # lo: each packet passes egress, then ingress
+                hook.attach(self.obj.program("hello_ingress"), False)
+            hook.attach(self.obj.program("hello_egress"), True)
+        except AttachError as exc:
+            if exc.errno == errno.EPERM:  # (the qdisc was there already)
+                raise HelloUnavailable("attaching a TC classifier needs CAP_NET_ADMIN") from None
+            log.debug("tls_hello: attaching on %s failed: %s", ifc.name, exc)
+
+    def follow_links(self) -> None:
+        """Attach to the interfaces created since the last call (a container's veth, a tun):
+        one non-blocking read of the link notifications, called from the poll loop."""
+        if self.links is None or self.obj is None:
+            return
+        for index, name, present in self.links.read():
+            known = any(a["ifindex"] == index for a in self._attached)
+            if not present:  # its filters went with it; the index may come back for another link
+                if known:
+                    self._attached = [a for a in self._attached if a["ifindex"] != index]
+                    self._save_state()
+                    if index < IFINDEX_MAX:
+                        self.obj.map("hello_ifaces").update(struct.pack("<I", index), HELLO_IFACE.struct.pack(0, 0, 0))
+                continue
+            if known:
+                continue
+            try:
+                ifc = tc_capture.interface(name)
+            except Exception:  # gone meanwhile, or renamed
+                continue
+            if ifc.ifindex != index:
+                continue
+            try:
+                self._attach(ifc)
+            except HelloUnavailable as exc:
+                log.warning("new interface %s not watched: %s", name, exc)
+                continue
+            log.debug("tls_hello: new interface %s watched", name)
 
     def _save_state(self) -> None:
         try:
@@ -165,6 +206,9 @@ class HelloCapture:
 
     def close(self) -> None:
         self.detach()
+        if self.links is not None:
+            self.links.close()
+            self.links = None
         if self.obj is not None:
             self.obj.close()
             self.obj = None

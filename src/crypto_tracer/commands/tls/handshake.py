@@ -88,6 +88,7 @@ def run(opts) -> int:
         def poll(timeout_ms: int) -> None:
             reader.wait(min(timeout_ms, POLL_MS))
             drain()
+            capture.follow_links()
 
         run_loop(poll, opts.duration, stop, lambda: clock.resync())
         if stop.signal:

@@ -92,6 +92,8 @@ def run(opts) -> int:
         def poll(timeout_ms: int) -> None:
             tracer.poll(timeout_ms)
             pipe.process()
+            if hello is not None:
+                hello.follow_links()
 
         def tick() -> None:
             clock.resync()
