@@ -6,6 +6,7 @@ itself from lo with an AF_PACKET socket."""
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -108,9 +109,8 @@ def test_curl_nginx(ec_cert, tmp_path, tls13):
     ev = events[0]
     assert {k: ev[k] for k in want} == want
     assert (ev["event_type"], ev["pid"], ev["process"], ev["role"]) == ("tls_handshake", pid, "ctpeer-curl", "client")
-    # uid and exe come from /proc when the handshake is read: null once curl has exited (exe already
-    # when it is a zombie)
-    assert ev["uid"] in (0, None) and ev["exe"] in (curl_exe(), None)
+    # recorded in the kernel at connect(): there for a curl long gone
+    assert (ev["uid"], ev["ppid"], ev["exe"]) == (0, os.getpid(), curl_exe())
     assert (ev["local_addr"], ev["remote_addr"], ev["remote_port"]) == ("127.0.0.1", "127.0.0.1", port)
     assert ev["sni"] == "localhost" and ev["alpn_offered"] == ["h2", "http/1.1"]
     assert ev["resumed"] is False
@@ -118,6 +118,44 @@ def test_curl_nginx(ec_cert, tmp_path, tls13):
     assert want["cipher_code"] in ev["offered_ciphers"] and want["group"] in ev["offered_groups"]
     assert ev["ja4"] == ja4_reference(hello)
     assert ev["ja4"].startswith("t13d" if tls13 else "t12d")
+
+
+PY_THEN_CURL = ("import os, socket, ssl, sys; c = ssl.create_default_context(); c.check_hostname = False; "
+                "c.verify_mode = ssl.CERT_NONE; s = c.wrap_socket(socket.create_connection(('127.0.0.1', "
+                "int(sys.argv[1]))), server_hostname='py.test'); s.close(); os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def test_short_lived_clients_keep_their_process(ec_cert, tmp_path):
+    """pid, comm, uid, ppid and exe are recorded in the kernel at connect(): right for clients gone
+    long before the tool reads their handshakes (it is stopped meanwhile), for another uid, and
+    for each image of a process that execs (same pid, two exes: never the stale one)."""
+    cert, key = ec_cert
+    port = free_port()
+    url = f"https://localhost:{port}/small"
+    resolve = ["--resolve", f"localhost:{port}:127.0.0.1"]
+    with tp.nginx(tmp_path, port, cert, key):
+        tracer, out = run(tmp_path, "--name", tp.PEER_PREFIX)
+        tracer.proc.send_signal(signal.SIGSTOP)  # nothing is read until every client has exited
+        try:
+            pids = [tp.curl(url, extra=resolve) for _ in range(10)]
+            nobody = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", tp.peer("curl"),
+                                       "-sSk", "-o", os.devnull, *resolve, url])
+            assert nobody.wait(30) == 0
+            curl = tp.peer("curl")
+            both = subprocess.Popen([tp.peer("python"), "-c", PY_THEN_CURL, str(port), curl, "-sSk", "-o", os.devnull,
+                                     *resolve, url])
+            assert both.wait(30) == 0
+        finally:
+            tracer.proc.send_signal(signal.SIGCONT)
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    events = [e for e in tp.read_events(out) if e["role"] == "client"]
+    got = sorted((e["pid"], e["process"], e["uid"], e["ppid"], e["exe"], e["sni"]) for e in events)
+    want = [(p, "ctpeer-curl", 0, os.getpid(), curl_exe(), "localhost") for p in pids]
+    want += [(nobody.pid, "ctpeer-curl", 65534, os.getpid(), curl_exe(), "localhost"),
+             (both.pid, "ctpeer-python", 0, os.getpid(), os.path.realpath(sys.executable), "py.test"),
+             (both.pid, "ctpeer-curl", 0, os.getpid(), curl_exe(), "localhost")]
+    assert got == sorted(want)
 
 
 JAVA_CLIENT = r"""
@@ -190,8 +228,8 @@ def test_any_implementation_and_summary(ec_cert, tmp_path):
     jev = [e for e in events if e["pid"] == j.pid]
     assert len(jev) == 1, events
     assert (jev[0]["tls_version"], jev[0]["cipher"]) == ("TLSv1.3", java_out.strip())
-    # exe comes from /proc: a client gone by then has none (never a wrong one)
-    assert jev[0]["exe"] is None or jev[0]["exe"].endswith("/bin/java")
+    # exe, uid, ppid: recorded at connect(), there though java has exited
+    assert (jev[0]["exe"], jev[0]["uid"], jev[0]["ppid"]) == (os.path.realpath(shutil.which("java")), 0, os.getpid())
     for e in events:
         assert e["ja4"].startswith("t13") and e["remote_port"] == port
 

@@ -92,12 +92,13 @@ def test_header_byte_changed_fails_for_the_objects_that_include_it(tmp_path):
     flip_last = lambda d: d[:-1] + bytes([d[-1] ^ 1])  # noqa: E731  the final newline becomes \v
     edit(copy, "paths.h", flip_last)
     assert stale_lines(check(copy)) == ["monitor.bpf.o: paths.h changed since it was built",
+                                        "tc_capture.bpf.o: paths.h changed since it was built",
                                         "tls.bpf.o: paths.h changed since it was built"]
     edit(copy, "common.h", flip_last)
     assert stale_lines(check(copy)) == [
         "api.bpf.o: common.h changed since it was built",
         "monitor.bpf.o: common.h, paths.h changed since it was built",
-        "tc_capture.bpf.o: common.h changed since it was built",
+        "tc_capture.bpf.o: common.h, paths.h changed since it was built",
         "tls.bpf.o: common.h, paths.h changed since it was built",
         "tls_hello.bpf.o: common.h changed since it was built",
     ]

@@ -133,7 +133,7 @@ def test_every_record_and_constant_is_declared():
     assert {"ct_header", "ct_filter", "tls_data_rec", "tls_hs_rec", "tls_ctrl_rec", "tls_config",
             "ct_keys_layout", "ct_tls_keys_event", "exec_rec", "exit_rec", "file_rec", "lib_rec", "mon_config",
             "trust_prefix", "cap_rec", "cap_config", "cap_iface", "flow_key", "flow_proc", "api_key", "api_val",
-            "peer_key", "tls_proc_rec", "hello_rec", "hello_flow", "hello_iface"} <= structs
+            "peer_key", "ct_proc_rec", "hello_rec", "hello_flow", "hello_iface"} <= structs
     assert {"ct_event_type", "ct_counter", "tls_func", "tls_lib", "tls_cookie", "tls_counter",
             "tls_keys_const", "ct_arg_kind", "tls_bssl_cookie"} <= {d.name for d in cstruct.ENUMS}
 

@@ -124,10 +124,11 @@ def test_flows_of_connections_opened_before_the_capture_carry_the_kernels_commen
     ready to copy (header, "pid=N comm=X", zero padding); bytes outside ASCII become '?'."""
     from crypto_tracer.probes.tc_capture import FLOW_PROC, flow_proc
 
-    pid, length, comm, opt = FLOW_PROC.unpack(flow_proc(4242, b"nginx"))
+    pid, length, comm, opt, uid, ppid, start_ns, exec_id = FLOW_PROC.unpack(flow_proc(4242, b"nginx"))
     assert (pid, length, comm.rstrip(b"\0")) == (4242, 24, b"nginx")
+    assert (uid, ppid, start_ns, exec_id) == (0, 0, 0, 0)  # seeded: no image (socket_owner reads /proc)
     assert opt[:length] == struct.pack("<HH", 1, 19) + b"pid=4242 comm=nginx\0" and not opt[length:].strip(b"\0")
-    pid, length, comm, opt = FLOW_PROC.unpack(flow_proc(7, "wörker-with-a-long-name".encode()))
+    pid, length, comm, opt, *_image = FLOW_PROC.unpack(flow_proc(7, "wörker-with-a-long-name".encode()))
     text = b"pid=7 comm=w??rker-with-a-"  # 15 bytes of comm; each byte of the o-umlaut a "?"
     assert opt[:length] == struct.pack("<HH", 1, len(text)) + text + b"\0" * (-len(text) % 4)
 

@@ -176,7 +176,7 @@ static __always_inline void go_emit(__u64 conn, __u64 buf, __u64 length, __u32 f
 		return;
 	bool fresh = false;
 
-	note_image();
+	ct_note_current_image(CT_CNT_CTRL_DROPPED);
 	cc.fd = go_conn_fill(conn, &cc.c, &fresh);
 	if (fresh) { /* Go has no hooked handshake: the connection is announced at its first data call
 		      * (role and version null here; the hello packets' facts fill them in user space) */

@@ -18,12 +18,14 @@
  * (egress) or receiver (ingress) there.
  */
 #include "common.h"
+#include "image.h"
 #include <bpf/bpf_endian.h>
 
 #define CAP_MAX (256 * 1024)
 #define CAP_OPTS_MAX 128 /* EPB options after the packet: flags 8, comment 4 + 36, end 4, length 4; room
                           * for the verifier's view of the masked offsets */
 #define CAP_CNT_TRUNCATED 4 /* counters[4]: packets cut at the snap length */
+#define CAP_CNT_PROC_DROPPED 5 /* counters[5]: process image records lost (socket owners) */
 #define EPB_TYPE 6
 #define CAP_HELLO_TYPE 0xC7C7C7C7 /* never a pcapng block type we write */
 #define OPT_COMMENT 1
@@ -71,12 +73,19 @@ struct flow_key {
 
 #define CAP_COMMENT_MAX 48 /* opt_comment "pid=N comm=X": 4 + at most 35, padded; room for the verifier */
 
-/* The process of a connection, and its packets' comment option, built once per connection. */
+/* The process of a connection, and its packets' comment option, built once per connection.
+ * uid .. exec_id: as at connect()/accept(), for tls -m handshake (probes/socket_owner.py), which
+ * joins the exe from the image's CT_EV_TLS_PROCESS record by (pid, start_ns, exec_id);
+ * start_ns 0: seeded from /proc at start. */
 struct flow_proc {
 	__u32 pid;
 	__u32 comment_len; /* bytes of comment_opt in use (header and padding included); 0: none */
 	char comm[CT_COMM_LEN];
 	__u8 comment_opt[CAP_COMMENT_MAX];
+	__u32 uid;
+	__u32 ppid;
+	__u64 start_ns;
+	__u64 exec_id;
 };
 
 /* A packet: a pcapng Enhanced Packet Block. This 28-byte head, cap_len bytes of the packet
@@ -134,6 +143,15 @@ struct {
 	__type(key, __u64);
 	__type(value, __s32);
 } connect_fd SEC(".maps");
+
+/* Slot 0, nonzero: each socket owner's process image is announced into `events` (image.h), as
+ * probes/socket_owner.py wants; 0 (pcapng, whose ring holds only packet blocks): never. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} announce_images SEC(".maps");
 
 /* One slot per CPU (user space sets max_entries to the number of possible CPUs). */
 struct {
@@ -456,8 +474,19 @@ static __always_inline void note_socket(int fd)
 	key.rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	if (!key.lport || !key.rport)
 		return;
-	proc.pid = bpf_get_current_pid_tgid() >> 32;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct ct_image_key image;
+	ct_image_key(task, &image);
+	proc.pid = image.tgid;
 	bpf_get_current_comm(proc.comm, sizeof(proc.comm));
+	proc.uid = (__u32)bpf_get_current_uid_gid();
+	proc.ppid = BPF_CORE_READ(task, real_parent, tgid);
+	proc.start_ns = image.start_ns;
+	proc.exec_id = image.exec_id;
+	__u32 zero = 0;
+	__u32 *announce = bpf_map_lookup_elem(&announce_images, &zero);
+	if (announce && *announce) /* before the flows entry: its record precedes any packet of it */
+		ct_note_image(task, &image, CAP_CNT_PROC_DROPPED);
 	if (bpf_map_update_elem(&flows, &key, &proc, BPF_ANY))
 		return;
 	/* the comment its packets carry, formatted once here rather than per packet */

@@ -257,90 +257,8 @@ static __always_inline int tls_output(void *data, __u64 size)
 
 /* --- process images ---------------------------------------------------------------------- */
 
-/* A TLS event's process may be gone before user space reads /proc (a short curl run): the first
- * event of each process image is preceded by one CT_EV_TLS_PROCESS record with its ppid and exe
- * (in the process's own view, as monitor's events), in the same ring, so it is read first. */
-struct tls_proc_rec {
-	struct ct_header h;
-	__u32 ppid;
-	__u32 exe_len; /* bytes of the exe's components in data (leaf first, NUL-separated); 0: none */
-	char data[CT_PATH_BUF + CT_NAME_MAX];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct tls_proc_rec);
-} proc_scratch SEC(".maps");
-
-#define CT_PATH_AREA_SIZE sizeof(struct tls_proc_rec)
-static void *ct_path_area(void)
-{
-	__u32 zero = 0;
-	return bpf_map_lookup_elem(&proc_scratch, &zero);
-}
-#include "paths.h"
-
-struct image_key {
-	__u32 tgid;
-	__u32 pad;
-	__u64 mm; /* changes at exec: a new image is announced again */
-};
-
-/* Images already announced. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, struct image_key);
-	__type(value, __u8);
-} images SEC(".maps");
-
-/* The last image each CPU announced or found announced: the usual case costs one array lookup. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct image_key);
-} last_image SEC(".maps");
-
-static __always_inline void note_image(void)
-{
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct image_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .mm = (__u64)BPF_CORE_READ(task, mm)};
-	__u32 zero = 0;
-	__u8 one = 1;
-	struct image_key *last = bpf_map_lookup_elem(&last_image, &zero);
-
-	if (!last || (last->tgid == key.tgid && last->mm == key.mm))
-		return;
-	*last = key;
-	if (bpf_map_lookup_elem(&images, &key))
-		return;
-	struct tls_proc_rec *r = bpf_map_lookup_elem(&proc_scratch, &zero);
-	if (!r)
-		return;
-	ct_fill_header(&r->h, CT_EV_TLS_PROCESS);
-	r->ppid = BPF_CORE_READ(task, real_parent, tgid);
-	r->exe_len = 0;
-	struct path root = {};
-	BPF_CORE_READ_INTO(&root, task, fs, root);
-	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
-	if (exe) {
-		struct ct_path_result p = ct_walk_path(BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt),
-						       &root, offsetof(struct tls_proc_rec, data));
-		r->exe_len = p.len;
-	}
-	__u32 size = offsetof(struct tls_proc_rec, data) + r->exe_len;
-	if (size > sizeof(*r))
-		return;
-	if (bpf_ringbuf_output(&events, r, size, BPF_RB_NO_WAKEUP)) {
-		ct_count(CT_CNT_CTRL_DROPPED);
-		last->mm = 0; /* not announced: try again with the next event */
-		return;
-	}
-	bpf_map_update_elem(&images, &key, &one, BPF_ANY);
-}
+/* ppid, uid and exe of each process image with TLS events, sent before its first one (image.h). */
+#include "image.h"
 
 /* --- sockets --------------------------------------------------------------------------- */
 
@@ -731,7 +649,7 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	}
 	if (!cc.length)
 		return 0;
-	note_image();
+	ct_note_current_image(CT_CNT_CTRL_DROPPED);
 	cc.ssl = st.ssl;
 	cc.buf = st.buf;
 	cc.func = func;
@@ -954,7 +872,7 @@ int BPF_KRETPROBE(tls_hs_return, long ret)
 		fd = resolve_fd(&st, tgid);
 		fill_conn(&c, fd);
 	}
-	note_image();
+	ct_note_current_image(CT_CNT_CTRL_DROPPED);
 	if (ok) {
 		struct ssl_key key = {.tgid = tgid, .ssl = st.ssl};
 		__u8 one = 1;
@@ -1248,7 +1166,7 @@ struct tls_btf_anchor {
 	enum tls_keys_status keys_status;
 	enum tls_obj_event obj_event;
 	struct ct_tls_obj_rec obj;
-	struct tls_proc_rec proc;
+	struct ct_proc_rec proc;
 	struct quic_layout quic;
 };
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from crypto_tracer.pipeline.events import TLS_DATA, TLS_HANDSHAKE
 from crypto_tracer.host.proc import read_stat, read_view
-from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, TYPE_SPAN
+from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, TYPE_SPAN, decode_process
 from crypto_tracer.probes.tls import (DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET, DATA_TRUNCATED, TLS_DATA_REC,
-                                      decode_data, decode_handshake, decode_process)
+                                      decode_data, decode_handshake)
 from crypto_tracer.pipeline.redact import Redactor
 
 WRITE_SLICE = 512  # records per write (~250 KB of json-stream)

@@ -1,39 +1,14 @@
 """`tls -m handshake`: one tls_handshake event per TLS handshake seen in packets (hello_facts.py),
-attributed to the process owning the socket (probes/socket_owner.py) where that is known, and
+attributed to the process owning the socket (probes/socket_owner.py: pid, comm, ppid, uid and exe
+as at connect()/accept(), also for a process gone since) where that is known, and
 for -f summary one table: which process talks to whom with what."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from crypto_tracer.host import proc
 from crypto_tracer.pipeline import hello_facts as hf
 from crypto_tracer.pipeline.events import TLS_HANDSHAKE
-
-
-def _thread_comms(pid: int) -> set[str]:
-    """The names of the process's threads (a connect() from a named thread carries that name)."""
-    import os
-
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return set()
-    return {(proc.read_bytes(f"/proc/{pid}/task/{t}/comm", 64) or b"").decode("utf-8", "replace").strip()
-            for t in tids[:256]}
-
-
-def _process(pid: int, comm: str) -> tuple[int | None, int | None, str | None]:
-    """(ppid, uid, exe) from /proc, only while the pid still names the process that owned the
-    socket (its comm): a reused pid gives nulls, not another process's identity."""
-    stat = proc.read_stat(pid)
-    if stat is None or (stat[0] != comm and comm not in _thread_comms(pid)):
-        return None, None, None
-    uid, _gid = proc.read_status_ids(pid)
-    exe = proc.read_exe(pid)
-    if proc.read_stat(pid) != stat:  # exited (or exec'd) while we read
-        return None, None, None
-    return stat[1], uid, exe
 
 
 def handshake_event(facts: hf.ConnFacts, owners, clock) -> dict:
@@ -44,8 +19,8 @@ def handshake_event(facts: hf.ConnFacts, owners, clock) -> dict:
         owner = owners.owner(facts.server, facts.client) if owners else None
         role = "server" if owner is not None else None
         local, remote = (facts.server, facts.client) if owner is not None else (facts.client, facts.server)
-    pid, comm = owner if owner is not None else (None, None)
-    ppid, uid, exe = _process(pid, comm) if owner is not None else (None, None, None)
+    pid, comm, ppid, uid, exe = (owner.pid, owner.comm, owner.ppid, owner.uid, owner.exe) if owner is not None \
+        else (None, None, None, None, None)
     f = facts.fields(with_cert=True)  # packets show the server's certificate
     return TLS_HANDSHAKE.build(
         timestamp=clock.iso(facts.ts_ns), pid=pid, ppid=ppid, uid=uid, process=comm, exe=exe, role=role,

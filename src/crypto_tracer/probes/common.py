@@ -69,6 +69,26 @@ def path_from_parts(data: bytes) -> str:
     return "/" + "/".join(p.decode(errors="replace") for p in parts)
 
 
+# bpf/image.h: a process image announced once before its first event (tls.bpf.c, tc_capture.bpf.c)
+CT_PROC_REC = CStruct("ct_proc_rec", ("h", CT_HEADER), "ppid I exe_len I start_ns Q exec_id Q", until="data")
+_PROC = CT_PROC_REC.unpacker("h.pid", "ppid", "exe_len")
+_PROC_IMAGE = CT_PROC_REC.unpacker("h.pid", "h.uid", "ppid", "exe_len", "start_ns", "exec_id")
+
+
+def decode_process(raw: bytes) -> tuple[int, int, str | None]:
+    """A CT_EV_TLS_PROCESS record: (pid, ppid, exe in the process's own view or None)."""
+    pid, ppid, exe_len = _PROC.unpack_from(raw)
+    start = CT_PROC_REC.size
+    return pid, ppid, path_from_parts(raw[start:start + exe_len]) if exe_len else None
+
+
+def decode_image(raw: bytes) -> tuple[tuple[int, int, int], int, int, str | None]:
+    """A CT_EV_TLS_PROCESS record: ((pid, start_ns, exec_id): the image, uid, ppid, exe or None)."""
+    pid, uid, ppid, exe_len, start_ns, exec_id = _PROC_IMAGE.unpack_from(raw)
+    start = CT_PROC_REC.size
+    return (pid, start_ns, exec_id), uid, ppid, path_from_parts(raw[start:start + exe_len]) if exe_len else None
+
+
 def add_to_pid_set(obj, pids) -> None:
     m = obj.map("pid_set")
     for pid in pids:

@@ -173,16 +173,17 @@ def cleanup_leftovers(prefix: str = "tc-capture", handle: int = TC_HANDLE, prior
 # --- connections that existed before the capture ------------------------------------------
 
 FLOW_KEY = CStruct("flow_key", "family I lport H rport H laddr 16s raddr 16s").struct
-FLOW_PROC = CStruct("flow_proc", "pid I comment_len I comm 16s comment_opt 48s").struct
+FLOW_PROC = CStruct("flow_proc", "pid I comment_len I comm 16s comment_opt 48s uid I ppid I start_ns Q exec_id Q").struct
 OPT_COMMENT = 1
 
 
 def flow_proc(pid: int, comm: bytes) -> bytes:
-    """A flows-map value: the process and its packets' opt_comment, as note_socket() builds them."""
+    """A flows-map value: the process and its packets' opt_comment, as note_socket() builds them
+    (uid/ppid 0 and start_ns 0: seeded from /proc, its image unknown to the kernel)."""
     comm = bytes(c if c < 0x80 else 0x3F for c in comm.split(b"\0", 1)[0][:15])  # UTF-8: '?' for the rest
     text = b"pid=%d comm=%s" % (pid, comm)
     opt = struct.pack("<HH", OPT_COMMENT, len(text)) + text + b"\0" * (-len(text) % 4)
-    return FLOW_PROC.pack(pid, len(opt), comm, opt)
+    return FLOW_PROC.pack(pid, len(opt), comm, opt, 0, 0, 0, 0)
 
 
 def existing_flows() -> dict[bytes, bytes]:

@@ -22,7 +22,7 @@ from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log
 from crypto_tracer.bpf.cstruct import CEnum, CStruct
 from crypto_tracer.probes.common import (CT_EV_LIB_LOAD, CT_EV_PROCESS_EXEC, CT_HEADER, HEADER, PID_SPAN, TYPE_SPAN, ProcessFilter,
-                                         add_to_pid_set, path_from_parts)
+                                         add_to_pid_set)
 
 # The constants and records of tls.bpf.c (checked against its BTF by tests/unit/test_bpf_layouts.py).
 # enum tls_lib
@@ -79,7 +79,6 @@ TLS_HS_REC = CStruct("tls_hs_rec", ("h", CT_HEADER),
                      "ssl Q fd i result i lib B func B role B ok B version I", ("c", CONN))
 TLS_CTRL_REC = CStruct("tls_ctrl_rec", ("h", CT_HEADER), "name 32s")
 TLS_CONFIG = CStruct("tls_config", "capture_data I max_payload I")
-TLS_PROC_REC = CStruct("tls_proc_rec", ("h", CT_HEADER), "ppid I exe_len I", until="data")
 # keys/calibrate_quic_worker.py's layout as tls.bpf.c reads it
 QUIC_LAYOUT = CStruct("quic_layout", "xso_conn I xso_stream I stream_id I qc_default_xso I bio_hops I bio_ptr0 I "
                       "bio_ptr1 I bio I bio_num I peer_hops I peer_ptr0 I peer_ptr1 I peer I")
@@ -213,16 +212,6 @@ def decode_handshake(raw: bytes) -> TlsHandshake:
                         FUNC_NAMES.get(func, str(func)), {1: "client", 2: "server"}.get(role),
                         fd if fd >= 0 else None, la, lp, ra, rp, "success" if ok else "failure", result,
                         TLS_VERSIONS.get(version), ssl)
-
-
-_PROC = TLS_PROC_REC.unpacker("h.pid", "ppid", "exe_len")
-
-
-def decode_process(raw: bytes) -> tuple[int, int, str | None]:
-    """A CT_EV_TLS_PROCESS record: (pid, ppid, exe in the process's own view or None)."""
-    pid, ppid, exe_len = _PROC.unpack_from(raw)
-    start = TLS_PROC_REC.size
-    return pid, ppid, path_from_parts(raw[start:start + exe_len]) if exe_len else None
 
 
 @dataclass(slots=True)

@@ -10,6 +10,10 @@ import time
 
 from crypto_tracer.errors import ExitStatus, TracerError
 from crypto_tracer.log import log, ready
+from crypto_tracer.probes.common import CT_EV_TLS_PROCESS, TYPE_SPAN
+
+_T0, _T1 = TYPE_SPAN
+_PROCESS = CT_EV_TLS_PROCESS.to_bytes(4, "little")
 
 POLL_MS = 50  # the classifier wakes no reader: its ring is read on this timer
 
@@ -52,8 +56,6 @@ def run(opts) -> int:
     try:
         t0 = time.monotonic()
         clock = WallClock()
-        owners = SocketOwners()
-        owners.start()
         sink = open_sink(opts)
 
         def completed(facts) -> None:
@@ -73,6 +75,10 @@ def run(opts) -> int:
         except HelloUnavailable as exc:
             raise TracerError(f"the TC handshake classifier cannot run: {exc}", ExitStatus.BPF_FAILURE) from None
         facts.done = capture.done
+        # after the classifier: its ring also takes the owners' process records, each before the
+        # hellos of the connections it owns
+        owners = SocketOwners()
+        owners.start(capture.obj.map("events"))
         reader = ring_reader(capture.obj.map("events"), 4096)
         ready("tls", t0, "TLS handshakes from packets on every interface")
 
@@ -80,7 +86,10 @@ def run(opts) -> int:
             while True:
                 records = reader.read(4096)
                 for raw in records:
-                    facts.add_raw(raw)
+                    if raw[_T0:_T1] == _PROCESS:
+                        owners.learn(raw)
+                    else:
+                        facts.add_raw(raw)
                 if len(records) < 4096:
                     break
             sink.flush()
@@ -98,6 +107,9 @@ def run(opts) -> int:
         dropped = capture.counters()["dropped"]
         if dropped:
             log.warning("%d handshake packets were lost (ring buffer full): some handshakes are missing", dropped)
+        lost = owners.counters()["images_dropped"]
+        if lost:
+            log.warning("%d process records were lost (ring buffer full): exe read from /proc for those", lost)
         return ExitStatus.OK
     finally:
         stop.restore()
