@@ -251,3 +251,85 @@ def test_summary(ec_cert, tmp_path):
     rows = sorted(line.split() for line in lines[2:])
     assert rows == sorted([f"ctpeer-curl[{pid}]", f"127.0.0.1:{port}", "localhost", "TLSv1.3",
                            "TLS_AES_128_GCM_SHA256", "x25519", "1"] for pid in pids)
+
+
+GO_CLIENT = f"{tp.PEER_PREFIX}-gocli"
+
+
+def go_client() -> tuple[str, str]:
+    """tests/go/tlsclient built by the newest Go reachable (tests/gobuild.py), as (a link named
+    ctpeer-gocli, its GoPrograms)."""
+    from tests import gobuild
+
+    try:
+        progs = gobuild.build(gobuild.toolchain(gobuild.matrix()["newest"]), "normal")
+    except gobuild.GoBuildError as exc:
+        pytest.skip(str(exc))
+    os.makedirs(tp.PEER_DIR, exist_ok=True)
+    link = os.path.join(tp.PEER_DIR, GO_CLIENT)
+    tmp = f"{link}.{os.getpid()}"
+    os.symlink(progs.client, tmp)
+    os.replace(tmp, link)
+    return link, progs
+
+
+def pinned_nginx(tmp_path, port, cert, key, tls_lines):
+    """nginx (http2 on) allowing only what tls_lines say: protocol, suite, group."""
+    from tests.harness import nginx_conf
+
+    conf = nginx_conf(tmp_path, port, cert, key, http2=True, master=True)
+    with open(conf) as f:
+        text = f.read()
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in text
+    with open(conf, "w") as f:
+        f.write(text.replace("ssl_protocols TLSv1.2 TLSv1.3;", tls_lines))
+    return tp.process([tp.peer("nginx"), "-c", conf, "-p", str(tmp_path)], port=port)
+
+
+@pytest.mark.parametrize("tls13", [True, False], ids=["tls13", "tls12"])
+def test_go_client_nginx(ec_cert, tmp_path, tls13):
+    """Go's crypto/tls (never hooked in this mode) against nginx configured for TLS 1.3 only, or TLS
+    1.2 only, each with one suite and one group: every negotiated and offered field, JA4 against
+    ja4plus, and the client's process."""
+    cert, key = ec_cert
+    link, progs = go_client()
+    port = free_port()
+    if tls13:
+        lines = "ssl_protocols TLSv1.3; ssl_conf_command Ciphersuites TLS_CHACHA20_POLY1305_SHA256; ssl_ecdh_curve X25519;"
+        want = {"tls_version": "TLSv1.3", "cipher": "TLS_CHACHA20_POLY1305_SHA256", "cipher_code": 0x1303,
+                "group": "x25519", "alpn": None, "peer_cert_subject": None, "peer_key_type": None,
+                "weak_cipher": False}  # TLS 1.3: ALPN and certificate are in the encrypted flight
+    else:
+        lines = "ssl_protocols TLSv1.2; ssl_ciphers ECDHE-ECDSA-AES256-GCM-SHA384; ssl_ecdh_curve secp384r1;"
+        want = {"tls_version": "TLSv1.2", "cipher": "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "cipher_code": 0xC02C,
+                "group": "secp384r1", "alpn": "http/1.1", "peer_cert_subject": subject_of(cert),
+                "peer_key_type": "EC", "weak_cipher": False}
+    want.update({"sni": "localhost", "alpn_offered": ["http/1.1"], "resumed": False,
+                 "offered_versions": ["TLSv1.3", "TLSv1.2"], "legacy_version": False, "no_forward_secrecy": False,
+                 "not_quantum_safe_key_exchange": True, "role": "client", "process": GO_CLIENT, "uid": 0,
+                 "ppid": os.getpid(), "exe": os.path.realpath(progs.client), "local_addr": "127.0.0.1",
+                 "remote_addr": "127.0.0.1", "remote_port": port})
+    with pinned_nginx(tmp_path, port, cert, key, lines):
+        tracer, out = run(tmp_path, "--name", tp.PEER_PREFIX)
+        sniff = HelloSniffer(port)
+        try:
+            # "localhost": Go sends it as SNI (never an IP address); nginx listens on 127.0.0.1 only
+            go = subprocess.Popen([link, "-url", f"https://localhost:{port}/small"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=dict(os.environ, GOMAXPROCS="2"))
+            stdout, stderr = go.communicate(timeout=60)
+            assert go.returncode == 0 and stdout.endswith("done\n"), stderr
+            hello = sniff.client_hello()
+        finally:
+            sniff.close()
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    events = [e for e in tp.read_events(out) if e["remote_port"] == port]
+    assert len(events) == 1, events
+    ev = events[0]
+    assert ev["pid"] == go.pid
+    assert {k: ev[k] for k in want} == want
+    assert want["cipher_code"] in ev["offered_ciphers"]
+    # Go's default curves (tests/go's go.mod says go 1.19: GODEBUG tlsmlkem=0, no X25519MLKEM768 offer)
+    assert ev["offered_groups"] == ["x25519", "secp256r1", "secp384r1", "secp521r1"]
+    assert ev["ja4"] == ja4_reference(hello)
+    assert ev["ja4"].startswith("t13d")  # JA4 takes the highest version offered: Go offers 1.3 either way
