@@ -16,6 +16,12 @@ In one run, alternating, each mode R times (the median is reported):
   bpftrace     the peer a user would pick instead: bpftrace (Debian's) on SSL_write and
                SSL_read's entry and return, printing pid, comm, length and the payload (its
                buf(), at most 64 bytes) to a file, as sslsnoop-style scripts do
+  handshake    crypto-tracer tls -m handshake, events to a file, whole host (no library hooks:
+               the TC classifier and the connect()/accept() tracepoints)
+  untraced-close, handshake-close   the same two with wrk sending "Connection: close": one TCP
+               connection and one full TLS handshake per request, where per-handshake cost shows
+               (x untraced of handshake-close is to untraced-close)
+With --handshake only untraced, floor and the four handshake rows run.
 For each: requests/s and p99 latency, and their ratios to untraced (same run) and to the
 floor; the tracer's CPU (user+sys seconds per wall second) and peak RSS; events lost.
 Targets: capture >= 0.9x the floor, 0 events lost, RSS <= 50 MB.
@@ -44,9 +50,10 @@ PORT = 18440
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def wrk(seconds: int, url: str = f"https://127.0.0.1:{PORT}/small") -> tuple[float, float]:
-    """(requests/s, p99 latency in ms) of wrk -t1 -c50 on url."""
-    out = subprocess.run(["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", url],
+def wrk(seconds: int, url: str = f"https://127.0.0.1:{PORT}/small", close: bool = False) -> tuple[float, float]:
+    """(requests/s, p99 latency in ms) of wrk -t1 -c50 on url (close: a new connection per request)."""
+    out = subprocess.run(["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", *(["-H", "Connection: close"] if close
+                                                                               else []), url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", out).groups()
@@ -135,6 +142,30 @@ def proc_hwm_mb(pid: int) -> float:
     return 0.0
 
 
+def run_handshake(seconds: int, out: str, close: bool) -> dict:
+    """tls -m handshake to a file under the load: events are its lines, lost the handshake packets
+    it says it lost (its warning at exit)."""
+    p = subprocess.Popen(TRACER + ["-m", "handshake", "-o", out], env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if "ready" in line:
+            break
+    else:
+        sys.exit("tracer did not start")
+    cpu0, t0 = proc_cpu(p.pid), time.monotonic()
+    rps, p99 = wrk(seconds, close=close)
+    cpu = (proc_cpu(p.pid) - cpu0) / (time.monotonic() - t0)
+    rss = proc_hwm_mb(p.pid)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    if p.returncode != 0:
+        sys.exit(f"tls -m handshake failed: {err.strip()[-300:]}")
+    m = re.search(r"(\d+) handshake packets were lost", err)
+    with open(out, "rb") as f:
+        events = sum(1 for _ in f)
+    return {"rps": rps, "p99": p99, "cpu": cpu, "rss": rss, "lost": int(m.group(1)) if m else 0, "events": events}
+
+
 def run_traced(args: list[str], seconds: int, command=None) -> dict:
     p = subprocess.Popen(command or TRACER + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
@@ -191,15 +222,17 @@ def run_bpftrace(seconds: int, out: str) -> dict:
 def print_table(results: dict, modes, title: str) -> tuple[dict, dict]:
     """Print each mode's medians and ratios (to untraced and to the floor); (medians, floor medians)."""
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
-    base, floor = med["untraced"], med["floor"]
+    floor = med["floor"]
     print(title)
-    print(f"{'mode':9s} {'req/s':>9s} {'x untraced':>10s} {'x floor':>8s} {'p99 ms':>8s} {'p99 x':>6s} "
+    print(f"{'mode':15s} {'req/s':>9s} {'x untraced':>10s} {'x floor':>8s} {'p99 ms':>8s} {'p99 x':>6s} "
           f"{'CPU':>5s} {'RSS MB':>7s} {'events':>8s} {'lost':>5s}")
     for m in modes:
         r = med[m]
+        base = med["untraced-close" if m.endswith("-close") else "untraced"]  # the same load untraced
         extra = (f"{r['cpu']:5.2f} {r['rss']:7.1f} {r['events']:8.0f} {r['lost']:5.0f}" if "cpu" in r
                  else f"{'-':>5s} {'-':>7s} {'-':>8s} {'-':>5s}")
-        print(f"{m:9s} {r['rps']:9.0f} {r['rps'] / base['rps']:10.3f} {r['rps'] / floor['rps']:8.3f} "
+        to_floor = "-" if m.endswith("-close") else f"{r['rps'] / floor['rps']:.3f}"  # the floor is keep-alive
+        print(f"{m:15s} {r['rps']:9.0f} {r['rps'] / base['rps']:10.3f} {to_floor:>8s} "
               f"{r['p99']:8.2f} {r['p99'] / base['p99']:6.2f} {extra}")
     return med, floor
 
@@ -208,6 +241,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run (default 5)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of each mode (default 2)")
+    ap.add_argument("--handshake", action="store_true", help="only untraced, floor and the tls -m handshake rows")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
@@ -222,7 +256,9 @@ def main() -> int:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # hooks: the real programs with data capture off (what the kernel side costs alone);
     # count: capture on, but user space only counts records (no decoding, no output).
-    modes = ("untraced", "floor", "tc-hello", "hooks", "count", "text", "json", "text-pid", "json-pid") + \
+    handshake = ("handshake", "untraced-close", "handshake-close")
+    modes = ("untraced", "floor") + handshake if args.handshake else \
+        ("untraced", "floor", "tc-hello", "hooks", "count", "text", "json", "text-pid", "json-pid") + handshake + \
         (("bpftrace",) if shutil.which("bpftrace") else ())
     results: dict[str, list[dict]] = {m: [] for m in modes}
     hello_ns: list[tuple[int, int]] = []  # tc-hello rounds: (classifier runs, their run time ns)
@@ -238,6 +274,14 @@ def main() -> int:
             rps, p99 = wrk(args.seconds)
             floor.close()
             results["floor"].append({"rps": rps, "p99": p99})
+            out = os.path.join(tmp, "out.handshake")
+            results["handshake"].append(run_handshake(args.seconds, out, close=False))
+            rps, p99 = wrk(args.seconds, close=True)
+            results["untraced-close"].append({"rps": rps, "p99": p99})
+            results["handshake-close"].append(run_handshake(args.seconds, out, close=True))
+            os.unlink(out)
+            if args.handshake:
+                continue
             hello = HelloOnly()
             stats = shutil.which("bpftool") is not None
             if stats:  # the classifier's own run time per packet, beside the req/s ratio
@@ -267,11 +311,14 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     med, floor = print_table(results, modes, f"wrk -t1 -c50 -d{args.seconds}s --latency, nginx 1 worker, 6-byte "
-                             f"response, keep-alive; median of {args.rounds} rounds")
+                             f"response, keep-alive (-close rows: a connection and a handshake per request); median of "
+                             f"{args.rounds} rounds")
     if hello_ns:
         runs, ns = sum(r for r, _ in hello_ns), sum(n for _, n in hello_ns)
         print(f"tc-hello: {runs} packets classified, {ns / max(runs, 1):.0f} ns each (kernel run time with "
               f"bpf_stats on; one run per packet: lo has the egress program only)")
+    if args.handshake:
+        return 0
     ours = modes[5:9]  # the targets are ours; the bpftrace row is the peer's
     worst = min(med[m]["rps"] / floor["rps"] for m in ours)
     lost = sum(r["lost"] for m in ours for r in results[m])
