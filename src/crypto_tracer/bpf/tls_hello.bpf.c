@@ -25,6 +25,10 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define QUIC_MAX 2048          /* bytes of a QUIC Initial datagram copied (clients pad them to 1200+) */
+#define QUIC_V1 0x00000001
+#define QUIC_V2 0x6b3343cf
 
 struct hello_iface {
 	__u32 l2_len;      /* 14 on Ethernet-like devices (and lo), 0 on raw IP devices */
@@ -48,10 +52,10 @@ struct hello_rec {
 	__u32 ifindex;
 	__u32 egress;
 	struct hello_flow f;
-	__u32 seq;         /* TCP sequence number of the payload's first byte */
+	__u32 seq;         /* TCP sequence number of the payload's first byte (UDP: 0) */
 	__u32 payload_len; /* of the segment (pre-GSO on lo: can exceed the MTU) */
 	__u32 cap_len;
-	__u32 pad;
+	__u32 proto;       /* IPPROTO_UDP: data is a UDP datagram starting with a QUIC Initial packet */
 	__u8 data[HELLO_MAX];
 };
 
@@ -87,6 +91,59 @@ struct hello_skb {
 		ingress_ifindex, ifindex;
 };
 
+/* QUIC (RFC 9000/9001, v2 RFC 9369): a UDP datagram whose first packet is a long-header Initial
+ * (its keys come from the client's first Destination Connection ID, so user space can decrypt the
+ * CRYPTO frames holding the ClientHello and ServerHello: pipeline/quic_initial.py). Any other
+ * datagram costs one load and a few compares. No follow state: every Initial datagram is copied
+ * (a handshake sends a handful), up to QUIC_MAX bytes. */
+static __always_inline int quic_initial(struct __sk_buff *skb, __u32 egress, __u32 ifindex, struct hello_flow *fl,
+				   __u32 l4, __u32 end)
+{
+	__u8 h[13]; /* UDP header, the packet's first byte, its version */
+	__u32 zero = 0;
+	if (bpf_skb_load_bytes(skb, l4, h, sizeof(h)))
+		return TC_ACT_UNSPEC;
+	if ((h[8] & 0xc0) != 0xc0) /* long header, fixed bit */
+		return TC_ACT_UNSPEC;
+	__u32 version = ((__u32)h[9] << 24) | ((__u32)h[10] << 16) | ((__u32)h[11] << 8) | h[12];
+	__u8 type = (h[8] >> 4) & 3; /* Initial: 0 in v1, 1 in v2 */
+	if (!((version == QUIC_V1 && type == 0) || (version == QUIC_V2 && type == 1)))
+		return TC_ACT_UNSPEC;
+	ct_count(CT_CNT_SEEN);
+	struct hello_rec *rec = bpf_map_lookup_elem(&hello_scratch, &zero);
+	if (!rec)
+		return TC_ACT_UNSPEC;
+	__u32 payload = l4 + 8;
+	if (payload >= end)
+		return TC_ACT_UNSPEC;
+	__u32 len = end - payload;
+	rec->payload_len = len;
+	if (len > QUIC_MAX)
+		len = QUIC_MAX;
+	barrier_var(len);
+	if (len == 0 || len > QUIC_MAX)
+		return TC_ACT_UNSPEC;
+	if (bpf_skb_load_bytes(skb, payload, rec->data, len))
+		return TC_ACT_UNSPEC;
+	__builtin_memset(&rec->h, 0, sizeof(rec->h));
+	rec->h.ts_ns = bpf_ktime_get_ns();
+	rec->h.type = CT_EV_TLS_HELLO;
+	rec->ifindex = ifindex;
+	rec->egress = egress;
+	rec->f = *fl;
+	rec->f.sport = ((__u16)h[0] << 8) | h[1];
+	rec->f.dport = ((__u16)h[2] << 8) | h[3];
+	rec->seq = 0;
+	rec->cap_len = len;
+	rec->proto = IPPROTO_UDP;
+	if (bpf_ringbuf_output(&events, rec, offsetof(struct hello_rec, data) + len, BPF_RB_NO_WAKEUP)) {
+		ct_count(CT_CNT_DROPPED);
+		return TC_ACT_UNSPEC;
+	}
+	ct_count(CT_CNT_SUBMITTED);
+	return TC_ACT_UNSPEC;
+}
+
 static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 {
 	struct hello_skb *sk = (struct hello_skb *)ctx;
@@ -99,10 +156,13 @@ static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 	struct hello_flow f = {};
 	__u32 l3 = ifc->l2_len & 0xff, l4, end = sk->len;
 	__u16 eth_proto = bpf_ntohs(sk->protocol);
+	__u8 proto;
 	if (eth_proto == ETH_P_IP) {
 		__u8 ip[20];
-		if (bpf_skb_load_bytes(skb, l3, ip, sizeof(ip)) || ip[9] != IPPROTO_TCP || (ip[6] & 0x1f) || ip[7])
+		if (bpf_skb_load_bytes(skb, l3, ip, sizeof(ip)) || (ip[9] != IPPROTO_TCP && ip[9] != IPPROTO_UDP) ||
+		    (ip[6] & 0x1f) || ip[7])
 			return TC_ACT_UNSPEC;
+		proto = ip[9];
 		f.family = AF_INET;
 		l4 = l3 + (ip[0] & 0xf) * 4;
 		__u32 tot = (ip[2] << 8) | ip[3]; /* 0 on BIG TCP packets: then the skb's length */
@@ -112,8 +172,9 @@ static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 		__builtin_memcpy(f.daddr, &ip[16], 4);
 	} else if (eth_proto == ETH_P_IPV6) {
 		__u8 ip6[40];
-		if (bpf_skb_load_bytes(skb, l3, ip6, sizeof(ip6)) || ip6[6] != IPPROTO_TCP)
+		if (bpf_skb_load_bytes(skb, l3, ip6, sizeof(ip6)) || (ip6[6] != IPPROTO_TCP && ip6[6] != IPPROTO_UDP))
 			return TC_ACT_UNSPEC;
+		proto = ip6[6];
 		f.family = AF_INET6;
 		l4 = l3 + 40;
 		__u32 plen = (ip6[4] << 8) | ip6[5];
@@ -124,6 +185,8 @@ static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 	} else {
 		return TC_ACT_UNSPEC;
 	}
+	if (proto == IPPROTO_UDP)
+		return quic_initial(skb, egress, ifindex, &f, l4, end);
 	struct { __be16 sport, dport; __be32 seq, ack; __u8 off, flags; } tcp;
 	if (bpf_skb_load_bytes(skb, l4, &tcp, sizeof(tcp)))
 		return TC_ACT_UNSPEC;
@@ -177,7 +240,7 @@ static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 	rec->f = f;
 	rec->seq = bpf_ntohl(tcp.seq);
 	rec->cap_len = len;
-	rec->pad = 0;
+	rec->proto = 0;
 	/* no wake-up: the handshake record that follows wakes the reader */
 	if (bpf_ringbuf_output(&events, rec, offsetof(struct hello_rec, data) + len, BPF_RB_NO_WAKEUP)) {
 		ct_count(CT_CNT_DROPPED);

@@ -71,6 +71,7 @@ class ConnFacts:
     alpn: str | None = None
     resumed: bool | None = None
     hello_retry: bool = False
+    transport: str = "tcp"  # "quic": the hellos came in QUIC Initial packets (pipeline/quic_initial.py)
     cert_der: bytes | None = None  # TLS 1.2: the server's certificate, parsed when an event asks (certificate())
     _cert: dict | None = None
 
@@ -280,6 +281,7 @@ class HelloFacts:
         self.conns: OrderedDict[tuple, ConnFacts] = OrderedDict()
         self.streams: OrderedDict[tuple, _Stream] = OrderedDict()
         self.errors = 0
+        self.quic = None  # pipeline/quic_initial.QuicInitials, at the first QUIC datagram
 
     @staticmethod
     def key(a: tuple, b: tuple) -> tuple:
@@ -291,6 +293,13 @@ class HelloFacts:
         self.add(decode(raw))
 
     def add(self, seg) -> None:
+        if seg.udp:
+            if self.quic is None:
+                from crypto_tracer.pipeline.quic_initial import QuicInitials
+
+                self.quic = QuicInitials(self._quic_message)
+            self.quic.add(seg.ts_ns, seg.src, seg.dst, seg.data)
+            return
         d = (seg.src, seg.dst)
         data = seg.data
         start = len(data) >= 6 and data[0] == REC_HANDSHAKE and data[5] in (HS_CLIENT_HELLO, HS_SERVER_HELLO)
@@ -314,6 +323,30 @@ class HelloFacts:
             if self.completed is not None and (facts := self.conns.get(self.key(seg.src, seg.dst))) is not None \
                     and facts.server == seg.src:
                 self.completed(facts)
+
+    def _quic_message(self, client: tuple, server: tuple, ts: int, from_client: bool, mtype: int,
+                      body: bytes) -> bool:
+        """A handshake message of a QUIC connection's Initial CRYPTO stream; True when that
+        direction has given what it is read for (ClientHello; ServerHello after any HelloRetryRequest)."""
+        try:
+            if from_client:
+                if mtype == HS_CLIENT_HELLO:
+                    facts = self._conn(client, server, ts, new=True)
+                    facts.transport = "quic"
+                    parse_client_hello(body, facts)
+                return True
+            if mtype != HS_SERVER_HELLO:
+                return True
+            facts = self._conn(client, server, ts, new=False)
+            facts.transport = "quic"
+            if not parse_server_hello(body, facts):
+                return False  # HelloRetryRequest: the ServerHello follows in the same stream
+        except Exception:  # malformed: what was read stays
+            self.errors += 1
+            return True
+        if self.completed is not None:
+            self.completed(facts)
+        return True
 
     def _conn(self, client: tuple, server: tuple, ts: int, new: bool) -> ConnFacts:
         key = self.key(client, server)
@@ -384,7 +417,7 @@ def _sha12(items: list[int]) -> str:
 
 
 def ja4(facts: ConnFacts) -> str | None:
-    """FoxIO's JA4 of the ClientHello (TCP: 't'), GREASE values left out: version (highest offered),
+    """FoxIO's JA4 of the ClientHello (TCP: 't', QUIC: 'q'), GREASE values left out: version (highest offered),
     SNI d/i, cipher and extension counts, ALPN first+last character, sha256-12 of the sorted
     ciphers, sha256-12 of the sorted extensions without SNI and ALPN '_' the signature algorithms
     in order. None without a parsed ClientHello."""
@@ -398,7 +431,7 @@ def ja4(facts: ConnFacts) -> str | None:
         first = facts.alpn_offered[0].encode("utf-8")
         ends = _alpn_end(first[0]), _alpn_end(first[-1])
         alpn = "99" if None in ends else ends[0] + ends[1]
-    a = f"t{version}{'d' if EXT_SNI in exts else 'i'}{min(len(facts.offered_suites), 99):02d}" \
+    a = f"{'q' if facts.transport == 'quic' else 't'}{version}{'d' if EXT_SNI in exts else 'i'}{min(len(facts.offered_suites), 99):02d}" \
         f"{min(len(exts), 99):02d}{alpn}"
     b = _sha12(sorted(facts.offered_suites)) if facts.offered_suites else "000000000000"
     sorted_exts = sorted(e for e in exts if e not in (EXT_SNI, EXT_ALPN))

@@ -1,4 +1,5 @@
-"""The Python side of bpf/tls_hello.bpf.c: the TLS handshake messages of every TCP connection,
+"""The Python side of bpf/tls_hello.bpf.c: the TLS handshake messages of every TCP connection
+and the Initial datagrams of QUIC connections (pipeline/quic_initial.py decrypts them),
 from a TC classifier on every interface, written into the ring buffer of another object (the tls
 tracer's: one ring keeps a connection's hellos before its handshake record).
 
@@ -32,8 +33,9 @@ OWN_RING = 4 << 20  # without a tracer's ring: room for ~250 16 KB certificate s
 # The structs of tls_hello.bpf.c (checked against its BTF by tests/unit/test_bpf_layouts.py).
 HELLO_FLOW = CStruct("hello_flow", "family I sport H dport H saddr 16s daddr 16s")
 HELLO_REC = CStruct("hello_rec", ("h", CT_HEADER), "ifindex I egress I", ("f", HELLO_FLOW),
-                    "seq I payload_len I cap_len I pad I", until="data")
+                    "seq I payload_len I cap_len I proto I", until="data")
 HELLO_IFACE = CStruct("hello_iface", "l2_len I egress_only I attached I")
+IPPROTO_UDP = 17  # hello_rec.proto of a QUIC Initial datagram
 IFINDEX_MAX = 4096  # HELLO_IFINDEX_MAX: hello_ifaces is an array by ifindex
 _HEAD = HELLO_REC.struct
 _FLOW0, _FLOW1 = HELLO_REC.span("f.family", "f.daddr")
@@ -54,15 +56,16 @@ class Segment:
     payload_len: int
     data: bytes
     flow: bytes  # the follow map's key (this direction)
+    udp: bool = False  # a UDP datagram starting with a QUIC Initial packet (seq 0), not a TCP segment
 
 
 def decode(raw: bytes) -> Segment:
     (ts, _type, _pid, _tid, _uid, _comm, _ifindex, egress, family, sport, dport, saddr, daddr, seq, payload_len,
-     cap_len, _pad) = _HEAD.unpack_from(raw, 0)
+     cap_len, proto) = _HEAD.unpack_from(raw, 0)
     src = tc_capture.proc.address_text(family, saddr)
     dst = tc_capture.proc.address_text(family, daddr)
     return Segment(ts, bool(egress), (src, sport), (dst, dport), seq, payload_len,
-                   raw[_HEAD.size:_HEAD.size + cap_len], raw[_FLOW0:_FLOW1])
+                   raw[_HEAD.size:_HEAD.size + cap_len], raw[_FLOW0:_FLOW1], proto == IPPROTO_UDP)
 
 
 def all_interfaces() -> list[tc_capture.Interface]:
