@@ -58,15 +58,17 @@ LIB_LOAD = EventType("lib_load", (*PROCESS_VIEW_FIELDS, "library", "library_name
 API_CALL = EventType("api_call", ("function_name", "library"))
 # tls_version .. peer_key_bits: from the hooked library where it says, else from the handshake
 # messages (pipeline/hello_facts.py); the peer_* fields describe the peer's certificate (TLS 1.2:
-# the server's, on the client's event; TLS 1.3 sends it encrypted).
+# the server's, on the client's event; TLS 1.3 sends it encrypted). `transport`: "tcp" or "quic" when
+# the handshake messages were seen in packets (QUIC: in its Initial packets, pipeline/quic_initial.py),
+# else null.
 # `tls -m handshake` only (null elsewhere): the ClientHello's offer (IANA code points; alpn_offered:
 # names), its JA4 fingerprint, and flags (pipeline/hello_facts.flags: null when not known).
 HANDSHAKE_MODE_FIELDS = ("cipher_code", "alpn_offered", "offered_versions", "offered_ciphers", "offered_groups",
                          "ja4", "legacy_version", "no_forward_secrecy", "weak_cipher",
                          "not_quantum_safe_key_exchange")
 TLS_HANDSHAKE = EventType("tls_handshake", ("tid", "library", "role", "fd", "local_addr", "local_port", "remote_addr",
-                                            "remote_port", "result", "tls_version", "cipher", "group", "sni", "alpn",
-                                            "resumed", "peer_cert_subject", "peer_cert_issuer", "peer_key_type",
+                                            "remote_port", "result", "transport", "tls_version", "cipher", "group", "sni",
+                                            "alpn", "resumed", "peer_cert_subject", "peer_cert_issuer", "peer_key_type",
                                             "peer_key_bits", *HANDSHAKE_MODE_FIELDS))
 TLS_DATA = EventType("tls_data", ("tid", "library", "function", "direction", "fd", "local_addr", "local_port",
                                   "remote_addr", "remote_port", "stream_id", "length", "offset", "truncated", "data_b64"))

@@ -152,7 +152,7 @@ class TlsDataPipeline:
             timestamp=self.clock.iso(rec.ts_ns), pid=rec.pid, ppid=ppid, uid=rec.uid, process=rec.comm, exe=exe,
             tid=rec.tid, library=rec.library, role=role, fd=rec.fd, local_addr=rec.local_addr,
             local_port=rec.local_port, remote_addr=rec.remote_addr, remote_port=rec.remote_port, result=rec.result,
-            tls_version=rec.tls_version or f.get("tls_version"), cipher=f.get("cipher"), group=f.get("group"),
+            transport=facts.transport if facts else None, tls_version=rec.tls_version or f.get("tls_version"), cipher=f.get("cipher"), group=f.get("group"),
             sni=f.get("sni"), alpn=f.get("alpn"), resumed=f.get("resumed"),
             peer_cert_subject=f.get("peer_cert_subject"), peer_cert_issuer=f.get("peer_cert_issuer"),
             peer_key_type=f.get("peer_key_type"), peer_key_bits=f.get("peer_key_bits")))

@@ -25,7 +25,7 @@ def handshake_event(facts: hf.ConnFacts, owners, clock) -> dict:
     return TLS_HANDSHAKE.build(
         timestamp=clock.iso(facts.ts_ns), pid=pid, ppid=ppid, uid=uid, process=comm, exe=exe, role=role,
         local_addr=local[0], local_port=local[1], remote_addr=remote[0], remote_port=remote[1],
-        tls_version=f["tls_version"], cipher=f["cipher"], cipher_code=facts.cipher, group=f["group"], sni=facts.sni,
+        transport=facts.transport, tls_version=f["tls_version"], cipher=f["cipher"], cipher_code=facts.cipher, group=f["group"], sni=facts.sni,
         alpn=f["alpn"], resumed=f["resumed"], peer_cert_subject=f["peer_cert_subject"],
         peer_cert_issuer=f["peer_cert_issuer"], peer_key_type=f["peer_key_type"], peer_key_bits=f["peer_key_bits"],
         alpn_offered=facts.alpn_offered,

@@ -128,6 +128,8 @@ def attributes(ev: dict) -> dict[str, Any]:
             attrs["tls.protocol.name"] = name
         if version:
             attrs["tls.protocol.version"] = version
+        if ev.get("transport") is not None:  # "tcp" or "quic" (semantic conventions' values)
+            attrs["network.transport"] = ev["transport"]
         if ev.get("result") is not None:
             attrs["tls.established"] = ev["result"] == "success"
         if ev.get("role") == "server":  # the peer's certificate is the client's

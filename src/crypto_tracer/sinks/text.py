@@ -56,6 +56,8 @@ def header_line(ev: dict, chunk: int = 0) -> str:
         for name in ("sni", "alpn"):
             if ev[name]:
                 extra += f" {name}={ev[name]}"
+        if ev.get("transport") == "quic":
+            extra += " quic"
         if ev["resumed"] is not None:
             extra += " resumed" if ev["resumed"] else " full-handshake"
         if ev["peer_cert_subject"]:
