@@ -120,8 +120,10 @@ static __always_inline int quic_initial(struct __sk_buff *skb, __u32 egress, __u
 	rec->payload_len = len;
 	if (len > QUIC_MAX)
 		len = QUIC_MAX;
+	if (len == 0)
+		return TC_ACT_UNSPEC;
 	barrier_var(len);
-	if (len == 0 || len > QUIC_MAX)
+	if (len > QUIC_MAX)
 		return TC_ACT_UNSPEC;
 	if (bpf_skb_load_bytes(skb, payload, rec->data, len))
 		return TC_ACT_UNSPEC;

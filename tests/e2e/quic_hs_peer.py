@@ -1,0 +1,85 @@
+"""QUIC clients that only shake hands, for test_tls_quic_handshake.py (servers: quic_peer.py's).
+
+    python quic_hs_peer.py aioquic PORT connected|unconnected
+    python quic_hs_peer.py ossl LIBSSL PORT connected|unconnected   (server: quic_peer.py ossl-server ... 1)
+
+A connected client's UDP socket goes through connect() (the tool attributes its packets to it); an
+unconnected one only sends to the server's address. Each prints one JSON line: its socket's address
+and what its library negotiated (aioquic: the cipher suite), then waits for stdin to close.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+from quic_peer import ALPN, _name
+
+
+def aioquic_client(port: int, connected: bool) -> None:
+    import ssl
+
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.events import HandshakeCompleted
+
+    _name(b"ctquic-aioquic")
+    server = ("127.0.0.1", port)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    if connected:
+        sock.connect(server)
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=[ALPN.decode()], verify_mode=ssl.CERT_NONE,
+                            server_name="localhost")
+    conn = QuicConnection(configuration=cfg)
+    conn.connect(server, now=time.time())
+    done, deadline = False, time.monotonic() + 20
+    while not done:
+        for data, addr in conn.datagrams_to_send(now=time.time()):
+            sock.send(data) if connected else sock.sendto(data, addr)
+        if time.monotonic() > deadline:
+            sys.exit("no handshake")
+        timer = conn.get_timer()
+        sock.settimeout(max(0.001, min(1.0, (timer - time.time()) if timer else 1.0)))
+        try:
+            data, addr = sock.recvfrom(65536)
+            conn.receive_datagram(data, addr, now=time.time())
+        except socket.timeout:
+            conn.handle_timer(now=time.time())
+        while (event := conn.next_event()) is not None:
+            done = done or isinstance(event, HandshakeCompleted)
+    for data, addr in conn.datagrams_to_send(now=time.time()):  # the handshake's last flight
+        sock.send(data) if connected else sock.sendto(data, addr)
+    suite = conn.tls.key_schedule.cipher_suite
+    print(json.dumps({"local": sock.getsockname(), "cipher": suite.name, "cipher_code": int(suite)}), flush=True)
+    sys.stdin.read()
+
+
+def ossl_client(lib: str, port: int, connected: bool) -> None:
+    from crypto_tracer.keys.calibrate_quic_worker import OsslQuic
+
+    _name(b"ctquic-ossl")
+    q = OsslQuic(lib)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    if connected:
+        sock.connect(("127.0.0.1", port))
+    conn = q.connect(sock, ("127.0.0.1", port), ALPN)
+    # one stream, answered: quic_peer's OpenSSL server drives its connection only while it reads streams
+    q.write(conn, b"hello", conclude=True)
+    print(json.dumps({"local": sock.getsockname(), "got": q.read_all(conn).decode()}), flush=True)
+    sys.stdin.read()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    kind, args = sys.argv[1], sys.argv[2:]
+    if kind == "aioquic":
+        aioquic_client(int(args[0]), args[1] == "connected")
+    elif kind == "ossl":
+        ossl_client(args[0], int(args[1]), args[2] == "connected")
+    else:
+        sys.exit(f"unknown client {kind}")

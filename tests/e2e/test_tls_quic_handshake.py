@@ -1,0 +1,192 @@
+"""tls -m handshake over QUIC: the ClientHello and ServerHello read from QUIC Initial packets (decrypted
+with the keys of the client's first DCID), one tls_handshake event per connection with transport
+"quic". aioquic against aioquic (x25519), OpenSSL 3.5 against OpenSSL 3.5 (X25519MLKEM768: a ClientHello
+over two Initial packets). A connected client's socket names its process; an unconnected one's does
+not (null, never a guess). JA4 ground truth: ja4plus (the test extra), which decrypts the Initials of
+the datagrams this test captures itself from lo with an AF_PACKET socket."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.test_tls_quic import BUNDLE
+from tests.harness import Tracer, free_port, make_cert, need_root, tracer_env, wait_until
+from tests.tls_helpers import bundled_libssl
+
+pytestmark = pytest.mark.ebpf
+HERE = os.path.dirname(os.path.abspath(__file__))
+ETH_P_ALL = 3
+
+
+class UdpSniffer:
+    """The IPv4 UDP datagrams to and from `port` on lo, as Ethernet frames and (src port, payload)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind(("lo", 0))
+        self.sock.setblocking(False)
+        self.frames: list[bytes] = []
+
+    def read(self) -> list[bytes]:
+        while True:
+            try:
+                frame = self.sock.recv(1 << 17)
+            except BlockingIOError:
+                return self.frames
+            if frame[12:14] == b"\x08\x00" and frame[23] == 17:  # IPv4, UDP
+                udp = 14 + (frame[14] & 0xF) * 4
+                if self.port in (int.from_bytes(frame[udp:udp + 2], "big"), int.from_bytes(frame[udp + 2:udp + 4], "big")):
+                    self.frames.append(frame)
+
+    def client_datagrams_before_server(self) -> list[bytes]:
+        """The client's datagrams sent before the server's first."""
+        out = []
+        for frame in self.read():
+            udp = 14 + (frame[14] & 0xF) * 4
+            if int.from_bytes(frame[udp:udp + 2], "big") == self.port:
+                break
+            out.append(frame[udp + 8:])
+        return out
+
+    def ja4(self) -> str:
+        from ja4plus.fingerprinters.ja4 import JA4Fingerprinter
+        from scapy.layers.l2 import Ether
+
+        fp = JA4Fingerprinter()
+        for frame in self.read():
+            value = fp.process_packet(Ether(frame))
+            if value:
+                return value
+        raise AssertionError("ja4plus found no ClientHello")
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def libssl():
+    need_root()
+    lib = bundled_libssl(*BUNDLE)
+    assert lib is not None, f"cannot download {BUNDLE[0]} {BUNDLE[1]} from PyPI (it bundles OpenSSL 3.5.9)"
+    return lib
+
+
+def _server(*args) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "quic_peer.py"), *args], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=tracer_env())
+    line = p.stdout.readline()
+    assert json.loads(line) == {"ready": True}, line
+    return p
+
+
+def _client(*args) -> tuple[subprocess.Popen, dict]:
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "quic_hs_peer.py"), *args], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=tracer_env())
+    line = p.stdout.readline()
+    assert line, f"{args[0]} client failed"
+    return p, json.loads(line)
+
+
+def _events(out) -> list[dict]:
+    try:
+        with open(out) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+COMMON = {"event_type": "tls_handshake", "transport": "quic", "tls_version": "TLSv1.3", "sni": "localhost",
+          "alpn": None, "alpn_offered": ["ct-test"], "offered_versions": ["TLSv1.3"], "resumed": False,
+          "result": None, "library": None, "fd": None, "peer_cert_subject": None, "legacy_version": False,
+          "no_forward_secrecy": False, "weak_cipher": False}
+
+
+def test_aioquic_connected_and_unconnected_clients(tmp_path):
+    need_root()
+    cert, key = make_cert(tmp_path)
+    port = free_port()
+    out = str(tmp_path / "hs.out")
+    procs = [_server("aioquic-server", str(port), cert, key)]
+    sniff = UdpSniffer(port)
+    tracer = Tracer(["tls", "-m", "handshake", "--no-redact", "-o", out, "port", str(port)])
+    try:
+        connected, cinfo = _client("aioquic", str(port), "connected")
+        procs.append(connected)
+        # the client stays until its event is out: uid and exe are read from /proc then
+        wait_until(lambda: len(_events(out)) == 1, 10, "the connected client's event")
+        ja4_connected = sniff.ja4()
+        unconnected, uinfo = _client("aioquic", str(port), "unconnected")
+        procs.append(unconnected)
+        wait_until(lambda: len(_events(out)) == 2, 10, "the unconnected client's event")
+    finally:
+        sniff.close()
+        _stop(procs[1:])
+        res = tracer.stop()
+        _stop(procs[:1])
+    assert res.rc == 0, res.err
+    events = _events(out)
+    assert len(events) == 2, events  # one per connection, not one per Initial packet
+    by_port = {e["local_port"]: e for e in events}
+    ev = by_port[cinfo["local"][1]]
+    want = dict(COMMON, pid=connected.pid, process="ctquic-aioquic", uid=0, exe=os.path.realpath(sys.executable),
+                role="client", local_addr="127.0.0.1", remote_addr="127.0.0.1", remote_port=port,
+                cipher="TLS_" + cinfo["cipher"], cipher_code=cinfo["cipher_code"],
+                # aioquic's server takes the first of the client's key shares it supports; its client sends
+                # one per supported group, in this order
+                group="secp256r1", offered_ciphers=[0x1302, 0x1301, 0x1303],
+                offered_groups=["secp256r1", "secp384r1", "x25519", "x448"],
+                not_quantum_safe_key_exchange=True)
+    assert {k: ev[k] for k in want} == want, ev
+    assert ev["ja4"] == ja4_connected and ev["ja4"].startswith("q13d03"), ev["ja4"]
+    # the unconnected socket names no process: pid, process, role null; local_* is the client end
+    ev = by_port[uinfo["local"][1]]
+    want.update(pid=None, process=None, uid=None, exe=None, role=None, cipher="TLS_" + uinfo["cipher"],
+                cipher_code=uinfo["cipher_code"])
+    assert {k: ev[k] for k in want} == want, ev
+    assert ev["ja4"] == ja4_connected  # the same library's ClientHello
+
+
+def test_openssl35_hybrid_post_quantum_group(libssl, tmp_path):
+    """OpenSSL 3.5 client and server: X25519MLKEM768, its 1216-byte key share puts the ClientHello
+    over two Initial packets."""
+    cert, key = make_cert(tmp_path)
+    port = free_port()
+    out = str(tmp_path / "hs.out")
+    procs = [_server("ossl-server", libssl, str(port), cert, key, "1")]
+    sniff = UdpSniffer(port)
+    tracer = Tracer(["tls", "-m", "handshake", "--no-redact", "-o", out, "port", str(port)])
+    try:
+        client, info = _client("ossl", libssl, str(port), "connected")
+        procs.append(client)
+        wait_until(lambda: _events(out), 10, "the OpenSSL client's event")
+        reference = sniff.ja4()
+        first_flight = sniff.client_datagrams_before_server()
+    finally:
+        sniff.close()
+        _stop(procs[1:])
+        res = tracer.stop()
+        _stop(procs[:1])
+    assert res.rc == 0, res.err
+    assert info["got"] == "reply(5):olleh"
+    assert len(first_flight) >= 2 and all(d[0] & 0xF0 == 0xC0 for d in first_flight)  # Initials
+    (ev,) = _events(out)
+    want = dict(COMMON, pid=client.pid, process="ctquic-ossl", uid=0, exe=os.path.realpath(sys.executable),
+                role="client", local_addr="127.0.0.1", local_port=info["local"][1], remote_addr="127.0.0.1",
+                remote_port=port, cipher="TLS_AES_256_GCM_SHA384", cipher_code=0x1302, group="X25519MLKEM768",
+                not_quantum_safe_key_exchange=False)
+    assert {k: ev[k] for k in want} == want, ev
+    assert ev["offered_groups"][:2] == ["X25519MLKEM768", "x25519"] and ev["offered_ciphers"][:3] == \
+        [0x1302, 0x1303, 0x1301], ev
+    assert ev["ja4"] == reference and ev["ja4"].startswith("q13d"), (ev["ja4"], reference)
