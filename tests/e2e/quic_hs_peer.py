@@ -18,6 +18,8 @@ import time
 
 from quic_peer import ALPN, _name
 
+SSL_CTRL_GET_NEGOTIATED_GROUP = 134  # SSL_get_negotiated_group(): the key-exchange group's IANA code
+
 
 def aioquic_client(port: int, connected: bool) -> None:
     import ssl
@@ -47,7 +49,7 @@ def aioquic_client(port: int, connected: bool) -> None:
         try:
             data, addr = sock.recvfrom(65536)
             conn.receive_datagram(data, addr, now=time.time())
-        except socket.timeout:
+        except TimeoutError:
             conn.handle_timer(now=time.time())
         while (event := conn.next_event()) is not None:
             done = done or isinstance(event, HandshakeCompleted)
@@ -70,7 +72,9 @@ def ossl_client(lib: str, port: int, connected: bool) -> None:
     conn = q.connect(sock, ("127.0.0.1", port), ALPN)
     # one stream, answered: quic_peer's OpenSSL server drives its connection only while it reads streams
     q.write(conn, b"hello", conclude=True)
-    print(json.dumps({"local": sock.getsockname(), "got": q.read_all(conn).decode()}), flush=True)
+    got = q.read_all(conn).decode()
+    group = q.lib.SSL_ctrl(conn, SSL_CTRL_GET_NEGOTIATED_GROUP, 0, None)  # the library's own word
+    print(json.dumps({"local": sock.getsockname(), "got": got, "group": group}), flush=True)
     sys.stdin.read()
     os._exit(0)
 

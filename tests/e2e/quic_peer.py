@@ -57,7 +57,8 @@ def ossl_server(lib: str, port: int, cert: str, key: str, nstreams: int) -> None
         got[sid] = data.hex()
         if not sid & 2:
             q.write(s, reply(data), conclude=True)
-    _emit({"fd": sock.fileno(), "local": sock.getsockname(), "got": got})
+    _emit({"fd": sock.fileno(), "local": sock.getsockname(), "got": got,
+           "group": q.lib.SSL_ctrl(conn, 134, 0, None)})  # SSL_get_negotiated_group: the IANA code
     sys.stdin.read()  # until the test is done: the replies must reach the client before we go
 
 
@@ -79,7 +80,8 @@ def ossl_client(lib: str, port: int) -> None:
         q.write(obj, data[half:], conclude=True)
         sent[q.stream_id(obj)] = data.hex()
     got = {q.stream_id(obj): q.read_all(obj).hex() for obj, (uni, _) in zip(objs, PAYLOADS) if not uni}
-    _emit({"fd": sock.fileno(), "local": sock.getsockname(), "sent": sent, "got": got})
+    _emit({"fd": sock.fileno(), "local": sock.getsockname(), "sent": sent, "got": got,
+           "group": q.lib.SSL_ctrl(conn, 134, 0, None)})  # SSL_get_negotiated_group
     os._exit(0)
 
 

@@ -16,6 +16,9 @@ from tests.tls_helpers import bundled_libssl
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quic_peer.py")
 BUNDLE = ("psycopg-binary", "3.3.9")  # OpenSSL 3.5.9
+QUIC_FACTS = ("transport", "tls_version", "role", "cipher", "group", "sni", "alpn", "resumed")
+# SSL_get_negotiated_group()'s answer (a NID, or the IANA code | TLSEXT_nid_unknown) -> the event's name
+OSSL_GROUPS = {415: "secp256r1", 1034: "x25519", 0x1000000 | 0x11EC: "X25519MLKEM768"}
 
 
 @pytest.fixture
@@ -101,6 +104,11 @@ def test_openssl_quic_server_with_aioquic_client(libssl, tmp_path):
     (hs,) = hss
     assert (hs["fd"], hs["local_port"], hs["remote_addr"], hs["remote_port"], hs["result"]) == \
         (done["fd"], port, "127.0.0.1", client["local_port"], "success")
+    # the facts of the hellos in the connection's Initial packets: aioquic offers AES-256-GCM first and no
+    # ML-KEM group; the group is the one the OpenSSL server says it took
+    assert {k: hs[k] for k in QUIC_FACTS} == {"transport": "quic", "tls_version": "TLSv1.3", "role": "server",
+                                               "cipher": "TLS_AES_256_GCM_SHA384", "group": OSSL_GROUPS[done["group"]],
+                                               "sni": "localhost", "alpn": None, "resumed": False}, hs
 
 
 def test_openssl_quic_client_with_aioquic_server(libssl, tmp_path):
@@ -135,6 +143,12 @@ def test_openssl_quic_client_with_aioquic_server(libssl, tmp_path):
             (client["fd"], *local, "127.0.0.1", port), e
     (hs,) = [e for e in events if e["event_type"] == "tls_handshake"]  # one session, not one per stream
     assert (hs["role"], hs["result"], hs["pid"]) == ("client", "success", pid)
+    # aioquic has no ML-KEM group: it takes OpenSSL's x25519 key share (OpenSSL 3.5 sends
+    # X25519MLKEM768's and x25519's), as the OpenSSL client says too
+    assert OSSL_GROUPS[client["group"]] == "x25519"
+    assert {k: hs[k] for k in QUIC_FACTS} == {"transport": "quic", "tls_version": "TLSv1.3", "role": "client",
+                                               "cipher": "TLS_AES_256_GCM_SHA384", "group": "x25519",
+                                               "sni": "localhost", "alpn": None, "resumed": False}, hs
 
 
 def test_streams_mode_writes_a_file_per_quic_stream(libssl, tmp_path):

@@ -13,8 +13,15 @@ import sys
 
 import pytest
 
-from tests.e2e.test_tls_quic import BUNDLE
-from tests.harness import Tracer, free_port, make_cert, need_root, tracer_env, wait_until
+from tests.e2e.test_tls_quic import BUNDLE, OSSL_GROUPS
+from tests.harness import (
+    Tracer,
+    free_port,
+    make_cert,
+    need_root,
+    tracer_env,
+    wait_until,
+)
 from tests.tls_helpers import bundled_libssl
 
 pytestmark = pytest.mark.ebpf
@@ -180,6 +187,7 @@ def test_openssl35_hybrid_post_quantum_group(libssl, tmp_path):
         _stop(procs[:1])
     assert res.rc == 0, res.err
     assert info["got"] == "reply(5):olleh"
+    assert OSSL_GROUPS[info["group"]] == "X25519MLKEM768"  # what the client library says it negotiated
     assert len(first_flight) >= 2 and all(d[0] & 0xF0 == 0xC0 for d in first_flight)  # Initials
     (ev,) = _events(out)
     want = dict(COMMON, pid=client.pid, process="ctquic-ossl", uid=0, exe=os.path.realpath(sys.executable),
