@@ -121,6 +121,8 @@ COMMON = {"event_type": "tls_handshake", "transport": "quic", "tls_version": "TL
 
 
 def test_aioquic_connected_and_unconnected_clients(tmp_path):
+    """A connected client's event names it; then an unconnected client on the same local port (the first
+    one gone, its connect() still recorded) names no process: null, not the first client."""
     need_root()
     cert, key = make_cert(tmp_path)
     port = free_port()
@@ -134,7 +136,9 @@ def test_aioquic_connected_and_unconnected_clients(tmp_path):
         # the client stays until its event is out: uid and exe are read from /proc then
         wait_until(lambda: len(_events(out)) == 1, 10, "the connected client's event")
         ja4_connected = sniff.ja4()
-        unconnected, uinfo = _client("aioquic", str(port), "unconnected")
+        connected.stdin.close()
+        assert connected.wait(10) == 0
+        unconnected, uinfo = _client("aioquic", str(port), "unconnected", str(cinfo["local"][1]))
         procs.append(unconnected)
         wait_until(lambda: len(_events(out)) == 2, 10, "the unconnected client's event")
     finally:
@@ -145,11 +149,10 @@ def test_aioquic_connected_and_unconnected_clients(tmp_path):
     assert res.rc == 0, res.err
     events = _events(out)
     assert len(events) == 2, events  # one per connection, not one per Initial packet
-    by_port = {e["local_port"]: e for e in events}
-    ev = by_port[cinfo["local"][1]]
+    ev = events[0]
     want = dict(COMMON, pid=connected.pid, process="ctquic-aioquic", uid=0, exe=os.path.realpath(sys.executable),
-                role="client", local_addr="127.0.0.1", remote_addr="127.0.0.1", remote_port=port,
-                cipher="TLS_" + cinfo["cipher"], cipher_code=cinfo["cipher_code"],
+                role="client", local_addr="127.0.0.1", local_port=cinfo["local"][1], remote_addr="127.0.0.1",
+                remote_port=port, cipher="TLS_" + cinfo["cipher"], cipher_code=cinfo["cipher_code"],
                 # aioquic's server takes the first of the client's key shares it supports; its client sends
                 # one per supported group, in this order
                 group="secp256r1", offered_ciphers=[0x1302, 0x1301, 0x1303],
@@ -158,7 +161,8 @@ def test_aioquic_connected_and_unconnected_clients(tmp_path):
     assert {k: ev[k] for k in want} == want, ev
     assert ev["ja4"] == ja4_connected and ev["ja4"].startswith("q13d03"), ev["ja4"]
     # the unconnected socket names no process: pid, process, role null; local_* is the client end
-    ev = by_port[uinfo["local"][1]]
+    ev = events[1]
+    assert uinfo["local"] == cinfo["local"]
     want.update(pid=None, process=None, uid=None, exe=None, role=None, cipher="TLS_" + uinfo["cipher"],
                 cipher_code=uinfo["cipher_code"])
     assert {k: ev[k] for k in want} == want, ev

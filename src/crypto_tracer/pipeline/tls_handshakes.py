@@ -7,16 +7,40 @@ from __future__ import annotations
 
 from collections import Counter
 
+from crypto_tracer.host import proc
 from crypto_tracer.pipeline import hello_facts as hf
 from crypto_tracer.pipeline.events import TLS_HANDSHAKE
 
 
+def _holds_udp_socket(pid: int, local: tuple, remote: tuple) -> bool:
+    """Whether pid holds a UDP socket connected from local to remote now. The owners map keeps a
+    connected UDP socket's entry after it is closed, and a later unconnected socket on the same
+    addresses and ports goes through no connect(): only the live socket proves its owner."""
+    inodes = set(proc.socket_inodes(pid))
+    for name in ("udp", "udp6") if inodes else ():
+        for la, lport, ra, rport, _state, inode in proc.tcp_rows(proc.read_bytes(f"/proc/{pid}/net/{name}", 16 << 20)
+                                                                  or b""):
+            if inode in inodes and (lport, rport) == (local[1], remote[1]) and \
+                    proc.address_text(proc.family_of(la), la) == local[0] and \
+                    proc.address_text(proc.family_of(ra), ra) == remote[0]:
+                return True
+    return False
+
+
+def _owner(owners, local: tuple, remote: tuple, quic: bool):
+    owner = owners.owner(local, remote) if owners else None
+    if owner is not None and quic and not _holds_udp_socket(owner.pid, local, remote):
+        return None  # a closed socket's entry (or its process gone): unknown, never a guess
+    return owner
+
+
 def handshake_event(facts: hf.ConnFacts, owners, clock) -> dict:
-    owner, role = owners.owner(facts.client, facts.server) if owners else None, None
+    quic = facts.transport == "quic"
+    owner, role = _owner(owners, facts.client, facts.server, quic), None
     if owner is not None:
         role, local, remote = "client", facts.client, facts.server
     else:
-        owner = owners.owner(facts.server, facts.client) if owners else None
+        owner = _owner(owners, facts.server, facts.client, quic)
         role = "server" if owner is not None else None
         local, remote = (facts.server, facts.client) if owner is not None else (facts.client, facts.server)
     pid, comm, ppid, uid, exe = (owner.pid, owner.comm, owner.ppid, owner.uid, owner.exe) if owner is not None \
@@ -25,7 +49,8 @@ def handshake_event(facts: hf.ConnFacts, owners, clock) -> dict:
     return TLS_HANDSHAKE.build(
         timestamp=clock.iso(facts.ts_ns), pid=pid, ppid=ppid, uid=uid, process=comm, exe=exe, role=role,
         local_addr=local[0], local_port=local[1], remote_addr=remote[0], remote_port=remote[1],
-        transport=facts.transport, tls_version=f["tls_version"], cipher=f["cipher"], cipher_code=facts.cipher, group=f["group"], sni=facts.sni,
+        transport=facts.transport, tls_version=f["tls_version"], cipher=f["cipher"], cipher_code=facts.cipher,
+        group=f["group"], sni=facts.sni,
         alpn=f["alpn"], resumed=f["resumed"], peer_cert_subject=f["peer_cert_subject"],
         peer_cert_issuer=f["peer_cert_issuer"], peer_key_type=f["peer_key_type"], peer_key_bits=f["peer_key_bits"],
         alpn_offered=facts.alpn_offered,
