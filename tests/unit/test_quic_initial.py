@@ -141,13 +141,13 @@ def _varint(v: int) -> bytes:
     raise ValueError(v)
 
 
-def protect(keys, version, dcid, scid, pn, frames: bytes, pad_to: int = 0) -> bytes:
+def protect(keys, version, dcid, scid, pn, frames: bytes, pad_to: int = 0, token: bytes = b"") -> bytes:
     itype = qi.VERSIONS[version][2]
     payload = frames + bytes(max(0, pad_to - len(frames)))
     first = 0xC0 | (itype << 4) | 0x01  # 2-byte packet number
     length = 2 + len(payload) + 16
     header = bytes([first]) + version.to_bytes(4, "big") + bytes([len(dcid)]) + dcid + bytes([len(scid)]) + scid \
-        + b"\x00" + _varint(length) + pn.to_bytes(2, "big")
+        + _varint(len(token)) + token + _varint(length) + pn.to_bytes(2, "big")
     nonce = bytes(a ^ b for a, b in zip(keys.iv, pn.to_bytes(12, "big")))
     sealed = AESGCM(keys.key).encrypt(nonce, payload, header)
     pn_off = len(header) - 2
@@ -268,3 +268,34 @@ def test_ja4_equals_ja4plus():
     reference = JA4Fingerprinter().process_packet(Ether(bytes(frame)))
     assert reference == "q13d0211an_62ed6f6ca7ad_4d634acda6c0"
     assert hf.ja4(facts.lookup(CLIENT, SERVER)) == reference
+
+
+def test_server_answers_v1_client_in_v2():
+    """Compatible version negotiation (RFC 9368): a v1 ClientHello, the server's Initial in v2, keys of
+    both versions from the same original DCID."""
+    dcid, cscid, sscid = os.urandom(8), os.urandom(8), os.urandom(8)
+    ckeys, _ = qi.initial_keys(dcid, qi.V1)
+    _, skeys2 = qi.initial_keys(dcid, qi.V2)
+    done = []
+    facts = hf.HelloFacts(completed=done.append)
+    facts.add(seg(CLIENT, SERVER, protect(ckeys, qi.V1, dcid, cscid, 0, crypto(0, client_hello(key_share_len=32)),
+                                          pad_to=1200)))
+    facts.add(seg(SERVER, CLIENT, protect(skeys2, qi.V2, cscid, sscid, 0, crypto(0, server_hello(group=0x1D)))))
+    (f,) = done
+    assert (f.version, f.cipher, f.group, f.transport) == (0x0304, 0x1302, 0x1D, "quic")
+
+
+def test_after_retry_the_new_dcid_keys():
+    """After a Retry (not copied: only Initials are) the client's Initial goes to the Retry's connection id
+    with a token, under that id's keys, and so does the server's: the connection starts over."""
+    dcid, retry_scid, cscid, sscid = os.urandom(8), os.urandom(8), os.urandom(8), os.urandom(8)
+    done = []
+    facts = hf.HelloFacts(completed=done.append)
+    ch = client_hello(key_share_len=32)
+    facts.add(seg(CLIENT, SERVER, protect(qi.initial_keys(dcid)[0], qi.V1, dcid, cscid, 0, crypto(0, ch), pad_to=1200)))
+    ckeys, skeys = qi.initial_keys(retry_scid)
+    facts.add(seg(CLIENT, SERVER, protect(ckeys, qi.V1, retry_scid, cscid, 1, crypto(0, ch), pad_to=1200,
+                                          token=os.urandom(40))))
+    facts.add(seg(SERVER, CLIENT, protect(skeys, qi.V1, cscid, sscid, 0, crypto(0, server_hello(group=0x1D)))))
+    (f,) = done
+    assert (f.sni, f.group, f.cipher) == ("pq.example", 0x1D, 0x1302) and facts.quic.errors == 0

@@ -32,7 +32,7 @@ V1, V2 = 0x00000001, 0x6B3343CF
 VERSIONS = {V1: (bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a"), "quic ", 0),
             V2: (bytes.fromhex("0dede3def700a6db819381be6e269dcbf9bd2ed9"), "quicv2 ", 1)}
 FRAME_PADDING, FRAME_PING, FRAME_ACK, FRAME_ACK_ECN, FRAME_CRYPTO, FRAME_CLOSE = 0x00, 0x01, 0x02, 0x03, 0x06, 0x1C
-MAX_CRYPTO = 64 * 1024  # CRYPTO stream bytes kept per direction (hellos are a few KB)
+MAX_CRYPTO = 16 * 1024  # CRYPTO stream offsets kept per direction (the hellos are in the first few KB)
 MAX_CONNECTIONS = 4096
 MAX_DCIDS = 4  # original DCIDs remembered per 4-tuple (a Retry adds one)
 
@@ -229,16 +229,17 @@ class _Crypto:
 class _Conn:
     client: tuple
     server: tuple
-    version: int
     dcids: list[bytes]  # original DCIDs, newest first
-    keys: dict[bytes, tuple[Keys, Keys]] = field(default_factory=dict)
+    keys: dict[tuple, tuple[Keys, Keys]] = field(default_factory=dict)  # by (DCID, version)
     largest: list[int] = field(default_factory=lambda: [-1, -1])  # client, server
     streams: tuple[_Crypto, _Crypto] = field(default_factory=lambda: (_Crypto(), _Crypto()))
 
-    def keys_of(self, dcid: bytes) -> tuple[Keys, Keys]:
-        if dcid not in self.keys:
-            self.keys[dcid] = initial_keys(dcid, self.version)
-        return self.keys[dcid]
+    def keys_of(self, dcid: bytes, version: int) -> tuple[Keys, Keys]:
+        """(client, server) keys; a server may answer a v1 Initial in v2 (compatible version
+        negotiation, RFC 9368): v2's keys from the same DCID."""
+        if (dcid, version) not in self.keys:
+            self.keys[(dcid, version)] = initial_keys(dcid, version)
+        return self.keys[(dcid, version)]
 
 
 class QuicInitials:
@@ -268,11 +269,11 @@ class QuicInitials:
         k = self.key(src, dst)
         conn = self.conns.get(k)
         opened = None
-        if conn is not None and conn.version == pkt.version:
+        if conn is not None:
             side = 0 if src == conn.client else 1
             for dcid in conn.dcids:
                 try:
-                    opened = decrypt(pkt, conn.keys_of(dcid)[side], conn.largest[side])
+                    opened = decrypt(pkt, conn.keys_of(dcid, pkt.version)[side], conn.largest[side])
                     break
                 except QuicError:
                     continue
@@ -281,7 +282,7 @@ class QuicInitials:
             client_keys = initial_keys(pkt.dcid, pkt.version)
             opened = decrypt(pkt, client_keys[0])
             side = 0
-            conn = _Conn(src, dst, pkt.version, [pkt.dcid], {pkt.dcid: client_keys})
+            conn = _Conn(src, dst, [pkt.dcid], {(pkt.dcid, pkt.version): client_keys})
             if (old := self.conns.get(k)) is not None and old.client == src:
                 conn.dcids += [d for d in old.dcids if d != pkt.dcid][:MAX_DCIDS - 1]
             self.conns[k] = conn
