@@ -1,6 +1,6 @@
 """QUIC clients that only shake hands, for test_tls_quic_handshake.py (servers: quic_peer.py's).
 
-    python quic_hs_peer.py aioquic PORT connected|unconnected [LOCAL_PORT]
+    python quic_hs_peer.py aioquic PORT connected|unconnected [LOCAL_PORT [HOST]]
     python quic_hs_peer.py ossl LIBSSL PORT connected|unconnected   (server: quic_peer.py ossl-server ... 1)
 
 A connected client's UDP socket goes through connect() (the tool attributes its packets to it); an
@@ -21,7 +21,7 @@ from quic_peer import ALPN, _name
 SSL_CTRL_GET_NEGOTIATED_GROUP = 134  # SSL_get_negotiated_group(): the key-exchange group's IANA code
 
 
-def aioquic_client(port: int, connected: bool, local_port: int = 0) -> None:
+def aioquic_client(port: int, connected: bool, local_port: int = 0, host: str = "127.0.0.1") -> None:
     import ssl
 
     from aioquic.quic.configuration import QuicConfiguration
@@ -29,9 +29,9 @@ def aioquic_client(port: int, connected: bool, local_port: int = 0) -> None:
     from aioquic.quic.events import HandshakeCompleted
 
     _name(b"ctquic-aioquic")
-    server = ("127.0.0.1", port)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", local_port))
+    server = (host, port, 0, 0) if ":" in host else (host, port)  # as recvfrom gives it (aioquic compares)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, local_port))
     if connected:
         sock.connect(server)
     cfg = QuicConfiguration(is_client=True, alpn_protocols=[ALPN.decode()], verify_mode=ssl.CERT_NONE,
@@ -82,7 +82,7 @@ def ossl_client(lib: str, port: int, connected: bool) -> None:
 if __name__ == "__main__":
     kind, args = sys.argv[1], sys.argv[2:]
     if kind == "aioquic":
-        aioquic_client(int(args[0]), args[1] == "connected", int(args[2]) if len(args) > 2 else 0)
+        aioquic_client(int(args[0]), args[1] == "connected", int(args[2]) if len(args) > 2 else 0, *args[3:4])
     elif kind == "ossl":
         ossl_client(args[0], int(args[1]), args[2] == "connected")
     else:

@@ -2,7 +2,7 @@
 
     python quic_peer.py ossl-server LIBSSL PORT CERT KEY NSTREAMS
     python quic_peer.py ossl-client LIBSSL PORT
-    python quic_peer.py aioquic-server PORT CERT KEY
+    python quic_peer.py aioquic-server PORT CERT KEY [HOST]
     python quic_peer.py aioquic-client PORT
 
 Clients send PAYLOADS (stream kind, bytes) on new streams and end each; a server answers every
@@ -114,7 +114,7 @@ def _aioquic_protocol():
     return Proto
 
 
-def aioquic_server(port: int, cert: str, key: str) -> None:
+def aioquic_server(port: int, cert: str, key: str, host: str = "127.0.0.1") -> None:
     from aioquic.asyncio import serve
     from aioquic.quic.configuration import QuicConfiguration
 
@@ -128,7 +128,7 @@ def aioquic_server(port: int, cert: str, key: str) -> None:
     async def main():
         cfg = QuicConfiguration(is_client=False, alpn_protocols=[ALPN.decode()])
         cfg.load_cert_chain(cert, key)
-        await serve("127.0.0.1", port, configuration=cfg, create_protocol=make)
+        await serve(host, port, configuration=cfg, create_protocol=make)
         _emit({"ready": True})
         await asyncio.Future()
 
@@ -170,7 +170,7 @@ if __name__ == "__main__":
     elif role == "ossl-client":
         ossl_client(args[0], int(args[1]))
     elif role == "aioquic-server":
-        aioquic_server(int(args[0]), args[1], args[2])
+        aioquic_server(int(args[0]), args[1], args[2], *args[3:4])
     elif role == "aioquic-client":
         aioquic_client(int(args[0]))
     else:

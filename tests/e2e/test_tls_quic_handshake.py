@@ -169,6 +169,31 @@ def test_aioquic_connected_and_unconnected_clients(tmp_path):
     assert ev["ja4"] == ja4_connected  # the same library's ClientHello
 
 
+def test_aioquic_ipv6(tmp_path):
+    """The same over ::1 (the classifier's IPv6 path)."""
+    need_root()
+    cert, key = make_cert(tmp_path)
+    port = free_port()
+    out = str(tmp_path / "hs.out")
+    procs = [_server("aioquic-server", str(port), cert, key, "::1")]
+    tracer = Tracer(["tls", "-m", "handshake", "--no-redact", "-o", out, "ip6"])
+    try:
+        client, info = _client("aioquic", str(port), "connected", "0", "::1")
+        procs.append(client)
+        wait_until(lambda: _events(out), 10, "the client's event")
+    finally:
+        _stop(procs[1:])
+        res = tracer.stop()
+        _stop(procs[:1])
+    assert res.rc == 0, res.err
+    (ev,) = [e for e in _events(out) if e["remote_port"] == port]
+    want = dict(COMMON, pid=client.pid, process="ctquic-aioquic", role="client", local_addr="::1",
+                local_port=info["local"][1], remote_addr="::1", remote_port=port, cipher="TLS_" + info["cipher"],
+                group="secp256r1")
+    assert {k: ev[k] for k in want} == want, ev
+    assert ev["ja4"].startswith("q13d03")
+
+
 def test_openssl35_hybrid_post_quantum_group(libssl, tmp_path):
     """OpenSSL 3.5 client and server: X25519MLKEM768, its 1216-byte key share puts the ClientHello
     over two Initial packets."""
