@@ -299,3 +299,23 @@ def test_after_retry_the_new_dcid_keys():
     facts.add(seg(SERVER, CLIENT, protect(skeys, qi.V1, cscid, sscid, 0, crypto(0, server_hello(group=0x1D)))))
     (f,) = done
     assert (f.sni, f.group, f.cipher) == ("pq.example", 0x1D, 0x1302) and facts.quic.errors == 0
+
+
+def test_quic_event_in_text_and_otlp():
+    """The transport of a handshake event built from QUIC facts, in the text line and as OTLP's
+    network.transport."""
+    from crypto_tracer.pipeline.clock import WallClock
+    from crypto_tracer.pipeline.tls_handshakes import handshake_event
+    from crypto_tracer.sinks.otlp import attributes
+    from crypto_tracer.sinks.text import header_line
+
+    facts = hf.HelloFacts()
+    facts.add(seg(CLIENT, SERVER, CLIENT_PACKET))
+    facts.add(seg(SERVER, CLIENT, SERVER_PACKET))
+    ev = handshake_event(facts.lookup(CLIENT, SERVER), None, WallClock())
+    assert (ev["transport"], ev["pid"], ev["role"], ev["local_addr"], ev["local_port"]) == \
+        ("quic", None, None, *CLIENT)
+    ev["timestamp"] = "T"
+    assert header_line(ev).endswith(" 10.0.0.1:50000 -> 10.0.0.2:443 handshake unknown-role None "
+                                    "TLSv1.3 TLS_AES_128_GCM_SHA256 x25519 sni=example.com quic full-handshake [None]")
+    assert attributes(ev)["network.transport"] == "quic"
