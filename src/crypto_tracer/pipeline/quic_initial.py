@@ -204,10 +204,13 @@ class _Crypto:
     frags: dict[int, bytes] = field(default_factory=dict)
     used: int = 0
     done: bool = False
+    size: int = 0  # bytes held in frags (bounded: overlapping fragments cannot pile up)
 
     def add(self, off: int, data: bytes) -> None:
-        if off < MAX_CRYPTO and len(data) > len(self.frags.get(off, b"")):
+        old = len(self.frags.get(off, b""))
+        if off < MAX_CRYPTO and len(data) > old and self.size + len(data) - old <= 2 * MAX_CRYPTO:
             self.frags[off] = data
+            self.size += len(data) - old
 
     def messages(self) -> Iterator[tuple[int, bytes]]:
         """The complete handshake messages after those already taken."""
@@ -300,4 +303,5 @@ class QuicInitials:
             if self.on_message(conn.client, conn.server, ts_ns, side == 0, mtype, body):
                 stream.done = True
                 stream.frags.clear()
+                stream.size = 0
                 break
