@@ -2,7 +2,8 @@
 /* crypto-tracer: the TLS handshake messages of every TCP connection, seen by TC (clsact
  * ingress and egress on every interface), for the handshake facts user space reads from them
  * (probes/tls_hello.py): version, cipher suite, key-exchange group, SNI, ALPN, resumption and,
- * for TLS 1.2, the certificate.
+ * for TLS 1.2, the certificate. QUIC's hellos travel in Initial packets whose keys any observer can
+ * derive: UDP datagrams starting with one are copied (up to QUIC_MAX bytes: quic_initial() below).
  *
  * Only segments that start a ClientHello or ServerHello record (content type 22, version 3.x,
  * handshake type 1 or 2) are copied, plus the next few segments of the same flow and direction
