@@ -180,3 +180,27 @@ def test_uncaptured_sessions_are_forgotten_after_their_wait(tmp_path, monkeypatc
     now[0] += pcapng.KEYS_WAIT_S
     sink.flush()
     assert not sink.pending and not sink.hellos
+
+
+def test_existing_flows_hold_connected_udp_sockets_not_unconnected_ones():
+    """A QUIC client's connected UDP socket opened before the start has its owner, as a TCP
+    connection does; an unconnected one (a server's) has no 4-tuple to name."""
+    import os
+    import socket
+
+    from crypto_tracer.probes.tc_capture import FLOW_KEY, FLOW_PROC, existing_flows
+
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    connected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    connected.connect(peer.getsockname())
+    try:
+        flows = existing_flows()
+        lport, rport = connected.getsockname()[1], peer.getsockname()[1]
+        lo = socket.inet_aton("127.0.0.1").ljust(16, b"\0")
+        value = flows.get(FLOW_KEY.pack(socket.AF_INET, lport, rport, lo, lo))
+        assert value is not None and FLOW_PROC.unpack(value)[0] == os.getpid()
+        assert not any(FLOW_KEY.unpack(k)[1] == rport for k in flows)  # the unconnected peer: none
+    finally:
+        connected.close()
+        peer.close()

@@ -16,6 +16,7 @@ AF_INET, AF_INET6 = 2, 10  # the kernel's address families, as BPF records carry
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
               7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
 TCP_LISTEN = 10
+TCP_ESTABLISHED = 1  # also a connected UDP socket's state in /proc/net/udp{,6}
 
 
 def read_bytes(path: str, limit: int = 1 << 20) -> bytes | None:
@@ -286,7 +287,8 @@ def tcp_address(text: str | bytes) -> bytes:
 
 def tcp_rows(data: bytes):
     """(local addr, local port, remote addr, remote port, state, inode) per socket line of
-    /proc/net/tcp or tcp6; addresses in network order, family by length (4 or 16)."""
+    /proc/net/tcp or tcp6 (udp and udp6 have the same lines); addresses in network order, family
+    by length (4 or 16)."""
     for line in data.split(b"\n")[1:]:
         parts = line.split()
         if len(parts) < 10:

@@ -187,13 +187,15 @@ def flow_proc(pid: int, comm: bytes) -> bytes:
 
 
 def existing_flows() -> dict[bytes, bytes]:
-    """flows-map entries for the TCP connections open now: 4-tuple -> owning pid and comm."""
+    """flows-map entries for the TCP connections and connected UDP sockets (QUIC clients) open
+    now: 4-tuple -> owning pid and comm."""
     sockets: dict[int, bytes] = {}  # socket inode -> flows key
-    for name in ("tcp", "tcp6"):
+    for name in ("tcp", "tcp6", "udp", "udp6"):
         data = proc.read_bytes(f"/proc/net/{name}", 64 << 20)
         try:
             for la, lport, ra, rport, state, inode in proc.tcp_rows(data or b""):
-                if state == proc.TCP_LISTEN:
+                # a connected UDP socket says ESTABLISHED (1), an unconnected one CLOSE (7)
+                if state == proc.TCP_LISTEN or (name.startswith("udp") and state != proc.TCP_ESTABLISHED):
                     continue
                 family = proc.family_of(la)
                 if family == proc.AF_INET6 and la[:12] == ra[:12] == b"\0" * 10 + b"\xff\xff":
