@@ -147,20 +147,28 @@ def test_prometheus_scrapes_counters_equal_to_the_agents_accounting(tmp_path):
         assert k["seen"] == k["kernel_filtered"] + acc["filtered_user"] + acc["output"] + k["dropped"]
         assert acc["received"] == k["submitted"] == acc["output"] + acc["filtered_user"]
         assert sum(acc["events_by_type"].values()) == acc["output"]
-        assert prom.last("crypto_tracer_events_seen_total") == {(): k["seen"]}
-        assert prom.last("crypto_tracer_events_received_total") == {(): acc["received"]}
-        assert prom.last("crypto_tracer_events_total") == {(("event_type", et),): n
-                                                           for et, n in acc["events_by_type"].items()}
-        assert prom.last("crypto_tracer_events_filtered_total") == {
-            (("where", "kernel"),): k["kernel_filtered"], (("where", "user"),): acc["filtered_user"]}
         dropped = {(("reason", "ring_buffer_full"), ("sink", "kernel")): k["dropped"]}
         dropped.update({(("reason", r), ("sink", s)): n for s, v in acc["sinks"].items() for r, n in v["dropped"].items()})
-        assert prom.last("crypto_tracer_events_dropped_total") == dropped
-        assert prom.last("crypto_tracer_sink_written_total") == {(("sink", s),): v["written"]
-                                                                 for s, v in acc["sinks"].items()}
-        assert prom.last("crypto_tracer_snapshots_total") == {(): acc["snapshot"]["count"]}
+        want = {
+            "crypto_tracer_events_seen_total": {(): k["seen"]},
+            "crypto_tracer_events_received_total": {(): acc["received"]},
+            "crypto_tracer_events_total": {(("event_type", et),): n for et, n in acc["events_by_type"].items()},
+            "crypto_tracer_events_filtered_total": {(("where", "kernel"),): k["kernel_filtered"],
+                                                    (("where", "user"),): acc["filtered_user"]},
+            "crypto_tracer_events_dropped_total": dropped,
+            "crypto_tracer_sink_written_total": {(("sink", s),): v["written"] for s, v in acc["sinks"].items()},
+            "crypto_tracer_snapshots_total": {(): acc["snapshot"]["count"]},
+            "crypto_tracer_last_snapshot_timestamp_seconds": {(): acc["snapshot"]["last_time"]},
+        }
+        # the agent exited once Prometheus had come back after its final figures: the last samples are those
+        # figures (waited for: a query may not see the last samples of a scrape at once)
+        def last_values():
+            return {m: prom.last(m) for m in want}
+        got = wait_until(lambda: (v := last_values()) == want and v, 30, "the final accounting in Prometheus",
+                         fail=False) or last_values()
+        for metric, values in want.items():
+            assert got[metric] == values, metric
         assert acc["snapshot"]["count"] >= 2
-        assert prom.last("crypto_tracer_last_snapshot_timestamp_seconds") == {(): acc["snapshot"]["last_time"]}
         assert prom.last("crypto_tracer_build_info")  # one series, value 1
         # what was counted is what is in the file, including the workload's events
         events = read_jsonl(f"{out}/events.jsonl")

@@ -195,6 +195,49 @@ def test_metrics_families_expose_the_accounting():
         assert line in text.splitlines(), line
 
 
+def _acc(seen: int) -> dict:
+    return {"kernel": {"seen": seen, "kernel_filtered": seen, "dropped": 0, "submitted": 0}, "received": 0,
+            "filtered_user": 0, "output": 0, "events_by_type": {}, "sinks": {}, "ring_buffer": {"fill": 0.0, "size": 4096},
+            "probes_attached": 0, "libraries_hooked": 0, "libraries_seen": 0,
+            "snapshot": {"count": 0, "failed": 0, "last_time": None, "duration": 0.0, "processes": 0, "libraries": 0,
+                         "files": 0}, "reloads": 0}
+
+
+def test_metrics_server_serves_the_final_accounting_and_knows_when_it_was_collected():
+    """Live figures at each scrape; after final(acc) exactly acc (the source, i.e. the probes being closed, is
+    not read again); final_scraped only once a complete reply of acc was followed by another scrape; after
+    close() nothing reads the source."""
+    import re
+    import urllib.request
+
+    from crypto_tracer.sinks.metrics import MetricsServer
+
+    reads = []
+
+    def source():
+        reads.append(1)
+        return _acc(len(reads))
+
+    server = MetricsServer("127.0.0.1", 0, source)
+
+    def scrape() -> int:
+        req = urllib.request.Request(f"http://{server.address}/metrics",
+                                     headers={"X-Prometheus-Scrape-Timeout-Seconds": "10"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = r.read().decode()
+        return int(float(re.search(r'^crypto_tracer_events_filtered_total\{where="kernel"\} (\S+)$', body, re.M)[1]))
+
+    try:
+        assert [scrape(), scrape()] == [1, 2]  # read at each scrape
+        server.final(_acc(756))
+        assert scrape() == 756 and not server.final_scraped.is_set()  # written; not yet known to be read
+        assert scrape() == 756 and server.final_scraped.is_set()  # the scraper came back: the reply was read
+        assert len(reads) == 2
+    finally:
+        server.close()
+    assert list(server.collect()) == [] and len(reads) == 2
+
+
 def test_otlp_endpoint_without_the_otlp_module_is_a_clear_error(tmp_path, capsys, monkeypatch):
     import sys
 

@@ -495,10 +495,11 @@ class Agent:
             acc = self.accounting()
             stats.report()
             log.info("Final accounting: %s", orjson.dumps(acc).decode())
-            if self.metrics is not None and cfg["metrics"]["final_scrape_wait"] > 0:
-                self.metrics.final()
-                if not self.metrics.final_scraped.wait(cfg["metrics"]["final_scrape_wait"]):
-                    log.warning("metrics: no scrape of the final figures within %s s", cfg["metrics"]["final_scrape_wait"])
+            if self.metrics is not None:
+                self.metrics.final(acc)  # every scrape from now on: exactly these figures
+                wait = cfg["metrics"]["final_scrape_wait"]
+                if wait > 0 and not self.metrics.final_scraped.wait(wait):
+                    log.warning("metrics: no scrape of the final figures within %s s", wait)
             return ExitStatus.OK
         finally:
             stop.restore()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import threading
+import time
 
 from crypto_tracer import __version__
 from crypto_tracer.errors import ExitStatus, TracerError
@@ -19,7 +20,11 @@ PREFIX = "crypto_tracer"
 
 def families(acc: dict):
     """Metric families of one accounting snapshot (see commands/agent.Agent.accounting)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        InfoMetricFamily,
+    )
 
     p = PREFIX
     yield InfoMetricFamily(f"{p}_build", "crypto-tracer build facts",
@@ -79,47 +84,94 @@ def families(acc: dict):
     yield CounterMetricFamily(f"{p}_config_reloads", "configuration reloads (SIGHUP)", value=acc["reloads"])
 
 
+def _scrape_timeout(environ) -> float | None:
+    """The scraper's timeout (Prometheus sends it in X-Prometheus-Scrape-Timeout-Seconds), or None."""
+    try:
+        return float(environ.get("HTTP_X_PROMETHEUS_SCRAPE_TIMEOUT_SECONDS", ""))
+    except ValueError:
+        return None
+
+
 class MetricsServer:
-    """The /metrics endpoint over source() -> accounting dict. After final(), final_scraped is set once a
-    scrape of the final figures has been delivered, so a stopping agent can wait for them to be collected."""
+    """The /metrics endpoint over source() -> accounting dict, read at each scrape.
+
+    At stop the agent hands its final accounting to final(): from then on every scrape serves exactly
+    those figures (the ones it logs), without touching the probes being closed. final_scraped is set
+    when a reply of the final figures was written out in full within the scraper's timeout AND the
+    scraper came back for more (it asks again only after it received the previous answer), so a
+    stopping agent can wait until its last figures are in the scraper's database.
+    close() waits for a scrape that is reading the accounting, and later scrapes read nothing: the
+    agent closes its BPF objects after it, and a late scrape must not read a closed map (it read 0)."""
 
     def __init__(self, host: str, port: int, source):
         try:
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry, make_wsgi_app
             from prometheus_client.process_collector import ProcessCollector
         except ImportError:
             raise TracerError("metrics need the prometheus-client package", ExitStatus.ERROR,
                               "install it (pip install prometheus-client) or leave --metrics-address unset") from None
+        import socket
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
         self._source = source
-        self._final = False
-        self._final_requests = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._final_acc: dict | None = None
+        self._final_delivered = False
         self.final_scraped = threading.Event()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        self._app = make_wsgi_app(registry)
+
+        class Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *_args):
+                pass
+
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._server = make_server(host, port, self._serve, Server, handler_class=Quiet)
         except OSError as exc:
             raise TracerError(f"metrics endpoint {host}:{port}: {exc.strerror or exc}", ExitStatus.ERROR,
                               "choose another --metrics-address") from None
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         self.address = f"{host}:{self._server.server_address[1]}"
 
+    def _serve(self, environ, start_response):
+        final = self._final_acc is not None
+        if final and self._final_delivered:
+            self.final_scraped.set()  # it came back after a complete reply of the final figures
+        started, timeout = time.monotonic(), _scrape_timeout(environ)
+        body = self._app(environ, start_response)
+
+        def chunks():
+            yield from body
+            # here every chunk has been written to the socket (wsgiref writes each before asking for the next)
+            if final and (timeout is None or time.monotonic() - started < timeout):
+                self._final_delivered = True
+        return chunks()
+
     def collect(self):
-        if self._final:
-            # The scraper asks again only after it received the previous answer: the second request after
-            # final() proves the final figures were delivered (the first one's reply could be cut by the exit).
-            self._final_requests += 1
-            if self._final_requests >= 2:
-                self.final_scraped.set()
-        yield from families(self._source())
+        with self._lock:
+            if self._closed:
+                return
+            acc = self._final_acc if self._final_acc is not None else self._source()
+        yield from families(acc)
 
     def describe(self):
         return []
 
-    def final(self) -> None:
-        """The figures stop changing from now on."""
-        self._final = True
+    def final(self, acc: dict) -> None:
+        """The figures stop changing: serve acc (the agent's final accounting) from now on."""
+        self._final_acc = acc
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self._server.shutdown()
         self._server.server_close()
