@@ -49,6 +49,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_backups": Key(5, (int,), "rotated files kept (events.jsonl.1[.gz] newest); 0 = none kept"),
         "compress": Key(True, (bool,), "gzip rotated files"),
     },
+    "handshake": {
+        "enabled": Key(True, (bool,), "one tls_handshake event per TLS handshake on the host, from packets (as "
+                       "`tls -m handshake`; needs CAP_NET_ADMIN, else one warning and none)", live=False),
+    },
     "snapshot": {
         "enabled": Key(True, (bool,), "take a snapshot of the host's crypto inventory periodically"),
         "interval": Key(3600, _num(), "seconds between snapshots (the first one at start)"),

@@ -45,6 +45,12 @@ def final_accounting(err: str) -> dict:
     return json.loads(m.group(1))
 
 
+def emitted(acc: dict) -> int:
+    """Events the agent passed to its outputs: monitor's, and the TLS handshakes seen on the host meanwhile
+    (the handshake posture is on by default; other programs on this machine may make TLS connections)."""
+    return acc["output"] + acc["handshakes"]["events"]
+
+
 def workload(tmp_path, n_exec: int = 0) -> None:
     """A process that opens a certificate and a key, loads libssl and starts n_exec children; its pid."""
     cert, key = make_cert(tmp_path, "agent-test", days=2, cert_name="agent.crt", key_name="agent-key.pem")
@@ -146,8 +152,11 @@ def test_prometheus_scrapes_counters_equal_to_the_agents_accounting(tmp_path):
         k = acc["kernel"]
         assert k["seen"] == k["kernel_filtered"] + acc["filtered_user"] + acc["output"] + k["dropped"]
         assert acc["received"] == k["submitted"] == acc["output"] + acc["filtered_user"]
-        assert sum(acc["events_by_type"].values()) == acc["output"]
-        dropped = {(("reason", "ring_buffer_full"), ("sink", "kernel")): k["dropped"]}
+        assert sum(acc["events_by_type"].values()) == emitted(acc)
+        assert acc["events_by_type"].get("tls_handshake", 0) == acc["handshakes"]["events"]
+        assert acc["handshakes"]["active"]
+        dropped = {(("reason", "ring_buffer_full"), ("sink", "kernel")): k["dropped"],
+                   (("reason", "ring_buffer_full"), ("sink", "kernel_handshakes")): acc["handshakes"]["packets_dropped"]}
         dropped.update({(("reason", r), ("sink", s)): n for s, v in acc["sinks"].items() for r, n in v["dropped"].items()})
         want = {
             "crypto_tracer_events_seen_total": {(): k["seen"]},
@@ -158,6 +167,8 @@ def test_prometheus_scrapes_counters_equal_to_the_agents_accounting(tmp_path):
             "crypto_tracer_events_dropped_total": dropped,
             "crypto_tracer_sink_written_total": {(("sink", s),): v["written"] for s, v in acc["sinks"].items()},
             "crypto_tracer_snapshots_total": {(): acc["snapshot"]["count"]},
+            "crypto_tracer_tls_handshakes_total": {(("post_quantum", h["post_quantum"]), ("tls_version", h["tls_version"])):
+                                                   h["count"] for h in acc["handshakes"]["by_kind"]},
             "crypto_tracer_last_snapshot_timestamp_seconds": {(): acc["snapshot"]["last_time"]},
         }
         # the agent exited once Prometheus had come back after its final figures: the last samples are those
@@ -172,7 +183,7 @@ def test_prometheus_scrapes_counters_equal_to_the_agents_accounting(tmp_path):
         assert prom.last("crypto_tracer_build_info")  # one series, value 1
         # what was counted is what is in the file, including the workload's events
         events = read_jsonl(f"{out}/events.jsonl")
-        assert len(events) == acc["sinks"]["events_file"]["written"] == acc["output"]
+        assert len(events) == acc["sinks"]["events_file"]["written"] == emitted(acc)
         mine = [(e["event_type"], e["file"]) for e in events if (e.get("file") or "").startswith(str(tmp_path))]
         assert ("file_open", f"{tmp_path}/agent.crt") in mine and ("file_open", f"{tmp_path}/agent-key.pem") in mine
         snaps = sorted(glob.glob(f"{out}/snapshots/snapshot-*.json"))
@@ -213,7 +224,7 @@ def test_rotation_compression_and_backup_limit(tmp_path):
         assert limit - 1000 < len(raw) <= limit, (n, len(raw))  # full files of whole lines
     events = read_jsonl(f"{out}/events.jsonl.2.gz", f"{out}/events.jsonl.1.gz", f"{out}/events.jsonl")
     written = acc["sinks"]["events_file"]["written"]
-    assert written == acc["output"] and written > len(events) > 0  # older files were removed
+    assert written == emitted(acc) and written > len(events) > 0  # older files were removed
     # .2.gz is older than the current file (a whole file, .1.gz, between them; records of different CPUs
     # can be a few microseconds out of order within a file)
     oldest, current = read_jsonl(f"{out}/events.jsonl.2.gz"), read_jsonl(f"{out}/events.jsonl")
@@ -249,7 +260,7 @@ def test_disk_full_counts_drops_and_resumes(tmp_path):
         acc = final_accounting(err)
         s = acc["sinks"]["events_file"]
         assert s["dropped"]["disk_full"] > 0 and s["dropped"]["queue_full"] == 0
-        assert acc["output"] == s["written"] + s["dropped"]["disk_full"]
+        assert emitted(acc) == s["written"] + s["dropped"]["disk_full"]
         assert len(read_jsonl(f"{out}/events.jsonl")) == s["written"]  # whole lines only
         assert err.count("No space left on device") == 1  # one warning per episode
     finally:
@@ -293,7 +304,7 @@ def test_sighup_reopens_files_and_reloads_the_configuration(tmp_path):
         acc = final_accounting(err)
         assert acc["reloads"] == 3
         total = sum(len(read_jsonl(p)) for p in (path + ".moved", path, f"{out}/other.jsonl"))
-        assert total == acc["sinks"]["events_file"]["written"] == acc["output"]
+        assert total == acc["sinks"]["events_file"]["written"] == emitted(acc)
     finally:
         if t.proc.poll() is None:
             t.proc.kill()
@@ -318,6 +329,11 @@ def bpf_exists(kind: str, ident: int) -> bool:
     return subprocess.run(["bpftool", kind, "show", "id", str(ident)], capture_output=True).returncode == 0
 
 
+def prog_type(ident: int) -> str | None:
+    r = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(ident)], capture_output=True, text=True)
+    return json.loads(r.stdout)["type"] if r.returncode == 0 else None
+
+
 def test_kill_9_then_restart_leaves_nothing_attached(tmp_path):
     need_tool("bpftool")
     t, out = agent(tmp_path, config="""
@@ -326,12 +342,16 @@ def test_kill_9_then_restart_leaves_nothing_attached(tmp_path):
     """)
     ids = bpf_ids(t.proc.pid)
     assert len(ids["prog"]) >= 5 and len(ids["link"]) >= 5, ids
+    # the handshake classifier's TC programs are held by their filters, not by the process
+    tc = {i for i in ids["prog"] if prog_type(i) == "sched_cls"}
+    assert tc, ids
     second = run_tracer(["agent", "--output-dir", out, "-d", "1"])
     assert second.returncode == 1 and f"another agent (pid {t.proc.pid}) writes to {out}" in second.stderr
     t.proc.kill()
     t.wait()
-    wait_until(lambda: not any(bpf_exists(k, i) for k, s in ids.items() for i in s), 30,
+    wait_until(lambda: not any(bpf_exists(k, i) for k, s in ids.items() for i in s if i not in tc), 30,
                "the killed agent's programs and links gone")
+    assert any(bpf_exists("prog", i) for i in tc)  # left on the interfaces: the next start removes them
     # what a kill in the middle of a rotation or a snapshot leaves
     open(f"{out}/events.jsonl.1", "w").write('{"a":1}\n')
     open(f"{out}/events.jsonl.1.gz.tmp", "w").write("partial")
@@ -343,6 +363,8 @@ def test_kill_9_then_restart_leaves_nothing_attached(tmp_path):
     assert os.listdir(f"{out}/snapshots") == []
     assert gzip.open(f"{out}/events.jsonl.1.gz").read() == b'{"a":1}\n'
     assert f"removed what a previous run left behind: {out}/snapshots/snapshot-x.json.tmp" in r.stderr
+    assert f"removed the TC handshake classifier left behind by crypto-tracer pid {t.proc.pid}" in r.stderr
+    assert not any(bpf_exists("prog", i) for i in tc)
 
 
 def test_duration_ends_with_exit_0_and_every_probe_detached(tmp_path):
@@ -353,7 +375,7 @@ def test_duration_ends_with_exit_0_and_every_probe_detached(tmp_path):
     assert 2 <= time.monotonic() - started < 20
     acc = final_accounting(r.stderr)
     assert acc["probes_attached"] == 0 and acc["snapshot"]["count"] == 1 and acc["snapshot"]["failed"] == 0
-    assert acc["sinks"]["events_file"]["written"] == acc["output"]
+    assert acc["sinks"]["events_file"]["written"] == emitted(acc)
     # one snapshot in both formats, from one scan
     (cdx,) = glob.glob(f"{tmp_path}/o/snapshots/snapshot-*.cdx.json")
     (js,) = [p for p in glob.glob(f"{tmp_path}/o/snapshots/snapshot-*.json") if p != cdx]
@@ -395,6 +417,6 @@ def test_a_burst_that_overflows_the_ring_is_counted_and_survived(tmp_path):
     assert 0 < scraped <= k["dropped"]
     assert k["seen"] == k["kernel_filtered"] + acc["filtered_user"] + acc["output"] + k["dropped"]
     events = read_jsonl(f"{out}/events.jsonl")
-    assert len(events) == acc["output"]
+    assert len(events) == emitted(acc)
     mine = sum(e["event_type"] == "file_open" and e["file"] == cert for e in events)
     assert 0 < mine < n and mine + k["dropped"] >= n  # what is missing of the burst was counted as dropped

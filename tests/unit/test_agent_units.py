@@ -175,6 +175,9 @@ def test_metrics_families_expose_the_accounting():
            "filtered_user": 2, "output": 4, "events_by_type": {"lib_load": 3, "file_open": 1},
            "sinks": {"events_file": {"written": 3, "dropped": {"queue_full": 0, "disk_full": 1}, "queued": 0,
                                      "capacity": 8}},
+           "handshakes": {"active": True, "events": 3, "packets_seen": 9, "packets_dropped": 1, "attached": 6,
+                          "by_kind": [{"tls_version": "TLSv1.2", "post_quantum": "false", "count": 1},
+                                      {"tls_version": "TLSv1.3", "post_quantum": "true", "count": 2}]},
            "ring_buffer": {"fill": 0.25, "size": 4096}, "probes_attached": 9, "libraries_hooked": 0,
            "libraries_seen": 2, "snapshot": {"count": 1, "failed": 0, "last_time": 1700000000.5, "duration": 0.1,
                                              "processes": 5, "libraries": 2, "files": 1}, "reloads": 2}
@@ -189,6 +192,9 @@ def test_metrics_families_expose_the_accounting():
                  'crypto_tracer_events_dropped_total{reason="ring_buffer_full",sink="kernel"} 1.0',
                  'crypto_tracer_events_dropped_total{reason="disk_full",sink="events_file"} 1.0',
                  'crypto_tracer_events_filtered_total{where="user"} 2.0',
+                 'crypto_tracer_events_dropped_total{reason="ring_buffer_full",sink="kernel_handshakes"} 1.0',
+                 'crypto_tracer_tls_handshakes_total{post_quantum="true",tls_version="TLSv1.3"} 2.0',
+                 'crypto_tracer_tls_handshakes_total{post_quantum="false",tls_version="TLSv1.2"} 1.0',
                  "crypto_tracer_ring_buffer_fill_ratio 0.25", "crypto_tracer_config_reloads_total 2.0",
                  'crypto_tracer_snapshot_items{kind="processes"} 5.0',
                  "crypto_tracer_last_snapshot_timestamp_seconds 1.7000000005e+09"):
@@ -198,6 +204,8 @@ def test_metrics_families_expose_the_accounting():
 def _acc(seen: int) -> dict:
     return {"kernel": {"seen": seen, "kernel_filtered": seen, "dropped": 0, "submitted": 0}, "received": 0,
             "filtered_user": 0, "output": 0, "events_by_type": {}, "sinks": {}, "ring_buffer": {"fill": 0.0, "size": 4096},
+            "handshakes": {"active": False, "events": 0, "by_kind": [], "packets_seen": 0, "packets_dropped": 0,
+                           "attached": 0},
             "probes_attached": 0, "libraries_hooked": 0, "libraries_seen": 0,
             "snapshot": {"count": 0, "failed": 0, "last_time": None, "duration": 0.0, "processes": 0, "libraries": 0,
                          "files": 0}, "reloads": 0}

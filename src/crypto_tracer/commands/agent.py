@@ -2,6 +2,7 @@
 
   monitor's probes and pipeline -> Fanout -> rotated JSON Lines (sinks/rotating, behind a bounded
   queue and a writer thread: sinks/queued) and OTLP logs (sinks/otlp, its own queue and thread);
+  the TLS handshake posture (commands/tls/handshake.HandshakeSource, as `tls -m handshake`) -> the same Fanout;
   a periodic snapshot (commands/snapshot.take_snapshot) in its own thread, to JSON files;
   Prometheus metrics read from the same accounting (sinks/metrics); configuration from one TOML
   file (config.py) overridden by flags; SIGHUP reopens files and reloads the configuration.
@@ -28,6 +29,7 @@ from crypto_tracer.log import log, ready
 
 LOCK_FILE = ".agent.lock"
 SNAPSHOT_DIR = "snapshots"
+HANDSHAKE_POLL_MS = 100  # the TC classifier wakes no reader: its ring is read at least this often
 
 
 # --- checks before privileges (cli calls check()) ----------------------------------------------
@@ -222,6 +224,61 @@ class Fanout:
         pass  # the outputs' writer threads write on their own
 
 
+class Handshakes:
+    """[handshake]: tls -m handshake's source; its events (redacted) go to the Fanout in batches, counted by
+    TLS version and by whether the key exchange is post-quantum (ML-KEM hybrid)."""
+
+    def __init__(self, fanout: Fanout, clock, redact: bool):
+        from crypto_tracer.commands.tls.handshake import HandshakeSource
+        from crypto_tracer.pipeline.redact import Redactor
+
+        self.fanout = fanout
+        self.redactor = Redactor(redact)
+        self.batch: list[dict] = []
+        self.by_kind: Counter = Counter()  # (tls_version, post_quantum) -> handshakes
+        self.source = HandshakeSource(self.batch.append, clock)
+
+    def start(self) -> bool:
+        """False (one warning) when the classifier cannot run here: the agent goes on without it."""
+        try:
+            self.source.start()
+        except TracerError as exc:
+            log.warning("TLS handshake posture is off: %s", str(exc).splitlines()[0])
+            self.source.close()
+            self.source = None
+            return False
+        return True
+
+    def drain(self, follow_links: bool = True) -> None:
+        if self.source is None:
+            return
+        self.source.drain()
+        if follow_links:
+            self.source.follow_links()
+        if self.batch:
+            events = [self.redactor.event(ev) for ev in self.batch]
+            self.batch.clear()
+            for ev in events:
+                pq = ev["not_quantum_safe_key_exchange"]
+                self.by_kind[(ev["tls_version"] or "unknown", "unknown" if pq is None else str(not pq).lower())] += 1
+            self.fanout.write_many(events)
+
+    def stats(self) -> dict:
+        k = self.source.counters() if self.source is not None else {"seen": 0, "dropped": 0, "images_dropped": 0}
+        return {"active": self.source is not None, "events": sum(self.by_kind.values()),
+                "by_kind": [{"tls_version": v, "post_quantum": pq, "count": n} for (v, pq), n in sorted(self.by_kind.items())],
+                "packets_seen": k["seen"], "packets_dropped": k["dropped"], "process_records_dropped": k["images_dropped"],
+                "attached": self.source.attached() if self.source is not None else 0}
+
+    def detach(self) -> None:
+        if self.source is not None:
+            self.source.detach()
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
 # --- periodic snapshot --------------------------------------------------------------------------
 
 def _without_cbom_fields(doc: dict) -> dict:
@@ -348,6 +405,7 @@ class Agent:
         self._sink_drops: dict[str, int] = {}
         self._drop_warned = 0.0
         self.probe = self.stats = self.level = None
+        self.handshakes: Handshakes | None = None
 
     # the one accounting: the final report and every /metrics scrape read it
     def accounting(self) -> dict:
@@ -355,6 +413,9 @@ class Agent:
                  for name, out in list(self.outputs.items())}
         sinks["snapshot"] = {"written": self.snapshots.count, "dropped": dict(self.snapshots.write_errors),
                              "queued": 0, "capacity": None}
+        hs = self.handshakes.stats() if self.handshakes is not None else \
+            {"active": False, "events": 0, "by_kind": [], "packets_seen": 0, "packets_dropped": 0,
+             "process_records_dropped": 0, "attached": 0}
         return {
             "kernel": self.stats.kernel(),
             "received": self.stats.received,
@@ -364,8 +425,9 @@ class Agent:
             "sinks": sinks,
             "ring_buffer": {"fill": self.level.fill() if self.level else 0.0,
                             "size": self.cfg["agent"]["ring_buffer_size"]},
-            "probes_attached": len(self.probe.obj.links),
-            "libraries_hooked": 0,  # uprobes come with TLS handshake posture (tls -m handshake)
+            "handshakes": hs,  # events_by_type["tls_handshake"] == hs["events"]; not in output (monitor's)
+            "probes_attached": len(self.probe.obj.links) + hs["attached"],
+            "libraries_hooked": 0,  # the handshake posture reads packets: no library is hooked
             "libraries_seen": len(self.fanout.libraries),
             "snapshot": self.snapshots.stats(),
             "reloads": self.reloads,
@@ -462,6 +524,10 @@ class Agent:
             events_map = probe.obj.map("events")
             self.level = RingLevel(events_map.fd, events_map.max_entries)
             probe.attach()
+            if cfg["handshake"]["enabled"]:
+                self.handshakes = Handshakes(self.fanout, clock, a["redact"])
+                self.handshakes.start()
+            hs_poll = self.handshakes is not None and self.handshakes.source is not None
             if cfg["metrics"]["address"]:
                 from crypto_tracer.sinks.metrics import MetricsServer
 
@@ -472,8 +538,10 @@ class Agent:
             ready("agent", t0, f"writing to {a['output_dir']}")
 
             def poll(timeout_ms: int) -> None:
-                ring.poll(timeout_ms)
+                ring.poll(min(timeout_ms, HANDSHAKE_POLL_MS) if hs_poll else timeout_ms)
                 pipeline.process(batch)
+                if hs_poll:
+                    self.handshakes.drain()
 
             def tick() -> None:
                 clock.resync()
@@ -487,8 +555,14 @@ class Agent:
             if stop.signal:
                 log.info("Shutdown requested, cleaning up...")
             probe.detach()
+            if self.handshakes is not None:
+                self.handshakes.detach()
             ring.drain()
             pipeline.process(batch)
+            if self.handshakes is not None:
+                self.handshakes.drain(follow_links=False)
+                if self.handshakes.source is not None:
+                    self.handshakes.source.warn_losses()
             self.snapshots.join()
             for out in list(self.outputs.values()):
                 out.close()
@@ -510,6 +584,8 @@ class Agent:
                 self.metrics.close()
             if self.level is not None:
                 self.level.close()
+            if self.handshakes is not None:
+                self.handshakes.close()
             probe.close()
             os.close(lock_fd)
 

@@ -196,6 +196,10 @@ class HelloCapture:
         return self.obj.counters() if self.obj is not None else {"seen": 0, "kernel_filtered": 0, "dropped": 0,
                                                                   "submitted": 0}
 
+    def attached(self) -> int:
+        """Interfaces our classifiers are on."""
+        return len(self._attached)
+
     def detach(self) -> None:
         for ifc in reversed(self._attached):
             # our filters, and the qdisc if we made it and no other capture uses it

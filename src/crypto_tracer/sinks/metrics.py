@@ -47,6 +47,9 @@ def families(acc: dict):
     dropped = CounterMetricFamily(f"{p}_events_dropped", "events lost, by sink and reason (sink=kernel: ring "
                                   "buffer full)", labels=["sink", "reason"])
     dropped.add_metric(["kernel", "ring_buffer_full"], k["dropped"])
+    hs = acc["handshakes"]
+    if hs["active"]:  # the handshake classifier's packets (a lost one can cost a handshake its event)
+        dropped.add_metric(["kernel_handshakes", "ring_buffer_full"], hs["packets_dropped"])
     written = CounterMetricFamily(f"{p}_sink_written", "events each sink wrote or sent", labels=["sink"])
     depth = GaugeMetricFamily(f"{p}_sink_queue_depth", "events waiting in each sink's queue", labels=["sink"])
     capacity = GaugeMetricFamily(f"{p}_sink_queue_capacity", "size of each sink's queue (events)",
@@ -59,12 +62,18 @@ def families(acc: dict):
         if s.get("capacity") is not None:
             capacity.add_metric([name], s["capacity"])
     yield from (dropped, written, depth, capacity)
+    handshakes = CounterMetricFamily(f"{p}_tls_handshakes", "TLS handshakes seen (tls_handshake events), by "
+                                     "version and by whether the key exchange is post-quantum (ML-KEM hybrid)",
+                                     labels=["tls_version", "post_quantum"])
+    for kind in hs["by_kind"]:
+        handshakes.add_metric([kind["tls_version"], kind["post_quantum"]], kind["count"])
+    yield handshakes
     rb = acc["ring_buffer"]
     yield GaugeMetricFamily(f"{p}_ring_buffer_fill_ratio", "share of the kernel ring buffer waiting to be read",
                             value=rb["fill"])
     yield GaugeMetricFamily(f"{p}_ring_buffer_size_bytes", "size of the kernel ring buffer", value=rb["size"])
     yield GaugeMetricFamily(f"{p}_probes_attached", "kernel probes (links) attached", value=acc["probes_attached"])
-    yield GaugeMetricFamily(f"{p}_libraries_hooked", "libraries with uprobes attached (TLS handshake posture)",
+    yield GaugeMetricFamily(f"{p}_libraries_hooked", "libraries with uprobes attached (none: handshakes come from packets)",
                             value=acc["libraries_hooked"])
     yield GaugeMetricFamily(f"{p}_libraries_seen", "distinct crypto libraries seen loaded since start",
                             value=acc["libraries_seen"])

@@ -37,29 +37,122 @@ def open_sink(opts):
     return make_json_sink(opts.format, out)
 
 
+class HandshakeSource:
+    """The wiring of the handshake posture, shared by `tls -m handshake` and the agent: the TC classifier
+    on its own ring, the socket owners (connect/accept tracepoints, their process records on the same
+    ring), hello facts -> one tls_handshake event per handshake, handed to emit(event) as each completes
+    (in the reading thread).
+
+    start() raises TracerError (exit 4) when the classifier cannot run; poll()/drain() read the ring
+    (the classifier wakes no reader: callers poll it on a timer) and follow interfaces that come and go;
+    detach() removes the filters and the tracepoints (the ring and the owners' map stay readable for a
+    last drain); close() frees it all."""
+
+    def __init__(self, emit, clock):
+        self.emit, self.clock = emit, clock
+        self.owners = self.capture = self.reader = self.facts = None
+
+    def start(self) -> None:
+        from crypto_tracer.engine import ring_reader
+        from crypto_tracer.pipeline.hello_facts import HelloFacts
+        from crypto_tracer.probes.socket_owner import SocketOwners
+        from crypto_tracer.probes.tls_hello import HelloCapture, HelloUnavailable
+
+        self.facts = HelloFacts(completed=self._completed)
+        self.capture = HelloCapture(None)
+        try:
+            self.capture.start()
+        except HelloUnavailable as exc:
+            raise TracerError(f"the TC handshake classifier cannot run: {exc}", ExitStatus.BPF_FAILURE) from None
+        self.facts.done = self.capture.done
+        # after the classifier: its ring also takes the owners' process records, each before the
+        # hellos of the connections it owns
+        self.owners = SocketOwners()
+        self.owners.start(self.capture.obj.map("events"))
+        self.reader = ring_reader(self.capture.obj.map("events"), 4096)
+
+    def _completed(self, facts) -> None:
+        from crypto_tracer.pipeline.tls_handshakes import handshake_event
+
+        self.emit(handshake_event(facts, self.owners, self.clock))
+
+    def drain(self) -> None:
+        owners, facts = self.owners, self.facts
+        while True:
+            records = self.reader.read(4096)
+            for raw in records:
+                if raw[_T0:_T1] == _PROCESS:
+                    owners.learn(raw)
+                else:
+                    facts.add_raw(raw)
+            if len(records) < 4096:
+                break
+
+    def poll(self, timeout_ms: int) -> None:
+        """Wait for at most timeout_ms (POLL_MS at most), read the ring, follow new interfaces."""
+        self.reader.wait(min(timeout_ms, POLL_MS))
+        self.drain()
+        self.follow_links()
+
+    def follow_links(self) -> None:
+        """Attach to interfaces created since the last call (one non-blocking netlink read)."""
+        self.capture.follow_links()
+
+    def counters(self) -> dict:
+        """The classifier's packet counters (seen, kernel_filtered, dropped: ring full, submitted) and the
+        owners' process records lost (images_dropped)."""
+        c = self.capture.counters() if self.capture is not None else \
+            {"seen": 0, "kernel_filtered": 0, "dropped": 0, "submitted": 0}
+        return dict(c, images_dropped=self.owners.counters()["images_dropped"] if self.owners is not None else 0)
+
+    def attached(self) -> int:
+        """Kernel attachments in place: TC interfaces and the owners' tracepoints."""
+        return (self.capture.attached() if self.capture is not None else 0) + \
+            (len(self.owners.obj.links) if self.owners is not None and self.owners.obj is not None else 0)
+
+    def detach(self) -> None:
+        if self.capture is not None:
+            self.capture.detach()
+        if self.owners is not None and self.owners.obj is not None:
+            self.owners.obj.detach()
+
+    def warn_losses(self) -> None:
+        c = self.counters()
+        if c["dropped"]:
+            log.warning("%d handshake packets were lost (ring buffer full): some handshakes are missing", c["dropped"])
+        if c["images_dropped"]:
+            log.warning("%d process records were lost (ring buffer full): exe read from /proc for those",
+                        c["images_dropped"])
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+        if self.owners is not None:
+            self.owners.close()
+            self.owners = None
+
+
 def run(opts) -> int:
-    from crypto_tracer.engine import ring_reader
     from crypto_tracer.pipeline.clock import WallClock
     from crypto_tracer.pipeline.filters.connections import compile_connection_filter
-    from crypto_tracer.pipeline.hello_facts import HelloFacts
     from crypto_tracer.pipeline.redact import Redactor
     from crypto_tracer.pipeline.runloop import StopFlag
     from crypto_tracer.pipeline.runloop import run as run_loop
-    from crypto_tracer.pipeline.tls_handshakes import handshake_event
-    from crypto_tracer.probes.socket_owner import SocketOwners
-    from crypto_tracer.probes.tls_hello import HelloCapture, HelloUnavailable
 
     conn_filter = compile_connection_filter(opts.filter)
     redactor = Redactor(not opts.no_redact)
     stop = StopFlag().install()
-    capture = owners = sink = reader = None
+    source = sink = None
     try:
         t0 = time.monotonic()
         clock = WallClock()
         sink = open_sink(opts)
 
-        def completed(facts) -> None:
-            ev = handshake_event(facts, owners, clock)
+        def emit(ev) -> None:
             if conn_filter is not None and not conn_filter((ev["local_addr"], ev["local_port"], ev["remote_addr"],
                                                             ev["remote_port"])):
                 return
@@ -68,56 +161,25 @@ def run(opts) -> int:
                 return
             sink.write(redactor.event(ev))
 
-        facts = HelloFacts(completed=completed)
-        capture = HelloCapture(None)
-        try:
-            capture.start()
-        except HelloUnavailable as exc:
-            raise TracerError(f"the TC handshake classifier cannot run: {exc}", ExitStatus.BPF_FAILURE) from None
-        facts.done = capture.done
-        # after the classifier: its ring also takes the owners' process records, each before the
-        # hellos of the connections it owns
-        owners = SocketOwners()
-        owners.start(capture.obj.map("events"))
-        reader = ring_reader(capture.obj.map("events"), 4096)
+        source = HandshakeSource(emit, clock)
+        source.start()
         ready("tls", t0, "TLS handshakes from packets on every interface")
 
-        def drain() -> None:
-            while True:
-                records = reader.read(4096)
-                for raw in records:
-                    if raw[_T0:_T1] == _PROCESS:
-                        owners.learn(raw)
-                    else:
-                        facts.add_raw(raw)
-                if len(records) < 4096:
-                    break
-            sink.flush()
-
         def poll(timeout_ms: int) -> None:
-            reader.wait(min(timeout_ms, POLL_MS))
-            drain()
-            capture.follow_links()
+            source.poll(timeout_ms)
+            sink.flush()
 
         run_loop(poll, opts.duration, stop, lambda: clock.resync())
         if stop.signal:
             log.info("Shutdown requested, cleaning up...")
-        capture.detach()
-        drain()
-        dropped = capture.counters()["dropped"]
-        if dropped:
-            log.warning("%d handshake packets were lost (ring buffer full): some handshakes are missing", dropped)
-        lost = owners.counters()["images_dropped"]
-        if lost:
-            log.warning("%d process records were lost (ring buffer full): exe read from /proc for those", lost)
+        source.detach()
+        source.drain()
+        sink.flush()
+        source.warn_losses()
         return ExitStatus.OK
     finally:
         stop.restore()
         if sink is not None:
             sink.close()
-        if reader is not None:
-            reader.close()
-        if capture is not None:
-            capture.close()
-        if owners is not None:
-            owners.close()
+        if source is not None:
+            source.close()
