@@ -567,10 +567,11 @@ class Agent:
             for out in list(self.outputs.values()):
                 out.close()
             acc = self.accounting()
+            if self.metrics is not None:
+                self.metrics.final(acc)  # every scrape from now on: exactly these figures
             stats.report()
             log.info("Final accounting: %s", orjson.dumps(acc).decode())
             if self.metrics is not None:
-                self.metrics.final(acc)  # every scrape from now on: exactly these figures
                 wait = cfg["metrics"]["final_scrape_wait"]
                 if wait > 0 and not self.metrics.final_scraped.wait(wait):
                     log.warning("metrics: no scrape of the final figures within %s s", wait)
