@@ -198,8 +198,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("agent", "agent", "Run as a host sensor: rotated JSON Lines, snapshots, OTLP, Prometheus",
             ("config", "output_dir", "otlp_endpoint", "metrics_address", "duration", "mapsize", "verbose", "quiet",
              "no_redact"),
-            "Run monitor's stream and a periodic snapshot until stopped, writing rotated JSON Lines and snapshot "
-            "files (mode 0600), optionally exporting OpenTelemetry logs and serving Prometheus metrics. "
+            "Run monitor's stream, the TLS handshake posture (one tls_handshake event per handshake on the host, "
+            "from packets, as tls -m handshake) and a periodic snapshot until stopped, writing rotated JSON Lines "
+            "and snapshot files (mode 0600), optionally exporting OpenTelemetry logs and serving Prometheus metrics. "
             "Configured by one TOML file, overridden by flags. SIGTERM/SIGINT stop it (exit 0); SIGHUP "
             "reopens its files and reloads the configuration.", privileges=BPF),
     Command("demo", "demo", "Run monitor on a built-in demo workload for a few seconds",

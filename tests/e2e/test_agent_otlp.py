@@ -160,6 +160,7 @@ def test_agent_under_the_units_restrictions(tmp_path, monkeypatch):
         acc = final_accounting(result.err)
         assert acc["sinks"]["otlp"]["written"] == acc["sinks"]["events_file"]["written"] > 0
         assert acc["snapshot"]["count"] >= 1
+        assert acc["handshakes"]["active"]  # the TC classifier attached with the unit's capabilities
         rotel.collector.wait(acc["sinks"]["otlp"]["written"])
     finally:
         rotel.close()
