@@ -246,6 +246,36 @@ def test_metrics_server_serves_the_final_accounting_and_knows_when_it_was_collec
     assert list(server.collect()) == [] and len(reads) == 2
 
 
+def test_metrics_server_close_waits_for_a_scrape_reading_the_accounting():
+    """The agent closes its BPF objects right after close(): a scrape still reading them would read closed
+    maps (the flaky CI run scraped 0 for a counter that was 756). close() waits for it."""
+    import urllib.request
+
+    from crypto_tracer.sinks.metrics import MetricsServer
+
+    inside, release, done = threading.Event(), threading.Event(), []
+
+    def source():
+        inside.set()
+        release.wait(10)
+        done.append(1)
+        return _acc(1)
+
+    server = MetricsServer("127.0.0.1", 0, source)
+    scraper = threading.Thread(target=lambda: urllib.request.urlopen(f"http://{server.address}/metrics",
+                                                                     timeout=10).read(), daemon=True)
+    scraper.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=server.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and not done  # still waiting for the scrape
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive() and done == [1]
+    scraper.join(10)
+
+
 def test_otlp_endpoint_without_the_otlp_module_is_a_clear_error(tmp_path, capsys, monkeypatch):
     import sys
 
