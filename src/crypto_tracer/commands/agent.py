@@ -240,7 +240,12 @@ class Handshakes:
 
     def start(self) -> bool:
         """False (one warning) when the classifier cannot run here: the agent goes on without it."""
+        from crypto_tracer.engine import preflight as pf
+
+        caps = pf.effective_caps()
         try:
+            if not (caps >> pf.CAP_NET_ADMIN & 1 or caps >> pf.CAP_SYS_ADMIN & 1):
+                raise TracerError("its TC classifier needs CAP_NET_ADMIN", ExitStatus.NO_PRIVILEGES)
             self.source.start()
         except TracerError as exc:
             log.warning("TLS handshake posture is off: %s", str(exc).splitlines()[0])
