@@ -167,5 +167,5 @@ def test_without_cap_net_admin_the_agent_runs_without_handshakes(tmp_path):
     assert r.stderr.count("TLS handshake posture is off: its TC classifier needs CAP_NET_ADMIN") == 1, r.stderr
     acc = final_accounting(r.stderr)
     assert acc["handshakes"] == {"active": False, "events": 0, "by_kind": [], "packets_seen": 0, "packets_dropped": 0,
-                                 "attached": 0}
+                                 "process_records_dropped": 0, "attached": 0}
     assert acc["snapshot"]["count"] == 1 and acc["sinks"]["events_file"]["written"] == acc["output"]
