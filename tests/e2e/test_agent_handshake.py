@@ -9,15 +9,23 @@ import json
 import re
 import signal
 import subprocess
-from collections import Counter
 import textwrap
 import urllib.request
+from collections import Counter
 
 import pytest
 
 from tests.e2e import tlspeers as tp
-from tests.harness import (Tracer, free_port, need_root, need_tool, tracer_cmd, tracer_env, wait_connections_closed,
-                           wait_until)
+from tests.harness import (
+    Tracer,
+    free_port,
+    need_root,
+    need_tool,
+    tracer_cmd,
+    tracer_env,
+    wait_connections_closed,
+    wait_until,
+)
 from tests.otlp_receiver import Rotel
 
 pytestmark = pytest.mark.ebpf
