@@ -42,24 +42,9 @@ TRACER = [sys.executable, "-m", "crypto_tracer", "tls"]
 import bench_tls  # noqa: E402  (same directory)
 from bench_tls import proc_cpu, proc_hwm_mb  # noqa: E402
 
-IN_PROCESS = r"""
-import signal, sys
-from crypto_tracer.probes.common import CT_EV_TLS_DATA
-from crypto_tracer.probes.tls import TlsTracer
-count = [0]
-t = TlsTracer(pids=[int(sys.argv[2])], uid=65534 if sys.argv[1] == "hooks" else None)
-t.on(CT_EV_TLS_DATA, lambda raw: count.__setitem__(0, count[0] + 1))
-t.start()
-print("ready", file=sys.stderr, flush=True)
-stop = []
-signal.signal(signal.SIGINT, lambda *a: stop.append(1))
-while not stop:
-    t.poll(100)
-t.detach(); t.drain()
-c = t.counters()
-print(f"Events output: {count[0]}", file=sys.stderr)
-print(f"Events dropped: {c['dropped']}", file=sys.stderr)
-"""
+# argv: mode, the server's pid ("hooks": every call filtered out in the kernel by uid)
+IN_PROCESS = bench_tls.counting_reader('pids=[int(sys.argv[2])], uid=65534 if sys.argv[1] == "hooks" else None',
+                                       "sys.stderr")
 
 
 def prog_stats(skip: set | None = None) -> dict[int, tuple[str, int, int]]:

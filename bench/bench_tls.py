@@ -108,24 +108,31 @@ class HelloOnly:
         return sum(p.get("run_cnt", 0) for p in ours), sum(p.get("run_time_ns", 0) for p in ours)
 
 
-IN_PROCESS = r"""
+def counting_reader(tracer_args: str, ready_file: str = "sys.stdout") -> str:
+    """The script of the in-process rows: TlsTracer(tracer_args) with a reader that only counts
+    data records (the kernel side without user space's decoding); "ready" on ready_file once
+    attached, and at SIGINT the counts as the tool prints them."""
+    return f"""
 import signal, sys
 from crypto_tracer.probes.common import CT_EV_TLS_DATA
 from crypto_tracer.probes.tls import TlsTracer
 count = [0]
-t = TlsTracer(capture_data=sys.argv[1] == "count")
+t = TlsTracer({tracer_args})
 t.on(CT_EV_TLS_DATA, lambda raw: count.__setitem__(0, count[0] + 1))
 t.start()
-print("ready", flush=True)
+print("ready", file={ready_file}, flush=True)
 stop = []
 signal.signal(signal.SIGINT, lambda *a: stop.append(1))
 while not stop:
     t.poll(100)
 t.detach(); t.drain()
 c = t.counters()
-print(f"Events output: {count[0]}", file=sys.stderr)
-print(f"Events dropped: {c['dropped']}", file=sys.stderr)
+print(f"Events output: {{count[0]}}", file=sys.stderr)
+print(f"Events dropped: {{c['dropped']}}", file=sys.stderr)
 """
+
+
+IN_PROCESS = counting_reader('capture_data=sys.argv[1] == "count"')
 
 
 def proc_cpu(pid: int) -> float:
