@@ -189,3 +189,21 @@ def secrets_before_packets(path: str) -> tuple[set, set, list]:
                 if cr.hex() not in given:
                     early.append(cr.hex())
     return given, hellos, early
+
+
+# node's HTTPS server (argv: port, key, cert; answers "resp-<path>") and client (argv: port, path, TLS
+# version; TLS 1.2 pinned to ECDHE-ECDSA-AES256-GCM-SHA384), as the key-log tests run them
+NODE_SERVER = r'''
+const fs = require("fs"), https = require("https");
+process.title = "ctsrv-node";
+https.createServer({key: fs.readFileSync(process.argv[2]), cert: fs.readFileSync(process.argv[3])},
+  (q, s) => s.end("resp-" + q.url + "\n")).listen(+process.argv[1], "127.0.0.1");
+'''
+NODE_CLIENT = r'''
+const https = require("https");
+const [port, path, version] = process.argv.slice(1);
+const opts = {host: "127.0.0.1", port: +port, path, rejectUnauthorized: false, agent: false,
+              minVersion: "TLSv" + version, maxVersion: "TLSv" + version};
+if (version === "1.2") opts.ciphers = "ECDHE-ECDSA-AES256-GCM-SHA384";
+https.get(opts, r => { let d = ""; r.on("data", c => d += c); r.on("end", () => { process.stdout.write(d); }); });
+'''

@@ -25,26 +25,11 @@ from tests.harness import (
     wait_port,
     wait_until,
 )
-from tests.tls_helpers import PYCLIENT, by_client_random, read_keylog, token
+from tests.tls_helpers import NODE_CLIENT, NODE_SERVER, PYCLIENT, by_client_random, read_keylog, token
 
 NGINX_PORT, PY_PORT, NODE_PORT = free_port(), free_port(), free_port()
 # TLS 1.2 with an ECDSA certificate (the cases below name these suites)
 CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305"
-
-NODE_SERVER = r'''
-const fs = require("fs"), https = require("https");
-process.title = "ctsrv-node";
-https.createServer({key: fs.readFileSync(process.argv[2]), cert: fs.readFileSync(process.argv[3])},
-  (q, s) => s.end("resp-" + q.url + "\n")).listen(+process.argv[1], "127.0.0.1");
-'''
-NODE_CLIENT = r'''
-const https = require("https");
-const [port, path, version] = process.argv.slice(1);
-const opts = {host: "127.0.0.1", port: +port, path, rejectUnauthorized: false, agent: false,
-              minVersion: "TLSv" + version, maxVersion: "TLSv" + version};
-if (version === "1.2") opts.ciphers = "ECDHE-ECDSA-AES256-GCM-SHA384";
-https.get(opts, r => { let d = ""; r.on("data", c => d += c); r.on("end", () => { process.stdout.write(d); }); });
-'''
 
 
 def _wait_lines(path, want, timeout=5.0):

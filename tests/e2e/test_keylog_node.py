@@ -23,26 +23,14 @@ from tests.harness import (
 )
 from tests.nodewheels import NODE_OPENSSL, NODE_VERSIONS, NodeWheelError, node_binary
 from tests.tls_helpers import (
+    NODE_CLIENT,
+    NODE_SERVER,
     by_client_random,
     read_keylog,
     secrets_before_packets,
     token,
 )
 
-NODE_SERVER = r'''
-const fs = require("fs"), https = require("https");
-process.title = "ctsrv-node";
-https.createServer({key: fs.readFileSync(process.argv[2]), cert: fs.readFileSync(process.argv[3])},
-  (q, s) => s.end("resp-" + q.url + "\n")).listen(+process.argv[1], "127.0.0.1");
-'''
-NODE_CLIENT = r'''
-const https = require("https");
-const [port, path, version] = process.argv.slice(1);
-const opts = {host: "127.0.0.1", port: +port, path, rejectUnauthorized: false, agent: false,
-              minVersion: "TLSv" + version, maxVersion: "TLSv" + version};
-if (version === "1.2") opts.ciphers = "ECDHE-ECDSA-AES256-GCM-SHA384";
-https.get(opts, r => { let d = ""; r.on("data", c => d += c); r.on("end", () => { process.stdout.write(d); }); });
-'''
 # node's client: TLS 1.3 with its first suite (AES-256-GCM), TLS 1.2 ECDHE-ECDSA-AES256-GCM; curl: ChaCha20 on both
 CURL_VERSION = {"1.3": ["--tlsv1.3", "--tls13-ciphers", "TLS_CHACHA20_POLY1305_SHA256"],
                 "1.2": ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-CHACHA20-POLY1305"]}
