@@ -8,7 +8,10 @@ session). Messages are parsed here (a few fixed layouts; dpkt, which the unit te
 against, would cost ~6 MB of RSS); cipher-suite names are IANA's (pipeline/tls_names.py).
 
 ``Facts.lookup(local, remote)`` joins a hooked library's tls_handshake event to its connection.
-What packets cannot see stays None: TLS 1.3's ALPN and certificate are encrypted.
+TLS 1.3's ALPN and certificates are encrypted: with ``flights`` on, each direction's encrypted
+flight is kept (MAX_FLIGHT bytes) until the session's handshake traffic secret arrives
+(add_secret, from the hooked library) and read by pipeline/tls13_flight.py; without the secret
+they stay None.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ HS_CLIENT_HELLO, HS_SERVER_HELLO, HS_TICKET, HS_CERTIFICATE, HS_SKE, HS_CERT_REQ
 REC_CCS, REC_HANDSHAKE = 20, 22
 MAX_STREAM = 64 * 1024  # bytes of one direction kept while waiting for its messages
 MAX_CONNECTIONS = 4096  # connections remembered (a handshake event follows its hellos within a poll or two)
+MAX_FLIGHTS = 256  # TLS 1.3 flights kept waiting for their secret (at most MAX_STREAM bytes each)
+SECRET_LABELS = {"server": "SERVER_HANDSHAKE_TRAFFIC_SECRET", "client": "CLIENT_HANDSHAKE_TRAFFIC_SECRET"}
 
 
 def _grease(code: int) -> bool:
@@ -64,6 +69,7 @@ class ConnFacts:
     offered_extensions: list[int] | None = None  # in order, GREASE left out (JA4 needs them)
     signature_algorithms: list[int] | None = None
     client_session_id: bytes = b""
+    client_random: bytes | None = None  # the key log's session id
     # the server's choice
     version: int | None = None
     cipher: int | None = None
@@ -72,23 +78,32 @@ class ConnFacts:
     resumed: bool | None = None
     hello_retry: bool = False
     transport: str = "tcp"  # "quic": the hellos came in QUIC Initial packets (pipeline/quic_initial.py)
-    cert_der: bytes | None = None  # TLS 1.2: the server's certificate, parsed when an event asks (certificate())
+    cert_der: bytes | None = None  # the server's certificate (TLS 1.3: decrypted), parsed when an event asks
     _cert: dict | None = None
+    client_cert_der: bytes | None = None  # TLS 1.3 (decrypted): the client's certificate, if it sent one
+    _client_cert: dict | None = None
+    # TLS 1.3: "server"/"client" -> that direction's stream, kept until its encrypted flight is read
+    flights: dict | None = None
 
     def role_of(self, local: tuple) -> str | None:
         return "client" if local == self.client else "server" if local == self.server else None
 
-    def certificate(self) -> dict | None:
-        """subject, issuer, key_type, key_bits of the TLS 1.2 certificate; parsed on first use, as
-        importing cryptography adds ~10 MB of RSS that runs without such events never pay."""
+    def certificate(self, side: str = "server") -> dict | None:
+        """subject, issuer, key_type, key_bits of the server's (or client's) certificate; parsed on
+        first use, as importing cryptography adds ~10 MB of RSS that runs without such events never pay."""
+        if side == "client":
+            if self._client_cert is None and self.client_cert_der:
+                self._client_cert = _certificate_facts(self.client_cert_der)
+                self.client_cert_der = None
+            return self._client_cert
         if self._cert is None and self.cert_der:
             self._cert = _certificate_facts(self.cert_der)
             self.cert_der = None
         return self._cert
 
-    def fields(self, with_cert: bool = True) -> dict:
-        """The tls_handshake fields these facts fill (the certificate's only with_cert)."""
-        cert = (self.certificate() if with_cert else None) or {}
+    def fields(self, with_cert: bool = True, cert: str = "server") -> dict:
+        """The tls_handshake fields these facts fill (the certificate of the `cert` side, only with_cert)."""
+        cert = (self.certificate(cert) if with_cert else None) or {}
         return {"tls_version": VERSIONS.get(self.version) if self.version else None,
                 "cipher": cipher_name(self.cipher), "group": group_name(self.group), "sni": self.sni,
                 "alpn": self.alpn, "resumed": self.resumed, "peer_cert_subject": cert.get("subject"),
@@ -102,6 +117,10 @@ class _Stream:
     base: int
     segs: dict[int, bytes] = field(default_factory=dict)  # offset -> payload
     used: int = 0  # bytes of handshake messages already parsed
+    key: tuple = ()  # (src, dst): its key in HelloFacts.streams
+    flow: bytes = b""  # the follow map's key
+    flight: str | None = None  # TLS 1.3: "server"/"client", its encrypted flight is awaited
+    facts: ConnFacts | None = None  # (of a flight)
 
     def add(self, seq: int, data: bytes) -> None:
         off = (seq - self.base) & 0xFFFFFFFF
@@ -142,6 +161,19 @@ def _messages(stream: bytes, past_ccs: bool = False) -> tuple[list[tuple[int, by
         msgs.append((body[p], bytes(body[p + 4:p + 4 + n])))
         p += 4 + n
     return msgs, ccs, other
+
+
+def _flight_start(stream: bytes) -> int | None:
+    """Where a TLS 1.3 direction's encrypted records begin: after its plaintext hellos and
+    ChangeCipherSpec records (None: not in the bytes yet)."""
+    pos = 0
+    while pos + 5 <= len(stream):
+        if stream[pos] == 23:
+            return pos
+        if stream[pos] not in (REC_CCS, REC_HANDSHAKE):
+            return None
+        pos += 5 + int.from_bytes(stream[pos + 3:pos + 5], "big")
+    return None
 
 
 def _u16s(data: bytes, lenbytes: int = 2) -> list[int]:
@@ -199,7 +231,7 @@ class _Reader:
 def parse_client_hello(body: bytes, facts: ConnFacts) -> None:
     r = _Reader(body)
     version = r.int(2)
-    r.take(32)  # random
+    facts.client_random = r.take(32)
     facts.client_session_id = r.vector(1)
     suites = r.vector(2)
     facts.offered_suites = [c for c in (int.from_bytes(suites[i:i + 2], "big") for i in range(0, len(suites) - 1, 2))
@@ -274,14 +306,19 @@ def parse_server_key_exchange(body: bytes, facts: ConnFacts) -> None:
 class HelloFacts:
     """Segments -> per-connection facts. done(flow) tells the kernel to stop copying a direction;
     completed(facts), when given, is called once the server's messages are read (a handshake
-    seen from packets alone: what `tls -m handshake` reports)."""
+    seen from packets alone: what `tls -m handshake` reports). flights: keep TLS 1.3's encrypted
+    flights for add_secret (the classifier must copy them: HelloCapture(flights=True))."""
 
-    def __init__(self, done=None, completed=None):
+    def __init__(self, done=None, completed=None, flights: bool = False):
         self.done, self.completed = done, completed
+        self.flights = flights
         self.conns: OrderedDict[tuple, ConnFacts] = OrderedDict()
         self.streams: OrderedDict[tuple, _Stream] = OrderedDict()
+        self.secrets: OrderedDict[bytes, dict[str, bytes]] = OrderedDict()  # client_random -> label -> secret
+        self.waiting: OrderedDict[bytes, ConnFacts] = OrderedDict()  # client_random -> facts with flights kept
         self.errors = 0
         self.quic = None  # pipeline/quic_initial.QuicInitials, at the first QUIC datagram
+        self.flights_read = 0
 
     @staticmethod
     def key(a: tuple, b: tuple) -> tuple:
@@ -311,15 +348,14 @@ class HelloFacts:
         if stream is None:
             return
         stream.add(seg.seq, data)
+        stream.key, stream.flow = d, seg.flow
         try:
-            finished = self._parse(seg, stream)
+            finished = self._read_flight(stream) if stream.flight else self._parse(seg, stream)
         except Exception:  # malformed or not TLS after all: what was read stays
             self.errors += 1
             finished = True
         if finished:
-            self.streams.pop(d, None)
-            if self.done is not None:
-                self.done(seg.flow)
+            self._stop(stream)
             if self.completed is not None and (facts := self.conns.get(self.key(seg.src, seg.dst))) is not None \
                     and facts.server == seg.src:
                 self.completed(facts)
@@ -348,6 +384,82 @@ class HelloFacts:
             self.completed(facts)
         return True
 
+    def _stop(self, stream: _Stream) -> None:
+        """Nothing more is wanted from this direction: the kernel stops copying it."""
+        if self.streams.get(stream.key) is stream:
+            del self.streams[stream.key]
+            if self.done is not None:
+                self.done(stream.flow)
+
+    # --- TLS 1.3's encrypted flights ------------------------------------------------------
+
+    def _keep_flight(self, facts: ConnFacts, side: str, stream: _Stream) -> None:
+        stream.flight, stream.facts = side, facts
+        if facts.flights is None:
+            facts.flights = {}
+        facts.flights[side] = stream
+        self.waiting[facts.client_random] = facts
+        self.waiting.move_to_end(facts.client_random)
+        while len(self.waiting) > MAX_FLIGHTS:
+            self._drop_flights(self.waiting.popitem(last=False)[1])
+
+    def _drop_flights(self, facts: ConnFacts) -> None:
+        for stream in (facts.flights or {}).values():
+            self._stop(stream)
+        facts.flights = None
+        if facts.client_random is not None and self.waiting.get(facts.client_random) is facts:
+            del self.waiting[facts.client_random]
+
+    def _read_flight(self, stream: _Stream) -> bool:
+        """Decrypt the direction's flight when its secret is known; True once it is read, or
+        when as much as is kept arrived (it stays for a secret that comes later)."""
+        from crypto_tracer.pipeline import tls13_flight
+
+        facts, side = stream.facts, stream.flight
+        data = stream.contiguous()
+        start = _flight_start(data)
+        if start is None:
+            return False
+        secret = self.secrets.get(facts.client_random, {}).get(SECRET_LABELS[side])
+        if secret is not None and facts.cipher is not None and facts.flights and side in facts.flights:
+            flight = tls13_flight.read_flight(data[start:], secret, facts.cipher)
+            if flight is not None:
+                if side == "server":
+                    facts.alpn, facts.cert_der = flight.alpn, flight.cert_der
+                else:
+                    facts.client_cert_der = flight.cert_der
+                self.flights_read += 1
+                del facts.flights[side]
+                if not facts.flights:
+                    self._drop_flights(facts)
+                return True
+        return len(data) - start >= tls13_flight.MAX_FLIGHT
+
+    def add_secret(self, label: str, client_random: bytes, secret: bytes) -> None:
+        """A session's key log line (keys/): its handshake traffic secrets open its flights."""
+        if label not in SECRET_LABELS.values():
+            return
+        self.secrets.setdefault(client_random, {})[label] = secret
+        self.secrets.move_to_end(client_random)
+        if len(self.secrets) > MAX_CONNECTIONS:
+            self.secrets.popitem(last=False)
+        facts = self.waiting.get(client_random)
+        side = "server" if label == SECRET_LABELS["server"] else "client"
+        stream = (facts.flights or {}).get(side) if facts is not None else None
+        if stream is None:
+            return
+        try:
+            done = self._read_flight(stream)
+        except Exception:
+            self.errors += 1
+            done = True
+        if done or self.streams.get(stream.key) is not stream:  # read, or no more bytes will come
+            self._stop(stream)
+            if facts.flights is not None:
+                facts.flights.pop(side, None)
+                if not facts.flights:
+                    self._drop_flights(facts)
+
     def _conn(self, client: tuple, server: tuple, ts: int, new: bool) -> ConnFacts:
         key = self.key(client, server)
         facts = self.conns.get(key)
@@ -365,7 +477,11 @@ class HelloFacts:
         if not msgs:
             return False
         if msgs[0][0] == HS_CLIENT_HELLO:
-            parse_client_hello(msgs[0][1], self._conn(seg.src, seg.dst, seg.ts_ns, new=True))
+            facts = self._conn(seg.src, seg.dst, seg.ts_ns, new=True)
+            parse_client_hello(msgs[0][1], facts)
+            if self.flights and 0x0304 in (facts.offered_versions or ()) and facts.client_random:
+                self._keep_flight(facts, "client", stream)  # its certificate, if the server asks (mTLS)
+                return False
             return True  # (after a HelloRetryRequest the second ClientHello adds nothing the first lacked)
         if msgs[0][0] != HS_SERVER_HELLO:
             return True
@@ -378,7 +494,12 @@ class HelloFacts:
                 if not parse_server_hello(body, facts):
                     return self._parse(seg, stream)  # HRR: its ServerHello follows the compatibility CCS
                 if facts.version >= 0x0304:
+                    if self.flights and facts.client_random:
+                        self._keep_flight(facts, "server", stream)
+                        return self._read_flight(stream)
                     return True
+                if facts.flights:  # TLS 1.2: no encrypted flight to wait for
+                    self._drop_flights(facts)
             elif mtype in (HS_CERTIFICATE, HS_SKE, HS_SHD):
                 if mtype == HS_CERTIFICATE:
                     parse_certificate(body, facts)

@@ -1,0 +1,147 @@
+"""pipeline/tls13_flight.py and HelloFacts' flights on real TLS 1.3 handshakes: Python's ssl (the
+system OpenSSL) runs client and server over memory BIOs with a key log (its own, the ground truth
+for the secrets); the bytes each side sends are fed to HelloFacts as MSS-sized TCP segments and the
+key log's lines to add_secret, as tls -m text|json does with the hooked library's secrets."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from cryptography import x509
+
+from crypto_tracer.pipeline import tls13_flight as tf
+from crypto_tracer.pipeline.hello_facts import HelloFacts
+from crypto_tracer.probes.tls_hello import Segment
+from tests.harness import make_cert
+
+CLIENT, SERVER = ("127.0.0.1", 40001), ("127.0.0.1", 8443)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("flight-certs")
+    return (make_cert(d, cn="flight.test", rsa_bits=2048),
+            make_cert(d, cn="client.test", cert_name="client.pem", key_name="client.key"))
+
+
+def facts_of(cert_path: str) -> dict:
+    with open(cert_path, "rb") as f:
+        c = x509.load_pem_x509_certificate(f.read())
+    return {"subject": c.subject.rfc4514_string(), "issuer": c.issuer.rfc4514_string()}
+
+
+def run(tmp_path, certs, version=ssl.TLSVersion.TLSv1_3, mtls=False, alpn=("h2",), mss=1000):
+    """One handshake in memory; (facts, key log {label: secret}, bytes each side sent, flows done)."""
+    (scert, skey), (ccert, ckey) = certs
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(scert, skey)
+    sctx.maximum_version = version
+    if alpn:
+        sctx.set_alpn_protocols(list(alpn))
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.check_hostname, cctx.verify_mode = False, ssl.CERT_NONE
+    cctx.set_alpn_protocols(["h2", "http/1.1"])
+    keylog = str(tmp_path / "keylog.txt")
+    cctx.keylog_filename = keylog
+    if mtls:
+        sctx.verify_mode = ssl.CERT_REQUIRED
+        sctx.load_verify_locations(ccert)
+        cctx.load_cert_chain(ccert, ckey)
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    c = cctx.wrap_bio(bios[0], bios[1], server_hostname="flight.test")
+    s = sctx.wrap_bio(bios[2], bios[3], server_side=True)
+    done = []
+    facts = HelloFacts(done=done.append, flights=True)
+    seq = {CLIENT: 1000, SERVER: 5000}
+    sent = {CLIENT: b"", SERVER: b""}
+    finished = [False, False]
+    for _ in range(20):
+        for i, (obj, out, peer_in, src, dst) in enumerate(((c, bios[1], bios[2], CLIENT, SERVER),
+                                                           (s, bios[3], bios[0], SERVER, CLIENT))):
+            if not finished[i]:
+                try:
+                    obj.do_handshake()
+                    finished[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            data = out.read()
+            sent[src] += data
+            for j in range(0, len(data), mss):
+                part = data[j:j + mss]
+                facts.add(Segment(0, True, src, dst, seq[src], len(part), part, repr((src, dst)).encode()))
+                seq[src] += len(part)
+            peer_in.write(data)
+        if all(finished):
+            break
+    assert all(finished)
+    lines = {}
+    with open(keylog) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                label, cr, secret = line.split()
+                lines[label] = (bytes.fromhex(cr), bytes.fromhex(secret))
+    return facts, lines, sent, done
+
+
+def feed(facts, lines):
+    for label, (cr, secret) in lines.items():
+        facts.add_secret(label, cr, secret)
+
+
+def test_server_flight(tmp_path, certs):
+    facts, lines, _, done = run(tmp_path, certs)
+    f = facts.lookup(CLIENT, SERVER)
+    assert f.version == 0x0304 and f.alpn is None and set(f.flights) == {"server", "client"}
+    assert done == []  # the kernel still copies both directions
+    feed(facts, lines)
+    got = f.fields(cert="server")
+    want = facts_of(certs[0][0])
+    assert (got["alpn"], got["peer_cert_subject"], got["peer_cert_issuer"], got["peer_key_type"],
+            got["peer_key_bits"]) == ("h2", want["subject"], want["issuer"], "RSA", 2048)
+    assert f.fields(cert="client")["peer_cert_subject"] is None  # no client certificate asked for
+    assert facts.flights_read == 2 and f.flights is None and not facts.waiting
+    assert sorted(done) == sorted({repr((CLIENT, SERVER)).encode(), repr((SERVER, CLIENT)).encode()})
+
+
+def test_client_certificate(tmp_path, certs):
+    facts, lines, _, _ = run(tmp_path, certs, mtls=True, alpn=("http/1.1",))
+    feed(facts, lines)
+    f = facts.lookup(SERVER, CLIENT)
+    client, server = f.fields(cert="client"), f.fields(cert="server")
+    want = facts_of(certs[1][0])
+    assert (client["peer_cert_subject"], client["peer_cert_issuer"], client["peer_key_type"],
+            client["peer_key_bits"]) == (want["subject"], want["issuer"], "EC", 256)
+    assert server["alpn"] == "http/1.1" and server["peer_cert_subject"] == facts_of(certs[0][0])["subject"]
+
+
+def test_no_or_wrong_secret_stays_null(tmp_path, certs):
+    facts, lines, sent, _ = run(tmp_path, certs)
+    f = facts.lookup(CLIENT, SERVER)
+    assert f.fields()["alpn"] is None and f.fields()["peer_cert_subject"] is None  # no secret (yet)
+    cr, shts = lines["SERVER_HANDSHAKE_TRAFFIC_SECRET"]
+    facts.add_secret("SERVER_HANDSHAKE_TRAFFIC_SECRET", cr, bytes(len(shts)))  # wrong: authentication fails
+    assert f.fields()["alpn"] is None and f.fields()["peer_cert_subject"] is None
+    # the decryption itself: the right secret reads it, one flipped byte or a cut flight reads nothing
+    flight = sent[SERVER][5 + int.from_bytes(sent[SERVER][3:5], "big"):]
+    assert tf.read_flight(flight, shts, 0x1302).alpn == "h2"
+    bad = bytearray(flight)
+    bad[20] ^= 1  # in the first encrypted record (the flight is followed by the tickets)
+    assert tf.read_flight(bytes(bad), shts, 0x1302) is None
+    assert tf.read_flight(flight[:len(flight) // 2], shts, 0x1302) is None
+    assert tf.read_flight(flight, shts, 0x1301) is None  # another suite: another key
+
+
+def test_tls12_keeps_no_flight(tmp_path, certs):
+    facts, _, _, done = run(tmp_path, certs, version=ssl.TLSVersion.TLSv1_2)
+    f = facts.lookup(CLIENT, SERVER)
+    assert f.version == 0x0303 and f.alpn == "h2" and f.flights is None and not facts.waiting
+    assert repr((CLIENT, SERVER)).encode() in done and repr((SERVER, CLIENT)).encode() in done
+    assert f.fields(cert="server")["peer_key_bits"] == 2048
+
+
+def test_traffic_keys_rfc8448():
+    """RFC 8448 section 3 (simple 1-RTT handshake): the server handshake traffic secret's key and iv."""
+    secret = bytes.fromhex("b67b7d690cc16c4e75e54213cb2d37b4e9c912bcded9105d42befd59d391ad38")
+    key, iv = tf.traffic_keys(secret, 0x1301)
+    assert (key.hex(), iv.hex()) == ("3fce516009c21727d0f2e4e86ee403bc", "5d313eb2671276ee13000b30")
