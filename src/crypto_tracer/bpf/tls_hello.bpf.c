@@ -7,9 +7,18 @@
  *
  * Only segments that start a ClientHello or ServerHello record (content type 22, version 3.x,
  * handshake type 1 or 2) are copied, plus the next few segments of the same flow and direction
- * (a hello split over segments, TLS 1.2's Certificate and ServerKeyExchange) while the `follow`
- * map holds that direction: a data segment costs the header loads and a few byte compares (one
- * hash lookup more when it does not start with an application-data record header). User space deletes the follow entry as soon as it has read what it needs.
+ * (a hello split over segments, TLS 1.2's Certificate and ServerKeyExchange, TLS 1.3's encrypted
+ * flights) while the `follow` map holds that direction, at most FOLLOW_SEGMENTS segments and
+ * FOLLOW_BYTES bytes: a data segment costs the header loads and a few byte compares (one hash
+ * lookup more when it does not start with an application-data record header). User space deletes
+ * the follow entry as soon as it has read what it needs.
+ *
+ * TLS 1.3 encrypts everything after ServerHello in application-data records (23 3 3), which
+ * user space decrypts where the hooked library gave the handshake secrets (pipeline/tls13_flight.py).
+ * Where it wants them (hello_iface.flights), a ServerHello arms its flow's bucket in
+ * `hello_flight_armed` (by the ports, both directions) for FLIGHT_WINDOW_NS; a segment that
+ * starts with 23 3 3 pays the follow lookup only while its bucket is armed: bulk data of other
+ * connections keeps its exit without a hash lookup (one array load more, inlined).
  *
  * The records go to the ring buffer user space gives us (map reuse: the tls object's own
  * ring), so a hello is read before the handshake return it precedes.
@@ -20,6 +29,9 @@
 
 #define HELLO_MAX (16 * 1024) /* bytes of one segment's payload copied: hellos, a certificate chain */
 #define FOLLOW_SEGMENTS 8      /* segments copied after a hello's first, per direction */
+#define FOLLOW_BYTES (32 * 1024) /* bytes copied after a hello's segment, per direction */
+#define FLIGHT_BUCKETS 4096
+#define FLIGHT_WINDOW_NS (2ULL * 1000000000) /* a flight (and the peer's answer) within 2 s of its ServerHello */
 #define TC_ACT_UNSPEC (-1)
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -35,6 +47,7 @@ struct hello_iface {
 	__u32 l2_len;      /* 14 on Ethernet-like devices (and lo), 0 on raw IP devices */
 	__u32 egress_only; /* lo (user space attaches no ingress program there either) */
 	__u32 attached;
+	__u32 flights; /* user space reads TLS 1.3's encrypted flights: follow 23 3 3 segments */
 };
 
 /* One direction of a TCP connection: the sender first. */
@@ -69,13 +82,26 @@ struct {
 	__type(value, struct hello_iface);
 } hello_ifaces SEC(".maps");
 
-/* direction -> segments still to copy (user space deletes the entry when it is done) */
+struct hello_follow_val {
+	__u32 segments; /* still to copy */
+	__u32 bytes;
+};
+
+/* direction -> what is still to copy (user space deletes the entry when it is done) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 8192);
 	__type(key, struct hello_flow);
-	__type(value, __u32);
+	__type(value, struct hello_follow_val);
 } hello_follow SEC(".maps");
+
+/* (sport ^ dport) % FLIGHT_BUCKETS -> when a ServerHello last passed (ns): see the top */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FLIGHT_BUCKETS);
+	__type(key, __u32);
+	__type(value, __u64);
+} hello_flight_armed SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -202,30 +228,49 @@ static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 	f.sport = bpf_ntohs(tcp.sport);
 	f.dport = bpf_ntohs(tcp.dport);
 
+	__u32 len = end - payload, budget = HELLO_MAX;
+	__u32 bucket = (f.sport ^ f.dport) & (FLIGHT_BUCKETS - 1);
 	if (head[0] == 22 && head[1] == 3 && (head[5] == 1 || head[5] == 2)) {
-		__u32 left = FOLLOW_SEGMENTS;
-		bpf_map_update_elem(&hello_follow, &f, &left, BPF_ANY);
+		struct hello_follow_val v = {FOLLOW_SEGMENTS, FOLLOW_BYTES};
+		bpf_map_update_elem(&hello_follow, &f, &v, BPF_ANY);
+		if (head[5] == 2 && ifc->flights) {
+			__u64 now = bpf_ktime_get_ns(), *armed = bpf_map_lookup_elem(&hello_flight_armed, &bucket);
+			if (armed)
+				*armed = now;
+		}
 	} else {
 		/* a segment starting with an application-data record header (the bulk of TLS traffic)
-		 * continues no hello flight: no lookup */
-		if (head[0] == 23 && head[1] == 3 && head[2] == 3)
-			return TC_ACT_UNSPEC;
-		__u32 *left = bpf_map_lookup_elem(&hello_follow, &f);
-		if (!left)
+		 * continues no hello flight: no hash lookup, unless a ServerHello of a flow in its
+		 * bucket passed lately (a TLS 1.3 flight, which user space wants) */
+		if (head[0] == 23 && head[1] == 3 && head[2] == 3) {
+			if (!ifc->flights)
+				return TC_ACT_UNSPEC;
+			__u64 *armed = bpf_map_lookup_elem(&hello_flight_armed, &bucket);
+			if (!armed || !*armed || bpf_ktime_get_ns() - *armed > FLIGHT_WINDOW_NS)
+				return TC_ACT_UNSPEC;
+		}
+		struct hello_follow_val *v = bpf_map_lookup_elem(&hello_follow, &f);
+		if (!v)
 			return TC_ACT_UNSPEC; /* the data path: nothing more */
-		if (*left == 0) {
+		budget = v->bytes;
+		if (v->segments == 0 || budget == 0) {
 			bpf_map_delete_elem(&hello_follow, &f);
 			return TC_ACT_UNSPEC;
 		}
-		__sync_fetch_and_add(left, -1);
+		__u32 take = len < budget ? len : budget;
+		if (take > HELLO_MAX)
+			take = HELLO_MAX;
+		__sync_fetch_and_add(&v->segments, -1);
+		__sync_fetch_and_add(&v->bytes, -take);
 	}
 	ct_count(CT_CNT_SEEN);
 
 	struct hello_rec *rec = bpf_map_lookup_elem(&hello_scratch, &zero);
 	if (!rec)
 		return TC_ACT_UNSPEC;
-	__u32 len = end - payload;
 	rec->payload_len = len;
+	if (len > budget)
+		len = budget;
 	if (len > HELLO_MAX)
 		len = HELLO_MAX;
 	if (len == 0)

@@ -32,8 +32,10 @@ def _same(a: Layout, b: Layout) -> bool:
 class KeyExtractor:
     """Feeds `on_lines(lines, record)` with each new session's key log lines."""
 
-    def __init__(self, tracer, on_lines: Callable[[list[tuple[str, str, str]], tls_keys.KeysRecord], None]):
+    def __init__(self, tracer, on_lines: Callable[[list[tuple[str, str, str]], tls_keys.KeysRecord], None],
+                 quiet: bool = False):
         self.tracer = tracer
+        self.quiet = quiet  # libraries without keys said at debug level (keys are not what the run is for)
         self.on_lines = on_lines
         self.slots: dict[int, Layout] = {}
         self.unusable: list[str] = []  # one message per library we write no keys for
@@ -84,11 +86,12 @@ class KeyExtractor:
                       f"learned ({result.how})"
             if message not in self.unusable:
                 self.unusable.append(message)
-                log.warning("%s", message)
+                (log.debug if self.quiet else log.warning)("%s", message)
             return 0
         slot = self._slot(result.layout)
         if slot is None:
-            log.warning("no TLS keys for %s: too many different layouts in one run", lib.display_path)
+            (log.debug if self.quiet else log.warning)("no TLS keys for %s: too many different layouts in one run",
+                                                       lib.display_path)
             return 0
         what = result.layout.version if result.layout.version.startswith(lib.kind) else \
             f"{lib.kind} {result.layout.version}"
@@ -106,7 +109,7 @@ class KeyExtractor:
                       f"verified ({how})"
             if message not in self.unusable:
                 self.unusable.append(message)
-                log.warning("%s", message)
+                (log.debug if self.quiet else log.warning)("%s", message)
             return 0
         lib.offsets = dict(lib.offsets, **{BSSL_LOG_SECRET: hook.log_secret})
         if BSSL_LOG_SECRET not in lib.functions:

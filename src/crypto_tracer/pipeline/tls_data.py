@@ -146,8 +146,8 @@ class TlsDataPipeline:
         if self.hello_facts is not None and rec.local_addr is not None:
             facts = self.hello_facts.lookup(local, (rec.remote_addr, rec.remote_port))
         role = rec.role or (facts.role_of(local) if facts else None)
-        # the certificate packets show is the server's: the peer's only on the client's event
-        f = facts.fields(with_cert=role == "client") if facts else {}
+        # the peer's certificate: the server's on the client's event, the client's (TLS 1.3 mTLS) on the server's
+        f = facts.fields(with_cert=role is not None, cert="server" if role == "client" else "client") if facts else {}
         return self.redactor.event(TLS_HANDSHAKE.build(
             timestamp=self.clock.iso(rec.ts_ns), pid=rec.pid, ppid=ppid, uid=rec.uid, process=rec.comm, exe=exe,
             tid=rec.tid, library=rec.library, role=role, fd=rec.fd, local_addr=rec.local_addr,

@@ -458,7 +458,9 @@ class TlsTracer:
         """Go crypto/tls: plaintext programs (capture_data) or the key log program, at the offsets
         host/gobin.py found: uprobes only (a uretprobe crashes Go programs)."""
         # keys: go_write too, which tells go_keylog the connection of the handshake
-        programs = GO_DATA_PROGRAMS if self.capture_data else ("go_write",) + GO_KEY_PROGRAMS
+        # (plaintext with a key_cookie: the secrets too, for TLS 1.3's encrypted handshake facts)
+        programs = GO_DATA_PROGRAMS + (GO_KEY_PROGRAMS if self.key_cookie else ()) if self.capture_data else \
+            ("go_write",) + GO_KEY_PROGRAMS
         cookies = {"go_write": F_GO_WRITE, "go_read_enter": F_GO_READ, "go_read_ret": F_GO_READ}
         if not self.connections and not self._go_fd_hooked:
             for prog in GO_FD_PROGRAMS:
@@ -525,7 +527,7 @@ class TlsTracer:
         if func == "SSL_free":
             return (("tls_free", False),)
         if func == BSSL_LOG_SECRET:
-            return () if self.capture_data else (("bssl_keylog", False),)
+            return (("bssl_keylog", False),) if self.key_cookie or not self.capture_data else ()
         if func == "SSL_new":
             return () if self.capture_data else (("tls_new_return", True),)
         if func in HANDSHAKE_FUNCS:

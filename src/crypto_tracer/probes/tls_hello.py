@@ -34,7 +34,7 @@ OWN_RING = 4 << 20  # without a tracer's ring: room for ~250 16 KB certificate s
 HELLO_FLOW = CStruct("hello_flow", "family I sport H dport H saddr 16s daddr 16s")
 HELLO_REC = CStruct("hello_rec", ("h", CT_HEADER), "ifindex I egress I", ("f", HELLO_FLOW),
                     "seq I payload_len I cap_len I proto I", until="data")
-HELLO_IFACE = CStruct("hello_iface", "l2_len I egress_only I attached I")
+HELLO_IFACE = CStruct("hello_iface", "l2_len I egress_only I attached I flights I")
 IPPROTO_UDP = 17  # hello_rec.proto of a QUIC Initial datagram
 IFINDEX_MAX = 4096  # HELLO_IFINDEX_MAX: hello_ifaces is an array by ifindex
 _HEAD = HELLO_REC.struct
@@ -81,10 +81,12 @@ def all_interfaces() -> list[tc_capture.Interface]:
 class HelloCapture:
     """Loads tls_hello.bpf.o onto `ring` (a loaded object's ringbuf map; None: its own) and attaches
     it to every interface present at start, and to those created later when follow_links() is
-    called (or only to `interfaces`)."""
+    called (or only to `interfaces`). flights:
+    copy TLS 1.3's encrypted flights too (for pipeline/tls13_flight.py, where secrets are known)."""
 
-    def __init__(self, ring, interfaces: list[tc_capture.Interface] | None = None):
+    def __init__(self, ring, interfaces: list[tc_capture.Interface] | None = None, flights: bool = False):
         self.ring = ring
+        self.flights = flights
         self.interfaces = interfaces
         self.obj = None
         self._attached: list[dict] = []
@@ -129,7 +131,7 @@ class HelloCapture:
             return
         loopback = ifc.arphrd == tc_capture.ARPHRD_LOOPBACK
         self.obj.map("hello_ifaces").update(struct.pack("<I", ifc.ifindex), HELLO_IFACE.struct.pack(
-            14 if ifc.has_l2 else 0, int(loopback), 1))
+            14 if ifc.has_l2 else 0, int(loopback), 1, int(self.flights)))
         hook = TcHook(ifc.ifindex, TC_HANDLE, TC_PRIORITY)
         try:
             created = hook.create()
@@ -161,7 +163,7 @@ class HelloCapture:
                     self._attached = [a for a in self._attached if a["ifindex"] != index]
                     self._save_state()
                     if index < IFINDEX_MAX:
-                        self.obj.map("hello_ifaces").update(struct.pack("<I", index), HELLO_IFACE.struct.pack(0, 0, 0))
+                        self.obj.map("hello_ifaces").update(struct.pack("<I", index), HELLO_IFACE.struct.pack(0, 0, 0, 0))
                 continue
             if known:
                 continue
@@ -221,10 +223,10 @@ class HelloCapture:
             self.obj = None
 
 
-def start_for(tracer, on_segment: Callable[[bytes], None]) -> HelloCapture | None:
+def start_for(tracer, on_segment: Callable[[bytes], None], flights: bool = False) -> HelloCapture | None:
     """The classifier on the tls tracer's ring, its records to on_segment; None (one warning)
     when it cannot run."""
-    capture = HelloCapture(tracer.map("events"))
+    capture = HelloCapture(tracer.map("events"), flights=flights)
     try:
         capture.start()
     except HelloUnavailable as exc:

@@ -54,6 +54,19 @@ def make_pipeline(opts, clock, stats, hello_facts=None):
                            redact_paths=not opts.no_redact, max_payload=opts.max_payload, hello_facts=hello_facts)
 
 
+def flight_secrets(tracer, facts) -> None:
+    """The sessions' handshake traffic secrets, read from the hooked libraries as the key modes
+    read them (keys/), to open TLS 1.3's encrypted flights (ALPN, certificates) in hello_facts:
+    records handled as they are read, before the handshake record that follows them is."""
+    from crypto_tracer.keys.extractor import KeyExtractor
+
+    def on_lines(lines, _rec) -> None:
+        for label, client_random, secret in lines:
+            facts.add_secret(label, bytes.fromhex(client_random), bytes.fromhex(secret))
+
+    KeyExtractor(tracer, on_lines, quiet=True)
+
+
 def run(opts) -> int:
     from crypto_tracer.pipeline.clock import WallClock
     from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS, CT_EV_TLS_PROCESS
@@ -73,15 +86,17 @@ def run(opts) -> int:
         t0 = time.monotonic()
         clock = WallClock()
         stats = RunStats(tracer.counters)
-        facts = HelloFacts()
+        events = opts.model != "streams"  # streams files hold no handshake events
+        facts = HelloFacts(flights=events)
         pipe = make_pipeline(opts, clock, stats, hello_facts=facts)
         for rtype in (CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS):
             tracer.on(rtype, pipe.batch.append)
         tracer.on(CT_EV_TLS_PROCESS, pipe.procs.learn)  # before the batch it precedes is processed
+        if events:
+            flight_secrets(tracer, facts)
         tracer.start()
-        # handshake facts from the hello messages, on the tracer's own ring (they precede its records);
-        # streams files hold no handshake events
-        hello = tls_hello.start_for(tracer, facts.add_raw) if opts.model != "streams" else None
+        # handshake facts from the hello messages, on the tracer's own ring (they precede its records)
+        hello = tls_hello.start_for(tracer, facts.add_raw, flights=True) if events else None
         if hello is not None:
             facts.done = hello.done
         if not tracer.libraries:
