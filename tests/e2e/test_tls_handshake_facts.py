@@ -1,5 +1,6 @@
 """tls -m json: the handshake facts of every tls_handshake event (version, cipher, group, SNI, ALPN,
-resumption, the peer's certificate), read from the handshake messages by tls_hello.bpf.c, asserted
+resumption, the peer's certificate), read from the handshake messages by tls_hello.bpf.c (TLS 1.3's
+encrypted ones decrypted with the secrets the hooked library holds: pipeline/tls13_flight.py), asserted
 field by field on both sides of real handshakes: curl -> nginx (TLS 1.2 and 1.3, AES-GCM and
 ChaCha20, X25519 and P-256), node -> node (OpenSSL 3.5: X25519MLKEM768), openssl s_client session
 resumption, gnutls-cli -> gnutls-serv and NSS's tstclnt -> selfserv. Ground truth: what each
@@ -66,14 +67,13 @@ def test_curl_nginx(ec_cert, tmp_path, tls13):
     if tls13:
         extra = ["--tlsv1.3", "--tls13-ciphers", "TLS_CHACHA20_POLY1305_SHA256", "--curves", "X25519"]
         want = {"tls_version": "TLSv1.3", "cipher": "TLS_CHACHA20_POLY1305_SHA256", "group": "x25519",
-                "sni": "localhost", "alpn": None, "resumed": False}  # TLS 1.3 sends ALPN encrypted
-        peer = NO_PEER_CERT  # and the certificate too
+                "sni": "localhost", "alpn": "h2", "resumed": False}  # from the decrypted EncryptedExtensions
     else:
         extra = ["--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256", "--curves", "P-256"]
         want = {"tls_version": "TLSv1.2", "cipher": "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "group": "secp256r1",
                 "sni": "localhost", "alpn": "h2", "resumed": False}
-        subject, issuer = subject_of(cert)
-        peer = {"peer_cert_subject": subject, "peer_cert_issuer": issuer, "peer_key_type": "EC", "peer_key_bits": 256}
+    subject, issuer = subject_of(cert)
+    peer = {"peer_cert_subject": subject, "peer_cert_issuer": issuer, "peer_key_type": "EC", "peer_key_bits": 256}
     with tp.nginx(tmp_path, port, cert, key):
         tracer, out = run_tracer(tmp_path)
         pid = tp.curl(f"https://localhost:{port}/small", extra=extra)
@@ -98,9 +98,11 @@ def test_ipv6(ec_cert, tmp_path):
     assert rc == 0, err
     client, server = client_and_server(tp.read_events(out), {"pid": pid, "remote_addr": "::1"}, "ctpeer-nginx", port)
     want = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256", "group": "x25519", "sni": None,
-            "alpn": None, "resumed": False, **NO_PEER_CERT}
-    assert client == {"role": "client", **want}
-    assert server == {"role": "server", **want}
+            "alpn": "h2", "resumed": False}
+    subject, issuer = subject_of(cert)
+    assert client == {"role": "client", **want, "peer_cert_subject": subject, "peer_cert_issuer": issuer,
+                      "peer_key_type": "EC", "peer_key_bits": 256}
+    assert server == {"role": "server", **want, **NO_PEER_CERT}
 
 
 def test_node_hybrid_post_quantum_group(ec_cert, tmp_path):
@@ -120,9 +122,11 @@ def test_node_hybrid_post_quantum_group(ec_cert, tmp_path):
     assert len(client) == 1, handshakes(events)
     server = one(events, process="ctpeer-node", local_port=port, remote_port=client[0]["local_port"])
     want = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "group": "X25519MLKEM768", "sni": None,
-            "alpn": None, "resumed": False, **NO_PEER_CERT}
-    assert {k: client[0][k] for k in FACTS} == {"role": "client", **want}
-    assert server == {"role": "server", **want}
+            "alpn": None, "resumed": False}
+    subject, issuer = subject_of(cert)  # node's static OpenSSL 3.5 gives the secrets: the flight is decrypted
+    assert {k: client[0][k] for k in FACTS} == {"role": "client", **want, "peer_cert_subject": subject,
+                                                "peer_cert_issuer": issuer, "peer_key_type": "EC", "peer_key_bits": 256}
+    assert server == {"role": "server", **want, **NO_PEER_CERT}
 
 
 @pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
@@ -212,7 +216,7 @@ def test_nss(nssdb, tmp_path):
         _, err, rc = tracer.stop(settle=[port])
     assert rc == 0, err
     want = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256", "group": "x25519", "sni": "facts.test",
-            "alpn": None, "resumed": False, **NO_PEER_CERT}
+            "alpn": None, "resumed": False, **NO_PEER_CERT}  # NSS's secrets are not read: TLS 1.3's stay encrypted
     c, s = client_and_server(tp.read_events(out), {"process": "ctpeer-tstclnt"}, "ctpeer-selfserv", port)
     assert c == {"role": "client", **want}
     assert s == {"role": "server", **want}
@@ -290,10 +294,8 @@ def test_boringssl(ec_cert, tmp_path, version):
     events = tp.read_events(out)
     client, server = client_and_server(events, {"process": "ctpeer-bssl-too", "role": "client"},
                                        "ctpeer-bssl-too", port)
-    peer = NO_PEER_CERT
-    if version == "tls1.2":
-        subject, issuer = subject_of(cert)
-        peer = {"peer_cert_subject": subject, "peer_cert_issuer": issuer, "peer_key_type": "EC", "peer_key_bits": 256}
+    subject, issuer = subject_of(cert)  # TLS 1.3: decrypted with the secrets of bssl_keylog
+    peer = {"peer_cert_subject": subject, "peer_cert_issuer": issuer, "peer_key_type": "EC", "peer_key_bits": 256}
     assert client == {"role": "client", **want, **peer}
     assert server == {"role": "server", **want, **NO_PEER_CERT}
 
@@ -364,13 +366,15 @@ def test_real_interface_segments(veth_netns, tmp_path):
         "role": "client", "tls_version": "TLSv1.2", "cipher": "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
         "group": "x25519", "sni": None, "alpn": "http/1.1", "resumed": False, "peer_cert_subject": subject,
         "peer_cert_issuer": issuer, "peer_key_type": "RSA", "peer_key_bits": 4096}
+    # node's TLS 1.3 flight, its RSA 4096 certificate over several segments: decrypted whole
     # node offers X25519MLKEM768 first: s_server takes it from OpenSSL 3.5 on (Debian 13); 3.0's (Debian 12)
     # knows no ML-KEM and takes node's second key share
     hybrid = system_openssl() >= (3, 5)
     assert one(events, process="ctpeer-node", remote_port=port) == {
         "role": "client", "tls_version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384",
         "group": "X25519MLKEM768" if hybrid else "x25519",
-        "sni": "facts.test", "alpn": None, "resumed": False, **NO_PEER_CERT}
+        "sni": "facts.test", "alpn": None, "resumed": False, "peer_cert_subject": subject,
+        "peer_cert_issuer": issuer, "peer_key_type": "RSA", "peer_key_bits": 4096}
 
 
 def test_shared_qdisc_kept_for_a_later_capture(tmp_path):
