@@ -122,6 +122,10 @@ OPTIONS: dict[str, Opt] = {
                   help="interface to capture for pcapng (repeatable; default lo)")),
     "libssl": Opt(("--libssl",), dict(metavar="PATH", action="append",
                   help="also hook this library or executable (repeatable)")),
+    "decrypt_handshake": Opt(("--decrypt-handshake",), dict(action="store_true",
+                             help="with -m handshake: also hook the TLS libraries' once-per-handshake key functions "
+                                  "(as -m keylog) to read TLS 1.3's encrypted ALPN and certificate where a hooked "
+                                  "library did the handshake")),
     "hex": Opt(("--hex",), dict(action="store_true", help="print payloads as a hex dump")),
     "tsize": Opt(("-t", "--tsize"), dict(type=_non_negative_int, default=0, metavar="N",
                  help="print at most N bytes of each payload (capture is unaffected; 0 = all)")),
@@ -189,7 +193,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("tls", "tls", "Capture TLS plaintext, key logs and pcapng (OpenSSL, GnuTLS, NSS)",
             ("model", "duration", "pid", "name", "uid", "output", "stream_format", "keylogfile", "pcapfile",
              "ifname", "libssl", "hex", "tsize", "max_payload", "mapsize", "verbose", "quiet", "no_redact",
-             "filter"),
+             "filter", "decrypt_handshake"),
             "Capture what processes send and receive inside TLS, without their keys or any change to them. "
             "-m text|json prints plaintext; -m streams -o DIR writes each connection's plaintext per direction "
             "to its own file; -m keylog writes an NSS key log; -m pcapng writes packets "

@@ -149,3 +149,74 @@ def test_client_certificate(pki, tmp_path):
                                 "alpn": "http/1.1", **cert_fields(cert, "RSA", 3072)}
     assert facts(server[0]) == {"role": "server", "tls_version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384",
                                 "alpn": "http/1.1", **cert_fields(ccert, "EC", 256)}
+
+
+JAVA_SERVER = r"""
+import javax.net.ssl.*; import java.security.KeyStore; import java.io.*;
+public class HsServer {
+  public static void main(String[] a) throws Exception {
+    KeyStore ks = KeyStore.getInstance("PKCS12"); ks.load(new FileInputStream(a[1]), "pw".toCharArray());
+    KeyManagerFactory kmf = KeyManagerFactory.getInstance(KeyManagerFactory.getDefaultAlgorithm());
+    kmf.init(ks, "pw".toCharArray());
+    SSLContext ctx = SSLContext.getInstance("TLSv1.3"); ctx.init(kmf.getKeyManagers(), null, null);
+    try (SSLServerSocket ss = (SSLServerSocket) ctx.getServerSocketFactory().createServerSocket(
+           Integer.parseInt(a[0]), 5, java.net.InetAddress.getByName("127.0.0.1"))) {
+      while (true) {
+        try (SSLSocket s = (SSLSocket) ss.accept()) { s.startHandshake(); } catch (IOException e) {}
+      }
+    }
+  }
+}
+"""
+
+
+def test_handshake_mode_decrypt(pki, tmp_path):
+    """tls -m handshake --decrypt-handshake: curl -> nginx, both hooked (key functions only): the event has the
+    ALPN and certificate. Java's JSSE is hooked by nothing: Java -> nginx is decrypted with nginx's secret
+    (either side's library suffices); Java -> a Java server has no secret anywhere: its event comes (after
+    the wait for secrets) with those facts null."""
+    need_tool("nginx", "javac", "java")
+    from tests.e2e.test_tls_handshake_mode import JAVA_CLIENT
+
+    (cert, key), _ = pki
+    java_dir = tmp_path / "java"
+    java_dir.mkdir()
+    (java_dir / "HsClient.java").write_text(JAVA_CLIENT)
+    (java_dir / "HsServer.java").write_text(JAVA_SERVER)
+    subprocess.run(["javac", "HsClient.java", "HsServer.java"], cwd=java_dir, check=True, timeout=120)
+    keystore = str(tmp_path / "server.p12")
+    subprocess.run(["openssl", "pkcs12", "-export", "-in", cert, "-inkey", key, "-out", keystore, "-passout",
+                    "pass:pw", "-name", "srv"], check=True, capture_output=True)
+    port, java_port = free_port(), free_port()
+    out = str(tmp_path / "hs.json")
+
+    def java_client(to_port):
+        j = subprocess.run(["java", "-cp", str(java_dir), "HsClient", str(to_port)], capture_output=True, text=True,
+                           timeout=60)
+        assert j.returncode == 0, j.stderr
+        return j.stdout.strip()
+
+    with tp.nginx(tmp_path, port, cert, key), \
+            tp.process(["java", "-cp", str(java_dir), "HsServer", str(java_port), keystore], port=java_port):
+        tracer = tp.Tracer(["tls", "-m", "handshake", "--decrypt-handshake", "--no-redact", "-o", out,
+                            "port", str(port), "or", "port", str(java_port)])
+        pid = tp.curl(f"https://127.0.0.1:{port}/small", extra=["--tlsv1.3", "--tls13-ciphers",
+                                                                 "TLS_AES_128_GCM_SHA256"])
+        to_nginx = java_client(port)
+        to_java = java_client(java_port)
+        _, err, rc = tracer.stop(settle=[port, java_port])
+    assert rc == 0, err
+    events = [e for e in tp.read_events(out) if e["role"] == "client"]
+    server_cert = cert_fields(cert, "RSA", 3072)
+    curl_ev = [e for e in events if e["pid"] == pid]
+    assert len(curl_ev) == 1, events
+    assert facts(curl_ev[0]) == {"role": "client", "tls_version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256",
+                                 "alpn": "h2", **server_cert}
+    java_nginx = [e for e in events if e["process"] != "ctpeer-curl" and e["remote_port"] == port]
+    assert len(java_nginx) == 1, events
+    assert facts(java_nginx[0]) == {"role": "client", "tls_version": "TLSv1.3", "cipher": to_nginx, "alpn": None,
+                                    **server_cert}  # (the Java client offers no ALPN)
+    java_java = [e for e in events if e["remote_port"] == java_port]
+    assert len(java_java) == 1, events
+    assert facts(java_java[0]) == {"role": "client", "tls_version": "TLSv1.3", "cipher": to_java, "alpn": None,
+                                   **NO_PEER_CERT}

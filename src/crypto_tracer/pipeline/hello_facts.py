@@ -16,6 +16,7 @@ they stay None.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -84,6 +85,8 @@ class ConnFacts:
     _client_cert: dict | None = None
     # TLS 1.3: "server"/"client" -> that direction's stream, kept until its encrypted flight is read
     flights: dict | None = None
+    flight_since: float = 0.0  # (monotonic) since when the server's flight waits for its secret
+    reported: bool = False  # completed() was called
 
     def role_of(self, local: tuple) -> str | None:
         return "client" if local == self.client else "server" if local == self.server else None
@@ -356,9 +359,13 @@ class HelloFacts:
             finished = True
         if finished:
             self._stop(stream)
-            if self.completed is not None and (facts := self.conns.get(self.key(seg.src, seg.dst))) is not None \
-                    and facts.server == seg.src:
-                self.completed(facts)
+            if (facts := self.conns.get(self.key(seg.src, seg.dst))) is not None and facts.server == seg.src:
+                self._complete(facts)
+
+    def _complete(self, facts: ConnFacts) -> None:
+        if self.completed is not None and not facts.reported:
+            facts.reported = True
+            self.completed(facts)
 
     def _quic_message(self, client: tuple, server: tuple, ts: int, from_client: bool, mtype: int,
                       body: bytes) -> bool:
@@ -395,6 +402,8 @@ class HelloFacts:
 
     def _keep_flight(self, facts: ConnFacts, side: str, stream: _Stream) -> None:
         stream.flight, stream.facts = side, facts
+        if side == "server":
+            facts.flight_since = time.monotonic()
         if facts.flights is None:
             facts.flights = {}
         facts.flights[side] = stream
@@ -406,9 +415,20 @@ class HelloFacts:
     def _drop_flights(self, facts: ConnFacts) -> None:
         for stream in (facts.flights or {}).values():
             self._stop(stream)
+        server_waiting = facts.version is not None and "server" in (facts.flights or {})
         facts.flights = None
         if facts.client_random is not None and self.waiting.get(facts.client_random) is facts:
             del self.waiting[facts.client_random]
+        if server_waiting:
+            self._complete(facts)  # without what the flight would have said
+
+    def expire(self, wait_s: float, now: float | None = None) -> None:
+        """Give up on server flights whose secret did not come within wait_s (a library not hooked,
+        no keys for it): their handshakes are completed with those facts null."""
+        now = time.monotonic() if now is None else now
+        for facts in [f for f in self.waiting.values() if f.flights and "server" in f.flights
+                      and f.flight_since and now - f.flight_since > wait_s]:
+            self._drop_flights(facts)
 
     def _read_flight(self, stream: _Stream) -> bool:
         """Decrypt the direction's flight when its secret is known; True once it is read, or
@@ -459,6 +479,8 @@ class HelloFacts:
                 facts.flights.pop(side, None)
                 if not facts.flights:
                     self._drop_flights(facts)
+            if side == "server":
+                self._complete(facts)
 
     def _conn(self, client: tuple, server: tuple, ts: int, new: bool) -> ConnFacts:
         key = self.key(client, server)

@@ -25,6 +25,11 @@ def _mode(opts):
 
 def check(opts) -> None:
     """Argument checks of the mode (exit 2), before the privileges are checked."""
+    if getattr(opts, "decrypt_handshake", False) and opts.model != "handshake":
+        from crypto_tracer.errors import ExitStatus, TracerError
+
+        raise TracerError("--decrypt-handshake is for -m handshake (-m text|json decrypt TLS 1.3's handshake anyway)",
+                          ExitStatus.BAD_ARGS)
     _mode(opts).check(opts)
 
 

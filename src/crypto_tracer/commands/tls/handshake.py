@@ -16,6 +16,7 @@ _T0, _T1 = TYPE_SPAN
 _PROCESS = CT_EV_TLS_PROCESS.to_bytes(4, "little")
 
 POLL_MS = 50  # the classifier wakes no reader: its ring is read on this timer
+FLIGHT_WAIT_S = 1.0  # --decrypt-handshake: how long a TLS 1.3 handshake's event waits for its secrets
 
 
 def check(opts) -> None:
@@ -37,6 +38,29 @@ def open_sink(opts):
     return make_json_sink(opts.format, out)
 
 
+def start_keys(facts, libssl=(), mapsize=None):
+    """--decrypt-handshake: the TLS libraries hooked as -m keylog hooks them (handshake returns,
+    SSL_new, SSL_free: no data call), their sessions' handshake secrets to facts.add_secret."""
+    from crypto_tracer.keys.extractor import KeyExtractor
+    from crypto_tracer.pipeline import tls13_flight
+    from crypto_tracer.probes.tls import TlsTracer
+
+    tracer = TlsTracer(libssl=libssl or (), capture_data=False, mapsize=mapsize)
+
+    def on_lines(lines, _rec) -> None:
+        for label, client_random, secret in lines:
+            facts.add_secret(label, bytes.fromhex(client_random), bytes.fromhex(secret))
+
+    tls13_flight.preload()  # not at the first flight, in the middle of a burst (plaintext.flight_secrets)
+    keys = KeyExtractor(tracer, on_lines, quiet=True)
+    try:
+        tracer.start()
+    except Exception:
+        tracer.close()
+        raise
+    return tracer, keys
+
+
 class HandshakeSource:
     """The wiring of the handshake posture, shared by `tls -m handshake` and the agent: the TC classifier
     on its own ring, the socket owners (connect/accept tracepoints, their process records on the same
@@ -46,11 +70,14 @@ class HandshakeSource:
     start() raises TracerError (exit 4) when the classifier cannot run; poll()/drain() read the ring
     (the classifier wakes no reader: callers poll it on a timer) and follow interfaces that come and go;
     detach() removes the filters and the tracepoints (the ring and the owners' map stay readable for a
-    last drain); close() frees it all."""
+    last drain); close() frees it all. decrypt (--decrypt-handshake): the TLS libraries' key functions
+    hooked too, TLS 1.3's encrypted ALPN and certificate read with their secrets (start_keys)."""
 
-    def __init__(self, emit, clock):
+    def __init__(self, emit, clock, decrypt: bool = False, libssl=(), mapsize=None):
         self.emit, self.clock = emit, clock
+        self.decrypt, self.libssl, self.mapsize = decrypt, libssl, mapsize
         self.owners = self.capture = self.reader = self.facts = None
+        self.tracer = self.keys = None
 
     def start(self) -> None:
         from crypto_tracer.engine import ring_reader
@@ -58,8 +85,10 @@ class HandshakeSource:
         from crypto_tracer.probes.socket_owner import SocketOwners
         from crypto_tracer.probes.tls_hello import HelloCapture, HelloUnavailable
 
-        self.facts = HelloFacts(completed=self._completed)
-        self.capture = HelloCapture(None)
+        self.facts = HelloFacts(completed=self._completed, flights=self.decrypt)
+        if self.decrypt:
+            self.tracer, self.keys = start_keys(self.facts, self.libssl, self.mapsize)
+        self.capture = HelloCapture(None, flights=self.decrypt)
         try:
             self.capture.start()
         except HelloUnavailable as exc:
@@ -76,8 +105,12 @@ class HandshakeSource:
 
         self.emit(handshake_event(facts, self.owners, self.clock))
 
-    def drain(self) -> None:
+    def drain(self, final: bool = False) -> None:
+        """Read the ring; final (after detach()): also report the handshakes still waiting for a secret."""
         owners, facts = self.owners, self.facts
+        if self.tracer is not None:  # the secrets first: the flights read below may need them
+            self.tracer.drain() if final else self.tracer.poll(0)
+            self.keys.poll()
         while True:
             records = self.reader.read(4096)
             for raw in records:
@@ -87,6 +120,8 @@ class HandshakeSource:
                     facts.add_raw(raw)
             if len(records) < 4096:
                 break
+        if self.decrypt:
+            facts.expire(0 if final else FLIGHT_WAIT_S)
 
     def poll(self, timeout_ms: int) -> None:
         """Wait for at most timeout_ms (POLL_MS at most), read the ring, follow new interfaces."""
@@ -115,6 +150,8 @@ class HandshakeSource:
             self.capture.detach()
         if self.owners is not None and self.owners.obj is not None:
             self.owners.obj.detach()
+        if self.tracer is not None:
+            self.tracer.detach()
 
     def warn_losses(self) -> None:
         c = self.counters()
@@ -134,6 +171,9 @@ class HandshakeSource:
         if self.owners is not None:
             self.owners.close()
             self.owners = None
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
 
 
 def run(opts) -> int:
@@ -161,7 +201,8 @@ def run(opts) -> int:
                 return
             sink.write(redactor.event(ev))
 
-        source = HandshakeSource(emit, clock)
+        source = HandshakeSource(emit, clock, decrypt=bool(getattr(opts, "decrypt_handshake", False)),
+                                 libssl=opts.libssl, mapsize=opts.mapsize)
         source.start()
         ready("tls", t0, "TLS handshakes from packets on every interface")
 
@@ -173,7 +214,7 @@ def run(opts) -> int:
         if stop.signal:
             log.info("Shutdown requested, cleaning up...")
         source.detach()
-        source.drain()
+        source.drain(final=True)
         sink.flush()
         source.warn_losses()
         return ExitStatus.OK
