@@ -57,10 +57,11 @@ FILE_OPEN = EventType("file_open", (*PROCESS_VIEW_FIELDS, "file", "file_type", "
 LIB_LOAD = EventType("lib_load", (*PROCESS_VIEW_FIELDS, "library", "library_name", "version"))
 API_CALL = EventType("api_call", ("function_name", "library"))
 # tls_version .. peer_key_bits: from the hooked library where it says, else from the handshake
-# messages (pipeline/hello_facts.py); the peer_* fields describe the peer's certificate (TLS 1.2:
-# the server's, on the client's event; TLS 1.3 sends it encrypted). `transport`: "tcp" or "quic" when
-# the handshake messages were seen in packets (QUIC: in its Initial packets, pipeline/quic_initial.py),
-# else null.
+# messages (pipeline/hello_facts.py); the peer_* fields describe the peer's certificate (the server's
+# on the client's event, the client's on the server's; TLS 1.3's alpn and certificates are encrypted:
+# decrypted with the session's handshake secrets where known, pipeline/tls13_flight.py, else null).
+# `transport`: "tcp" or "quic" when the handshake messages were seen in packets (QUIC: in its Initial
+# packets, pipeline/quic_initial.py), else null.
 # `tls -m handshake` only (null elsewhere): the ClientHello's offer (IANA code points; alpn_offered:
 # names), its JA4 fingerprint, and flags (pipeline/hello_facts.flags: null when not known).
 HANDSHAKE_MODE_FIELDS = ("cipher_code", "alpn_offered", "offered_versions", "offered_ciphers", "offered_groups",
