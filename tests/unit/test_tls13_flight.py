@@ -6,6 +6,7 @@ key log's lines to add_secret, as tls -m text|json does with the hooked library'
 from __future__ import annotations
 
 import ssl
+import time
 
 import pytest
 from cryptography import x509
@@ -31,7 +32,7 @@ def facts_of(cert_path: str) -> dict:
     return {"subject": c.subject.rfc4514_string(), "issuer": c.issuer.rfc4514_string()}
 
 
-def run(tmp_path, certs, version=ssl.TLSVersion.TLSv1_3, mtls=False, alpn=("h2",), mss=1000):
+def run(tmp_path, certs, version=ssl.TLSVersion.TLSv1_3, mtls=False, alpn=("h2",), mss=1000, completed=None):
     """One handshake in memory; (facts, key log {label: secret}, bytes each side sent, flows done)."""
     (scert, skey), (ccert, ckey) = certs
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -52,7 +53,7 @@ def run(tmp_path, certs, version=ssl.TLSVersion.TLSv1_3, mtls=False, alpn=("h2",
     c = cctx.wrap_bio(bios[0], bios[1], server_hostname="flight.test")
     s = sctx.wrap_bio(bios[2], bios[3], server_side=True)
     done = []
-    facts = HelloFacts(done=done.append, flights=True)
+    facts = HelloFacts(done=done.append, flights=True, completed=completed)
     seq = {CLIENT: 1000, SERVER: 5000}
     sent = {CLIENT: b"", SERVER: b""}
     finished = [False, False]
@@ -138,6 +139,28 @@ def test_tls12_keeps_no_flight(tmp_path, certs):
     assert f.version == 0x0303 and f.alpn == "h2" and f.flights is None and not facts.waiting
     assert repr((CLIENT, SERVER)).encode() in done and repr((SERVER, CLIENT)).encode() in done
     assert f.fields(cert="server")["peer_key_bits"] == 2048
+
+
+def test_completed_once_the_flight_is_read(tmp_path, certs):
+    """-m handshake --decrypt-handshake: a TLS 1.3 handshake is reported once its server flight is read..."""
+    got = []
+    facts, lines, _, _ = run(tmp_path, certs, completed=got.append)
+    assert got == []  # ServerHello read: waiting for the secret
+    feed(facts, lines)
+    assert [(f.alpn, f.fields()["peer_key_bits"]) for f in got] == [("h2", 2048)]
+
+
+def test_completed_without_a_secret(tmp_path, certs):
+    """...or, without a secret, once the wait is over: with those facts null, the kernel told to stop."""
+    got = []
+    facts, _, _, done = run(tmp_path, certs, completed=got.append)
+    facts.expire(1.0)
+    assert got == []
+    facts.expire(1.0, now=time.monotonic() + 2)
+    assert [(f.version, f.alpn, f.fields()["peer_cert_subject"]) for f in got] == [(0x0304, None, None)]
+    assert not facts.waiting and not facts.streams and len(done) == 2
+    facts.expire(0)
+    assert len(got) == 1  # once
 
 
 def test_traffic_keys_rfc8448():
