@@ -168,3 +168,22 @@ def test_traffic_keys_rfc8448():
     secret = bytes.fromhex("b67b7d690cc16c4e75e54213cb2d37b4e9c912bcded9105d42befd59d391ad38")
     key, iv = tf.traffic_keys(secret, 0x1301)
     assert (key.hex(), iv.hex()) == ("3fce516009c21727d0f2e4e86ee403bc", "5d313eb2671276ee13000b30")
+
+
+def test_compressed_certificate(certs):
+    """RFC 8879 (OpenSSL 3.2+ compresses a certificate where both ends can; Debian 13's with zlib): the
+    leaf is read from the zlib-compressed message, and an algorithm this Python lacks gives None."""
+    import zlib
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    with open(certs[1][0], "rb") as f:
+        der = x509.load_pem_x509_certificate(f.read()).public_bytes(Encoding.DER)
+    entry = len(der).to_bytes(3, "big") + der + b"\0\0"
+    message = b"\0" + len(entry).to_bytes(3, "big") + entry  # empty context, one entry without extensions
+    packed = zlib.compress(message)
+    body = (1).to_bytes(2, "big") + len(message).to_bytes(3, "big") + len(packed).to_bytes(3, "big") + packed
+    assert tf.compressed_leaf_certificate(body) == der
+    assert tf.compressed_leaf_certificate(b"\0\x09" + body[2:]) is None  # no such algorithm
+    wrong_length = body[:2] + (len(message) + 1).to_bytes(3, "big") + body[5:]
+    assert tf.compressed_leaf_certificate(wrong_length) is None

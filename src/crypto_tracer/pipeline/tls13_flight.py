@@ -15,10 +15,11 @@ from __future__ import annotations
 from crypto_tracer.keys.hkdf import hkdf_expand_label
 
 REC_CCS, REC_ALERT, REC_HANDSHAKE, REC_APPDATA = 20, 21, 22, 23
-HS_ENCRYPTED_EXTENSIONS, HS_CERTIFICATE, HS_CERT_REQUEST, HS_FINISHED = 8, 11, 13, 20
+HS_ENCRYPTED_EXTENSIONS, HS_CERTIFICATE, HS_CERT_REQUEST, HS_FINISHED, HS_COMPRESSED_CERTIFICATE = 8, 11, 13, 20, 25
 EXT_ALPN = 16
 MAX_FLIGHT = 32 * 1024  # bytes of records after a hello kept for decryption (a certificate chain fits)
 MAX_RECORD = (1 << 14) + 256  # TLSCiphertext.length limit
+MAX_CERTIFICATE = 1 << 20  # uncompressed_length accepted from a CompressedCertificate
 
 
 def suite_params(suite: int) -> tuple[str, int, int] | None:
@@ -117,6 +118,44 @@ def leaf_certificate(certificate: bytes) -> bytes | None:
     return der or None
 
 
+def _decompress(algorithm: int, data: bytes, length: int) -> bytes | None:
+    """RFC 8879's algorithms: zlib (1), brotli (2), zstd (3), where this Python has them."""
+    try:
+        if algorithm == 1:
+            import zlib
+
+            d = zlib.decompressobj()
+            out = d.decompress(data, length + 1)
+        elif algorithm == 2:
+            import brotli  # not a dependency: where installed
+
+            out = brotli.decompress(data)
+        elif algorithm == 3:
+            try:
+                from compression import zstd  # Python 3.14
+            except ImportError:
+                import zstandard as zstd  # not a dependency: where installed
+            out = zstd.decompress(data) if hasattr(zstd, "decompress") else None
+        else:
+            return None
+    except Exception:  # not installed, or not what it claims
+        return None
+    return out if out is not None and len(out) == length else None
+
+
+def compressed_leaf_certificate(body: bytes) -> bytes | None:
+    """The leaf of a CompressedCertificate (RFC 8879; OpenSSL 3.2+ compresses where both ends can);
+    None when its algorithm is not available here."""
+    if len(body) < 5:
+        raise ValueError("short CompressedCertificate")
+    algorithm, length = int.from_bytes(body[:2], "big"), int.from_bytes(body[2:5], "big")
+    compressed, _ = _vector(body, 5, 3)
+    if length > MAX_CERTIFICATE:
+        return None
+    plain = _decompress(algorithm, compressed, length)
+    return leaf_certificate(plain) if plain is not None else None
+
+
 class Flight:
     """What one direction's decrypted flight said."""
 
@@ -139,6 +178,8 @@ def read_flight(records: bytes, secret: bytes, suite: int) -> Flight | None:
                 alpn = selected_alpn(body)
             elif mtype == HS_CERTIFICATE:
                 der = leaf_certificate(body)
+            elif mtype == HS_COMPRESSED_CERTIFICATE:
+                der = compressed_leaf_certificate(body)
             elif mtype == HS_CERT_REQUEST:
                 requested = True
     except ValueError:  # authenticated, yet not the messages they claim to be: nothing from it
