@@ -41,6 +41,7 @@ class KeyExtractor:
         self.unusable: list[str] = []  # one message per library we write no keys for
         self.unsupported: list[str] = []  # library kinds whose secrets are not read (gnutls, nss)
         self.sessions = 0
+        self.records = 0  # key records and key lines handled (a plaintext run counts them as received)
         tracer.on(tls_keys.CT_EV_TLS_KEYS, self._record)
         tracer.on(CT_EV_TLS_KEYLINE, self._key_line)
         tracer.key_cookie = self._cookie
@@ -133,6 +134,7 @@ class KeyExtractor:
         layout involved; BoringSSL: client_random at the verified offsets)."""
         from crypto_tracer.probes.tls import decode_go_keyline
 
+        self.records += 1
         rec = decode_go_keyline(raw)
         line = rec.line()
         if line is None:
@@ -145,6 +147,7 @@ class KeyExtractor:
         self.on_lines([line], rec)
 
     def _record(self, raw: bytes) -> None:
+        self.records += 1
         rec = tls_keys.decode(raw)
         lay = self.slots.get(rec.slot)
         if lay is None:

@@ -54,7 +54,7 @@ def make_pipeline(opts, clock, stats, hello_facts=None):
                            redact_paths=not opts.no_redact, max_payload=opts.max_payload, hello_facts=hello_facts)
 
 
-def flight_secrets(tracer, facts) -> None:
+def flight_secrets(tracer, facts):
     """The sessions' handshake traffic secrets, read from the hooked libraries as the key modes
     read them (keys/), to open TLS 1.3's encrypted flights (ALPN, certificates) in hello_facts:
     records handled as they are read, before the handshake record that follows them is."""
@@ -64,7 +64,7 @@ def flight_secrets(tracer, facts) -> None:
         for label, client_random, secret in lines:
             facts.add_secret(label, bytes.fromhex(client_random), bytes.fromhex(secret))
 
-    KeyExtractor(tracer, on_lines, quiet=True)
+    return KeyExtractor(tracer, on_lines, quiet=True)
 
 
 def run(opts) -> int:
@@ -92,8 +92,7 @@ def run(opts) -> int:
         for rtype in (CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS):
             tracer.on(rtype, pipe.batch.append)
         tracer.on(CT_EV_TLS_PROCESS, pipe.procs.learn)  # before the batch it precedes is processed
-        if events:
-            flight_secrets(tracer, facts)
+        keys = flight_secrets(tracer, facts) if events else None
         tracer.start()
         # handshake facts from the hello messages, on the tracer's own ring (they precede its records)
         hello = tls_hello.start_for(tracer, facts.add_raw, flights=True) if events else None
@@ -122,6 +121,9 @@ def run(opts) -> int:
         tracer.detach()  # nothing new arrives; then every submitted record is handled
         tracer.drain()
         pipe.process()
+        if keys is not None:  # received, and no event of their own
+            stats.received += keys.records
+            stats.user_filtered += keys.records
         stats.report()
         return ExitStatus.OK
     finally:
