@@ -12,6 +12,7 @@ import re
 import subprocess
 
 import pytest
+from cryptography import x509
 
 from tests import gobuild
 from tests.e2e import tlspeers as tp
@@ -174,6 +175,11 @@ def test_exact_bodies_both_ways(certs, tmp_path, label, variant):
     assert sides == sorted([(False, p, "go", "server", "TLSv1.3") for p in by_port] +
                            [(True, p, "go", "client", "TLSv1.3") for p in by_port]), hs
     assert all(e["cipher"].startswith("TLS_") and e["group"] and e["sni"] is None for e in hs), hs
+    # TLS 1.3's encrypted facts, decrypted with the secrets go_keylog reads: net/http's ALPN, the server's certificate
+    with open(cert, "rb") as f:
+        subject = x509.load_pem_x509_certificate(f.read()).subject.rfc4514_string()
+    assert sorted({(e["role"], e["alpn"], e["peer_cert_subject"], e["peer_key_type"], e["peer_key_bits"])
+                   for e in hs}) == [("client", "http/1.1", subject, "EC", 256), ("server", "http/1.1", None, None, None)]
 
 
 def test_50_concurrent_connections_every_byte(certs, tmp_path):

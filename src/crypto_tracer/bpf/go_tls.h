@@ -148,11 +148,12 @@ static __always_inline int go_conn_fill(__u64 conn, struct conn *c, bool *fresh)
 	fill_conn_sk(c, sk);
 	if (!c->family)
 		return -1;
-	if (c->rport) { /* connected: its 4-tuple stays until close */
+	if (c->rport && fresh) { /* connected: its 4-tuple stays until close. Only the data path
+				  * caches it: a socket cached by go_keylog (plaintext modes hook it too, for
+				  * TLS 1.3's handshake facts) would never be announced at its first data call. */
 		v.c = *c;
 		bpf_map_update_elem(&go_sock, &key, &v, BPF_ANY);
-		if (fresh)
-			*fresh = true; /* first sight of this connection's socket */
+		*fresh = true; /* first sight of this connection's socket */
 	}
 	return (int)sysfd;
 }

@@ -22,6 +22,14 @@ MAX_RECORD = (1 << 14) + 256  # TLSCiphertext.length limit
 MAX_CERTIFICATE = 1 << 20  # uncompressed_length accepted from a CompressedCertificate
 
 
+def preload() -> None:
+    """Import what decrypting and reading a flight needs (cryptography's AEADs and X.509)."""
+    from cryptography import x509  # noqa: F401
+    from cryptography.hazmat.primitives.ciphers import aead  # noqa: F401
+
+    from crypto_tracer.host import certinfo  # noqa: F401
+
+
 def suite_params(suite: int) -> tuple[str, int, int] | None:
     """(hash, key length, tag length) of a TLS 1.3 cipher suite; None for another suite."""
     return {0x1301: ("sha256", 16, 16), 0x1302: ("sha384", 32, 16), 0x1303: ("sha256", 32, 16),

@@ -458,7 +458,9 @@ class TlsTracer:
         """Go crypto/tls: plaintext programs (capture_data) or the key log program, at the offsets
         host/gobin.py found: uprobes only (a uretprobe crashes Go programs)."""
         # keys: go_write too, which tells go_keylog the connection of the handshake
-        programs = GO_DATA_PROGRAMS if self.capture_data else ("go_write",) + GO_KEY_PROGRAMS
+        # (plaintext with a key_cookie: the secrets too, for TLS 1.3's encrypted handshake facts)
+        programs = (GO_DATA_PROGRAMS + (GO_KEY_PROGRAMS if self.key_cookie else ())) if self.capture_data else \
+            ("go_write",) + GO_KEY_PROGRAMS
         cookies = {"go_write": F_GO_WRITE, "go_read_enter": F_GO_READ, "go_read_ret": F_GO_READ}
         if not self.connections and not self._go_fd_hooked:
             for prog in GO_FD_PROGRAMS:

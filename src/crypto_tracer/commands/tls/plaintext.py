@@ -64,6 +64,11 @@ def flight_secrets(tracer, facts):
         for label, client_random, secret in lines:
             facts.add_secret(label, bytes.fromhex(client_random), bytes.fromhex(secret))
 
+    from crypto_tracer.pipeline import tls13_flight
+
+    # imported now (~50 ms, ~10 MB of RSS), not at the first flight: in the middle of a burst of new
+    # connections that stall let the ring fill (Go's 50 concurrent clients lost records)
+    tls13_flight.preload()
     return KeyExtractor(tracer, on_lines, quiet=True)
 
 
