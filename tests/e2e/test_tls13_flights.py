@@ -220,3 +220,28 @@ def test_handshake_mode_decrypt(pki, tmp_path):
     assert len(java_java) == 1, events
     assert facts(java_java[0]) == {"role": "client", "tls_version": "TLSv1.3", "cipher": to_java, "alpn": None,
                                    **NO_PEER_CERT}
+
+
+def test_gnutls(pki, tmp_path):
+    """GnuTLS on both ends (gnutls-cli -> gnutls-serv), TLS 1.3 with AES-256-GCM and ALPN: its secrets
+    open the server's flight on both events' sides."""
+    need_tool("gnutls-serv", "gnutls-cli")
+    (cert, key), _ = pki
+    port = free_port()
+    out = str(tmp_path / "events.json")
+    prio = "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-256-GCM"
+    with tp.process([tp.peer("gnutls-serv"), "--echo", "-p", str(port), "--x509certfile", cert, "--x509keyfile", key,
+                     "--alpn", "h2"], port=port):
+        tracer = tp.tls_tracer(["-m", "json", "-o", out])
+        p = subprocess.run([tp.peer("gnutls-cli"), "--insecure", "--priority", prio, "--alpn", "h2", "-p", str(port),
+                            "127.0.0.1"], input=b"hello\n", capture_output=True, timeout=20)
+        assert b"(TLS1.3-X.509)" in p.stdout and b"(AES-256-GCM)" in p.stdout, p.stdout
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    client = handshake_events(out, process="ctpeer-gnutls-c", remote_port=port)
+    assert len(client) == 1, brief(out)
+    server = handshake_events(out, process="ctpeer-gnutls-s", local_port=port, remote_port=client[0]["local_port"])
+    assert len(server) == 1, brief(out)
+    want = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "alpn": "h2"}
+    assert facts(client[0]) == {"role": "client", **want, **cert_fields(cert, "RSA", 3072)}
+    assert facts(server[0]) == {"role": "server", **want, **NO_PEER_CERT}
