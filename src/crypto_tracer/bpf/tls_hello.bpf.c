@@ -118,6 +118,43 @@ struct hello_skb {
 		ingress_ifindex, ifindex;
 };
 
+/* Copies the payload at `payload` (len bytes, at most max) of the flow `f` into a record and sends
+ * it: the one sender of the TCP and QUIC paths. */
+static __always_inline int hello_send(struct __sk_buff *skb, __u32 egress, __u32 ifindex, struct hello_flow *f,
+				      __u32 payload, __u32 len, __u32 max, __u32 seq, __u32 proto)
+{
+	__u32 zero = 0;
+	struct hello_rec *rec = bpf_map_lookup_elem(&hello_scratch, &zero);
+	if (!rec)
+		return TC_ACT_UNSPEC;
+	rec->payload_len = len;
+	if (len > max)
+		len = max;
+	if (len == 0)
+		return TC_ACT_UNSPEC;
+	barrier_var(len);
+	if (len > HELLO_MAX)
+		return TC_ACT_UNSPEC;
+	if (bpf_skb_load_bytes(skb, payload, rec->data, len))
+		return TC_ACT_UNSPEC;
+	__builtin_memset(&rec->h, 0, sizeof(rec->h));
+	rec->h.ts_ns = bpf_ktime_get_ns();
+	rec->h.type = CT_EV_TLS_HELLO;
+	rec->ifindex = ifindex;
+	rec->egress = egress;
+	rec->f = *f;
+	rec->seq = seq;
+	rec->cap_len = len;
+	rec->proto = proto;
+	/* no wake-up: the handshake record that follows wakes the reader */
+	if (bpf_ringbuf_output(&events, rec, offsetof(struct hello_rec, data) + len, BPF_RB_NO_WAKEUP)) {
+		ct_count(CT_CNT_DROPPED);
+		return TC_ACT_UNSPEC;
+	}
+	ct_count(CT_CNT_SUBMITTED);
+	return TC_ACT_UNSPEC;
+}
+
 /* QUIC (RFC 9000/9001, v2 RFC 9369): a UDP datagram whose first packet is a long-header Initial
  * (its keys come from the client's first Destination Connection ID, so user space can decrypt the
  * CRYPTO frames holding the ClientHello and ServerHello: pipeline/quic_initial.py). Any other
@@ -127,7 +164,6 @@ static __always_inline int quic_initial(struct __sk_buff *skb, __u32 egress, __u
 				   __u32 l4, __u32 end)
 {
 	__u8 h[13]; /* UDP header, the packet's first byte, its version */
-	__u32 zero = 0;
 	if (bpf_skb_load_bytes(skb, l4, h, sizeof(h)))
 		return TC_ACT_UNSPEC;
 	if ((h[8] & 0xc0) != 0xc0) /* long header, fixed bit */
@@ -137,47 +173,19 @@ static __always_inline int quic_initial(struct __sk_buff *skb, __u32 egress, __u
 	if (!((version == QUIC_V1 && type == 0) || (version == QUIC_V2 && type == 1)))
 		return TC_ACT_UNSPEC;
 	ct_count(CT_CNT_SEEN);
-	struct hello_rec *rec = bpf_map_lookup_elem(&hello_scratch, &zero);
-	if (!rec)
-		return TC_ACT_UNSPEC;
 	__u32 payload = l4 + 8;
 	if (payload >= end)
 		return TC_ACT_UNSPEC;
-	__u32 len = end - payload;
-	rec->payload_len = len;
-	if (len > QUIC_MAX)
-		len = QUIC_MAX;
-	if (len == 0)
-		return TC_ACT_UNSPEC;
-	barrier_var(len);
-	if (len > QUIC_MAX)
-		return TC_ACT_UNSPEC;
-	if (bpf_skb_load_bytes(skb, payload, rec->data, len))
-		return TC_ACT_UNSPEC;
-	__builtin_memset(&rec->h, 0, sizeof(rec->h));
-	rec->h.ts_ns = bpf_ktime_get_ns();
-	rec->h.type = CT_EV_TLS_HELLO;
-	rec->ifindex = ifindex;
-	rec->egress = egress;
-	rec->f = *fl;
-	rec->f.sport = ((__u16)h[0] << 8) | h[1];
-	rec->f.dport = ((__u16)h[2] << 8) | h[3];
-	rec->seq = 0;
-	rec->cap_len = len;
-	rec->proto = IPPROTO_UDP;
-	if (bpf_ringbuf_output(&events, rec, offsetof(struct hello_rec, data) + len, BPF_RB_NO_WAKEUP)) {
-		ct_count(CT_CNT_DROPPED);
-		return TC_ACT_UNSPEC;
-	}
-	ct_count(CT_CNT_SUBMITTED);
-	return TC_ACT_UNSPEC;
+	fl->sport = ((__u16)h[0] << 8) | h[1];
+	fl->dport = ((__u16)h[2] << 8) | h[3];
+	return hello_send(skb, egress, ifindex, fl, payload, end - payload, QUIC_MAX, 0, IPPROTO_UDP);
 }
 
 static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 {
 	struct hello_skb *sk = (struct hello_skb *)ctx;
 	struct __sk_buff *skb = ctx;
-	__u32 zero = 0, ifindex = sk->ifindex;
+	__u32 ifindex = sk->ifindex;
 	struct hello_iface *ifc = bpf_map_lookup_elem(&hello_ifaces, &ifindex);
 	if (!ifc || !ifc->attached || (ifc->egress_only && !egress))
 		return TC_ACT_UNSPEC;
@@ -264,38 +272,8 @@ static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 		__sync_fetch_and_add(&v->bytes, -take);
 	}
 	ct_count(CT_CNT_SEEN);
-
-	struct hello_rec *rec = bpf_map_lookup_elem(&hello_scratch, &zero);
-	if (!rec)
-		return TC_ACT_UNSPEC;
-	rec->payload_len = len;
-	if (len > budget)
-		len = budget;
-	if (len > HELLO_MAX)
-		len = HELLO_MAX;
-	if (len == 0)
-		return TC_ACT_UNSPEC;
-	barrier_var(len);
-	if (len > HELLO_MAX)
-		return TC_ACT_UNSPEC;
-	if (bpf_skb_load_bytes(skb, payload, rec->data, len))
-		return TC_ACT_UNSPEC;
-	__builtin_memset(&rec->h, 0, sizeof(rec->h));
-	rec->h.ts_ns = bpf_ktime_get_ns();
-	rec->h.type = CT_EV_TLS_HELLO;
-	rec->ifindex = ifindex;
-	rec->egress = egress;
-	rec->f = f;
-	rec->seq = bpf_ntohl(tcp.seq);
-	rec->cap_len = len;
-	rec->proto = 0;
-	/* no wake-up: the handshake record that follows wakes the reader */
-	if (bpf_ringbuf_output(&events, rec, offsetof(struct hello_rec, data) + len, BPF_RB_NO_WAKEUP)) {
-		ct_count(CT_CNT_DROPPED);
-		return TC_ACT_UNSPEC;
-	}
-	ct_count(CT_CNT_SUBMITTED);
-	return TC_ACT_UNSPEC;
+	return hello_send(skb, egress, ifindex, &f, payload, len, budget < HELLO_MAX ? budget : HELLO_MAX,
+			  bpf_ntohl(tcp.seq), 0);
 }
 
 SEC("tc")
