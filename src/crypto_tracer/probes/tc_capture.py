@@ -170,6 +170,53 @@ def cleanup_leftovers(prefix: str = "tc-capture", handle: int = TC_HANDLE, prior
     return cleaned
 
 
+class TcState:
+    """What one run attached, in STATE_DIR/<prefix>-<pid>.json, so that cleanup_leftovers() can
+    remove it after a crash: each interface and whether we created its clsact qdisc. Used by the
+    pcapng capture and by probes/tls_hello.py, each with its own prefix, handle and priority."""
+
+    def __init__(self, prefix: str, handle: int, priority: int, what: str):
+        self.path = os.path.join(STATE_DIR, f"{prefix}-{os.getpid()}.json")
+        self.handle, self.priority, self.what = handle, priority, what
+        self.interfaces: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.interfaces)
+
+    def __contains__(self, ifindex: int) -> bool:
+        return any(i["ifindex"] == ifindex for i in self.interfaces)
+
+    def add(self, ifc: Interface, created_qdisc: bool) -> None:
+        """Recorded before the programs are attached, so a crash in between is cleaned too."""
+        self.interfaces.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created_qdisc})
+        self._save()
+
+    def forget(self, ifindex: int) -> None:
+        """An interface deleted meanwhile (its filters went with it)."""
+        self.interfaces = [i for i in self.interfaces if i["ifindex"] != ifindex]
+        self._save()
+
+    def _save(self) -> None:
+        try:
+            os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+            with open(self.path, "w") as f:
+                json.dump({"pid": os.getpid(), "interfaces": self.interfaces}, f)
+        except OSError as exc:
+            log.warning("cannot record the TC state in %s (%s): a crash would leave filters behind",
+                        STATE_DIR, exc.strerror)
+
+    def remove_all(self) -> None:
+        """Our filters, and each qdisc we made that no other capture uses; then the state file."""
+        for ifc in reversed(self.interfaces):
+            _remove(ifc["ifindex"], ifc["created_qdisc"], self.handle, self.priority)
+            log.debug("%s: detached from %s (qdisc ours: %s)", self.what, ifc["name"], ifc["created_qdisc"])
+        self.interfaces.clear()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
 # --- connections that existed before the capture ------------------------------------------
 
 FLOW_KEY = CStruct("flow_key", "family I lport H rport H laddr 16s raddr 16s").struct
@@ -302,8 +349,7 @@ class TcCapture:
         self.mapsize = mapsize or (32 << 20)
         self.obj = None
         self.rb = None
-        self._attached: list[dict] = []
-        self._state = os.path.join(STATE_DIR, f"tc-capture-{os.getpid()}.json")
+        self.state = TcState("tc-capture", TC_HANDLE, TC_PRIORITY, "capture")
 
     def start(self) -> None:
         from crypto_tracer.engine import BpfObject, num_possible_cpus, ring_reader
@@ -337,8 +383,7 @@ class TcCapture:
         from crypto_tracer.engine import AttachError
 
         created = _create_qdisc(ifc.ifindex)
-        self._attached.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created})
-        self._save_state()
+        self.state.add(ifc, created)
         hook = _tc(ifc.ifindex)
         # lo: every packet passes egress, then ingress again; an ingress program there would only
         # return (~100 ns a packet), so none is attached (the kernel's egress_only stays as a guard)
@@ -355,15 +400,6 @@ class TcCapture:
                                   ExitStatus.BPF_FAILURE) from None
         log.debug("capture: attached to %s (ifindex %d, qdisc %s)", ifc.name, ifc.ifindex,
                   "created" if created else "already there")
-
-    def _save_state(self) -> None:
-        try:
-            os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
-            with open(self._state, "w") as f:
-                json.dump({"pid": os.getpid(), "interfaces": self._attached}, f)
-        except OSError as exc:
-            log.warning("cannot record the TC state in %s (%s): a crash would leave filters behind",
-                        STATE_DIR, exc.strerror)
 
     def set_epoch_offset(self, epoch_offset: int) -> None:
         """The wall clock moved against CLOCK_MONOTONIC (WallClock.resync): stamp from now on with it."""
@@ -401,13 +437,7 @@ class TcCapture:
 
     def detach(self) -> None:
         """Remove every filter and qdisc we added (the ring can still be drained)."""
-        for ifc in reversed(self._attached):
-            _remove(ifc["ifindex"], ifc["created_qdisc"])
-        self._attached.clear()
-        try:
-            os.unlink(self._state)
-        except OSError:
-            pass
+        self.state.remove_all()
 
     def close(self) -> None:
         self.detach()

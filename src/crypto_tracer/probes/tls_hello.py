@@ -12,8 +12,6 @@ goes on without packet facts.
 from __future__ import annotations
 
 import errno
-import json
-import os
 import socket
 import struct
 from collections.abc import Callable
@@ -89,9 +87,8 @@ class HelloCapture:
         self.flights = flights
         self.interfaces = interfaces
         self.obj = None
-        self._attached: list[dict] = []
+        self.state = tc_capture.TcState(STATE_PREFIX, TC_HANDLE, TC_PRIORITY, "tls_hello")
         self.links: LinkWatcher | None = None
-        self._state = os.path.join(tc_capture.STATE_DIR, f"{STATE_PREFIX}-{os.getpid()}.json")
 
     def start(self) -> None:
         from crypto_tracer.engine import BpfObject
@@ -118,10 +115,10 @@ class HelloCapture:
         except HelloUnavailable:
             self.close()
             raise
-        if not self._attached:
+        if not len(self.state):
             self.close()
             raise HelloUnavailable("no interface took the TC classifier")
-        log.debug("tls_hello: on %s", ", ".join(a["name"] for a in self._attached))
+        log.debug("tls_hello: on %s", ", ".join(a["name"] for a in self.state.interfaces))
 
     def _attach(self, ifc: tc_capture.Interface) -> None:
         from crypto_tracer.engine import AttachError, TcHook
@@ -140,8 +137,7 @@ class HelloCapture:
                 raise HelloUnavailable("adding a clsact qdisc needs CAP_NET_ADMIN") from None
             log.debug("tls_hello: no clsact on %s: %s", ifc.name, exc)
             return
-        self._attached.append({"ifindex": ifc.ifindex, "name": ifc.name, "created_qdisc": created})
-        self._save_state()
+        self.state.add(ifc, created)
         try:
             if not loopback:  # lo: each packet passes egress, then ingress
                 hook.attach(self.obj.program("hello_ingress"), False)
@@ -157,11 +153,10 @@ class HelloCapture:
         if self.links is None or self.obj is None:
             return
         for index, name, present in self.links.read():
-            known = any(a["ifindex"] == index for a in self._attached)
+            known = index in self.state
             if not present:  # its filters went with it; the index may come back for another link
                 if known:
-                    self._attached = [a for a in self._attached if a["ifindex"] != index]
-                    self._save_state()
+                    self.state.forget(index)
                     if index < IFINDEX_MAX:
                         self.obj.map("hello_ifaces").update(struct.pack("<I", index), HELLO_IFACE.struct.pack(0, 0, 0, 0))
                 continue
@@ -180,15 +175,6 @@ class HelloCapture:
                 continue
             log.debug("tls_hello: new interface %s watched", name)
 
-    def _save_state(self) -> None:
-        try:
-            os.makedirs(tc_capture.STATE_DIR, mode=0o700, exist_ok=True)
-            with open(self._state, "w") as f:
-                json.dump({"pid": os.getpid(), "interfaces": self._attached}, f)
-        except OSError as exc:
-            log.warning("cannot record the TC state in %s (%s): a crash would leave filters behind",
-                        tc_capture.STATE_DIR, exc.strerror)
-
     def done(self, flow: bytes) -> None:
         """Stop copying this direction's segments (its handshake messages are read)."""
         if self.obj is not None:
@@ -200,18 +186,10 @@ class HelloCapture:
 
     def attached(self) -> int:
         """Interfaces our classifiers are on."""
-        return len(self._attached)
+        return len(self.state)
 
     def detach(self) -> None:
-        for ifc in reversed(self._attached):
-            # our filters, and the qdisc if we made it and no other capture uses it
-            tc_capture._remove(ifc["ifindex"], ifc["created_qdisc"], TC_HANDLE, TC_PRIORITY)
-            log.debug("tls_hello: detached from %s (qdisc ours: %s)", ifc["name"], ifc["created_qdisc"])
-        self._attached.clear()
-        try:
-            os.unlink(self._state)
-        except OSError:
-            pass
+        self.state.remove_all()
 
     def close(self) -> None:
         self.detach()
