@@ -126,9 +126,10 @@ PY_THEN_CURL = ("import os, socket, ssl, sys; c = ssl.create_default_context(); 
 
 
 def test_short_lived_clients_keep_their_process(ec_cert, tmp_path):
-    """pid, comm, uid, ppid and exe are recorded in the kernel at connect(): right for clients gone
-    long before the tool reads their handshakes (it is stopped meanwhile), for another uid, and
-    for each image of a process that execs (same pid, two exes: never the stale one)."""
+    """pid, comm, uid, ppid, exe and mount namespace are recorded in the kernel at connect(): right for
+    clients gone long before the tool reads their handshakes (it is stopped meanwhile), for another uid,
+    for each image of a process that execs (same pid, two exes: never the stale one), and for a client
+    in a mount namespace of its own (a container's view)."""
     cert, key = ec_cert
     port = free_port()
     url = f"https://localhost:{port}/small"
@@ -145,17 +146,36 @@ def test_short_lived_clients_keep_their_process(ec_cert, tmp_path):
             both = subprocess.Popen([tp.peer("python"), "-c", PY_THEN_CURL, str(port), curl, "-sSk", "-o", os.devnull,
                                      *resolve, url])
             assert both.wait(30) == 0
+            # a client in a mount namespace of its own (as in a container): it prints its inode, then execs curl
+            own_ns = subprocess.run(["unshare", "--mount", "sh", "-c", 'stat -Lc %i /proc/self/ns/mnt; exec "$@"', "sh",
+                                     curl, "-sSk", "-o", os.devnull, *resolve, url], capture_output=True, text=True,
+                                    timeout=30)
+            assert own_ns.returncode == 0, own_ns.stderr
         finally:
             tracer.proc.send_signal(signal.SIGCONT)
         _, err, rc = tracer.stop(settle=[port])
     assert rc == 0, err
     events = [e for e in tp.read_events(out) if e["role"] == "client"]
-    got = sorted((e["pid"], e["process"], e["uid"], e["ppid"], e["exe"], e["sni"]) for e in events)
-    want = [(p, "ctpeer-curl", 0, os.getpid(), curl_exe(), "localhost") for p in pids]
-    want += [(nobody.pid, "ctpeer-curl", 65534, os.getpid(), curl_exe(), "localhost"),
-             (both.pid, "ctpeer-python", 0, os.getpid(), os.path.realpath(sys.executable), "py.test"),
-             (both.pid, "ctpeer-curl", 0, os.getpid(), curl_exe(), "localhost")]
+    got = sorted((e["process"], e["uid"], e["ppid"], e["exe"], e["sni"], e["mnt_ns"]) for e in events
+                 if e["pid"] != own_ns_pid(events, pids, nobody, both))
+    ns = os.stat("/proc/self/ns/mnt").st_ino
+    want = [("ctpeer-curl", 0, os.getpid(), curl_exe(), "localhost", ns) for _ in pids]
+    want += [("ctpeer-curl", 65534, os.getpid(), curl_exe(), "localhost", ns),
+             ("ctpeer-python", 0, os.getpid(), os.path.realpath(sys.executable), "py.test", ns),
+             ("ctpeer-curl", 0, os.getpid(), curl_exe(), "localhost", ns)]
     assert got == sorted(want)
+    assert sorted(e["pid"] for e in events if e["pid"] in pids) == sorted(pids)
+    other = [e for e in events if e["pid"] == own_ns_pid(events, pids, nobody, both)]
+    assert [(e["process"], e["exe"], e["mnt_ns"]) for e in other] == [("ctpeer-curl", curl_exe(),
+                                                                        int(own_ns.stdout.split()[0]))]
+    assert int(own_ns.stdout.split()[0]) != ns
+
+
+def own_ns_pid(events, pids, nobody, both):
+    """The one client pid that is none of the others: the curl run in a mount namespace of its own."""
+    rest = {e["pid"] for e in events} - set(pids) - {nobody.pid, both.pid}
+    assert len(rest) == 1, rest
+    return rest.pop()
 
 
 JAVA_CLIENT = r"""

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* A process image announced once into the object's ring: an event's process may be gone before
  * user space reads /proc (a short curl run), so the first event of each image is preceded by one
- * CT_EV_TLS_PROCESS record with its ppid, uid and exe (in the process's own view, as monitor's
- * events) and the identity of the image: (tgid, start_ns, exec_id) differs for a reused pid
+ * CT_EV_TLS_PROCESS record with its ppid, uid, exe (in the process's own view, as monitor's
+ * events) and mount namespace and the identity of the image: (tgid, start_ns, exec_id) differs for a reused pid
  * (another start) and after an exec (another exec_id), so a stale exe is never joined.
  * Used by tls.bpf.c (TLS events) and tc_capture.bpf.c (socket owners, tls -m handshake);
  * probes/common.py decodes it. The includer must not include paths.h itself.
@@ -18,6 +18,8 @@ struct ct_proc_rec {
 	__u32 exe_len;  /* bytes of the exe's components in data (leaf first, NUL-separated); 0: none */
 	__u64 start_ns; /* the process's start_boottime (/proc/PID/stat's starttime, in ns) */
 	__u64 exec_id;  /* task->self_exec_id: incremented at each exec, shared by the image's threads */
+	__u32 mnt_ns;   /* its mount namespace's inode (a container's differs from the host's) */
+	__u32 pad;
 	char data[CT_PATH_BUF + CT_NAME_MAX];
 };
 
@@ -90,6 +92,8 @@ static __always_inline void ct_note_image(struct task_struct *task, struct ct_im
 	r->exe_len = 0;
 	r->start_ns = key->start_ns;
 	r->exec_id = key->exec_id;
+	r->mnt_ns = BPF_CORE_READ(task, nsproxy, mnt_ns, ns.inum);
+	r->pad = 0;
 	struct path root = {};
 	BPF_CORE_READ_INTO(&root, task, fs, root);
 	struct file *exe = BPF_CORE_READ(task, mm, exe_file);

@@ -62,9 +62,11 @@ API_CALL = EventType("api_call", ("function_name", "library"))
 # decrypted with the session's handshake secrets where known, pipeline/tls13_flight.py, else null).
 # `transport`: "tcp" or "quic" when the handshake messages were seen in packets (QUIC: in its Initial
 # packets, pipeline/quic_initial.py), else null.
-# `tls -m handshake` only (null elsewhere): the ClientHello's offer (IANA code points; alpn_offered:
-# names), its JA4 fingerprint, and flags (pipeline/hello_facts.flags: null when not known).
-HANDSHAKE_MODE_FIELDS = ("cipher_code", "alpn_offered", "offered_versions", "offered_ciphers", "offered_groups",
+# `tls -m handshake` only (null elsewhere): the owner's mount namespace (which container, as
+# monitor's `mnt_ns`), the ClientHello's offer (IANA code points; alpn_offered: names), its JA4
+# fingerprint, and flags (pipeline/hello_facts.flags: null when not known).
+HANDSHAKE_MODE_FIELDS = ("mnt_ns", "cipher_code", "alpn_offered", "offered_versions", "offered_ciphers",
+                         "offered_groups",
                          "ja4", "legacy_version", "no_forward_secrecy", "weak_cipher",
                          "not_quantum_safe_key_exchange")
 TLS_HANDSHAKE = EventType("tls_handshake", ("tid", "library", "role", "fd", "local_addr", "local_port", "remote_addr",

@@ -43,11 +43,11 @@ def handshake_event(facts: hf.ConnFacts, owners, clock) -> dict:
         owner = _owner(owners, facts.server, facts.client, quic)
         role = "server" if owner is not None else None
         local, remote = (facts.server, facts.client) if owner is not None else (facts.client, facts.server)
-    pid, comm, ppid, uid, exe = (owner.pid, owner.comm, owner.ppid, owner.uid, owner.exe) if owner is not None \
-        else (None, None, None, None, None)
+    pid, comm, ppid, uid, exe, mnt_ns = (owner.pid, owner.comm, owner.ppid, owner.uid, owner.exe, owner.mnt_ns) \
+        if owner is not None else (None, None, None, None, None, None)
     f = facts.fields(with_cert=True)  # packets show the server's certificate
     return TLS_HANDSHAKE.build(
-        timestamp=clock.iso(facts.ts_ns), pid=pid, ppid=ppid, uid=uid, process=comm, exe=exe, role=role,
+        timestamp=clock.iso(facts.ts_ns), pid=pid, ppid=ppid, uid=uid, process=comm, exe=exe, mnt_ns=mnt_ns, role=role,
         local_addr=local[0], local_port=local[1], remote_addr=remote[0], remote_port=remote[1],
         transport=facts.transport, tls_version=f["tls_version"], cipher=f["cipher"], cipher_code=facts.cipher,
         group=f["group"], sni=facts.sni,

@@ -70,9 +70,10 @@ def path_from_parts(data: bytes) -> str:
 
 
 # bpf/image.h: a process image announced once before its first event (tls.bpf.c, tc_capture.bpf.c)
-CT_PROC_REC = CStruct("ct_proc_rec", ("h", CT_HEADER), "ppid I exe_len I start_ns Q exec_id Q", until="data")
+CT_PROC_REC = CStruct("ct_proc_rec", ("h", CT_HEADER), "ppid I exe_len I start_ns Q exec_id Q mnt_ns I pad I",
+                      until="data")
 _PROC = CT_PROC_REC.unpacker("h.pid", "ppid", "exe_len")
-_PROC_IMAGE = CT_PROC_REC.unpacker("h.pid", "h.uid", "ppid", "exe_len", "start_ns", "exec_id")
+_PROC_IMAGE = CT_PROC_REC.unpacker("h.pid", "h.uid", "ppid", "exe_len", "start_ns", "exec_id", "mnt_ns")
 
 
 def decode_process(raw: bytes) -> tuple[int, int, str | None]:
@@ -82,11 +83,13 @@ def decode_process(raw: bytes) -> tuple[int, int, str | None]:
     return pid, ppid, path_from_parts(raw[start:start + exe_len]) if exe_len else None
 
 
-def decode_image(raw: bytes) -> tuple[tuple[int, int, int], int, int, str | None]:
-    """A CT_EV_TLS_PROCESS record: ((pid, start_ns, exec_id): the image, uid, ppid, exe or None)."""
-    pid, uid, ppid, exe_len, start_ns, exec_id = _PROC_IMAGE.unpack_from(raw)
+def decode_image(raw: bytes) -> tuple[tuple[int, int, int], int, int, str | None, int | None]:
+    """A CT_EV_TLS_PROCESS record: ((pid, start_ns, exec_id): the image, uid, ppid, exe or None,
+    mount namespace inode or None)."""
+    pid, uid, ppid, exe_len, start_ns, exec_id, mnt_ns = _PROC_IMAGE.unpack_from(raw)
     start = CT_PROC_REC.size
-    return (pid, start_ns, exec_id), uid, ppid, path_from_parts(raw[start:start + exe_len]) if exe_len else None
+    exe = path_from_parts(raw[start:start + exe_len]) if exe_len else None
+    return (pid, start_ns, exec_id), uid, ppid, exe, mnt_ns or None
 
 
 def add_to_pid_set(obj, pids) -> None:

@@ -46,12 +46,13 @@ class Owner:
     ppid: int | None
     uid: int | None
     exe: str | None
+    mnt_ns: int | None = None  # its mount namespace's inode: which container
 
 
 class SocketOwners:
     def __init__(self):
         self.obj = None
-        self._images: dict[tuple[int, int, int], str | None] = {}
+        self._images: dict[tuple[int, int, int], tuple[str | None, int | None]] = {}  # -> (exe, mnt_ns)
         self._seeded: dict[bytes, Owner] = {}
 
     def start(self, ring=None) -> None:
@@ -81,25 +82,25 @@ class SocketOwners:
 
     def learn(self, raw: bytes) -> None:
         """A CT_EV_TLS_PROCESS record from the shared ring: the exe of one process image."""
-        image, _uid, _ppid, exe = decode_image(raw)
+        image, _uid, _ppid, exe, mnt_ns = decode_image(raw)
         if len(self._images) >= MAX_IMAGES:  # bounded: the oldest half goes (dicts keep insertion order)
             for old in list(self._images)[:MAX_IMAGES // 2]:
                 del self._images[old]
-        self._images[image] = exe
+        self._images[image] = exe, mnt_ns
 
     @staticmethod
     def _from_proc(pid: int, comm: str, start_ns: int | None = None) -> Owner:
-        """A live process's ppid, uid and exe from /proc, only while pid still names that process
-        (its comm or a thread's, and its start time when known): else only pid and comm."""
+        """A live process's ppid, uid, exe and mount namespace from /proc, only while pid still names
+        that process (its comm or a thread's, and its start time when known): else only pid and comm."""
         stat = proc.read_stat(pid)
         if stat is None or (start_ns is not None and stat[2] != start_ns // _NS_PER_TICK) \
                 or (stat[0] != comm and comm not in _thread_comms(pid)):
             return Owner(pid, comm, None, None, None)
         uid, _gid = proc.read_status_ids(pid)
-        exe = proc.read_view(pid)[0]
+        exe, _root, mnt_ns = proc.read_view(pid)
         if proc.read_stat(pid) != stat:  # exited (or exec'd) while we read
             return Owner(pid, comm, None, None, None)
-        return Owner(pid, comm, stat[1], uid, exe)
+        return Owner(pid, comm, stat[1], uid, exe, mnt_ns)
 
     def owner(self, local: tuple[str, int], remote: tuple[str, int]) -> Owner | None:
         """The process of the socket whose local end is `local`, connected to `remote`."""
@@ -119,10 +120,10 @@ class SocketOwners:
             return seeded if seeded is not None and seeded.pid == pid else Owner(pid, comm, None, None, None)
         image = (pid, start_ns, exec_id)
         if image in self._images:
-            return Owner(pid, comm, ppid, uid, self._images[image])
+            return Owner(pid, comm, ppid, uid, *self._images[image])
         # its record lost (ring full) or announced before a restart of our cache: /proc, if still that process
         live = self._from_proc(pid, comm, start_ns)
-        return Owner(pid, comm, ppid, uid, live.exe)
+        return Owner(pid, comm, ppid, uid, live.exe, live.mnt_ns)
 
     def counters(self) -> dict:
         return {"images_dropped": self.obj.counter_totals(CNT_PROC_DROPPED + 1)[CNT_PROC_DROPPED]
