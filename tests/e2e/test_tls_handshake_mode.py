@@ -353,3 +353,122 @@ def test_go_client_nginx(ec_cert, tmp_path, tls13):
     assert ev["offered_groups"] == ["x25519", "secp256r1", "secp384r1", "secp521r1"]
     assert ev["ja4"] == ja4_reference(hello)
     assert ev["ja4"].startswith("t13d")  # JA4 takes the highest version offered: Go offers 1.3 either way
+
+
+JAVA_VERSION_CLIENT = r"""
+import javax.net.ssl.*; import java.security.cert.X509Certificate; import java.util.List;
+public class HsVersionClient {
+  public static void main(String[] a) throws Exception {
+    TrustManager[] all = { new X509TrustManager() {
+      public void checkClientTrusted(X509Certificate[] c, String t) {}
+      public void checkServerTrusted(X509Certificate[] c, String t) {}
+      public X509Certificate[] getAcceptedIssuers() { return new X509Certificate[0]; } } };
+    SSLContext ctx = SSLContext.getInstance("TLS"); ctx.init(null, all, null);
+    try (SSLSocket s = (SSLSocket) ctx.getSocketFactory().createSocket("127.0.0.1", Integer.parseInt(a[0]))) {
+      SSLParameters p = s.getSSLParameters();
+      p.setServerNames(List.of(new SNIHostName("java.test")));
+      p.setProtocols(new String[] {a[1]});
+      s.setSSLParameters(p);
+      s.startHandshake();
+      System.out.println(s.getSession().getProtocol() + " " + s.getSession().getCipherSuite());
+    }
+  }
+}
+"""
+
+PY_VERSION_CLIENT = ("import socket, ssl, sys; c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); c.check_hostname = False; "
+                     "c.verify_mode = ssl.CERT_NONE; c.set_alpn_protocols(['h2', 'http/1.1']); "
+                     "s = c.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[1]))), "
+                     "server_hostname='py.test'); print(s.version(), s.cipher()[0], s.selected_alpn_protocol()); "
+                     "s.close()")
+
+PINNED = {  # nginx allowing one protocol, one suite, one group; what every client must then negotiate
+    "tls13": ("ssl_protocols TLSv1.3; ssl_conf_command Ciphersuites TLS_CHACHA20_POLY1305_SHA256; ssl_ecdh_curve X25519;",
+              {"tls_version": "TLSv1.3", "cipher": "TLS_CHACHA20_POLY1305_SHA256", "cipher_code": 0x1303,
+               "group": "x25519"}),
+    "tls12": ("ssl_protocols TLSv1.2; ssl_ciphers ECDHE-ECDSA-AES256-GCM-SHA384; ssl_ecdh_curve secp384r1;",
+              {"tls_version": "TLSv1.2", "cipher": "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "cipher_code": 0xC02C,
+               "group": "secp384r1"}),
+}
+
+
+@pytest.mark.parametrize("version", ["tls13", "tls12"])
+def test_python_wget_java_against_pinned_nginx(ec_cert, tmp_path, version):
+    """Python's ssl (OpenSSL), wget (GnuTLS) and Java (JSSE: no library hook sees it) against nginx
+    configured for TLS 1.3 only or TLS 1.2 only: each client's event has the pinned version, suite and
+    group, its own SNI and the ALPN nginx chose (visible in TLS 1.2; encrypted in TLS 1.3: null)."""
+    need_tool("wget", "javac", "java")
+    cert, key = ec_cert
+    lines, pinned = PINNED[version]
+    tls13 = version == "tls13"
+    port = free_port()
+    java_dir = tmp_path / "java"
+    java_dir.mkdir()
+    (java_dir / "HsVersionClient.java").write_text(JAVA_VERSION_CLIENT)
+    subprocess.run(["javac", "HsVersionClient.java"], cwd=java_dir, check=True, timeout=120)
+    with pinned_nginx(tmp_path, port, cert, key, lines):
+        tracer, out = run(tmp_path, "port", str(port))
+        py = subprocess.run([tp.peer("python"), "-c", PY_VERSION_CLIENT, str(port)], capture_output=True, text=True,
+                            timeout=30)
+        assert py.returncode == 0, py.stderr
+        # "localhost": wget sends SNI for names only (and falls back to 127.0.0.1 where ::1 comes first)
+        wget = subprocess.Popen([tp.peer("wget"), "-q", "-O", os.devnull, "--no-check-certificate",
+                                 f"https://localhost:{port}/small"])
+        assert wget.wait(30) == 0
+        java = subprocess.Popen(["java", "-cp", str(java_dir), "HsVersionClient", str(port),
+                                 "TLSv1.3" if tls13 else "TLSv1.2"], stdout=subprocess.PIPE, text=True)
+        java_out, _ = java.communicate(timeout=60)
+        assert java.returncode == 0
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    assert py.stdout.split()[0] == pinned["tls_version"]  # what each client itself says it negotiated
+    assert java_out.split() == [pinned["tls_version"], pinned["cipher"]]
+    events = {e["pid"]: e for e in tp.read_events(out) if e["role"] == "client"}
+    py_alpn = None if tls13 else "h2"  # nginx has http2 on; Python offers h2 first
+    assert py.stdout.split()[2] == "h2"  # what Python itself negotiated, in either version
+    for pid, process, sni, alpn in ((py_pid(events, "ctpeer-python"), "ctpeer-python", "py.test", py_alpn),
+                                    (wget.pid, "ctpeer-wget", "localhost", events[wget.pid]["alpn"]),
+                                    (java.pid, "java", "java.test", None)):
+        ev = events[pid]
+        got = {k: ev[k] for k in ("process", "sni", "alpn", *pinned)}
+        assert got == {"process": process, "sni": sni, "alpn": alpn, **pinned}, (process, ev)
+        assert ev["remote_port"] == port and ev["exe"] is not None
+    # wget's ALPN is its own choice (none, or http/1.1 by version): never one nginx did not choose
+    assert events[wget.pid]["alpn"] in ((None,) if tls13 else (None, "http/1.1"))
+
+
+def py_pid(events, process):
+    pids = [pid for pid, e in events.items() if e["process"] == process]
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+PY_EARLY_CLIENT = ("import socket, ssl, sys; c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); c.check_hostname = False; "
+                   "c.verify_mode = ssl.CERT_NONE; port = int(sys.argv[1]); "
+                   "s = c.wrap_socket(socket.create_connection(('127.0.0.1', port)), server_hostname='early.test'); "
+                   "print(s.getsockname()[1], flush=True); sys.stdin.readline(); "
+                   "s.sendall(b'GET /small HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'); s.recv(4096); "
+                   "t = c.wrap_socket(socket.create_connection(('127.0.0.1', port)), server_hostname='late.test'); "
+                   "print(t.getsockname()[1], flush=True); t.close(); s.close()")
+
+
+def test_a_connection_opened_before_the_start_is_explicitly_not_reported(ec_cert, tmp_path):
+    """A handshake done before the tool started never passes again: that connection has no event, even
+    though it carries data while the tool runs; the same process's next connection has one, with its
+    process (the owner of a socket that predates the start comes from /proc)."""
+    cert, key = ec_cert
+    port = free_port()
+    with tp.nginx(tmp_path, port, cert, key):
+        client = subprocess.Popen([tp.peer("python"), "-c", PY_EARLY_CLIENT, str(port)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        early_port = int(client.stdout.readline())
+        tracer, out = run(tmp_path, "port", str(port))
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        late_port = int(client.stdout.readline())
+        assert client.wait(30) == 0
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    clients = [e for e in tp.read_events(out) if e["role"] == "client"]
+    assert [e["local_port"] for e in clients] == [late_port] and early_port != late_port
+    assert (clients[0]["pid"], clients[0]["process"], clients[0]["sni"]) == (client.pid, "ctpeer-python", "late.test")
