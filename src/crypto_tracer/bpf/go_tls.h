@@ -59,6 +59,11 @@ struct {
 } go_conn SEC(".maps");
 
 /* CT_EV_TLS_KEYLINE: one key log line as Go's writeKeyLog was given it. */
+enum ct_keyline_unread {
+	CT_KEYLINE_LABEL_UNREAD = 1, /* user space reads it from the process (it never changes) */
+	CT_KEYLINE_DATA_UNREAD = 2,  /* client_random or secret: the line is dropped, never guessed */
+};
+
 struct go_keylog_rec {
 	struct ct_header h;
 	__u64 conn;       /* the *tls.Conn of the handshake (0: unknown) */
@@ -68,7 +73,8 @@ struct go_keylog_rec {
 	__u32 label_len;  /* as given (only the first CT_GO_LABEL_LEN bytes are copied) */
 	__u32 random_len;
 	__u32 secret_len;
-	__u32 pad;
+	__u32 unread;     /* CT_KEYLINE_*_UNREAD: a read failed (a page the process never touched yet) */
+	__u64 label_addr; /* the label's address: a constant string, which user space can read later */
 	char label[48];
 	__u8 client_random[32];
 	__u8 secret[64];
@@ -318,11 +324,14 @@ int go_keylog(struct pt_regs *ctx)
 		ct_count(CT_CNT_KFILTERED);
 		return 0;
 	}
-	bpf_probe_read_user(rec.label, rec.label_len < sizeof(rec.label) ? rec.label_len & 63 : sizeof(rec.label),
-			    (void *)label);
-	bpf_probe_read_user(rec.client_random, sizeof(rec.client_random), (void *)random);
-	bpf_probe_read_user(rec.secret, rec.secret_len < sizeof(rec.secret) ? rec.secret_len & 127 : sizeof(rec.secret),
-			    (void *)secret);
+	rec.label_addr = label;
+	if (bpf_probe_read_user(rec.label, rec.label_len < sizeof(rec.label) ? rec.label_len & 63 : sizeof(rec.label),
+				(void *)label))
+		rec.unread |= CT_KEYLINE_LABEL_UNREAD;
+	if (bpf_probe_read_user(rec.client_random, sizeof(rec.client_random), (void *)random) ||
+	    bpf_probe_read_user(rec.secret, rec.secret_len < sizeof(rec.secret) ? rec.secret_len & 127 : sizeof(rec.secret),
+				(void *)secret))
+		rec.unread |= CT_KEYLINE_DATA_UNREAD;
 	ct_output(&rec, sizeof(rec));
 	return 0;
 }

@@ -978,8 +978,11 @@ int BPF_KPROBE(bssl_keylog, void *ssl, const char *label, void *secret, __u64 se
 		rec.fd = *fd;
 	if (rec.fd >= 0)
 		fill_conn(&rec.c, rec.fd);
+	rec.label_addr = (__u64)label;
 	n = bpf_probe_read_user_str(rec.label, sizeof(rec.label), label);
 	rec.label_len = n > 0 ? n - 1 : 0;
+	if (n <= 0)
+		rec.unread |= CT_KEYLINE_LABEL_UNREAD; /* label_len 0: user space reads up to the NUL */
 	if (bpf_probe_read_user(&s3, sizeof(s3), (void *)((__u64)ssl + (cookie & 0xffff))) || !s3 ||
 	    bpf_probe_read_user(rec.client_random, sizeof(rec.client_random),
 				(void *)(s3 + (cookie >> CT_BSSL_RANDOM_SHIFT & 0xffff))))

@@ -9,6 +9,7 @@ and a message saying so.
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from typing import Callable
@@ -16,7 +17,7 @@ from typing import Callable
 from crypto_tracer.keys import tls_keys
 from crypto_tracer.keys.calibrate import bssl_hook_for, layout_for
 from crypto_tracer.keys.layout import Layout
-from crypto_tracer.keys.pending import PendingObjects
+from crypto_tracer.keys.pending import PendingObjects, reader
 from crypto_tracer.log import log
 from crypto_tracer.probes.common import CT_EV_TLS_KEYLINE, CT_EV_TLS_OBJECT
 
@@ -136,6 +137,8 @@ class KeyExtractor:
 
         self.records += 1
         rec = decode_go_keyline(raw)
+        if rec.label is None:  # a page of its constant the process had not touched: read it from there
+            rec.label = _label_from_memory(rec.pid, rec.label_addr, rec.label_len)
         line = rec.line()
         if line is None:
             return
@@ -155,3 +158,15 @@ class KeyExtractor:
         rec.material.hs_direct = lay.hs_direct
         self.pending.done(rec.pid, rec.ssl)
         self._emit(rec)
+
+
+_LABEL = re.compile(rb"[A-Z][A-Z0-9_]{2,46}")
+
+
+def _label_from_memory(pid: int, addr: int, length: int) -> str:
+    """A key log label (a constant string of the library) from the process's memory; "" (the line
+    is dropped) when it cannot be read or is not a label."""
+    raw = reader(pid)(addr, length or 48)
+    if not length:
+        raw = raw.split(b"\0", 1)[0]
+    return raw.decode("ascii") if _LABEL.fullmatch(raw) else ""

@@ -84,7 +84,9 @@ QUIC_LAYOUT = CStruct("quic_layout", "xso_conn I xso_stream I stream_id I qc_def
                       "bio_ptr1 I bio I bio_num I peer_hops I peer_ptr0 I peer_ptr1 I peer I")
 GO_KEYLOG_REC = CStruct("go_keylog_rec", ("h", CT_HEADER),
                         "conn Q fd i pad0 I", ("c", CONN),
-                        "label_len I random_len I secret_len I pad I label 48s client_random 32s secret 64s")
+                        "label_len I random_len I secret_len I unread I label_addr Q label 48s client_random 32s "
+                        "secret 64s")
+KEYLINE_LABEL_UNREAD, KEYLINE_DATA_UNREAD = 1, 2  # enum ct_keyline_unread (go_tls.h)
 DATA = TLS_DATA_REC.after("h")  # struct tls_data_rec after its header, up to data[]
 HANDSHAKE = TLS_HS_REC.after("h")
 DATA_OFFSET = TLS_DATA_REC.size  # 128
@@ -223,9 +225,11 @@ class GoKeyLine:
     ssl: int  # the *tls.Conn (Go) or SSL* (BoringSSL) whose handshake this is (0: unknown)
     fd: int | None
     connection: tuple | None  # (local_addr, local_port, remote_addr, remote_port) when known
-    label: str
+    label: str | None  # None: the kernel could not read it; at label_addr (label_len bytes, 0: up to a NUL)
     client_random: bytes
     secret: bytes
+    label_addr: int = 0
+    label_len: int = 0
 
     def line(self) -> tuple[str, str, str] | None:
         """(label, client_random hex, secret hex); None when the record is not a whole line."""
@@ -239,13 +243,14 @@ _GO_KEYLOG = GO_KEYLOG_REC.after("h")
 
 def decode_go_keyline(raw: bytes) -> GoKeyLine:
     _ts, _type, pid, _tid, _uid, comm = HEADER.unpack_from(raw, 0)
-    (conn, fd, _pad0, family, lport, rport, laddr, raddr, label_len, random_len, secret_len, _pad, label, random,
-     secret) = _GO_KEYLOG.unpack_from(raw, HEADER.size)
-    ok = label_len <= 48 and random_len == 32 and 0 < secret_len <= 64
+    (conn, fd, _pad0, family, lport, rport, laddr, raddr, label_len, random_len, secret_len, unread, label_addr,
+     label, random, secret) = _GO_KEYLOG.unpack_from(raw, HEADER.size)
+    ok = label_len <= 48 and random_len == 32 and 0 < secret_len <= 64 and not unread & KEYLINE_DATA_UNREAD
     la, lp, ra, rp = _conn(family, lport, rport, laddr, raddr)
+    text = None if unread & KEYLINE_LABEL_UNREAD else label[:label_len].decode("ascii", "replace")
     return GoKeyLine(pid, _comm(comm), conn, fd if fd >= 0 else None, (la, lp, ra, rp) if la else None,
-                     label[:label_len].decode("ascii", "replace") if ok else "",
-                     random if ok else b"", secret[:secret_len] if ok else b"")
+                     text if ok else "", random if ok else b"", secret[:secret_len] if ok else b"",
+                     label_addr, label_len)
 
 
 class TlsTracer:
