@@ -207,3 +207,39 @@ const opts = {host: "127.0.0.1", port: +port, path, rejectUnauthorized: false, a
 if (version === "1.2") opts.ciphers = "ECDHE-ECDSA-AES256-GCM-SHA384";
 https.get(opts, r => { let d = ""; r.on("data", c => d += c); r.on("end", () => { process.stdout.write(d); }); });
 '''
+
+
+def pump_handshake(c, s, bios, deliver, rounds: int = 20) -> bool:
+    """Run the handshake of client c (reading bios[0], writing bios[1]) and server s (reading bios[2],
+    writing bios[3]) in memory: each side's output, in the order written, goes to deliver(side, data)
+    (0: the client, 1: the server) and then to the other side. Whether both finished."""
+    import ssl
+
+    finished = [False, False]
+    for _ in range(rounds):
+        for side, (obj, out, peer_in) in enumerate(((c, bios[1], bios[2]), (s, bios[3], bios[0]))):
+            if not finished[side]:
+                try:
+                    obj.do_handshake()
+                    finished[side] = True
+                except ssl.SSLWantReadError:
+                    pass
+            data = out.read()
+            if data:
+                deliver(side, data)
+                peer_in.write(data)
+        if all(finished):
+            break
+    return all(finished)
+
+
+def add_segments(facts, seq: dict, src, dst, data: bytes, mss: int = 0) -> None:
+    """data sent from src to dst, given to a HelloFacts as TCP segments of at most mss bytes (0: one
+    segment), numbered from seq[src] on."""
+    from crypto_tracer.probes.tls_hello import Segment
+
+    step = mss or len(data)
+    for i in range(0, len(data), step):
+        part = data[i:i + step]
+        facts.add(Segment(0, True, src, dst, seq[src], len(part), part, repr((src, dst)).encode()))
+        seq[src] = (seq[src] + len(part)) & 0xFFFFFFFF

@@ -11,6 +11,7 @@ import pytest
 from crypto_tracer.pipeline.hello_facts import HelloFacts
 from crypto_tracer.probes.tls_hello import Segment
 from tests.harness import make_cert
+from tests.tls_helpers import add_segments, pump_handshake
 
 CLIENT, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 443)
 
@@ -43,30 +44,12 @@ def handshake(cert, client_setup=None, server_setup=None, session=None, mss=0, s
     seq = {CLIENT: 1000, SERVER: 5000}
     facts.sent = {CLIENT: b"", SERVER: b""}  # each side's bytes, for the comparison with dpkt
 
-    def send(src, dst, data):
+    def send(side, data):
+        src, dst = (CLIENT, SERVER) if side == 0 else (SERVER, CLIENT)
         facts.sent[src] += data
-        step = mss or len(data)
-        for i in range(0, len(data), step):
-            part = data[i:i + step]
-            facts.add(Segment(0, True, src, dst, seq[src], len(part), part, repr((src, dst)).encode()))
-            seq[src] = (seq[src] + len(part)) & 0xFFFFFFFF
+        add_segments(facts, seq, src, dst, data, mss)
 
-    finished = [False, False]
-    for _ in range(20):
-        for i, (obj, out, peer_in, src, dst) in enumerate(((c, bios[1], bios[2], CLIENT, SERVER),
-                                                           (s, bios[3], bios[0], SERVER, CLIENT))):
-            if not finished[i]:
-                try:
-                    obj.do_handshake()
-                    finished[i] = True
-                except ssl.SSLWantReadError:
-                    pass
-            data = out.read()
-            if data:
-                send(src, dst, data)
-                peer_in.write(data)
-        if all(finished):
-            break
+    pump_handshake(c, s, bios, send)
     # read once more, so a TLS 1.3 server's tickets reach the client (session resumption)
     s.write(b"x")
     data = bios[3].read()

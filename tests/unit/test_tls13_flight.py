@@ -13,8 +13,8 @@ from cryptography import x509
 
 from crypto_tracer.pipeline import tls13_flight as tf
 from crypto_tracer.pipeline.hello_facts import HelloFacts
-from crypto_tracer.probes.tls_hello import Segment
 from tests.harness import make_cert
+from tests.tls_helpers import add_segments, pump_handshake
 
 CLIENT, SERVER = ("127.0.0.1", 40001), ("127.0.0.1", 8443)
 
@@ -56,26 +56,14 @@ def run(tmp_path, certs, version=ssl.TLSVersion.TLSv1_3, mtls=False, alpn=("h2",
     facts = HelloFacts(done=done.append, flights=True, completed=completed)
     seq = {CLIENT: 1000, SERVER: 5000}
     sent = {CLIENT: b"", SERVER: b""}
-    finished = [False, False]
-    for _ in range(20):
-        for i, (obj, out, peer_in, src, dst) in enumerate(((c, bios[1], bios[2], CLIENT, SERVER),
-                                                           (s, bios[3], bios[0], SERVER, CLIENT))):
-            if not finished[i]:
-                try:
-                    obj.do_handshake()
-                    finished[i] = True
-                except ssl.SSLWantReadError:
-                    pass
-            data = out.read()
-            sent[src] += data
-            for j in range(0, len(data), mss):
-                part = data[j:j + mss]
-                facts.add(Segment(0, True, src, dst, seq[src], len(part), part, repr((src, dst)).encode()))
-                seq[src] += len(part)
-            peer_in.write(data)
-        if all(finished):
-            break
-    assert all(finished)
+
+    def send(side, data):
+        src, dst = (CLIENT, SERVER) if side == 0 else (SERVER, CLIENT)
+        sent[src] += data
+        add_segments(facts, seq, src, dst, data, mss)
+
+    assert pump_handshake(c, s, bios, send)
+
     lines = {}
     with open(keylog) as f:
         for line in f:
