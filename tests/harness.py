@@ -413,3 +413,38 @@ def assert_tuple(events, port, client, server, addr="127.0.0.1"):
         assert (e["local_addr"], e["local_port"], e["remote_addr"]) == (addr, port, addr), e
         assert e["fd"] is not None
     assert {e["local_port"] for e in cev} <= {e["remote_port"] for e in sev}
+
+
+# --- a network namespace behind a veth pair ------------------------------------------------------
+
+class VethNetns(NamedTuple):
+    """ns: the namespace; host_if / ns_if: the pair's ends; host_addr / ns_addr: 10.201.N.1 and .2."""
+    ns: str
+    host_if: str
+    ns_if: str
+    host_addr: str
+    ns_addr: str
+
+
+def veth_netns_names(tag: str, subnet: int) -> VethNetns:
+    """Names for a namespace behind a veth pair (MTU 1500, unlike lo's 64 KiB), unique per test run."""
+    n = os.getpid() % 10000
+    return VethNetns(f"ct{tag}{n}", f"ct{tag[:1]}{n}a", f"ct{tag[:1]}{n}b", f"10.201.{subnet}.1",
+                     f"10.201.{subnet}.2")
+
+
+def make_veth_netns(v: VethNetns) -> None:
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", v.ns)
+    run("ip", "link", "add", v.host_if, "mtu", "1500", "type", "veth", "peer", "name", v.ns_if, "mtu", "1500")
+    run("ip", "link", "set", v.ns_if, "netns", v.ns)
+    run("ip", "addr", "add", f"{v.host_addr}/24", "dev", v.host_if)
+    run("ip", "link", "set", v.host_if, "up")
+    run("ip", "netns", "exec", v.ns, "ip", "addr", "add", f"{v.ns_addr}/24", "dev", v.ns_if)
+    run("ip", "netns", "exec", v.ns, "ip", "link", "set", v.ns_if, "up")
+    run("ip", "netns", "exec", v.ns, "ip", "link", "set", "lo", "up")
+
+
+def remove_veth_netns(v: VethNetns) -> None:
+    subprocess.run(["ip", "link", "del", v.host_if], capture_output=True)
+    subprocess.run(["ip", "netns", "del", v.ns], capture_output=True)

@@ -6,7 +6,6 @@ ChaCha20, X25519 and P-256), node -> node (OpenSSL 3.5: X25519MLKEM768), openssl
 resumption, gnutls-cli -> gnutls-serv and NSS's tstclnt -> selfserv. Ground truth: what each
 peer was told to use, or what it reports itself."""
 
-import os
 import re
 import subprocess
 
@@ -14,7 +13,7 @@ import pytest
 from cryptography import x509
 
 from tests.e2e import tlspeers as tp
-from tests.harness import free_port, need_root, need_tool
+from tests.harness import free_port, make_veth_netns, need_root, need_tool, remove_veth_netns, veth_netns_names
 
 pytestmark = pytest.mark.ebpf
 
@@ -318,21 +317,12 @@ def veth_netns():
     starts; test_tls_new_interfaces.py makes one after)."""
     need_root()
     need_tool("ip")
-    ns, host_if, ns_if = f"cthello{os.getpid() % 10000}", f"cth{os.getpid() % 10000}a", f"cth{os.getpid() % 10000}b"
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    run("ip", "netns", "add", ns)
+    v = veth_netns_names("hello", 7)
     try:
-        run("ip", "link", "add", host_if, "mtu", "1500", "type", "veth", "peer", "name", ns_if, "mtu", "1500")
-        run("ip", "link", "set", ns_if, "netns", ns)
-        run("ip", "addr", "add", "10.201.7.1/24", "dev", host_if)
-        run("ip", "link", "set", host_if, "up")
-        run("ip", "netns", "exec", ns, "ip", "addr", "add", "10.201.7.2/24", "dev", ns_if)
-        run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
-        run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield ns
+        make_veth_netns(v)
+        yield v.ns
     finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        remove_veth_netns(v)
 
 
 def test_real_interface_segments(veth_netns, tmp_path):

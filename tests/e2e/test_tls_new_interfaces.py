@@ -2,13 +2,13 @@
 follows them from the kernel's link notifications (host/links.py), so a handshake over one has
 its facts, in `tls -m handshake` and in `tls -m json`'s tls_handshake events."""
 
-import os
 import subprocess
 
 import pytest
 
 from tests.e2e import tlspeers as tp
-from tests.harness import free_port, make_cert, need_root, need_tool, wait_until
+from tests.harness import (free_port, make_cert, make_veth_netns, need_root, need_tool, remove_veth_netns,
+                           veth_netns_names, wait_until)
 
 pytestmark = pytest.mark.ebpf
 
@@ -23,24 +23,11 @@ def late_veth():
     """Made by the test once the tracer runs: (make, namespace, host-side name)."""
     need_root()
     need_tool("ip", "tc")
-    n = os.getpid() % 10000
-    ns, host_if, ns_if = f"ctlate{n}", f"ctl{n}h", f"ctl{n}n"
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-
-    def make():
-        run("ip", "netns", "add", ns)
-        run("ip", "link", "add", host_if, "mtu", "1500", "type", "veth", "peer", "name", ns_if, "mtu", "1500")
-        run("ip", "link", "set", ns_if, "netns", ns)
-        run("ip", "addr", "add", "10.201.9.1/24", "dev", host_if)
-        run("ip", "link", "set", host_if, "up")
-        run("ip", "netns", "exec", ns, "ip", "addr", "add", "10.201.9.2/24", "dev", ns_if)
-        run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
-
+    v = veth_netns_names("late", 9)
     try:
-        yield make, ns, host_if
+        yield (lambda: make_veth_netns(v)), v.ns, v.host_if
     finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        remove_veth_netns(v)
 
 
 @pytest.mark.parametrize("mode", ["handshake", "json"])
