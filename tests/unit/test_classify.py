@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from crypto_tracer.host import classify
+from crypto_tracer.host import classify, elf, proc
 from crypto_tracer.probes.monitor import fnv1a
 
 
@@ -85,12 +85,33 @@ def test_unreadable_pem_is_not_guessed(tmp_path):
     ("/usr/lib/libgcrypt.so.20", "libgcrypt"),
     ("/usr/lib/libssl3.so", "libssl3"),
     ("/usr/lib/libcrypto-3.so", "libcrypto"),
+    # a wheel's bundled copies, renamed by auditwheel with a hash
+    ("/venv/site-packages/pycurl.libs/libssl-8b66dd34.so.3", "libssl"),
+    ("/venv/site-packages/psycopg_binary.libs/libcrypto-a1b2c3d4.so.3", "libcrypto"),
+    ("/venv/site-packages/pycurl.libs/libcurl-330bcbb6.so.4.8.0", None),
+    ("/usr/lib/x86_64-linux-gnu/libgnutls-openssl.so.27", None),
     ("/lib/x86_64-linux-gnu/libcrypt.so.1", None),  # password hashing, not a crypto library
     ("/lib/x86_64-linux-gnu/libc.so.6", None),
     ("/usr/lib/libssl.a", None),
 ])
 def test_library_name(path, name):
     assert classify.library_name(path) == name
+
+
+def test_wheel_libssl_version_comes_from_the_libcrypto_it_needs():
+    """pycurl's libssl-8b66dd34.so.3 has no banner; its libcrypto has another hash: found by DT_NEEDED."""
+    import glob
+
+    import pycurl  # the test extra's wheel: OpenSSL 3.6.5
+
+    libssl = glob.glob(os.path.join(os.path.dirname(os.path.dirname(pycurl.__file__)), "pycurl.libs", "libssl-*.so*"))
+    assert len(libssl) == 1, libssl
+    with elf.ElfFile.open(libssl[0]) as f:
+        needed = [n for n in f.needed if n.startswith("libcrypto-")]
+    assert len(needed) == 1 and needed[0] not in libssl[0]
+    assert classify.library_version(libssl[0]) == pycurl.version.split("OpenSSL/")[1].split()[0] == "3.6.5"
+    maps = f"7f00-7f10 r-xp 00003000 fe:00 53 {libssl[0]}\n".encode()
+    assert list(proc.mapped_libraries(maps)) == [(libssl[0], False)]
 
 
 def test_openssl_version_is_read_from_the_file():

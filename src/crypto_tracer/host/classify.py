@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+import struct
 
-from crypto_tracer.host import elf
+from crypto_tracer.host import elf, proc
 
 # file name suffix -> file type (lower-case comparison)
 SUFFIX_TYPES: dict[str, str] = {
@@ -159,7 +160,7 @@ CRYPTO_LIBRARIES: dict[str, str] = {
     "libgcrypt": "libgcrypt",
     "libk5crypto": "krb5",
 }
-_LIB_RE = re.compile(r"^(lib[a-z0-9_]+?)(?:-[0-9][0-9.]*)?\.so(?:\.[0-9.]+)?$")
+_LIB_RE = re.compile("^" + proc.LIBRARY_NAME + r"(?:\.[0-9.]+)?$")
 
 
 def library_name(path: str) -> str | None:
@@ -197,13 +198,29 @@ def library_version(path: str, name: str | None = None) -> str | None:
     if version is None and not os.path.exists(path):
         return None  # gone while read (a /proc/PID/root path whose process exited): nothing learned
     if version is None and name == "libssl":
-        sibling = re.sub(r"libssl(\.so)", r"libcrypto\1", path)
-        if sibling != path:
+        sibling = _libcrypto_of(path)
+        if sibling is not None:
             version = library_version(sibling, "libcrypto")
         if version is None:
             return None  # the sibling may be unreachable only now (its process exited): don't cache
     _version_cache[key] = version
     return version
+
+
+def _libcrypto_of(libssl: str) -> str | None:
+    """The libcrypto beside a libssl: the one it links against (a wheel's libssl-8b66dd34.so.3
+    needs libcrypto-fa202293.so.3), else the same name with libcrypto for libssl."""
+    f = elf.open_or_none(libssl)
+    if f is not None:
+        with f:
+            try:
+                needed = [n for n in f.needed if library_name(n) == "libcrypto"]
+            except (ValueError, struct.error, IndexError, OSError):
+                needed = []
+        if needed:
+            return os.path.join(os.path.dirname(libssl), needed[0])
+    sibling = re.sub(r"libssl(\.so)", r"libcrypto\1", libssl)
+    return sibling if sibling != libssl else None
 
 
 def _read_version(path: str, name: str) -> str | None:

@@ -142,8 +142,7 @@ def static_boringssl(path: str) -> TlsExports | None:
 
 
 def _candidate(path: str) -> bool:
-    base = os.path.basename(path)
-    return base.startswith(("libssl.so", "libgnutls.so", "libnspr4.so", "libssl3.so"))
+    return classify.library_name(path) in ("libssl", "libgnutls", "libnspr4", "libssl3")
 
 
 def library_files(pid: int, maps: bytes | None = None, root: str | None = None) -> list[tuple[str, str, bool]]:

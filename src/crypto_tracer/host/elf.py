@@ -36,6 +36,7 @@ SHT_RELA = 4
 EM_X86_64, EM_AARCH64 = 62, 183
 ET_EXEC, ET_DYN = 2, 3
 R_X86_64_RELATIVE, R_AARCH64_RELATIVE = 8, 1027
+DT_NEEDED = 1
 DT_SONAME = 14
 NT_GNU_BUILD_ID = 3
 
@@ -254,20 +255,31 @@ class ElfFile:
                 pos = name_end + ((descsz + 3) & ~3)
         return None
 
-    @property
-    def soname(self) -> str | None:
+    def _dynamic_strings(self, tag: int) -> list[str]:
+        """The strings of every dynamic entry with this tag (DT_SONAME, DT_NEEDED), in order."""
+        out = []
         for sec in self.sections_of_type(SHT_DYNAMIC):
             if not sec.entsize or sec.link >= len(self.sections):
                 continue
             dynstr = self.sections[sec.link].offset
             dynamic = self.read(sec.offset, sec.size)
             for pos in range(0, len(dynamic) - 15, sec.entsize):
-                tag, val = struct.unpack_from("<qQ", dynamic, pos)
-                if tag == DT_SONAME:
-                    return self._string(dynstr + val)
-                if tag == 0:  # DT_NULL
+                entry, val = struct.unpack_from("<qQ", dynamic, pos)
+                if entry == 0:  # DT_NULL
                     break
-        return None
+                if entry == tag:
+                    out.append(self._string(dynstr + val))
+        return out
+
+    @property
+    def soname(self) -> str | None:
+        names = self._dynamic_strings(DT_SONAME)
+        return names[0] if names else None
+
+    @property
+    def needed(self) -> list[str]:
+        """The libraries it links against (DT_NEEDED), e.g. libcrypto-fa202293.so.3 for a wheel's libssl."""
+        return self._dynamic_strings(DT_NEEDED)
 
     # --- symbols -----------------------------------------------------------------------------
 

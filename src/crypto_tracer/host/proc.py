@@ -220,7 +220,10 @@ class ProcessCache:
 
 # --- maps, fds ----------------------------------------------------------------------------------
 
-MAPS_LIBRARY_RE = re.compile(rb" (/[^\n]*/lib[a-z0-9_]+(?:-[0-9][0-9.]*)?\.so[^\n/]*?)( \(deleted\))?$", re.M)
+# A shared library's file name: its stem, then a version (libgnutls-3.so) or the hash auditwheel
+# gives a library bundled in a wheel (pycurl.libs/libssl-8b66dd34.so.3), then .so and a version.
+LIBRARY_NAME = r"(lib[a-z0-9_]+?)(?:-[0-9][0-9.]*|-[0-9a-f]{8})?\.so"
+MAPS_LIBRARY_RE = re.compile(rb" (/[^\n]*/" + LIBRARY_NAME.encode() + rb"[^\n/]*?)( \(deleted\))?$", re.M)
 
 
 def read_maps(pid: int) -> bytes | None:
@@ -241,7 +244,7 @@ def mapped_libraries(maps: bytes):
     """(path, deleted) of each shared-library mapping ("/.../libNAME[-VER].so*"), in maps order,
     repeated once per mapping (a file is usually mapped several times)."""
     for m in MAPS_LIBRARY_RE.finditer(maps):
-        yield m.group(1).decode(errors="replace"), m.group(2) is not None
+        yield m.group(1).decode(errors="replace"), m.group(3) is not None
 
 
 def socket_inode(link: str) -> int | None:
