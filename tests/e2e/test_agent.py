@@ -170,6 +170,7 @@ def test_prometheus_scrapes_counters_equal_to_the_agents_accounting(tmp_path):
             "crypto_tracer_tls_handshakes_total": {(("post_quantum", h["post_quantum"]), ("tls_version", h["tls_version"])):
                                                    h["count"] for h in acc["handshakes"]["by_kind"]},
             "crypto_tracer_last_snapshot_timestamp_seconds": {(): acc["snapshot"]["last_time"]},
+            "crypto_tracer_process_records_dropped_total": {(): acc["handshakes"]["process_records_dropped"]},
         }
         # the agent exited once Prometheus had come back after its final figures: the last samples are those
         # figures (waited for: a query may not see the last samples of a scrape at once)

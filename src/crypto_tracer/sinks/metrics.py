@@ -68,6 +68,9 @@ def families(acc: dict):
     for kind in hs["by_kind"]:
         handshakes.add_metric([kind["tls_version"], kind["post_quantum"]], kind["count"])
     yield handshakes
+    if hs["active"]:  # a lost record costs its handshakes the kernel's exe/mnt_ns (then /proc, or null)
+        yield CounterMetricFamily(f"{p}_process_records_dropped", "process records (exe, mount namespace at "
+                                  "connect) the handshake classifier could not queue", value=hs["process_records_dropped"])
     rb = acc["ring_buffer"]
     yield GaugeMetricFamily(f"{p}_ring_buffer_fill_ratio", "share of the kernel ring buffer waiting to be read",
                             value=rb["fill"])
