@@ -176,6 +176,7 @@ def test_metrics_families_expose_the_accounting():
            "sinks": {"events_file": {"written": 3, "dropped": {"queue_full": 0, "disk_full": 1}, "queued": 0,
                                      "capacity": 8}},
            "handshakes": {"active": True, "events": 3, "packets_seen": 9, "packets_dropped": 1, "attached": 6,
+                          "process_records_dropped": 4,
                           "by_kind": [{"tls_version": "TLSv1.2", "post_quantum": "false", "count": 1},
                                       {"tls_version": "TLSv1.3", "post_quantum": "true", "count": 2}]},
            "ring_buffer": {"fill": 0.25, "size": 4096}, "probes_attached": 9, "libraries_hooked": 0,
@@ -195,6 +196,7 @@ def test_metrics_families_expose_the_accounting():
                  'crypto_tracer_events_dropped_total{reason="ring_buffer_full",sink="kernel_handshakes"} 1.0',
                  'crypto_tracer_tls_handshakes_total{post_quantum="true",tls_version="TLSv1.3"} 2.0',
                  'crypto_tracer_tls_handshakes_total{post_quantum="false",tls_version="TLSv1.2"} 1.0',
+                 "crypto_tracer_process_records_dropped_total 4.0",
                  "crypto_tracer_ring_buffer_fill_ratio 0.25", "crypto_tracer_config_reloads_total 2.0",
                  'crypto_tracer_snapshot_items{kind="processes"} 5.0',
                  "crypto_tracer_last_snapshot_timestamp_seconds 1.7000000005e+09"):
@@ -205,7 +207,7 @@ def _acc(seen: int) -> dict:
     return {"kernel": {"seen": seen, "kernel_filtered": seen, "dropped": 0, "submitted": 0}, "received": 0,
             "filtered_user": 0, "output": 0, "events_by_type": {}, "sinks": {}, "ring_buffer": {"fill": 0.0, "size": 4096},
             "handshakes": {"active": False, "events": 0, "by_kind": [], "packets_seen": 0, "packets_dropped": 0,
-                           "attached": 0},
+                           "process_records_dropped": 0, "attached": 0},
             "probes_attached": 0, "libraries_hooked": 0, "libraries_seen": 0,
             "snapshot": {"count": 0, "failed": 0, "last_time": None, "duration": 0.0, "processes": 0, "libraries": 0,
                          "files": 0}, "reloads": 0}
