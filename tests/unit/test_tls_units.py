@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from crypto_tracer.errors import TracerError
-from crypto_tracer.host import discovery
+from crypto_tracer.host import discovery, proc
 from crypto_tracer.probes import common
 from crypto_tracer.probes import tls as probe
 from crypto_tracer.sinks.text import TextSink, as_text, endpoint, hex_dump
@@ -40,9 +40,11 @@ def test_decode_data_record():
 
 def test_addresses():
     mapped = bytes(10) + b"\xff\xff" + bytes([192, 168, 1, 2])
-    assert probe.address(10, mapped) == "192.168.1.2"  # IPv4-mapped IPv6 prints as IPv4
-    assert probe.address(10, bytes(15) + b"\x01") == "::1"
-    assert probe.address(0, bytes(16)) is None
+    for _ in range(2):  # computed, then cached
+        assert proc.address_text(10, mapped) == "192.168.1.2"  # IPv4-mapped IPv6 prints as IPv4
+        assert proc.address_text(10, bytes(15) + b"\x01") == "::1"
+        assert proc.address_text(2, bytes([10, 0, 0, 1])) == "10.0.0.1"
+        assert proc.address_text(0, bytes(16)) is None
     assert endpoint("::1", 443) == "[::1]:443" and endpoint(None, None) == "?"
 
 

@@ -268,15 +268,28 @@ def socket_inodes(pid: int) -> list[int]:
 
 # --- addresses, /proc/net/tcp{,6} ---------------------------------------------------------------
 
+_ADDRESS_TEXTS: dict[tuple[int, bytes], str | None] = {}
+
+
 def address_text(family: int, raw: bytes) -> str | None:
     """An address (network byte order) as text; IPv4-mapped IPv6 prints as IPv4; None for a
-    family that is neither AF_INET nor AF_INET6."""
+    family that is neither AF_INET nor AF_INET6. Cached: a host talks to few peers, and every
+    TLS record and hello segment names two addresses (ipaddress takes ~5 us)."""
+    key = (family, raw)
+    text = _ADDRESS_TEXTS.get(key, "")
+    if text != "":
+        return text
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    if family == AF_INET6:
+        text = str(ipaddress.IPv4Address(raw[:4]))
+    elif family == AF_INET6:
         addr = ipaddress.IPv6Address(raw[:16])
-        return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
-    return None
+        text = str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
+    else:
+        text = None
+    if len(_ADDRESS_TEXTS) >= 65536:
+        _ADDRESS_TEXTS.clear()
+    _ADDRESS_TEXTS[key] = text
+    return text
 
 
 def tcp_address(text: str | bytes) -> bytes:

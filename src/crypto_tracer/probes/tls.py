@@ -105,20 +105,6 @@ class _NoUprobeMulti(Exception):
     """The kernel refused a uprobe_multi link (before Linux 6.6): use one link per probe."""
 
 
-_ADDRESSES: dict[tuple[int, bytes], str | None] = {}
-
-
-def address(family: int, raw: bytes) -> str | None:
-    """An address as text; IPv4-mapped IPv6 prints as IPv4 (cached: a host talks to few peers)."""
-    key = (family, raw)
-    text = _ADDRESSES.get(key, "")
-    if text == "":
-        if len(_ADDRESSES) > 65536:
-            _ADDRESSES.clear()
-        text = _ADDRESSES[key] = address_text(family, raw)
-    return text
-
-
 @dataclass(slots=True)
 class TlsData:
     ts_ns: int
@@ -169,7 +155,7 @@ TLS_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TL
 def _conn(family, lport, rport, laddr, raddr):
     if family not in (AF_INET, AF_INET6):
         return None, None, None, None
-    return address(family, laddr), lport, address(family, raddr), rport
+    return address_text(family, laddr), lport, address_text(family, raddr), rport
 
 
 def _comm(raw: bytes) -> str:
@@ -196,7 +182,7 @@ def decode_data(raw: bytes) -> TlsData:
             _COMMS.clear()
         name = _COMMS[comm] = _comm(comm)
     if family == AF_INET or family == AF_INET6:
-        la, ra = address(family, laddr), address(family, raddr)
+        la, ra = address_text(family, laddr), address_text(family, raddr)
     else:
         la = ra = lport = rport = None
     return TlsData(ts, pid, tid, uid, name, LIB_NAMES.get(lib, str(lib)), FUNC_NAMES.get(func, str(func)),
