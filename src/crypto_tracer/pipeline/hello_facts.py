@@ -16,6 +16,7 @@ they stay None.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -286,7 +287,19 @@ def parse_certificate(body: bytes, facts: ConnFacts) -> None:
     facts.cert_der = r.vector(3) if r.data else None
 
 
+_CERT_FACTS: dict[bytes, dict] = {}  # DER -> facts: a server shows the same certificate to every client
+
+
 def _certificate_facts(der: bytes) -> dict:
+    facts = _CERT_FACTS.get(der)
+    if facts is None:
+        if len(_CERT_FACTS) >= 1024:
+            _CERT_FACTS.clear()
+        facts = _CERT_FACTS[der] = _read_certificate(der)
+    return facts
+
+
+def _read_certificate(der: bytes) -> dict:
     try:
         from cryptography import x509
 
@@ -566,20 +579,26 @@ def ja4(facts: ConnFacts) -> str | None:
     in order. None without a parsed ClientHello."""
     if facts.offered_suites is None or facts.offered_extensions is None:
         return None
-    versions = [v for v in facts.offered_versions or [] if not _grease(v)]
+    return _ja4(facts.transport == "quic", tuple(facts.offered_versions or ()), tuple(facts.offered_suites),
+                tuple(facts.offered_extensions), facts.alpn_offered[0] if facts.alpn_offered else None,
+                tuple(facts.signature_algorithms or ()))
+
+
+@functools.lru_cache(maxsize=1024)  # a client sends the same ClientHello shape on every connection
+def _ja4(quic: bool, offered_versions: tuple, suites: tuple, exts: tuple, first_alpn: str | None, sig_algs: tuple) -> str:
+    versions = [v for v in offered_versions if not _grease(v)]
     version = _JA4_VERSIONS.get(max(versions), "00") if versions else "00"
-    exts = facts.offered_extensions
     alpn = "00"
-    if facts.alpn_offered and facts.alpn_offered[0]:
-        first = facts.alpn_offered[0].encode("utf-8")
+    if first_alpn:
+        first = first_alpn.encode("utf-8")
         ends = _alpn_end(first[0]), _alpn_end(first[-1])
         alpn = "99" if None in ends else ends[0] + ends[1]
-    a = f"{'q' if facts.transport == 'quic' else 't'}{version}{'d' if EXT_SNI in exts else 'i'}{min(len(facts.offered_suites), 99):02d}" \
+    a = f"{'q' if quic else 't'}{version}{'d' if EXT_SNI in exts else 'i'}{min(len(suites), 99):02d}" \
         f"{min(len(exts), 99):02d}{alpn}"
-    b = _sha12(sorted(facts.offered_suites)) if facts.offered_suites else "000000000000"
+    b = _sha12(sorted(suites)) if suites else "000000000000"
     sorted_exts = sorted(e for e in exts if e not in (EXT_SNI, EXT_ALPN))
     c_text = ",".join(f"{e:04x}" for e in sorted_exts)
-    sigs = [s for s in facts.signature_algorithms or [] if not _grease(s)]
+    sigs = [s for s in sig_algs if not _grease(s)]
     if sigs:
         c_text += "_" + ",".join(f"{s:04x}" for s in sigs)
     import hashlib
