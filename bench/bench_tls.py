@@ -21,7 +21,10 @@ In one run, alternating, each mode R times (the median is reported):
   untraced-close, handshake-close   the same two with wrk sending "Connection: close": one TCP
                connection and one full TLS handshake per request, where per-handshake cost shows
                (x untraced of handshake-close is to untraced-close)
-With --handshake only untraced, floor and the four handshake rows run.
+  decrypt-close   tls -m handshake --decrypt-handshake, "Connection: close": the key hooks in
+               libssl (nginx's and wrk's) and each TLS 1.3 flight decrypted for its ALPN and
+               certificate (x untraced is to untraced-close)
+With --handshake only untraced, floor and the five handshake rows run.
 For each: requests/s and p99 latency, and their ratios to untraced (same run) and to the
 floor; the tracer's CPU (user+sys seconds per wall second) and peak RSS; events lost.
 Targets: capture >= 0.9x the floor, 0 events lost, RSS <= 50 MB.
@@ -149,10 +152,10 @@ def proc_hwm_mb(pid: int) -> float:
     return 0.0
 
 
-def run_handshake(seconds: int, out: str, close: bool) -> dict:
+def run_handshake(seconds: int, out: str, close: bool, extra: tuple = ()) -> dict:
     """tls -m handshake to a file under the load: events are its lines, lost the handshake packets
     it says it lost (its warning at exit)."""
-    p = subprocess.Popen(TRACER + ["-m", "handshake", "-o", out], env=ENV, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(TRACER + ["-m", "handshake", "-o", out, *extra], env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     for line in p.stderr:
         if "ready" in line:
@@ -263,7 +266,7 @@ def main() -> int:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # hooks: the real programs with data capture off (what the kernel side costs alone);
     # count: capture on, but user space only counts records (no decoding, no output).
-    handshake = ("handshake", "untraced-close", "handshake-close")
+    handshake = ("handshake", "untraced-close", "handshake-close", "decrypt-close")
     modes = ("untraced", "floor") + handshake if args.handshake else \
         ("untraced", "floor", "tc-hello", "hooks", "count", "text", "json", "text-pid", "json-pid") + handshake + \
         (("bpftrace",) if shutil.which("bpftrace") else ())
@@ -286,6 +289,8 @@ def main() -> int:
             rps, p99 = wrk(args.seconds, close=True)
             results["untraced-close"].append({"rps": rps, "p99": p99})
             results["handshake-close"].append(run_handshake(args.seconds, out, close=True))
+            results["decrypt-close"].append(run_handshake(args.seconds, out, close=True,
+                                                          extra=("--decrypt-handshake",)))
             os.unlink(out)
             if args.handshake:
                 continue
