@@ -229,6 +229,7 @@ struct quic_layout {
 	__u32 peer_ptr0;
 	__u32 peer_ptr1;
 	__u32 peer;
+	__u32 tls;            /* connection: its inner TLS object (SSL_CONNECTION *), whose secrets keys read */
 };
 
 struct {
@@ -541,6 +542,30 @@ static __always_inline __u64 quic_path(__u64 base, __u32 hops, __u32 ptr0, __u32
 	return base ? base + off : 0;
 }
 
+/* The object whose secrets tls_keys_read reads: for an OpenSSL 3.5+ QUIC connection or stream, the
+ * connection's inner TLS object (the handshake runs there; same layout as the build's plain TLS
+ * objects), found at the calibrated offset and checked (type 0, its user_ssl the connection); 0 when
+ * that cannot be had (no keys rather than a read of the wrong object). Anything else: itself. */
+static __always_inline __u64 keys_object(__u64 ssl, __u32 cookie)
+{
+	struct { __s32 type; __s32 pad; __u64 ptr[8]; } head = {};  /* the first 0x48 bytes */
+	__u32 type = 0;
+
+	if (!(cookie & CT_COOKIE_SPLIT) || bpf_probe_read_user(&type, sizeof(type), (void *)ssl) ||
+	    (type != CT_QUIC_CONNECTION && type != CT_QUIC_XSO))
+		return ssl;
+	__u32 slot = (cookie >> CT_COOKIE_QUIC_SHIFT) & (CT_QUIC_SLOTS - 1);
+	struct quic_layout *ql = slot ? bpf_map_lookup_elem(&quic_layouts, &slot) : NULL;
+	if (!ql || !ql->tls)
+		return 0;
+	__u64 qc = type == CT_QUIC_XSO ? read_ptr(ssl + ql->xso_conn) : ssl;
+	__u64 inner = qc ? read_ptr(qc + ql->tls) : 0;
+	if (!inner || bpf_probe_read_user(&head, sizeof(head), (void *)inner) || head.type != 0 ||
+	    (head.ptr[7] != qc && head.ptr[6] != qc))
+		return 0;
+	return inner;
+}
+
 /* A QUIC object's stream id, the UDP fd of its connection and the 4-tuple: the local end from the
  * socket, the remote from the connection's peer address (the server's socket is unconnected).
  * Without a learned layout all of it is unknown (fd: the calls' own syscalls, as for TCP).
@@ -623,7 +648,7 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 		}
 		return 0;
 	}
-	tls_keys_on_return(ctx, st.ssl, lib);
+	tls_keys_on_return(ctx, keys_object(st.ssl, st.cookie), lib);
 
 	struct tls_config *cfg = bpf_map_lookup_elem(&tls_config, &zero);
 	if (!cfg || !cfg->capture_data)
@@ -836,7 +861,7 @@ int BPF_KRETPROBE(tls_hs_return, long ret)
 		ct_count(CT_CNT_KFILTERED);
 		return 0;
 	}
-	tls_keys_on_return(ctx, st.ssl, cookie_lib(st.cookie));
+	tls_keys_on_return(ctx, keys_object(st.ssl, st.cookie), cookie_lib(st.cookie));
 
 	if (func == F_GNUTLS_HANDSHAKE) {
 		/* 0 done; GNUTLS_E_AGAIN (-28) / E_INTERRUPTED (-52): not finished yet */
@@ -903,7 +928,7 @@ int BPF_KPROBE(tls_free, void *ssl)
 	struct ssl_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .ssl = (__u64)ssl};
 	struct ct_keys_done_key pkey = {.ssl = (__u64)ssl, .tgid = key.tgid};
 	struct ct_keys_pending_val *pv = bpf_map_lookup_elem(&keys_pending, &pkey);
-	int status = tls_keys_on_return(ctx, (__u64)ssl, CT_LIB_OPENSSL);
+	int status = tls_keys_on_return(ctx, keys_object((__u64)ssl, bpf_get_attach_cookie(ctx)), CT_LIB_OPENSSL);
 
 	if (pv) {
 		emit_object((__u64)ssl, pv->slot, status == CT_KEYS_INCOMPLETE ? CT_OBJ_FREE_INCOMPLETE : CT_OBJ_FREE);
@@ -919,22 +944,24 @@ int BPF_KPROBE(tls_free, void *ssl)
 SEC("uretprobe")
 int BPF_KRETPROBE(tls_new_return, long ret)
 {
-	__u32 slot = CT_TLS_KEYS_SLOT(bpf_get_attach_cookie(ctx));
+	__u32 cookie = bpf_get_attach_cookie(ctx), slot = CT_TLS_KEYS_SLOT(cookie);
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
-	struct ct_keys_done_key pkey = {.ssl = (__u64)ret, .tgid = tgid};
+	/* a QUIC connection's secrets are its inner TLS object's: that one is watched */
+	__u64 obj = ret && slot ? keys_object((__u64)ret, cookie) : 0;
+	struct ct_keys_done_key pkey = {.ssl = obj, .tgid = tgid};
 	struct ct_keys_pending_val val = {.slot = slot, .lib_kind = CT_LIB_OPENSSL};
 	char comm[CT_COMM_LEN];
 	__u8 one = 1;
 
-	if (!ret || !slot)
+	if (!obj)
 		return 0;
 	bpf_get_current_comm(comm, sizeof(comm));
 	if (!ct_process_wanted(tgid, (__u32)bpf_get_current_uid_gid(), comm))
 		return 0;
 	bpf_map_update_elem(&keys_pending, &pkey, &val, BPF_ANY);
 	bpf_map_update_elem(&keys_pending_tgid, &tgid, &one, BPF_ANY);
-	emit_object((__u64)ret, slot, CT_OBJ_NEW);
+	emit_object(obj, slot, CT_OBJ_NEW);
 	return 0;
 }
 

@@ -3,7 +3,8 @@
  * ingress and egress on every interface), for the handshake facts user space reads from them
  * (probes/tls_hello.py): version, cipher suite, key-exchange group, SNI, ALPN, resumption and,
  * for TLS 1.2, the certificate. QUIC's hellos travel in Initial packets whose keys any observer can
- * derive: UDP datagrams starting with one are copied (up to QUIC_MAX bytes: quic_initial() below).
+ * derive: UDP datagrams starting with one are copied (up to QUIC_MAX bytes: quic_initial() below),
+ * and, for user space that has the handshake secrets, those starting with a Handshake packet.
  *
  * Only segments that start a ClientHello or ServerHello record (content type 22, version 3.x,
  * handshake type 1 or 2) are copied, plus the next few segments of the same flow and direction
@@ -69,7 +70,7 @@ struct hello_rec {
 	__u32 seq;         /* TCP sequence number of the payload's first byte (UDP: 0) */
 	__u32 payload_len; /* of the segment (pre-GSO on lo: can exceed the MTU) */
 	__u32 cap_len;
-	__u32 proto;       /* IPPROTO_UDP: data is a UDP datagram starting with a QUIC Initial packet */
+	__u32 proto;       /* IPPROTO_UDP: data is a UDP datagram starting with a QUIC Initial or Handshake packet */
 	__u8 data[HELLO_MAX];
 };
 
@@ -157,11 +158,15 @@ static __always_inline int hello_send(struct __sk_buff *skb, __u32 egress, __u32
 
 /* QUIC (RFC 9000/9001, v2 RFC 9369): a UDP datagram whose first packet is a long-header Initial
  * (its keys come from the client's first Destination Connection ID, so user space can decrypt the
- * CRYPTO frames holding the ClientHello and ServerHello: pipeline/quic_initial.py). Any other
- * datagram costs one load and a few compares. No follow state: every Initial datagram is copied
- * (a handshake sends a handful), up to QUIC_MAX bytes. */
+ * CRYPTO frames holding the ClientHello and ServerHello: pipeline/quic_initial.py). Where user space
+ * reads encrypted flights (hello_iface.flights: it has the handshake traffic secrets of hooked
+ * libraries), datagrams that start with a Handshake packet too (EncryptedExtensions, Certificate:
+ * the rest of a server's flight after its first datagram, which starts with its Initial and carries
+ * Handshake packets coalesced). Any other datagram (1-RTT: short header) costs one load and a few
+ * compares. No follow state: Initial and Handshake packets exist only during a handshake (a handful
+ * of datagrams per connection), each copied up to QUIC_MAX bytes. */
 static __always_inline int quic_initial(struct __sk_buff *skb, __u32 egress, __u32 ifindex, struct hello_flow *fl,
-				   __u32 l4, __u32 end)
+				   __u32 l4, __u32 end, __u32 flights)
 {
 	__u8 h[13]; /* UDP header, the packet's first byte, its version */
 	if (bpf_skb_load_bytes(skb, l4, h, sizeof(h)))
@@ -169,8 +174,12 @@ static __always_inline int quic_initial(struct __sk_buff *skb, __u32 egress, __u
 	if ((h[8] & 0xc0) != 0xc0) /* long header, fixed bit */
 		return TC_ACT_UNSPEC;
 	__u32 version = ((__u32)h[9] << 24) | ((__u32)h[10] << 16) | ((__u32)h[11] << 8) | h[12];
-	__u8 type = (h[8] >> 4) & 3; /* Initial: 0 in v1, 1 in v2 */
-	if (!((version == QUIC_V1 && type == 0) || (version == QUIC_V2 && type == 1)))
+	__u8 type = (h[8] >> 4) & 3; /* Initial: 0 in v1, 1 in v2; Handshake: 2 in v1, 3 in v2 */
+	if (version == QUIC_V2)
+		type = (type + 3) & 3; /* v2's types, rotated to v1's */
+	else if (version != QUIC_V1)
+		return TC_ACT_UNSPEC;
+	if (type != 0 && !(type == 2 && flights))
 		return TC_ACT_UNSPEC;
 	ct_count(CT_CNT_SEEN);
 	__u32 payload = l4 + 8;
@@ -223,7 +232,7 @@ static __always_inline int hello(struct __sk_buff *ctx, __u32 egress)
 		return TC_ACT_UNSPEC;
 	}
 	if (proto == IPPROTO_UDP)
-		return quic_initial(skb, egress, ifindex, &f, l4, end);
+		return quic_initial(skb, egress, ifindex, &f, l4, end, ifc->flights);
 	struct { __be16 sport, dport; __be32 seq, ack; __u8 off, flags; } tcp;
 	if (bpf_skb_load_bytes(skb, l4, &tcp, sizeof(tcp)))
 		return TC_ACT_UNSPEC;

@@ -8,7 +8,8 @@ searches the objects' memory for what the library's own API and the sockets say 
 SSL_get0_connection (stream -> connection), SSL_get_stream_id (stream -> QUIC_STREAM -> id),
 the connection's default stream, SSL_get_rbio (connection -> network BIO) and its fd, and
 the peer's address (connection -> ... -> BIO_ADDR; the server's peer is the client socket's
-own address). An offset is kept only when it holds on every sample (client and server side);
+own address), and the inner TLS object the handshake runs in (its user_ssl points back to the
+connection, it holds SSL_get_client_random's bytes; keys are read there). An offset is kept only when it holds on every sample (client and server side);
 prints one JSON object: {"quic_layout": {...}} or {"error": "..."}.
 
 OsslQuic is also the tests' OpenSSL QUIC peer.
@@ -82,6 +83,7 @@ class OsslQuic:
             "SSL_new_stream": (vp, [vp, c_uint64]), "SSL_stream_conclude": (i, [vp, c_uint64]),
             "SSL_get_stream_id": (c_uint64, [vp]), "SSL_get0_connection": (vp, [vp]),
             "SSL_get_rbio": (vp, [vp]), "SSL_get_error": (i, [vp, i]), "SSL_shutdown": (i, [vp]),
+            "SSL_get_client_random": (c_size_t, [vp, c_char_p, c_size_t]),
             "SSL_write_ex": (i, [vp, c_char_p, c_size_t, POINTER(c_size_t)]),
             "SSL_read_ex": (i, [vp, c_char_p, c_size_t, POINTER(c_size_t)]),
             "SSL_set_incoming_stream_policy": (i, [vp, i, c_uint64]),
@@ -375,10 +377,27 @@ def calibrate(path: str) -> dict:
             got = _paths(c, lambda m, o, w=want: m[o:o + 8] == w, aligns=4)
             cands = got if cands is None else cands & got
         peer_path = _pick(cands, "the peer address")
+        # connection -> its inner TLS object: type 0, user_ssl (0x40 in 3.5+, 0x38 in 3.2-3.4) the connection,
+        # and its client_random the one SSL_get_client_random gives for the connection
+        cands = None
+        for c, _fd, _peer in conns:
+            want = ctypes.create_string_buffer(32)
+            if q.lib.SSL_get_client_random(c, want, 32) != 32:
+                raise QuicError("SSL_get_client_random")
+            mem, got = read(c, SPAN_OBJ), set()
+            for o in range(8, len(mem) - 7, 8):
+                inner = struct.unpack_from("<Q", mem, o)[0]
+                head = read(inner, 0x48)
+                if len(head) == 0x48 and struct.unpack_from("<I", head)[0] == 0 and \
+                        c in struct.unpack_from("<2Q", head, 0x38) and want.raw in read(inner, 0x800):
+                    got.add(o)
+            cands = got if cands is None else cands & got
+        tls = _pick({(c,) for c in cands}, "the inner TLS object")[0]
         verified = len(streams) + len(conns)
     return {"version": 1, "xso_conn": xso_conn, "xso_stream": xso_stream, "stream_id": stream_id,
             "qc_default_xso": defaults[0], "bio_path": list(bio_path[:-1]), "bio": bio_path[-1],
-            "bio_num": bio_num, "peer_path": list(peer_path[:-1]), "peer": peer_path[-1], "verified": verified}
+            "bio_num": bio_num, "peer_path": list(peer_path[:-1]), "peer": peer_path[-1], "tls": tls,
+            "verified": verified}
 
 
 def main() -> int:

@@ -11,7 +11,8 @@ from crypto_tracer.host.elf import build_id_or_digest as build_id
 from crypto_tracer.keys.calibrate import _safe_to_load, read_cache, run_worker, write_cache
 from crypto_tracer.log import log
 
-FIELDS = ("xso_conn", "xso_stream", "stream_id", "qc_default_xso", "bio_path", "bio", "bio_num", "peer_path", "peer")
+FIELDS = ("xso_conn", "xso_stream", "stream_id", "qc_default_xso", "bio_path", "bio", "bio_num", "peer_path", "peer",
+          "tls")
 MIN_VERIFIED = 8  # QUIC objects (streams and connections of both sides) every offset held on
 
 

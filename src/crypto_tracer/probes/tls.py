@@ -81,7 +81,7 @@ TLS_CTRL_REC = CStruct("tls_ctrl_rec", ("h", CT_HEADER), "name 32s")
 TLS_CONFIG = CStruct("tls_config", "capture_data I max_payload I")
 # keys/calibrate_quic_worker.py's layout as tls.bpf.c reads it
 QUIC_LAYOUT = CStruct("quic_layout", "xso_conn I xso_stream I stream_id I qc_default_xso I bio_hops I bio_ptr0 I "
-                      "bio_ptr1 I bio I bio_num I peer_hops I peer_ptr0 I peer_ptr1 I peer I")
+                      "bio_ptr1 I bio I bio_num I peer_hops I peer_ptr0 I peer_ptr1 I peer I tls I")
 GO_KEYLOG_REC = CStruct("go_keylog_rec", ("h", CT_HEADER),
                         "conn Q fd i pad0 I", ("c", CONN),
                         "label_len I random_len I secret_len I unread I label_addr Q label 48s client_random 32s "
@@ -485,13 +485,14 @@ class TlsTracer:
         if lib.kind == BORINGSSL:  # its key bits (keys/extractor.py) are bssl_keylog's, nothing else's
             return key_bits if func == BSSL_LOG_SECRET else FUNC_IDS.get(func, 0) | COOKIE_BORINGSSL
         return FUNC_IDS.get(func, 0) | COOKIE_LAYOUTS.get(lib.openssl_layout, 0) | key_bits | \
-            self._quic_slot(lib) << COOKIE_QUIC_SHIFT
+            self._quic_slot(lib, bool(key_bits)) << COOKIE_QUIC_SHIFT
 
-    def _quic_slot(self, lib: TlsLibrary) -> int:
+    def _quic_slot(self, lib: TlsLibrary, keys: bool = False) -> int:
         """The quic_layouts slot of an OpenSSL 3.5+ library whose QUIC objects' layout is known
         (keys/quic_layout.py: calibrated on that file, cached by build-id); 0: unknown, and a QUIC
-        object's stream id and 4-tuple stay null."""
-        if not self.capture_data or lib.openssl_layout != discovery.SPLIT_SSL or \
+        object's stream id and 4-tuple stay null, and its secrets unread (keys: they are wanted, the
+        inner TLS object's offset is in the layout)."""
+        if not (self.capture_data or keys) or lib.openssl_layout != discovery.SPLIT_SSL or \
                 "SSL_new_listener" not in lib.offsets or ".so" not in os.path.basename(lib.path):
             return 0
         key = lib.build_id or lib.path
@@ -508,7 +509,7 @@ class TlsTracer:
                 self.obj.map("quic_layouts").update(struct.pack("<I", slot), QUIC_LAYOUT.struct.pack(
                     lay["xso_conn"], lay["xso_stream"], lay["stream_id"], lay["qc_default_xso"],
                     len(lay["bio_path"]), *(lay["bio_path"] + [0, 0])[:2], lay["bio"], lay["bio_num"],
-                    len(lay["peer_path"]), *(lay["peer_path"] + [0, 0])[:2], lay["peer"]))
+                    len(lay["peer_path"]), *(lay["peer_path"] + [0, 0])[:2], lay["peer"], lay["tls"]))
             self._quic_slots[key] = slot
         return slot
 
