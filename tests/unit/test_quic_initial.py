@@ -142,7 +142,7 @@ def _varint(v: int) -> bytes:
 
 
 def protect(keys, version, dcid, scid, pn, frames: bytes, pad_to: int = 0, token: bytes = b"") -> bytes:
-    itype = qi.VERSIONS[version][2]
+    itype = {qi.V1: 0, qi.V2: 1}[version]  # the Initial type bits
     payload = frames + bytes(max(0, pad_to - len(frames)))
     first = 0xC0 | (itype << 4) | 0x01  # 2-byte packet number
     length = 2 + len(payload) + 16

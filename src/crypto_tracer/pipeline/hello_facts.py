@@ -350,7 +350,8 @@ class HelloFacts:
             if self.quic is None:
                 from crypto_tracer.pipeline.quic_initial import QuicInitials
 
-                self.quic = QuicInitials(self._quic_message)
+                self.quic = QuicInitials(self._quic_message, self._quic_flight if self.flights else None,
+                                         self._quic_secret)
             self.quic.add(seg.ts_ns, seg.src, seg.dst, seg.data)
             return
         d = (seg.src, seg.dst)
@@ -400,9 +401,48 @@ class HelloFacts:
         except Exception:  # malformed: what was read stays
             self.errors += 1
             return True
-        if self.completed is not None:
-            self.completed(facts)
+        if self.flights and facts.version == 0x0304 and facts.client_random:
+            # its flights come in Handshake packets, read with the secrets (_quic_flight): the
+            # handshake is complete then, or when they do not come in time (expire)
+            self._await_flights(facts, {"server": None, "client": None})
+            if self.secrets.get(facts.client_random) and self.quic is not None:
+                self.quic.retry(ts, client, server)  # secrets already there (a library that was quick)
+            return True
+        self._complete(facts)
         return True
+
+    def _quic_secret(self, client: tuple, server: tuple, from_client: bool) -> tuple[bytes, int] | None:
+        """(handshake traffic secret, suite) of one side of a QUIC connection, once the hooked library gave it."""
+        facts = self.lookup(client, server)
+        if facts is None or facts.client != client or facts.client_random is None or facts.cipher is None:
+            return None
+        secret = self.secrets.get(facts.client_random, {}).get(SECRET_LABELS["client" if from_client else "server"])
+        return (secret, facts.cipher) if secret is not None else None
+
+    def _quic_flight(self, client: tuple, server: tuple, ts: int, from_client: bool,
+                     msgs: list[tuple[int, bytes]]) -> None:
+        """One side's messages of a QUIC connection's Handshake packets, through its Finished."""
+        from crypto_tracer.pipeline import tls13_flight
+
+        facts = self.lookup(client, server)
+        if facts is None or facts.client != client:
+            return
+        side = "client" if from_client else "server"
+        flight = tls13_flight.flight_facts(msgs)
+        if flight is None:
+            self.errors += 1
+        elif side == "server":
+            facts.alpn, facts.cert_der = flight.alpn, flight.cert_der
+        else:
+            facts.client_cert_der = flight.cert_der
+        if flight is not None:
+            self.flights_read += 1
+        if facts.flights is not None and side in facts.flights:
+            del facts.flights[side]
+            if not facts.flights:
+                self._drop_flights(facts)
+            if side == "server":
+                self._complete(facts)
 
     def _stop(self, stream: _Stream) -> None:
         """Nothing more is wanted from this direction: the kernel stops copying it."""
@@ -415,11 +455,15 @@ class HelloFacts:
 
     def _keep_flight(self, facts: ConnFacts, side: str, stream: _Stream) -> None:
         stream.flight, stream.facts = side, facts
-        if side == "server":
+        self._await_flights(facts, {side: stream})
+
+    def _await_flights(self, facts: ConnFacts, flights: dict) -> None:
+        """facts waits for these sides' flights (TCP: their streams; QUIC: None, QuicInitials keeps them)."""
+        if "server" in flights:
             facts.flight_since = time.monotonic()
         if facts.flights is None:
             facts.flights = {}
-        facts.flights[side] = stream
+        facts.flights.update(flights)
         self.waiting[facts.client_random] = facts
         self.waiting.move_to_end(facts.client_random)
         while len(self.waiting) > MAX_FLIGHTS:
@@ -427,7 +471,8 @@ class HelloFacts:
 
     def _drop_flights(self, facts: ConnFacts) -> None:
         for stream in (facts.flights or {}).values():
-            self._stop(stream)
+            if stream is not None:
+                self._stop(stream)
         server_waiting = facts.version is not None and "server" in (facts.flights or {})
         facts.flights = None
         if facts.client_random is not None and self.waiting.get(facts.client_random) is facts:
@@ -478,6 +523,13 @@ class HelloFacts:
             self.secrets.popitem(last=False)
         facts = self.waiting.get(client_random)
         side = "server" if label == SECRET_LABELS["server"] else "client"
+        if facts is not None and facts.transport == "quic":
+            if self.quic is not None:
+                try:
+                    self.quic.retry(0, facts.client, facts.server)
+                except Exception:
+                    self.errors += 1
+            return
         stream = (facts.flights or {}).get(side) if facts is not None else None
         if stream is None:
             return

@@ -36,7 +36,8 @@ def suite_params(suite: int) -> tuple[str, int, int] | None:
             0x1304: ("sha256", 16, 16), 0x1305: ("sha256", 16, 8)}.get(suite)
 
 
-def _aead(suite: int, key: bytes):
+def aead_of(suite: int, key: bytes):
+    """The AEAD of a TLS 1.3 suite with this key (QUIC uses the same: pipeline/quic_initial.py)."""
     from cryptography.hazmat.primitives.ciphers import aead
 
     if suite == 0x1303:
@@ -62,7 +63,7 @@ def handshake_messages(records: bytes, secret: bytes, suite: int) -> list[tuple[
     if suite_params(suite) is None:
         return None
     key, iv = traffic_keys(secret, suite)
-    aead = _aead(suite, key)
+    aead = aead_of(suite, key)
     body, msgs, pos, seq = bytearray(), [], 0, 0
     while pos + 5 <= len(records):
         rtype, length = records[pos], int.from_bytes(records[pos + 3:pos + 5], "big")
@@ -177,8 +178,12 @@ def read_flight(records: bytes, secret: bytes, suite: int) -> Flight | None:
     """The facts of a decrypted flight (server: ALPN, certificate, whether it asked for the
     client's; client: its certificate); None when it cannot be decrypted."""
     msgs = handshake_messages(records, secret, suite)
-    if msgs is None:
-        return None
+    return None if msgs is None else flight_facts(msgs)
+
+
+def flight_facts(msgs: list[tuple[int, bytes]]) -> Flight | None:
+    """The facts of one direction's decrypted handshake messages (TLS records here, QUIC Handshake
+    packets' CRYPTO stream in pipeline/quic_initial.py); None when they are not what they claim."""
     alpn, der, requested = None, None, False
     try:
         for mtype, body in msgs:
