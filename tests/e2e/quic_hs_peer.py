@@ -1,11 +1,12 @@
 """QUIC clients that only shake hands, for test_tls_quic_handshake.py (servers: quic_peer.py's).
 
     python quic_hs_peer.py aioquic PORT connected|unconnected [LOCAL_PORT [HOST]]
-    python quic_hs_peer.py ossl LIBSSL PORT connected|unconnected   (server: quic_peer.py ossl-server ... 1)
+    python quic_hs_peer.py ossl LIBSSL PORT connected|unconnected [KEYLOG]   (server: quic_peer.py ossl-server ... 1)
 
 A connected client's UDP socket goes through connect() (the tool attributes its packets to it); an
 unconnected one only sends to the server's address. Each prints one JSON line: its socket's address
-and what its library negotiated (aioquic: the cipher suite), then waits for stdin to close.
+and what its library negotiated (aioquic: the cipher suite), then waits for stdin to close. KEYLOG: the
+OpenSSL client writes its own key log there (SSL_CTX_set_keylog_callback), the ground truth of -m keylog.
 """
 
 from __future__ import annotations
@@ -60,11 +61,26 @@ def aioquic_client(port: int, connected: bool, local_port: int = 0, host: str = 
     sys.stdin.read()
 
 
-def ossl_client(lib: str, port: int, connected: bool) -> None:
+def ossl_client(lib: str, port: int, connected: bool, keylog: str | None = None) -> None:
+    import ctypes
+
     from crypto_tracer.keys.calibrate_quic_worker import OsslQuic
 
     _name(b"ctquic-ossl")
     q = OsslQuic(lib)
+    lines: list[str] = []
+    if keylog:
+        callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_char_p)
+        callback = callback_type(lambda _ssl, line: lines.append(line.decode()))
+        q.lib.SSL_CTX_set_keylog_callback.argtypes = [ctypes.c_void_p, callback_type]
+        ctx_new = q.lib.SSL_CTX_new
+
+        def ctx_with_keylog(method):  # OsslQuic.connect's context, with the callback
+            ctx = ctx_new(method)
+            q.lib.SSL_CTX_set_keylog_callback(ctx, callback)
+            return ctx
+
+        q.lib.SSL_CTX_new = ctx_with_keylog
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     if connected:
@@ -74,6 +90,9 @@ def ossl_client(lib: str, port: int, connected: bool) -> None:
     q.write(conn, b"hello", conclude=True)
     got = q.read_all(conn).decode()
     group = q.lib.SSL_ctrl(conn, SSL_CTRL_GET_NEGOTIATED_GROUP, 0, None)  # the library's own word
+    if keylog:
+        with open(os.open(keylog, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write("".join(line + "\n" for line in lines))
     print(json.dumps({"local": sock.getsockname(), "got": got, "group": group}), flush=True)
     sys.stdin.read()
     os._exit(0)
@@ -84,6 +103,6 @@ if __name__ == "__main__":
     if kind == "aioquic":
         aioquic_client(int(args[0]), args[1] == "connected", int(args[2]) if len(args) > 2 else 0, *args[3:4])
     elif kind == "ossl":
-        ossl_client(args[0], int(args[1]), args[2] == "connected")
+        ossl_client(args[0], int(args[1]), args[2] == "connected", *args[3:4])
     else:
         sys.exit(f"unknown client {kind}")

@@ -1,6 +1,8 @@
 """OpenSSL 3.5's own QUIC (psycopg-binary's bundled libssl, through ctypes) against aioquic, both ways:
 `tls -m json` gives each stream's plaintext under its stream id, with the UDP fd and the connection's
-4-tuple (the OpenSSL server's socket is unconnected: the remote end is the connection's peer)."""
+4-tuple (the OpenSSL server's socket is unconnected: the remote end is the connection's peer). The
+handshake event's ALPN and peer certificate come from the connection's Handshake packets, decrypted
+with the secrets of the OpenSSL side's inner TLS object (asserted against the certificate file)."""
 
 import base64
 import json
@@ -10,13 +12,14 @@ import sys
 
 import pytest
 
-from tests.e2e.quic_peer import PAYLOADS, reply
+from tests.e2e.quic_peer import ALPN, PAYLOADS, reply
+from tests.e2e.test_tls13_flights import CERT_FIELDS, NO_PEER_CERT, cert_fields
 from tests.harness import Tracer, free_port, make_cert, need_root, tracer_env
 from tests.tls_helpers import bundled_libssl
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quic_peer.py")
 BUNDLE = ("psycopg-binary", "3.3.9")  # OpenSSL 3.5.9
-QUIC_FACTS = ("transport", "tls_version", "role", "cipher", "group", "sni", "alpn", "resumed")
+QUIC_FACTS = ("transport", "tls_version", "role", "cipher", "group", "sni", "alpn", "resumed", *CERT_FIELDS)
 # SSL_get_negotiated_group()'s answer (a NID, or the IANA code | TLSEXT_nid_unknown) -> the event's name
 OSSL_GROUPS = {415: "secp256r1", 1034: "x25519", 0x1000000 | 0x11EC: "X25519MLKEM768"}
 
@@ -105,14 +108,17 @@ def test_openssl_quic_server_with_aioquic_client(libssl, tmp_path):
     assert (hs["fd"], hs["local_port"], hs["remote_addr"], hs["remote_port"], hs["result"]) == \
         (done["fd"], port, "127.0.0.1", client["local_port"], "success")
     # the facts of the hellos in the connection's Initial packets: aioquic offers AES-256-GCM first and no
-    # ML-KEM group; the group is the one the OpenSSL server says it took
+    # ML-KEM group; the group is the one the OpenSSL server says it took. The ALPN the server chose, from
+    # its EncryptedExtensions (Handshake packets); the aioquic client sent no certificate: peer fields null
     assert {k: hs[k] for k in QUIC_FACTS} == {"transport": "quic", "tls_version": "TLSv1.3", "role": "server",
                                                "cipher": "TLS_AES_256_GCM_SHA384", "group": OSSL_GROUPS[done["group"]],
-                                               "sni": "localhost", "alpn": None, "resumed": False}, hs
+                                               "sni": "localhost", "alpn": ALPN.decode(), "resumed": False,
+                                               **NO_PEER_CERT}, hs
 
 
 def test_openssl_quic_client_with_aioquic_server(libssl, tmp_path):
-    cert, key = make_cert(tmp_path)
+    # RSA 3072: the server's Certificate goes on in datagrams that start with a Handshake packet
+    cert, key = make_cert(tmp_path, rsa_bits=3072)
     port = free_port()
     tracer = Tracer(["tls", "-m", "json", "--libssl", libssl, "--name", "ctquic"])
     server = None
@@ -146,9 +152,11 @@ def test_openssl_quic_client_with_aioquic_server(libssl, tmp_path):
     # aioquic has no ML-KEM group: it takes OpenSSL's x25519 key share (OpenSSL 3.5 sends
     # X25519MLKEM768's and x25519's), as the OpenSSL client says too
     assert OSSL_GROUPS[client["group"]] == "x25519"
+    # ALPN and the server's certificate: its flight, decrypted with the OpenSSL client's handshake secrets
     assert {k: hs[k] for k in QUIC_FACTS} == {"transport": "quic", "tls_version": "TLSv1.3", "role": "client",
                                                "cipher": "TLS_AES_256_GCM_SHA384", "group": "x25519",
-                                               "sni": "localhost", "alpn": None, "resumed": False}, hs
+                                               "sni": "localhost", "alpn": ALPN.decode(), "resumed": False,
+                                               **cert_fields(cert, "RSA", 3072)}, hs
 
 
 def test_streams_mode_writes_a_file_per_quic_stream(libssl, tmp_path):

@@ -1,6 +1,6 @@
 """tls -m handshake over QUIC: the ClientHello and ServerHello read from QUIC Initial packets (decrypted
 with the keys of the client's first DCID), one tls_handshake event per connection with transport
-"quic". aioquic against aioquic (x25519), OpenSSL 3.5 against OpenSSL 3.5 (X25519MLKEM768: a ClientHello
+"quic"; with --decrypt-handshake, ALPN and the server's certificate from its Handshake packets. aioquic against aioquic (x25519), OpenSSL 3.5 against OpenSSL 3.5 (X25519MLKEM768: a ClientHello
 over two Initial packets). A connected client's socket names its process; an unconnected one's does
 not (null, never a guess). JA4 ground truth: ja4plus (the test extra), which decrypts the Initials of
 the datagrams this test captures itself from lo with an AF_PACKET socket."""
@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from tests.e2e.test_tls13_flights import cert_fields
 from tests.e2e.test_tls_quic import BUNDLE, OSSL_GROUPS
 from tests.harness import (
     Tracer,
@@ -227,3 +228,61 @@ def test_openssl35_hybrid_post_quantum_group(libssl, tmp_path):
     assert ev["offered_groups"][:2] == ["X25519MLKEM768", "x25519"] and ev["offered_ciphers"][:3] == \
         [0x1302, 0x1303, 0x1301], ev
     assert ev["ja4"] == reference and ev["ja4"].startswith("q13d"), (ev["ja4"], reference)
+
+
+@pytest.mark.parametrize("server_kind", ["ossl", "aioquic"])
+def test_decrypt_handshake_alpn_and_certificate(libssl, tmp_path, server_kind):
+    """tls -m handshake --decrypt-handshake: the OpenSSL 3.5 client's handshake traffic secrets (read from its
+    connection's inner TLS object) open the server's flight in the Handshake packets: the ALPN the server
+    chose and its certificate, against an OpenSSL 3.5 server (EC P-256) and an aioquic server (RSA 3072: its
+    Certificate goes on in datagrams that start with a Handshake packet)."""
+    rsa = server_kind == "aioquic"
+    cert, key = make_cert(tmp_path, rsa_bits=3072 if rsa else 0)
+    port = free_port()
+    out = str(tmp_path / "hs.out")
+    procs = [_server("ossl-server", libssl, str(port), cert, key, "1") if server_kind == "ossl"
+             else _server("aioquic-server", str(port), cert, key)]
+    tracer = Tracer(["tls", "-m", "handshake", "--decrypt-handshake", "--libssl", libssl, "--no-redact", "-o", out,
+                     "port", str(port)])
+    try:
+        client, info = _client("ossl", libssl, str(port), "connected")
+        procs.append(client)
+        wait_until(lambda: _events(out), 10, "the OpenSSL client's event")
+    finally:
+        _stop(procs[1:])
+        res = tracer.stop()
+        _stop(procs[:1])
+    assert res.rc == 0, res.err
+    assert info["got"] == "reply(5):olleh"
+    (ev,) = _events(out)
+    group = "X25519MLKEM768" if server_kind == "ossl" else "x25519"
+    assert OSSL_GROUPS[info["group"]] == group
+    want = dict(COMMON, pid=client.pid, process="ctquic-ossl", role="client", local_port=info["local"][1],
+                remote_port=port, cipher="TLS_AES_256_GCM_SHA384", group=group, alpn="ct-test",
+                **cert_fields(cert, "RSA" if rsa else "EC", 3072 if rsa else 256))
+    assert {k: ev[k] for k in want} == want, ev
+
+
+def test_keylog_of_openssl_quic_client(libssl, tmp_path):
+    """tls -m keylog: an OpenSSL 3.5 QUIC connection's secrets, read from its inner TLS object, are the lines
+    the library's own key-log callback wrote (all five, the same client_random)."""
+    cert, key = make_cert(tmp_path)
+    port = free_port()
+    keys, truth = str(tmp_path / "tool.keys"), str(tmp_path / "ossl.keys")
+    procs = [_server("aioquic-server", str(port), cert, key)]
+    tracer = Tracer(["tls", "-m", "keylog", "--libssl", libssl, "--name", "ctquic-ossl", "-o", keys])
+    try:
+        client, info = _client("ossl", libssl, str(port), "connected", truth)
+        procs.append(client)
+    finally:
+        _stop(procs[1:])
+        res = tracer.stop()
+        _stop(procs[:1])
+    assert res.rc == 0, res.err
+    assert info["got"] == "reply(5):olleh"
+    with open(truth) as f:
+        want = f.read().splitlines()
+    with open(keys) as f:
+        got = [line for line in f.read().splitlines() if line and not line.startswith("#")]
+    assert len(want) == 5 and len({line.split()[1] for line in want}) == 1, want
+    assert sorted(got) == sorted(want)
