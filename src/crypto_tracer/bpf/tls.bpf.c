@@ -648,7 +648,8 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 		}
 		return 0;
 	}
-	tls_keys_on_return(ctx, keys_object(st.ssl, st.cookie), lib);
+	bool quic = quic_object(&st);
+	tls_keys_on_return(ctx, quic ? keys_object(st.ssl, st.cookie) : st.ssl, lib);
 
 	struct tls_config *cfg = bpf_map_lookup_elem(&tls_config, &zero);
 	if (!cfg || !cfg->capture_data)
@@ -656,7 +657,6 @@ int BPF_KRETPROBE(tls_data_return, long ret)
 	/* Every call, also a failed one (a handshake in progress), learns the fd: node's calls do
 	 * no I/O themselves, the socket write that follows binds the SSL* to its fd. A QUIC
 	 * object's fd comes from its connection (quic_data), for successful calls only. */
-	bool quic = quic_object(&st);
 	if (!quic)
 		cc.fd = resolve_fd(&st, tgid);
 	if (func_has_count_ptr(func)) {
