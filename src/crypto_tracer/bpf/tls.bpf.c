@@ -545,15 +545,17 @@ static __always_inline __u64 quic_path(__u64 base, __u32 hops, __u32 ptr0, __u32
 /* The object whose secrets tls_keys_read reads: for an OpenSSL 3.5+ QUIC connection or stream, the
  * connection's inner TLS object (the handshake runs there; same layout as the build's plain TLS
  * objects), found at the calibrated offset and checked (type 0, its user_ssl the connection); 0 when
- * that cannot be had (no keys rather than a read of the wrong object). Anything else: itself. */
+ * that cannot be had (no keys rather than a read of the wrong object), and for the other QUIC objects
+ * (listener, domain). A TLS object (type 0), or any object of a library before 3.2: itself. */
 static __always_inline __u64 keys_object(__u64 ssl, __u32 cookie)
 {
 	struct { __s32 type; __s32 pad; __u64 ptr[8]; } head = {};  /* the first 0x48 bytes */
 	__u32 type = 0;
 
-	if (!(cookie & CT_COOKIE_SPLIT) || bpf_probe_read_user(&type, sizeof(type), (void *)ssl) ||
-	    (type != CT_QUIC_CONNECTION && type != CT_QUIC_XSO))
+	if (!(cookie & CT_COOKIE_SPLIT) || bpf_probe_read_user(&type, sizeof(type), (void *)ssl) || type == 0)
 		return ssl;
+	if (type != CT_QUIC_CONNECTION && type != CT_QUIC_XSO)
+		return 0; /* a QUIC listener or domain: no secrets of its own */
 	__u32 slot = (cookie >> CT_COOKIE_QUIC_SHIFT) & (CT_QUIC_SLOTS - 1);
 	struct quic_layout *ql = slot ? bpf_map_lookup_elem(&quic_layouts, &slot) : NULL;
 	if (!ql || !ql->tls)
