@@ -171,6 +171,46 @@ def test_short_lived_clients_keep_their_process(ec_cert, tmp_path):
     assert int(own_ns.stdout.split()[0]) != ns
 
 
+def spawn_with_pid(pid: int, args) -> subprocess.Popen | None:
+    """args started as process `pid` (freed meanwhile), by setting the kernel's last-allocated pid just
+    before the fork; None if another process of this busy host took that pid first, every try."""
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        if p.pid == pid:
+            return p
+        p.wait(30)
+    return None
+
+
+def test_a_reused_pid_gets_its_own_process(ec_cert, tmp_path):
+    """A Python client exits; curl is then started with the same pid, and both are read only after both
+    exited. The kernel's owner record is keyed by the process image (pid, start time, exec): each
+    handshake names its own process and exe, never the other's."""
+    cert, key = ec_cert
+    port = free_port()
+    with tp.nginx(tmp_path, port, cert, key):
+        tracer, out = run(tmp_path, "--name", tp.PEER_PREFIX)
+        tracer.proc.send_signal(signal.SIGSTOP)
+        try:
+            first = subprocess.Popen([tp.peer("python"), "-c", PYTHON_CLIENT, str(port)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL)
+            assert first.wait(30) == 0
+            second = spawn_with_pid(first.pid, [tp.peer("curl"), "-sSk", "-o", os.devnull, "--resolve",
+                                                f"localhost:{port}:127.0.0.1", f"https://localhost:{port}/small"])
+            assert second is not None, "pid %d was taken by other processes 50 times" % first.pid
+            assert second.wait(30) == 0
+        finally:
+            tracer.proc.send_signal(signal.SIGCONT)
+        _, err, rc = tracer.stop(settle=[port])
+    assert rc == 0, err
+    mine = sorted((e["process"], e["exe"], e["sni"]) for e in tp.read_events(out)
+                  if e["role"] == "client" and e["pid"] == first.pid)
+    assert mine == [("ctpeer-curl", curl_exe(), "localhost"),
+                    ("ctpeer-python", os.path.realpath(sys.executable), "py.test")]
+
+
 def own_ns_pid(events, pids, nobody, both):
     """The one client pid that is none of the others: the curl run in a mount namespace of its own."""
     rest = {e["pid"] for e in events} - set(pids) - {nobody.pid, both.pid}
