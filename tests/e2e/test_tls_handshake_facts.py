@@ -6,7 +6,10 @@ ChaCha20, X25519 and P-256), node -> node (OpenSSL 3.5: X25519MLKEM768), openssl
 resumption, gnutls-cli -> gnutls-serv and NSS's tstclnt -> selfserv. Ground truth: what each
 peer was told to use, or what it reports itself."""
 
+import json
+import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -198,27 +201,80 @@ def nssdb(rsa_certs, tmp_path_factory):
     return db
 
 
-def test_nss(nssdb, tmp_path):
-    """NSS's events had no role: packets say which side sent the ClientHello. TLS 1.3, NSS's first
-    suite (AES-128-GCM) and first key share (x25519)."""
+@pytest.fixture(scope="module")
+def nssdb_trusting_clients(nssdb, tmp_path_factory):
+    """A copy of nssdb whose srv certificate is trusted to issue client certificates: selfserv's, which
+    verifies the client's (srv's too). tstclnt keeps nssdb: a certificate with explicit trust flags
+    cannot be overridden (-o) as the server's."""
+    d = tmp_path_factory.mktemp("nssdb-mtls")
+    shutil.copytree(nssdb[len("sql:"):], d, dirs_exist_ok=True)
+    subprocess.run(["certutil", "-M", "-d", f"sql:{d}", "-n", "srv", "-t", "Tu,,"], check=True, capture_output=True)
+    return f"sql:{d}"
+
+
+def nss_handshake(nssdb, tmp_path, server_args=(), client_args=(), server_db=None, alpn_client=False):
+    """One TLS 1.3 connection to selfserv (which offers ALPN http/1.1: -Q), traced with -m json, from
+    tstclnt or (alpn_client: tstclnt offers no ALPN) nss_client.py, NSS through ctypes, offering h2 and
+    http/1.1: the facts of the client's and of the server's tls_handshake events."""
     need_root()
     port = free_port()
     (tmp_path / "request").write_bytes(b"GET /nss HTTP/1.0\r\n\r\n")
-    with tp.process([tp.peer("selfserv"), "-d", nssdb, "-n", "srv", "-p", str(port), "-V", "tls1.2:tls1.3"],
-                    port=port):
+    with tp.process([tp.peer("selfserv"), "-d", server_db or nssdb, "-n", "srv", "-p", str(port), "-V",
+                     "tls1.2:tls1.3", "-Q", *server_args], port=port):
         tracer, out = run_tracer(tmp_path)
-        with open(tmp_path / "request", "rb") as stdin:  # tstclnt hangs on a pipe's EOF, not a file's
-            client = subprocess.run([tp.peer("tstclnt"), "-h", "127.0.0.1", "-p", str(port), "-d", nssdb, "-o",
-                                     "-V", "tls1.3:tls1.3", "-a", "facts.test"], stdin=stdin, capture_output=True,
-                                    timeout=20)
-        assert b"GET /nss" in client.stdout
+        if alpn_client:
+            client = subprocess.run([tp.peer("python"), os.path.join(os.path.dirname(__file__), "nss_client.py"),
+                                     str(port), "facts.test", "h2,http/1.1"], capture_output=True, timeout=20)
+            assert json.loads(client.stdout)["alpn"] == "http/1.1", client  # NSS's own word
+            who = "ctpeer-python"
+        else:
+            with open(tmp_path / "request", "rb") as stdin:  # tstclnt hangs on a pipe's EOF, not a file's
+                client = subprocess.run([tp.peer("tstclnt"), "-h", "127.0.0.1", "-p", str(port), "-d", nssdb, "-o",
+                                         "-V", "tls1.3:tls1.3", "-a", "facts.test", *client_args], stdin=stdin,
+                                        capture_output=True, timeout=20)
+            assert b"GET /nss" in client.stdout, client.stderr  # selfserv echoes the request
+            who = "ctpeer-tstclnt"
         _, err, rc = tracer.stop(settle=[port])
     assert rc == 0, err
-    want = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256", "group": "x25519", "sni": "facts.test",
-            "alpn": None, "resumed": False, **NO_PEER_CERT}  # NSS's secrets are not read: TLS 1.3's stay encrypted
-    c, s = client_and_server(tp.read_events(out), {"process": "ctpeer-tstclnt"}, "ctpeer-selfserv", port)
-    assert c == {"role": "client", **want}
-    assert s == {"role": "server", **want}
+    assert "accounting mismatch" not in err, err
+    return client_and_server(tp.read_events(out), {"process": who}, "ctpeer-selfserv", port)
+
+
+def rsa_cert_facts(cert_path) -> dict:
+    subject, issuer = subject_of(cert_path)
+    return {"peer_cert_subject": subject, "peer_cert_issuer": issuer, "peer_key_type": "RSA", "peer_key_bits": 2048}
+
+
+NSS13 = {"tls_version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256", "group": "x25519", "sni": "facts.test",
+         "resumed": False}
+
+
+def test_nss(nssdb, rsa_certs, tmp_path):
+    """NSS's events had no role: packets say which side sent the ClientHello. TLS 1.3, NSS's first
+    suite (AES-128-GCM) and first key share (x25519). TLS 1.3 encrypts the certificate, and NSS's
+    secrets cannot be read: it comes from the client's sslSocket (keys/calibrate_nss_worker.py).
+    tstclnt offers no ALPN."""
+    c, s = nss_handshake(nssdb, tmp_path)
+    assert c == {"role": "client", **NSS13, "alpn": None, **rsa_cert_facts(rsa_certs[0])}
+    assert s == {"role": "server", **NSS13, "alpn": None, **NO_PEER_CERT}  # no client certificate asked for
+
+
+def test_nss_alpn(nssdb, rsa_certs, tmp_path):
+    """An NSS client offering h2 and http/1.1 to selfserv, which takes http/1.1: both sides' events
+    say so (encrypted in TLS 1.3: read from each side's sslSocket)."""
+    c, s = nss_handshake(nssdb, tmp_path, alpn_client=True)
+    assert c == {"role": "client", **NSS13, "alpn": "http/1.1", **rsa_cert_facts(rsa_certs[0])}
+    assert s == {"role": "server", **NSS13, "alpn": "http/1.1", **NO_PEER_CERT}
+
+
+def test_nss_client_certificate(nssdb, nssdb_trusting_clients, rsa_certs, tmp_path):
+    """mTLS: selfserv requires a client certificate (-r -r), tstclnt sends srv's (-n): the server's
+    event has it, read from the server's sslSocket."""
+    c, s = nss_handshake(nssdb, tmp_path, server_args=("-r", "-r"), client_args=("-n", "srv"),
+                         server_db=nssdb_trusting_clients)
+    cert = rsa_cert_facts(rsa_certs[0])
+    assert c == {"role": "client", **NSS13, "alpn": None, **cert}
+    assert s == {"role": "server", **NSS13, "alpn": None, **cert}
 
 
 def test_without_cap_net_admin(ec_cert, tmp_path, monkeypatch):

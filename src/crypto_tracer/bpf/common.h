@@ -42,6 +42,7 @@ enum ct_event_type {
 	CT_EV_TLS_OBJECT = 12,  /* an SSL object created or freed (bpf/tls_keys.h) */
 	CT_EV_TLS_PROCESS = 13, /* ppid and exe of a process image with TLS events (tls.bpf.c) */
 	CT_EV_TLS_HELLO = 14,   /* a TCP segment carrying TLS hello messages (tls_hello.bpf.c) */
+	CT_EV_TLS_PEER = 15,    /* an NSS connection's ALPN and peer certificate (tls.bpf.c) */
 };
 
 enum ct_counter {

@@ -45,9 +45,11 @@ enum tls_cookie {
 	CT_QUIC_SLOTS = 16,
 	CT_QUIC_CONNECTION = 0x80, /* struct ssl_st's type of OpenSSL 3.5's QUIC objects */
 	CT_QUIC_XSO = 0x81,
+	CT_COOKIE_NSS_SHIFT = 24, /* bits 24-27 (NSPR functions): the NSS build's slot in nss_layouts (0: none) */
+	CT_NSS_SLOTS = 16,
 };
 enum tls_counter {
-	CT_CNT_CTRL_DROPPED = 4, /* exec/library/process records lost (not part of the event accounting) */
+	CT_CNT_CTRL_DROPPED = 4, /* exec/library/process/NSS peer records lost (not part of the event accounting) */
 };
 
 #define AF_INET 2
@@ -145,6 +147,21 @@ struct tls_hs_rec {
 	struct conn c;
 };
 
+/* CT_EV_TLS_PEER: what an NSS connection's sslSocket holds after its handshake (TLS 1.3 sends
+ * them encrypted): the negotiated ALPN and the peer certificate's DER, sent just before the
+ * connection's tls_handshake record. Lengths are the library's; bytes are copied when they fit. */
+#define CT_PEER_ALPN_MAX 256
+#define CT_PEER_CERT_MAX 8192 /* a power of two; a leaf certificate is 1-2 KB, a longer one is reported by length only */
+
+struct tls_peer_rec {
+	struct ct_header h;
+	__u64 ssl;
+	__u32 alpn_len;
+	__u32 cert_len;
+	__u8 alpn[CT_PEER_ALPN_MAX];
+	__u8 cert[CT_PEER_CERT_MAX];
+};
+
 /* CT_EV_PROCESS_EXEC and CT_EV_LIB_LOAD: control records for discovery. */
 struct tls_ctrl_rec {
 	struct ct_header h;
@@ -238,6 +255,29 @@ struct {
 	__type(key, __u32);
 	__type(value, struct quic_layout);
 } quic_layouts SEC(".maps");
+
+/* Where one libssl3 (NSS) build keeps a connection's facts, learned by keys/calibrate_nss_worker.py
+ * on that file (probes/tls.py NSS_LAYOUT): offsets in its sslSocket and in CERTCertificate. */
+struct nss_layout {
+	__u32 fd;         /* sslSocket: its PRFileDesc * (the SSL layer): proves a descriptor's secret is one */
+	__u32 peer_cert;  /* sslSocket: sec.peerCert, a CERTCertificate * */
+	__u32 next_proto; /* sslSocket: xtnData.nextProto, a SECItem */
+	__u32 cert_der;   /* CERTCertificate: derCert, a SECItem */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CT_NSS_SLOTS);
+	__type(key, __u32);
+	__type(value, struct nss_layout);
+} nss_layouts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tls_peer_rec);
+} peer_scratch SEC(".maps");
 
 /* ct_output without a wake-up per record: user space polls on a 100 ms timer and is woken
  * early only once the ring holds a 64th of its size (a wake-up costs the traced process a few
@@ -794,6 +834,68 @@ static __always_inline void emit_handshake(struct stash *st, __u32 func, int fd,
 	tls_output(&rec, sizeof(rec));
 }
 
+/* SECItem {SECItemType type; unsigned char *data; unsigned int len}: (data, len); false if unreadable */
+static __always_inline bool read_secitem(__u64 addr, __u64 *data, __u32 *len)
+{
+	return !bpf_probe_read_user(data, sizeof(*data), (void *)(addr + 8)) &&
+	       !bpf_probe_read_user(len, sizeof(*len), (void *)(addr + 16));
+}
+
+/* NSS: the ALPN and peer certificate of the connection behind this descriptor, read from its
+ * sslSocket while the process is certainly alive (a short-lived client may be gone before user
+ * space could read it). The SSL layer is found down the descriptor's stack (prio.h: secret at 8,
+ * lower at 16): the layer whose secret's fd field points back at it. */
+static __always_inline void nss_peer_facts(struct stash *st)
+{
+	__u32 slot = (st->cookie >> CT_COOKIE_NSS_SHIFT) & (CT_NSS_SLOTS - 1), zero = 0;
+	struct nss_layout *lay;
+	struct tls_peer_rec *rec;
+	__u64 layer = st->ssl, ss = 0, back = 0, cert = 0, data = 0;
+	__u32 len = 0;
+
+	if (!slot || !(lay = bpf_map_lookup_elem(&nss_layouts, &slot)))
+		return;
+	for (int i = 0; i < 4 && layer; i++) {
+		if (bpf_probe_read_user(&ss, sizeof(ss), (void *)(layer + 8)))
+			return;
+		if (ss && !bpf_probe_read_user(&back, sizeof(back), (void *)(ss + lay->fd)) && back == layer)
+			break;
+		ss = 0;
+		if (bpf_probe_read_user(&layer, sizeof(layer), (void *)(layer + 16)))
+			return;
+	}
+	if (!ss || !(rec = bpf_map_lookup_elem(&peer_scratch, &zero)))
+		return;
+	ct_fill_header(&rec->h, CT_EV_TLS_PEER);
+	rec->ssl = st->ssl;
+	rec->alpn_len = 0;
+	rec->cert_len = 0;
+	if (read_secitem(ss + lay->next_proto, &data, &len) && data && len && len < CT_PEER_ALPN_MAX) {
+		barrier_var(len);
+		len &= CT_PEER_ALPN_MAX - 1;
+		if (!bpf_probe_read_user(rec->alpn, len, (void *)data))
+			rec->alpn_len = len;
+	}
+	if (!bpf_probe_read_user(&cert, sizeof(cert), (void *)(ss + lay->peer_cert)) && cert &&
+	    read_secitem(cert + lay->cert_der, &data, &len) && data && len) {
+		rec->cert_len = len; /* too long to copy: the length alone says so */
+		if (len < CT_PEER_CERT_MAX) {
+			barrier_var(len); /* the mask below is what the verifier sees (len is below it already) */
+			len &= CT_PEER_CERT_MAX - 1;
+			if (bpf_probe_read_user(rec->cert, len, (void *)data))
+				rec->cert_len = 0;
+		}
+	}
+	__u32 size = rec->cert_len;
+	if (size >= CT_PEER_CERT_MAX)
+		size = 0;
+	barrier_var(size);
+	size &= CT_PEER_CERT_MAX - 1;
+	/* a control record (no event of its own, outside the event accounting), as process records */
+	if (bpf_ringbuf_output(&events, rec, offsetof(struct tls_peer_rec, cert) + size, BPF_RB_NO_WAKEUP))
+		ct_count(CT_CNT_CTRL_DROPPED);
+}
+
 static __always_inline void announce_session(struct stash *st, __u32 tgid, int fd, struct conn *c)
 {
 	struct ssl_key key = {.tgid = tgid, .ssl = st->ssl};
@@ -810,6 +912,8 @@ static __always_inline void announce_session(struct stash *st, __u32 tgid, int f
 		__u32 entity = 0;
 		bpf_probe_read_user(&entity, sizeof(entity), (void *)st->ssl);
 		role = entity == 1 ? 2 : entity == 2 ? 1 : 0;
+	} else if (cookie_lib(st->cookie) == CT_LIB_NSS) {
+		nss_peer_facts(st);
 	}
 	emit_handshake(st, st->cookie & 0xff, fd, c, 1, 1, role, version);
 }

@@ -97,11 +97,11 @@ class ConnFacts:
         first use, as importing cryptography adds ~10 MB of RSS that runs without such events never pay."""
         if side == "client":
             if self._client_cert is None and self.client_cert_der:
-                self._client_cert = _certificate_facts(self.client_cert_der)
+                self._client_cert = certificate_facts(self.client_cert_der)
                 self.client_cert_der = None
             return self._client_cert
         if self._cert is None and self.cert_der:
-            self._cert = _certificate_facts(self.cert_der)
+            self._cert = certificate_facts(self.cert_der)
             self.cert_der = None
         return self._cert
 
@@ -290,7 +290,8 @@ def parse_certificate(body: bytes, facts: ConnFacts) -> None:
 _CERT_FACTS: dict[bytes, dict] = {}  # DER -> facts: a server shows the same certificate to every client
 
 
-def _certificate_facts(der: bytes) -> dict:
+def certificate_facts(der: bytes) -> dict:
+    """subject, issuer, key_type, key_bits of a DER certificate ({} when cryptography cannot read it)."""
     facts = _CERT_FACTS.get(der)
     if facts is None:
         if len(_CERT_FACTS) >= 1024:

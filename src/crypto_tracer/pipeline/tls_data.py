@@ -10,11 +10,12 @@ general way (data_event, handshake).
 
 from __future__ import annotations
 
+from crypto_tracer.pipeline import hello_facts as hf
 from crypto_tracer.pipeline.events import TLS_DATA, TLS_HANDSHAKE
 from crypto_tracer.host.proc import read_stat, read_view
 from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, TYPE_SPAN, decode_process
 from crypto_tracer.probes.tls import (DATA_CHANGING, DATA_KEY_SPANS, DATA_OFFSET, DATA_TRUNCATED, TLS_DATA_REC,
-                                      decode_data, decode_handshake)
+                                      decode_data, decode_handshake, decode_peer)
 from crypto_tracer.pipeline.redact import Redactor
 
 WRITE_SLICE = 512  # records per write (~250 KB of json-stream)
@@ -84,6 +85,15 @@ class TlsDataPipeline:
         self.batch: list[bytes] = []
         self.conns: dict[bytes, tuple | None] = {}  # see entry()
         self.hello_facts = hello_facts  # pipeline/hello_facts.HelloFacts: what the handshake messages said
+        self.peers: dict[tuple[int, int], tuple] = {}  # (pid, ssl) -> (ALPN, certificate DER), see learn_peer
+
+    def learn_peer(self, raw: bytes) -> None:
+        """A CT_EV_TLS_PEER record (NSS: what its sslSocket holds), handled as it is read: it precedes
+        its connection's handshake record, which handshake() completes with it."""
+        pid, ssl, alpn, der = decode_peer(raw)
+        if len(self.peers) >= CONN_CACHE_SIZE:
+            self.peers.clear()
+        self.peers[(pid, ssl)] = (alpn, der)
 
     def process(self) -> None:
         raws = self.batch
@@ -148,6 +158,15 @@ class TlsDataPipeline:
         role = rec.role or (facts.role_of(local) if facts else None)
         # the peer's certificate: the server's on the client's event, the client's (TLS 1.3 mTLS) on the server's
         f = facts.fields(with_cert=role is not None, cert="server" if role == "client" else "client") if facts else {}
+        peer = self.peers.pop((rec.pid, rec.ssl), None)
+        if peer is not None:  # the library's own word (NSS), also where TLS 1.3 encrypted it
+            alpn, der = peer
+            if alpn is not None:
+                f["alpn"] = alpn.decode("ascii", "replace")  # as hello_facts decodes ALPNs
+            cert = hf.certificate_facts(der) if der else {}
+            if cert:
+                f.update(peer_cert_subject=cert["subject"], peer_cert_issuer=cert["issuer"],
+                         peer_key_type=cert["key_type"], peer_key_bits=cert["key_bits"])
         return self.redactor.event(TLS_HANDSHAKE.build(
             timestamp=self.clock.iso(rec.ts_ns), pid=rec.pid, ppid=ppid, uid=rec.uid, process=rec.comm, exe=exe,
             tid=rec.tid, library=rec.library, role=role, fd=rec.fd, local_addr=rec.local_addr,

@@ -31,6 +31,7 @@ CT_EV_TLS_KEYLINE = 11  # one key log line (Go's writeKeyLog)
 CT_EV_TLS_OBJECT = 12  # an SSL object created or freed (bpf/tls_keys.h, keys/pending.py)
 CT_EV_TLS_PROCESS = 13  # ppid and exe of a process image with TLS events (tls.bpf.c note_image)
 CT_EV_TLS_HELLO = 14  # a TCP segment carrying TLS hello messages (tls_hello.bpf.c, probes/tls_hello.py)
+CT_EV_TLS_PEER = 15  # an NSS connection's ALPN and peer certificate (tls.bpf.c nss_peer_facts)
 EVENT_TYPES = CEnum.from_module("ct_event_type", globals(), "CT_EV_")
 
 # enum ct_counter: per-CPU accounting slots of the `counters` map

@@ -49,10 +49,12 @@ HANDSHAKE_FUNCS = frozenset(("SSL_do_handshake", "SSL_connect", "SSL_accept", "g
 COOKIE_LAYOUT, COOKIE_SPLIT, COOKIE_BORINGSSL = 0x100, 0x200, 0x400  # enum tls_cookie: bits above the function id
 COOKIE_QUIC_SHIFT, QUIC_SLOTS = 20, 16  # the library's quic_layouts slot: cookie bits 20-23 (0: none)
 QUIC_CONNECTION, QUIC_XSO = 0x80, 0x81  # OpenSSL 3.5's QUIC objects (struct ssl_st's type)
+COOKIE_NSS_SHIFT, NSS_SLOTS = 24, 16  # NSPR functions: the NSS build's nss_layouts slot in bits 24-27 (0: none)
 COOKIE = CEnum("tls_cookie", {"CT_COOKIE_LAYOUT": COOKIE_LAYOUT, "CT_COOKIE_SPLIT": COOKIE_SPLIT,
                               "CT_COOKIE_BORINGSSL": COOKIE_BORINGSSL, "CT_COOKIE_QUIC_SHIFT": COOKIE_QUIC_SHIFT,
                               "CT_QUIC_SLOTS": QUIC_SLOTS, "CT_QUIC_CONNECTION": QUIC_CONNECTION,
-                              "CT_QUIC_XSO": QUIC_XSO})
+                              "CT_QUIC_XSO": QUIC_XSO, "CT_COOKIE_NSS_SHIFT": COOKIE_NSS_SHIFT,
+                              "CT_NSS_SLOTS": NSS_SLOTS})
 # enum tls_bssl_cookie: the cookie of bssl_keylog (BoringSSL's ssl_log_secret) says where
 # ssl->s3->client_random is: s3's offset in bits 0-15, client_random's in s3 in 16-31, bit 32 set
 BSSL_RANDOM_SHIFT, BSSL_VALID_SHIFT = 16, 32
@@ -82,6 +84,11 @@ TLS_CONFIG = CStruct("tls_config", "capture_data I max_payload I")
 # keys/calibrate_quic_worker.py's layout as tls.bpf.c reads it
 QUIC_LAYOUT = CStruct("quic_layout", "xso_conn I xso_stream I stream_id I qc_default_xso I bio_hops I bio_ptr0 I "
                       "bio_ptr1 I bio I bio_num I peer_hops I peer_ptr0 I peer_ptr1 I peer I tls I")
+# keys/calibrate_nss_worker.py's offsets as tls.bpf.c reads them, and what it sends (CT_EV_TLS_PEER)
+NSS_LAYOUT = CStruct("nss_layout", "fd I peer_cert I next_proto I cert_der I")
+PEER_ALPN_MAX = 256  # CT_PEER_ALPN_MAX (the struct's size is checked against BTF)
+TLS_PEER_REC = CStruct("tls_peer_rec", ("h", CT_HEADER), f"ssl Q alpn_len I cert_len I alpn {PEER_ALPN_MAX}s",
+                       until="cert")
 GO_KEYLOG_REC = CStruct("go_keylog_rec", ("h", CT_HEADER),
                         "conn Q fd i pad0 I", ("c", CONN),
                         "label_len I random_len I secret_len I unread I label_addr Q label 48s client_random 32s "
@@ -191,6 +198,17 @@ def decode_data(raw: bytes) -> TlsData:
                    stream_id if stream_id >= 0 else None)
 
 
+_PEER = TLS_PEER_REC.after("h")
+
+
+def decode_peer(raw: bytes) -> tuple[int, int, bytes | None, bytes | None]:
+    """(pid, ssl, ALPN, peer certificate DER) of a CT_EV_TLS_PEER record; None: none, or not all of it copied."""
+    pid = HEADER.unpack_from(raw, 0)[2]
+    ssl, alpn_len, cert_len, alpn = _PEER.unpack_from(raw, HEADER.size)
+    der = raw[TLS_PEER_REC.size:TLS_PEER_REC.size + cert_len]
+    return pid, ssl, alpn[:alpn_len] or None, der if cert_len and len(der) == cert_len else None
+
+
 def decode_handshake(raw: bytes) -> TlsHandshake:
     ts, _type, pid, tid, uid, comm = HEADER.unpack_from(raw, 0)
     (ssl, fd, result, lib, func, role, ok, version, family, lport, rport, laddr,
@@ -276,6 +294,7 @@ class TlsTracer:
         self._multi_linked = False  # a uprobe_multi link was made: the kernel has them
         self.key_cookie: Callable[[TlsLibrary], int] | None = None  # extra uprobe cookie bits per library
         self._quic_slots: dict[str, int] = {}  # build-id -> quic_layouts slot
+        self._nss_slots: dict[str, int] = {}  # libssl3 path -> nss_layouts slot
         self._go_fd_hooked = False  # GO_FD_PROGRAMS attached (key modes)
 
     # --- public interface ----------------------------------------------------------------
@@ -484,8 +503,32 @@ class TlsTracer:
     def _cookie(self, lib: TlsLibrary, func: str, key_bits: int) -> int:
         if lib.kind == BORINGSSL:  # its key bits (keys/extractor.py) are bssl_keylog's, nothing else's
             return key_bits if func == BSSL_LOG_SECRET else FUNC_IDS.get(func, 0) | COOKIE_BORINGSSL
+        if lib.kind == NSS:
+            return FUNC_IDS.get(func, 0) | self._nss_slot(lib) << COOKIE_NSS_SHIFT
         return FUNC_IDS.get(func, 0) | COOKIE_LAYOUTS.get(lib.openssl_layout, 0) | key_bits | \
             self._quic_slot(lib, bool(key_bits)) << COOKIE_QUIC_SHIFT
+
+    def _nss_slot(self, lib: TlsLibrary) -> int:
+        """The nss_layouts slot of the NSS build whose NSPR this is (its libssl3 sits beside it), when
+        that libssl3's sslSocket offsets were learned and verified on it (keys/nss_layout.py); 0: unknown,
+        and TLS 1.3's ALPN and peer certificate stay null on NSS's events."""
+        ssl3 = os.path.join(os.path.dirname(lib.path), "libssl3.so")
+        if not self.capture_data or not os.path.exists(ssl3):
+            return 0
+        slot = self._nss_slots.get(ssl3)
+        if slot is None:
+            from crypto_tracer.keys.nss_layout import nss_layout_for
+
+            lay, how = nss_layout_for(ssl3)
+            slot = 0
+            if lay is None:
+                log.debug("tls: %s: NSS's ALPN and peer certificates unknown: %s", lib.display_path, how)
+            elif len(set(self._nss_slots.values()) - {0}) + 1 < NSS_SLOTS:
+                slot = len(set(self._nss_slots.values()) - {0}) + 1
+                self.obj.map("nss_layouts").update(struct.pack("<I", slot), NSS_LAYOUT.struct.pack(
+                    lay["fd"], lay["peer_cert"], lay["next_proto"], lay["cert_der"]))
+            self._nss_slots[ssl3] = slot
+        return slot
 
     def _quic_slot(self, lib: TlsLibrary, keys: bool = False) -> int:
         """The quic_layouts slot of an OpenSSL 3.5+ library whose QUIC objects' layout is known

@@ -74,7 +74,8 @@ def flight_secrets(tracer, facts):
 
 def run(opts) -> int:
     from crypto_tracer.pipeline.clock import WallClock
-    from crypto_tracer.probes.common import CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS, CT_EV_TLS_PROCESS
+    from crypto_tracer.probes.common import (CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS, CT_EV_TLS_PEER,
+                                             CT_EV_TLS_PROCESS)
     from crypto_tracer.probes.tls import TlsTracer
     from crypto_tracer.pipeline.runloop import StopFlag, run as run_loop
     from crypto_tracer.pipeline.stats import RunStats
@@ -97,6 +98,7 @@ def run(opts) -> int:
         for rtype in (CT_EV_TLS_DATA, CT_EV_TLS_HANDSHAKE, CT_EV_TLS_KEYS):
             tracer.on(rtype, pipe.batch.append)
         tracer.on(CT_EV_TLS_PROCESS, pipe.procs.learn)  # before the batch it precedes is processed
+        tracer.on(CT_EV_TLS_PEER, pipe.learn_peer)  # likewise: NSS's ALPN and peer certificate
         keys = flight_secrets(tracer, facts) if events else None
         tracer.start()
         # handshake facts from the hello messages, on the tracer's own ring (they precede its records)
