@@ -155,8 +155,9 @@ class Nss:
     def version(self) -> str:
         return self.nss.NSS_GetVersion().decode()
 
-    def handshake(self, port: int, alpn: bytes) -> dict:
-        """One TLS 1.3 client handshake: the truth (NSS's API) and where its sslSocket holds it."""
+    def handshake(self, port: int, alpn: bytes, inspect=None) -> dict:
+        """One TLS 1.3 client handshake: the truth (NSS's API) and where its sslSocket holds it
+        (and inspect(descriptor, sslSocket)'s result, called before the connection is closed)."""
         ssl_ = self.ssl
         sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         fd = self.nspr.PR_ImportTCPSocket(sock.detach())
@@ -186,7 +187,7 @@ class Nss:
                            struct.unpack("<I", read(cert + CERT_DER + SECITEM_LEN, 4))[0]) if cert else None,
                # SSL_PeerCertificate returns sec.peerCert itself (CERT_DupCertificate adds a reference)
                "peer_cert": _pointers_to(mem, cert) if cert else set(), "fd": _pointers_to(mem, top),
-               "next_proto": _secitems_of(mem, alpn)}
+               "next_proto": _secitems_of(mem, alpn), "inspected": inspect(top, ss) if inspect else None}
         self.nspr.PR_Write(top, b"y", 1)
         if cert:
             self.nss.CERT_DestroyCertificate(cert)
