@@ -60,7 +60,8 @@ API_CALL = EventType("api_call", ("function_name", "library"))
 # messages (pipeline/hello_facts.py); the peer_* fields describe the peer's certificate (the server's
 # on the client's event, the client's on the server's; TLS 1.3's alpn and certificates are encrypted:
 # decrypted with the session's handshake secrets where known, pipeline/tls13_flight.py; QUIC: from its
-# Handshake packets, pipeline/quic_initial.py; else null).
+# Handshake packets, pipeline/quic_initial.py; NSS's, whose secrets cannot be read, from its own
+# sslSocket, tls.bpf.c nss_peer_facts; else null).
 # `transport`: "tcp" or "quic" when the handshake messages were seen in packets (QUIC: in its Initial
 # packets, pipeline/quic_initial.py), else null.
 # `tls -m handshake` only (null elsewhere): the owner's mount namespace (which container, as
