@@ -1045,6 +1045,20 @@ int BPF_KPROBE(tls_free, void *ssl)
 	return 0;
 }
 
+/* NSPR's PR_Close: an NSS connection's descriptor is freed, and the next connection's may get its
+ * address: its fd and its announcement are forgotten (as SSL_free does), so that connection gets a
+ * tls_handshake record (and its ALPN and certificate) of its own. Called for every NSPR descriptor:
+ * two deletes of keys mostly absent. */
+SEC("uprobe")
+int BPF_KPROBE(tls_nss_close, void *prfd)
+{
+	struct ssl_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .ssl = (__u64)prfd};
+
+	bpf_map_delete_elem(&ssl_fd, &key);
+	bpf_map_delete_elem(&sessions, &key);
+	return 0;
+}
+
 /* SSL_new's return (key modes only): the object joins keys_pending and user space is told, so it
  * can read the secrets of handshakes that no hooked function returns from (node: inside SSL_write). */
 SEC("uretprobe")

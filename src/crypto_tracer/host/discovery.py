@@ -27,11 +27,12 @@ OPENSSL_DATA = ("SSL_read", "SSL_read_ex", "SSL_peek", "SSL_peek_ex", "SSL_write
 OPENSSL_HANDSHAKE = ("SSL_do_handshake", "SSL_connect", "SSL_accept")
 GNUTLS_FUNCS = ("gnutls_record_recv", "gnutls_record_send", "gnutls_handshake")
 NSS_FUNCS = ("PR_Read", "PR_Recv", "PR_Write", "PR_Send", "PR_Writev")
+NSS_CLOSE = "PR_Close"  # ends a descriptor, whose address the next connection may get (probes/tls.py)
 # BoringSSL keeps OpenSSL's API (the same data and handshake functions) with an SSL object of its own;
 # SSL_CTX_set_grease_enabled is BoringSSL's alone
 BORINGSSL_MARK = "SSL_CTX_set_grease_enabled"
 WANTED_SYMBOLS = frozenset(OPENSSL_DATA + OPENSSL_HANDSHAKE + GNUTLS_FUNCS + NSS_FUNCS +
-                           ("SSL_free", "SSL_new", "SSL_is_connection", "SSL_ImportFD", BORINGSSL_MARK,
+                           (NSS_CLOSE, "SSL_free", "SSL_new", "SSL_is_connection", "SSL_ImportFD", BORINGSSL_MARK,
                             "SSL_new_listener"))  # SSL_new_listener: OpenSSL 3.5+, QUIC objects (probes/tls.py)
 # A static BoringSSL with a .symtab (PyPI curl_cffi): its SSL_* are local symbols; bssl::ssl_log_secret
 # (C++, mangled; the parameter types differ between releases) is what tells it apart
@@ -109,7 +110,7 @@ def openssl_layout(kind: str, exports: TlsExports) -> str | None:
 
 def functions_for(kind: str, exports: TlsExports) -> tuple[str, ...]:
     wanted = {OPENSSL: OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free", "SSL_new"), GNUTLS: GNUTLS_FUNCS,
-              NSS: NSS_FUNCS,
+              NSS: NSS_FUNCS + (NSS_CLOSE,),
               # no SSL_new: its return feeds the OpenSSL layout reads, which BoringSSL has none of
               BORINGSSL: OPENSSL_DATA + OPENSSL_HANDSHAKE + ("SSL_free", BSSL_LOG_SECRET)}[kind]
     return tuple(f for f in wanted if f in exports.symbols)

@@ -105,7 +105,7 @@ GO_KEY_PROGRAMS = ("go_keylog",)
 KEY_SYSCALL_PROGRAMS = ("tls_key_mmap", "tls_key_exit_group")
 GO_FD_PROGRAMS = ("tls_key_close", "tls_key_dup3") + (("tls_key_dup2",) if os.uname().machine == "x86_64" else ())
 UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free", "tls_new_return",
-                   "bssl_keylog") + GO_DATA_PROGRAMS + GO_KEY_PROGRAMS
+                   "bssl_keylog", "tls_nss_close") + GO_DATA_PROGRAMS + GO_KEY_PROGRAMS
 
 
 class _NoUprobeMulti(Exception):
@@ -561,6 +561,8 @@ class TlsTracer:
         returns, SSL_new's return and SSL_free; data calls are hooked for plaintext alone."""
         if func == "SSL_free":
             return (("tls_free", False),)
+        if func == discovery.NSS_CLOSE:  # plaintext only: the key modes hook nothing in NSS
+            return (("tls_nss_close", False),) if self.capture_data else ()
         if func == BSSL_LOG_SECRET:
             return (("bssl_keylog", False),) if self.key_cookie or not self.capture_data else ()
         if func == "SSL_new":
