@@ -248,8 +248,8 @@ def calibrate(path: str) -> dict:
 def main() -> int:
     try:
         result = {"nss": calibrate(sys.argv[1])}
-    except (OSError, RuntimeError, ValueError, ssl.SSLError) as exc:
-        result = {"error": str(exc)}
+    except (OSError, RuntimeError, ValueError, ssl.SSLError, AttributeError) as exc:  # AttributeError: a symbol missing
+        result = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(result))
     return 0
 
