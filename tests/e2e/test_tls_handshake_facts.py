@@ -299,6 +299,21 @@ def test_without_cap_net_admin(ec_cert, tmp_path, monkeypatch):
                       "alpn": None, "resumed": None, **NO_PEER_CERT}
 
 
+def test_nss_without_cap_net_admin(nssdb, rsa_certs, tmp_path, monkeypatch):
+    """No CAP_NET_ADMIN, so no packets: NSS's ALPN and peer certificate still come, from its sslSocket
+    read in the kernel; what only packets say (version, suite, group, SNI, role) is null."""
+    need_tool("capsh")
+    from tests import harness
+
+    cmd = harness.tracer_cmd()
+    monkeypatch.setattr(harness, "tracer_cmd", lambda: ["capsh", "--drop=cap_net_admin", "--", "-c",
+                                                        'exec "$0" "$@"'] + cmd)
+    c, s = nss_handshake(nssdb, tmp_path, alpn_client=True)
+    unknown = {"role": None, "tls_version": None, "cipher": None, "group": None, "sni": None, "resumed": None}
+    assert c == {**unknown, "alpn": "http/1.1", **rsa_cert_facts(rsa_certs[0])}
+    assert s == {**unknown, "alpn": "http/1.1", **NO_PEER_CERT}
+
+
 def system_openssl() -> tuple[int, int]:
     """(major, minor) of the openssl tool's library (the one s_server, curl and nginx use here)."""
     out = subprocess.run(["openssl", "version"], capture_output=True, text=True, check=True).stdout

@@ -148,6 +148,7 @@ class TlsDataPipeline:
 
     def handshake(self, raw: bytes) -> dict | None:
         rec = decode_handshake(raw)
+        peer = self.peers.pop((rec.pid, rec.ssl), None)  # taken also when filtered out: used once or never
         if self.conn_filter is not None and not self.conn_filter((rec.local_addr, rec.local_port, rec.remote_addr,
                                                                   rec.remote_port)):
             return None
@@ -158,7 +159,6 @@ class TlsDataPipeline:
         role = rec.role or (facts.role_of(local) if facts else None)
         # the peer's certificate: the server's on the client's event, the client's (TLS 1.3 mTLS) on the server's
         f = facts.fields(with_cert=role is not None, cert="server" if role == "client" else "client") if facts else {}
-        peer = self.peers.pop((rec.pid, rec.ssl), None)
         if peer is not None:  # the library's own word (NSS), also where TLS 1.3 encrypted it
             alpn, der = peer
             if alpn is not None:
