@@ -95,7 +95,7 @@ struct go_sock_key {
 
 /* What makes a cached 4-tuple still this fd's: the same open file of the same program (mm: an
  * exec makes a new one while the old still exists) of the same process (the leader's start time:
- * pids are reused). An explicit close or dup2/dup3 onto the fd deletes the entry (tls_sys_enter),
+ * pids are reused). An explicit close or dup2/dup3 onto the fd deletes the entry (tls_key_close/dup*),
  * so a file freed and reallocated at the same address under the same fd is not mistaken. */
 struct go_sock_val {
 	__u64 file;

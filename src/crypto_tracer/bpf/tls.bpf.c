@@ -1211,49 +1211,37 @@ static __always_inline void mmap_seen(__u64 prot, long fd)
 		emit_ctrl(CT_EV_LIB_LOAD, (const char *)dname);
 }
 
-/* Syscall numbers of the calls that carry a TLS connection's fd, mmap, and the ones that end an
- * fd's socket (close, dup2/dup3 onto it: go_sock). */
-#if defined(__TARGET_ARCH_arm64)
-enum { NR_READ = 63, NR_WRITE = 64, NR_READV = 65, NR_WRITEV = 66, NR_SENDTO = 206, NR_RECVFROM = 207,
-       NR_SENDMSG = 211, NR_RECVMSG = 212, NR_MMAP = 222, NR_CLOSE = 57, NR_DUP2 = -2, NR_DUP3 = 24,
-       NR_EXIT_GROUP = 94 };
-#else
-enum { NR_READ = 0, NR_WRITE = 1, NR_MMAP = 9, NR_READV = 19, NR_WRITEV = 20, NR_SENDTO = 44,
-       NR_RECVFROM = 45, NR_SENDMSG = 46, NR_RECVMSG = 47, NR_CLOSE = 3, NR_DUP2 = 33, NR_DUP3 = 292,
-       NR_EXIT_GROUP = 231 };
-#endif
-
-/* One raw tracepoint for every syscall of interest: one link to attach and detach instead of
- * nine (each perf tracepoint detach waits for an RCU grace period, ~0.1 s on these VMs). */
-SEC("raw_tp/sys_enter")
-int BPF_PROG(tls_sys_enter, struct pt_regs *regs, long id)
+/* The socket a TLS call talks through: the kernel's socket layer announces each send and receive
+ * (sock_sendmsg/sock_recvmsg, whatever the syscall: read, write, send*, recv*, readv, writev) in
+ * the calling thread, so the fd is the first argument of the syscall in progress, taken from the
+ * thread's saved user registers. Only socket I/O runs these: a syscall tracepoint instead (raw
+ * sys_enter, as before) ran on every syscall of the host and put every task on the syscall slow
+ * path, ~176 ns a syscall for processes that never touch TLS (bench: dd of one-byte writes).
+ * A call made outside a syscall with the socket's fd first (io_uring, splice from a pipe) names
+ * some other fd, which resolve_fd() rejects (no socket behind it) or never sees (another thread). */
+static __always_inline void sock_io(bool is_write)
 {
-	switch (id) {
-	case NR_READ: case NR_READV: case NR_RECVFROM: case NR_RECVMSG:
-		note_fd((int)PT_REGS_PARM1_CORE_SYSCALL(regs), false);
-		break;
-	case NR_WRITE: case NR_WRITEV: case NR_SENDTO: case NR_SENDMSG:
-		note_fd((int)PT_REGS_PARM1_CORE_SYSCALL(regs), true);
-		break;
-	case NR_CLOSE:
-		go_sock_forget((int)PT_REGS_PARM1_CORE_SYSCALL(regs));
-		break;
-	case NR_DUP2: case NR_DUP3:
-		go_sock_forget((int)PT_REGS_PARM2_CORE_SYSCALL(regs));
-		break;
-	case NR_MMAP:
-		mmap_seen(PT_REGS_PARM3_CORE_SYSCALL(regs), (long)PT_REGS_PARM5_CORE_SYSCALL(regs));
-		break;
-	case NR_EXIT_GROUP:
-		tls_keys_sweep();
-		break;
-	}
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+
+	note_fd((int)PT_REGS_PARM1_CORE_SYSCALL(regs), is_write);
+}
+
+SEC("raw_tp/sock_send_length")
+int BPF_PROG(tls_sock_send, struct sock *sk, int ret, int flags)
+{
+	sock_io(true);
 	return 0;
 }
 
-/* The key modes (no plaintext) need only these syscalls. One perf tracepoint each, rather than
- * tls_sys_enter on every syscall of the host: under an nginx load that program ran 600,000 times
- * a second at ~150 ns (bpf_stats), a cost every traced and untraced process paid. */
+SEC("raw_tp/sock_recv_length")
+int BPF_PROG(tls_sock_recv, struct sock *sk, int ret, int flags)
+{
+	sock_io(false);
+	return 0;
+}
+
+/* The syscalls every mode needs: library loads, and the key sweep before a process dies. One perf
+ * tracepoint each: no BPF program runs for any other syscall. */
 SEC("tp/syscalls/sys_enter_mmap")
 int tls_key_mmap(struct trace_event_raw_sys_enter *ctx)
 {
@@ -1268,7 +1256,7 @@ int tls_key_exit_group(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
-/* close, dup2/dup3 onto an fd: the end of a Go connection's socket (go_write runs in key modes) */
+/* close, dup2/dup3 onto an fd: the end of a Go connection's socket (attached with the first Go program) */
 SEC("tp/syscalls/sys_enter_close")
 int tls_key_close(struct trace_event_raw_sys_enter *ctx)
 {

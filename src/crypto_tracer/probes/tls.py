@@ -100,9 +100,12 @@ DATA_OFFSET = TLS_DATA_REC.size  # 128
 
 GO_DATA_PROGRAMS = ("go_write", "go_read_enter", "go_read_ret")  # bpf/go_tls.h: uprobes only, never uretprobes
 GO_KEY_PROGRAMS = ("go_keylog",)
-# The key modes' syscall tracepoints (tls.bpf.c): tls_sys_enter, which runs on every syscall of the
-# host, is for plaintext capture only. The fd ones end Go connections: attached with the first Go program.
+# Syscall tracepoints (tls.bpf.c): library loads and the key sweep at exit, in every mode; the fd ones
+# end Go connections: attached with the first Go program.
 KEY_SYSCALL_PROGRAMS = ("tls_key_mmap", "tls_key_exit_group")
+# Each TLS object's socket, from the socket I/O inside its calls: plaintext capture, and a key log
+# filtered by connection.
+SOCKET_PROGRAMS = ("tls_sock_send", "tls_sock_recv")
 GO_FD_PROGRAMS = ("tls_key_close", "tls_key_dup3") + (("tls_key_dup2",) if os.uname().machine == "x86_64" else ())
 UPROBE_PROGRAMS = ("tls_data_enter", "tls_data_return", "tls_hs_enter", "tls_hs_return", "tls_free", "tls_new_return",
                    "bssl_keylog", "tls_nss_close") + GO_DATA_PROGRAMS + GO_KEY_PROGRAMS
@@ -274,8 +277,8 @@ class TlsTracer:
         self.name = name
         self.extra_paths = list(libssl or ())
         self.capture_data = capture_data
-        # learn each TLS object's socket from its syscalls (tls_sys_enter, on every syscall of the
-        # host): plaintext capture always does; the key modes only for a connection filter
+        # learn each TLS object's socket from the socket I/O inside its calls (SOCKET_PROGRAMS):
+        # plaintext capture always does; the key modes only for a connection filter
         self.connections = capture_data or connections
         self.mapsize = mapsize
         self.max_payload = max_payload
@@ -295,7 +298,7 @@ class TlsTracer:
         self.key_cookie: Callable[[TlsLibrary], int] | None = None  # extra uprobe cookie bits per library
         self._quic_slots: dict[str, int] = {}  # build-id -> quic_layouts slot
         self._nss_slots: dict[str, int] = {}  # libssl3 path -> nss_layouts slot
-        self._go_fd_hooked = False  # GO_FD_PROGRAMS attached (key modes)
+        self._go_fd_hooked = False  # GO_FD_PROGRAMS attached
 
     # --- public interface ----------------------------------------------------------------
 
@@ -336,7 +339,7 @@ class TlsTracer:
                 self.obj.program(name).expect_uprobe_multi()
         self.obj.load()
         self._write_config()
-        for prog in ("tls_sys_enter",) if self.connections else KEY_SYSCALL_PROGRAMS:
+        for prog in KEY_SYSCALL_PROGRAMS + (SOCKET_PROGRAMS if self.connections else ()):
             self.obj.attach(prog)
         self.obj.attach_tracepoint("tls_exec", "sched", "sched_process_exec")
         self.rb = ring_reader(self.obj.map("events"), READ_BATCH)  # DirectRing: no ctypes call per record
@@ -472,7 +475,7 @@ class TlsTracer:
         programs = (GO_DATA_PROGRAMS + (GO_KEY_PROGRAMS if self.key_cookie else ())) if self.capture_data else \
             ("go_write",) + GO_KEY_PROGRAMS
         cookies = {"go_write": F_GO_WRITE, "go_read_enter": F_GO_READ, "go_read_ret": F_GO_READ}
-        if not self.connections and not self._go_fd_hooked:
+        if not self._go_fd_hooked:
             for prog in GO_FD_PROGRAMS:
                 self.obj.attach(prog)
             self._go_fd_hooked = True
