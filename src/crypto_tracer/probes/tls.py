@@ -518,20 +518,18 @@ class TlsTracer:
         ssl3 = os.path.join(os.path.dirname(lib.path), "libssl3.so")
         if not self.capture_data or not os.path.exists(ssl3):
             return 0
-        slot = self._nss_slots.get(ssl3)
-        if slot is None:
+
+        def learn():
             from crypto_tracer.keys.nss_layout import nss_layout_for
 
-            lay, how = nss_layout_for(ssl3)
-            slot = 0
-            if lay is None:
-                log.debug("tls: %s: NSS's ALPN and peer certificates unknown: %s", lib.display_path, how)
-            elif len(set(self._nss_slots.values()) - {0}) + 1 < NSS_SLOTS:
-                slot = len(set(self._nss_slots.values()) - {0}) + 1
-                self.obj.map("nss_layouts").update(struct.pack("<I", slot), NSS_LAYOUT.struct.pack(
-                    lay["fd"], lay["peer_cert"], lay["next_proto"], lay["cert_der"]))
-            self._nss_slots[ssl3] = slot
-        return slot
+            return nss_layout_for(ssl3)
+
+        def store(slot: int, lay: dict) -> None:
+            self.obj.map("nss_layouts").update(struct.pack("<I", slot), NSS_LAYOUT.struct.pack(
+                lay["fd"], lay["peer_cert"], lay["next_proto"], lay["cert_der"]))
+
+        return self._layout_slot(self._nss_slots, ssl3, NSS_SLOTS, learn, store,
+                                 f"{lib.display_path}: NSS's ALPN and peer certificates")
 
     def _quic_slot(self, lib: TlsLibrary, keys: bool = False) -> int:
         """The quic_layouts slot of an OpenSSL 3.5+ library whose QUIC objects' layout is known
@@ -541,22 +539,36 @@ class TlsTracer:
         if not (self.capture_data or keys) or lib.openssl_layout != discovery.SPLIT_SSL or \
                 "SSL_new_listener" not in lib.offsets or ".so" not in os.path.basename(lib.path):
             return 0
-        key = lib.build_id or lib.path
-        slot = self._quic_slots.get(key)
-        if slot is None:
+
+        def learn():
             from crypto_tracer.keys.quic_layout import quic_layout_for
 
-            lay, how = quic_layout_for(lib.path)
+            return quic_layout_for(lib.path)
+
+        def store(slot: int, lay: dict) -> None:
+            self.obj.map("quic_layouts").update(struct.pack("<I", slot), QUIC_LAYOUT.struct.pack(
+                lay["xso_conn"], lay["xso_stream"], lay["stream_id"], lay["qc_default_xso"],
+                len(lay["bio_path"]), *(lay["bio_path"] + [0, 0])[:2], lay["bio"], lay["bio_num"],
+                len(lay["peer_path"]), *(lay["peer_path"] + [0, 0])[:2], lay["peer"], lay["tls"]))
+
+        return self._layout_slot(self._quic_slots, lib.build_id or lib.path, QUIC_SLOTS, learn, store,
+                                 f"{lib.display_path}: QUIC stream ids and 4-tuples")
+
+    @staticmethod
+    def _layout_slot(slots: dict, key, capacity: int, learn, store, what: str) -> int:
+        """The map slot of a layout learned per build (NSS's sslSocket, OpenSSL's QUIC objects):
+        learn() -> (layout or None, why not), once per key; a new layout goes to the next free slot
+        (store(slot, layout)). 0: unknown, or every slot taken."""
+        slot = slots.get(key)
+        if slot is None:
+            lay, how = learn()
             slot = 0
             if lay is None:
-                log.debug("tls: %s: QUIC stream ids and 4-tuples unknown: %s", lib.display_path, how)
-            elif len(set(self._quic_slots.values()) - {0}) + 1 < QUIC_SLOTS:
-                slot = len(set(self._quic_slots.values()) - {0}) + 1
-                self.obj.map("quic_layouts").update(struct.pack("<I", slot), QUIC_LAYOUT.struct.pack(
-                    lay["xso_conn"], lay["xso_stream"], lay["stream_id"], lay["qc_default_xso"],
-                    len(lay["bio_path"]), *(lay["bio_path"] + [0, 0])[:2], lay["bio"], lay["bio_num"],
-                    len(lay["peer_path"]), *(lay["peer_path"] + [0, 0])[:2], lay["peer"], lay["tls"]))
-            self._quic_slots[key] = slot
+                log.debug("tls: %s unknown: %s", what, how)
+            elif len(set(slots.values()) - {0}) + 1 < capacity:
+                slot = len(set(slots.values()) - {0}) + 1
+                store(slot, lay)
+            slots[key] = slot
         return slot
 
     def _programs_for(self, func: str) -> tuple[tuple[str, bool], ...]:
