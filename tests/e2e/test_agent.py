@@ -253,7 +253,9 @@ def test_disk_full_counts_drops_and_resumes(tmp_path):
         workload(tmp_path, n_exec=20)
         assert t.wait_stderr("No space left on device", 30), t.stderr
         assert t.proc.poll() is None  # alive
-        filler.unlink()  # space returns
+        # space returns, plenty of it: freeing only the filler's blocks let the events written while
+        # waiting for "writing again" fill the file system a second time (two episodes, two warnings)
+        subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True)
         assert wait_until(lambda: (workload(tmp_path, n_exec=2), t.wait_stderr("writing again", 2))[1], 60,
                           "the agent writing again")
         out_, err, rc = t.stop(signal.SIGTERM)
