@@ -16,7 +16,7 @@ from cryptography import x509
 
 from tests import gobuild
 from tests.e2e import tlspeers as tp
-from tests.harness import data_events, free_port, need_tool, wait_port
+from tests.harness import data_events, free_port, need_tool, wait_port, wait_until
 from tests.tls_helpers import read_keylog
 
 pytestmark = pytest.mark.ebpf
@@ -240,13 +240,18 @@ def test_pcapng_decrypts_go_session_alone(certs, tmp_path):
     cap = str(tmp_path / "cap.pcapng")
     body = tp.body(2000, b"pcap-go-")
     (tmp_path / "req").write_bytes(body)
-    tracer = Tracer(["-v", "-m", "pcapng", "-w", cap, "-i", "lo", "--libssl", progs.client])
+    ours = str(tmp_path / "ours.keylog")
+    tracer = Tracer(["-v", "-m", "pcapng", "-w", cap, "-k", ours, "-i", "lo", "--libssl", progs.client])
     srv = None
     try:
         srv = GoServer(server, cert, key)
         assert tracer.wait_stderr(f"tls: hooked {progs.server}", 20), tracer.stderr  # its exec, then its maps
         client(cli, srv.port, "-post", str(tmp_path / "req"))
-        tracer.stop()
+        # the session's application secrets (both ends': the server's label is read from its live memory)
+        # are in, so their DSB precedes the packets still held back
+        wait_until(lambda: sum(line[0] == "CLIENT_TRAFFIC_SECRET_0" for line in read_keylog(ours)) >= 1,
+                   20, "the Go session's key lines")
+        err = tracer.stop().err
     finally:
         if srv:
             srv.stop()
@@ -254,8 +259,8 @@ def test_pcapng_decrypts_go_session_alone(certs, tmp_path):
                           "-e", "frame.comment", "-e", "http.request.method", "-e", "http.response.code"],
                          capture_output=True, text=True, timeout=60)
     rows = [line.split("\t") for line in out.stdout.splitlines()]
-    assert any(r[1] == "POST" and f"comm={CLIENT_NAME}" in r[0] for r in rows), out.stdout + out.stderr
-    assert any(r[2] == "200" and f"comm={SERVER_NAME}" in r[0] for r in rows), out.stdout
+    assert any(r[1] == "POST" and f"comm={CLIENT_NAME}" in r[0] for r in rows), out.stdout + out.stderr + err
+    assert any(r[2] == "200" and f"comm={SERVER_NAME}" in r[0] for r in rows), out.stdout + err
 
 
 def test_esbuild_https_serve(certs, tmp_path):

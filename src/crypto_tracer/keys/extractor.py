@@ -43,6 +43,7 @@ class KeyExtractor:
         self.unsupported: list[str] = []  # library kinds whose secrets are not read (gnutls, nss)
         self.sessions = 0
         self.records = 0  # key records and key lines handled (a plaintext run counts them as received)
+        self.unreadable_labels = 0  # key lines lost: their label was in a page the process had gone with
         tracer.on(tls_keys.CT_EV_TLS_KEYS, self._record)
         tracer.on(CT_EV_TLS_KEYLINE, self._key_line)
         tracer.key_cookie = self._cookie
@@ -141,6 +142,8 @@ class KeyExtractor:
             rec.label = _label_from_memory(rec.pid, rec.label_addr, rec.label_len)
         line = rec.line()
         if line is None:
+            if rec.label == "":
+                self.unreadable_labels += 1
             return
         if rec.client_random not in self._line_randoms:
             if len(self._line_randoms) > 65536:

@@ -139,6 +139,9 @@ def _report(keylog, keys, packets, sessions) -> None:
                  "unfinished handshakes: no keys existed to write)", keys.pending.freed_incomplete)
     if keys.pending.watch:
         log.info("%d TLS objects still open had no complete secrets when the run ended", len(keys.pending.watch))
+    if keys.unreadable_labels:
+        log.warning("%d key lines were lost: their label could not be read from their process's memory "
+                    "(it had exited)", keys.unreadable_labels)
     if keys.unsupported:
         log.info("session secrets are not read from %s (OpenSSL, BoringSSL, GnuTLS and Go only)", ", ".join(keys.unsupported))
     if keys.unusable:  # each was said when its library was hooked
