@@ -291,3 +291,14 @@ def test_direct_ring_reader_layout():
     assert ring.read(10) == []
     ring._words[(page + (busy & (size - 1))) >> 2] &= ~BUSY_BIT  # committed
     assert list(map(bytes, ring.read(1))) == [b"later"] and ring._cons[0] == pos
+
+
+def test_a_port_of_zero_is_unknown():
+    """A TCP socket gives its local port back when it closes: a write after the peer's reset reads
+    port 0, which is no port (null, '?' in text), never printed as 0."""
+    header = probe.HEADER.pack(123, common.CT_EV_TLS_DATA, 10, 11, 0, b"nginx")
+    body = probe.DATA.pack(0xABC, 3, 0, 3, 7, 1, 5, 0, 2, 0, 55482, bytes([127, 0, 0, 1]) + bytes(12),
+                           bytes([127, 0, 0, 1]) + bytes(12), -1)
+    rec = probe.decode_data(header + body + b"abc")
+    assert (rec.local_addr, rec.local_port, rec.remote_addr, rec.remote_port) == ("127.0.0.1", None, "127.0.0.1", 55482)
+    assert endpoint(rec.local_addr, rec.local_port) == "127.0.0.1:?"

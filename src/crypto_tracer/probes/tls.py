@@ -165,7 +165,9 @@ TLS_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TL
 def _conn(family, lport, rport, laddr, raddr):
     if family not in (AF_INET, AF_INET6):
         return None, None, None, None
-    return address_text(family, laddr), lport, address_text(family, raddr), rport
+    # a port of 0 is none: a TCP socket gives its local port back when it closes (inet_put_port), so
+    # a write after the peer's reset reads 0 there
+    return address_text(family, laddr), lport or None, address_text(family, raddr), rport or None
 
 
 def _comm(raw: bytes) -> str:
@@ -191,10 +193,7 @@ def decode_data(raw: bytes) -> TlsData:
         if len(_COMMS) > 4096:
             _COMMS.clear()
         name = _COMMS[comm] = _comm(comm)
-    if family == AF_INET or family == AF_INET6:
-        la, ra = address_text(family, laddr), address_text(family, raddr)
-    else:
-        la = ra = lport = rport = None
+    la, lport, ra, rport = _conn(family, lport, rport, laddr, raddr)
     return TlsData(ts, pid, tid, uid, name, LIB_NAMES.get(lib, str(lib)), FUNC_NAMES.get(func, str(func)),
                    _DIRECTIONS.get(func, "read"), fd if fd >= 0 else None, la, lport, ra, rport,
                    length, offset, bool(truncated), ssl, raw[DATA_OFFSET:DATA_OFFSET + chunk_len],

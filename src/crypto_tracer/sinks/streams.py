@@ -33,7 +33,7 @@ _CHANGING = ("timestamp", "tid", "function", "length", "offset", "truncated", "d
 
 
 def _endpoint(addr: str | None, port: int | None) -> str:
-    return "unknown" if addr is None else f"{addr}.{port}"
+    return "unknown" if addr is None else f"{addr}.{'unknown' if port is None else port}"
 
 
 class Stream:

@@ -15,6 +15,7 @@ _VISIBLE = bytes(b if 32 <= b < 127 else ord(".") for b in range(256))  # hex du
 def endpoint(addr: str | None, port: int | None) -> str:
     if addr is None:
         return "?"
+    port = "?" if port is None else port
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
