@@ -55,6 +55,10 @@ class Output:
     def write(self, data: bytes) -> None:
         if self.failed or self.closed:
             return
+        if len(data) >= BUFFER_BYTES:  # a big record (e.g. a batch of bulk lines): from the caller's memory
+            self.flush()
+            self._write_through(data)
+            return
         self._buf += data
         self._ends.append(len(self._buf))
         if self._line_flush or len(self._buf) >= BUFFER_BYTES:
@@ -90,6 +94,16 @@ class Output:
         self._good += written
         self._buf.clear()
         self._ends.clear()
+
+    def _write_through(self, data) -> None:
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:] if written else data)
+        except OSError as exc:
+            self._fail(exc)  # cuts the part of this record that was written
+            return
+        self._good += written
 
     def _fail(self, exc: OSError) -> None:
         self._buf.clear()
