@@ -12,6 +12,8 @@ alternating, each mode R times (the median is reported):
   streams        tls -m streams -o DIR (each connection's plaintext per direction in its own file)
   json           tls -m json -o FILE
   json-paced     tls -m json -o FILE with curl --limit-rate 200M
+  text-py, json-py   text and json with the pure-Python formatting loop (CRYPTO_TRACER_PURE_PYTHON=1)
+                 instead of the C one (pipeline/fastfmt.c)
 For each: MB/s and its ratios to untraced and to the floor, the tracer's CPU (user+sys seconds
 per wall second) and peak RSS, events written and dropped, and plaintext bytes captured against
 the bytes that crossed (2 x the file: nginx's writes and curl's reads).
@@ -41,7 +43,7 @@ from bench_tls import EmptyFloor, proc_cpu, proc_hwm_mb  # noqa: E402  (same dir
 ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
 TRACER = [sys.executable, "-m", "crypto_tracer", "tls"]
 PORT = 18640
-MODES = ("untraced", "floor", "keylog", "text", "streams", "json", "json-paced")
+MODES = ("untraced", "floor", "keylog", "text", "streams", "json", "json-paced", "text-py", "json-py")
 
 
 def download(url: str, limit: str | None = None) -> tuple[float, int]:
@@ -55,9 +57,10 @@ def download(url: str, limit: str | None = None) -> tuple[float, int]:
 
 def traced(mode: str, tmp: str, url: str, limit: str | None, extra: list[str]) -> dict:
     out = os.path.join(tmp, "out." + mode)
-    model = "json" if mode.startswith("json") else mode
+    model = mode.split("-")[0]
     args = ["-m", model] + (["-k", out] if model == "keylog" else ["-o", out]) + extra
-    p = subprocess.Popen(TRACER + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(ENV, CRYPTO_TRACER_PURE_PYTHON="1") if mode.endswith("-py") else ENV
+    p = subprocess.Popen(TRACER + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in p.stderr:
         if "ready" in line:
             break

@@ -11,6 +11,8 @@ In one run, alternating, each mode R times (the median is reported):
                its cost per packet (text and json include it)
   text, json   crypto-tracer tls -m text / -m json, output to a file, whole host
   text-pid, json-pid   the same with --pid <nginx worker> (uprobes attached for it only)
+  text-py, json-py     text and json with the pure-Python formatting loop (CRYPTO_TRACER_PURE_PYTHON=1)
+               instead of the C one (pipeline/fastfmt.c)
   hooks, count the real programs with data capture off / with capture on but a reader that
                only counts records: where the cost beyond the floor comes from
   bpftrace     the peer a user would pick instead: bpftrace (Debian's) on SSL_write and
@@ -176,8 +178,11 @@ def run_handshake(seconds: int, out: str, close: bool, extra: tuple = ()) -> dic
     return {"rps": rps, "p99": p99, "cpu": cpu, "rss": rss, "lost": int(m.group(1)) if m else 0, "events": events}
 
 
-def run_traced(args: list[str], seconds: int, command=None) -> dict:
-    p = subprocess.Popen(command or TRACER + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+PURE_ENV = dict(ENV, CRYPTO_TRACER_PURE_PYTHON="1")  # the -py rows: the pure-Python formatting loop
+
+
+def run_traced(args: list[str], seconds: int, command=None, env=ENV) -> dict:
+    p = subprocess.Popen(command or TRACER + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     for line in (p.stdout if command else p.stderr):
         if "ready" in line:
@@ -268,7 +273,8 @@ def main() -> int:
     # count: capture on, but user space only counts records (no decoding, no output).
     handshake = ("handshake", "untraced-close", "handshake-close", "decrypt-close")
     modes = ("untraced", "floor") + handshake if args.handshake else \
-        ("untraced", "floor", "tc-hello", "hooks", "count", "text", "json", "text-pid", "json-pid") + handshake + \
+        ("untraced", "floor", "tc-hello", "hooks", "count", "text", "json", "text-pid", "json-pid", "text-py",
+         "json-py") + handshake + \
         (("bpftrace",) if shutil.which("bpftrace") else ())
     results: dict[str, list[dict]] = {m: [] for m in modes}
     hello_ns: list[tuple[int, int]] = []  # tc-hello rounds: (classifier runs, their run time ns)
@@ -312,6 +318,7 @@ def main() -> int:
                 base = ["-m", mode, "-o", out]
                 results[mode].append(run_traced(base, args.seconds))
                 results[f"{mode}-pid"].append(run_traced(base + ["--pid", str(worker)], args.seconds))
+                results[f"{mode}-py"].append(run_traced(base, args.seconds, env=PURE_ENV))
                 os.unlink(out)
             if "bpftrace" in modes:
                 out = os.path.join(tmp, "out.bpftrace")

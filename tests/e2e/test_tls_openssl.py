@@ -164,7 +164,11 @@ def test_node_client_and_server(certs, tmp_path):
         assert "Events dropped: 0" in err
 
 
-def test_twenty_concurrent_clients(certs, tmp_path):
+@pytest.mark.parametrize("loop", ["c", "python"])
+def test_twenty_concurrent_clients(certs, tmp_path, monkeypatch, loop):
+    """Both formatting loops (pipeline/fastfmt.c and the pure-Python one) write every byte."""
+    if loop == "python":
+        monkeypatch.setenv("CRYPTO_TRACER_PURE_PYTHON", "1")
     cert, key = certs
     port = MANY_PORT
     out = str(tmp_path / "events.json")
@@ -176,7 +180,7 @@ def test_twenty_concurrent_clients(certs, tmp_path):
         (tmp_path / f"req{i}").write_bytes(req)
         reqs.append(req)
     with tp.python_server(port, cert, key, str(tmp_path / "resp")) as server:
-        tracer = tp.tls_tracer(["-m", "json", "-o", out])
+        tracer = tp.tls_tracer(["-v", "-m", "json", "-o", out])
         procs = [subprocess.Popen([tp.peer("curl"), "-sSk", "--fail", "-o", os.devnull, "--data-binary",
                                    f"@{tmp_path}/req{i}", f"https://127.0.0.1:{port}/c{i}"]) for i in range(20)]
         assert all(p.wait(30) == 0 for p in procs)
@@ -196,3 +200,5 @@ def test_twenty_concurrent_clients(certs, tmp_path):
     out_n = int(re.search(r"Events output: (\d+)", err).group(1))
     assert out_n == len(events)
     assert "accounting mismatch" not in err  # kernel submitted == user space received
+    in_c = re.search(r"tls: (\d+) records were formatted in C", err)
+    assert (int(in_c.group(1)) > 0 if loop == "c" else in_c is None), err

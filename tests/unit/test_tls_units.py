@@ -254,6 +254,36 @@ def test_output_write_many_keeps_record_boundaries(tmp_path, monkeypatch):
     assert path.read_bytes() == b"a\nbb\n"
 
 
+def test_output_big_record_written_through_or_cut_whole(tmp_path, monkeypatch):
+    """A record of BUFFER_BYTES or more goes straight to the file after what is buffered; when the disk
+    fills in its middle, the part of it that was written is cut off."""
+    import errno
+
+    from crypto_tracer.sinks import output as output_mod
+
+    path = tmp_path / "out"
+    out = output_mod.Output(str(path))
+    big = memoryview(b"B" * output_mod.BUFFER_BYTES + b"\n")
+    out.write(b"a\n")
+    out.write(big)
+    assert path.read_bytes() == b"a\n" + bytes(big)
+    real_write = os.write
+
+    def short_write(fd, data):  # 100 bytes fit, then the disk is full
+        if len(data) > 100:
+            return real_write(fd, bytes(data[:100]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out.write(b"c\n")
+    out.flush()
+    monkeypatch.setattr(output_mod.os, "write", short_write)
+    with pytest.raises(TracerError):
+        out.write(big)
+    monkeypatch.undo()
+    out.close()
+    assert path.read_bytes() == b"a\n" + bytes(big) + b"c\n"  # the 100 bytes of big that were written: cut off
+
+
 def test_direct_ring_reader_layout():
     """DirectRing.read on a fake ring: committed records in order, discarded ones skipped,
     a record that wraps read whole (its two parts joined: the data area is mapped once), a busy one

@@ -17,6 +17,7 @@ native words (memoryview casts), never byte by byte.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import select
@@ -41,6 +42,7 @@ class DirectRing:
         self._prod = memoryview(self._data_map).cast("Q")  # [0]: producer position
         self._words = memoryview(self._data_map).cast("I")  # record headers, by byte offset // 4
         self._page, self._mask = page, size - 1
+        self._native: _PyBuffer | None = None  # see native()
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
 
@@ -83,15 +85,47 @@ class DirectRing:
         self._cons[0] = cons  # one aligned 8-byte store
         return out
 
+    def native(self) -> tuple[int, int, int]:
+        """(address of the data area, address of the producer position, size - 1), for a reader in
+        C (pipeline/fastfmt.c) that reads records where they are and hands back the consumer
+        position it reached (the consumer property). The mapping is read-only, so its address
+        comes from the buffer protocol (ctypes' from_buffer wants a writable one)."""
+        if self._native is None:
+            view = _PyBuffer()
+            if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(self._data_map), ctypes.byref(view), 0):
+                raise OSError("the ring's pages give no buffer")
+            self._native = view
+        return self._native.buf + self._page, self._native.buf, self._mask
+
+    @property
+    def consumer(self) -> int:
+        return self._cons[0]
+
+    @consumer.setter
+    def consumer(self, position: int) -> None:
+        self._cons[0] = position  # one aligned 8-byte store: the records' space back to the kernel
+
     def close(self) -> None:
         if self._epoll is None:
             return
         self._epoll.close()
         self._epoll = None
+        if self._native is not None:
+            ctypes.pythonapi.PyBuffer_Release(ctypes.byref(self._native))
+            self._native = None
         for view in (self._cons, self._prod, self._words):
             view.release()
         self._cons_map.close()
         self._data_map.close()
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer (obj as a plain pointer: PyBuffer_Release drops its reference)."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
 
 
 class RingLevel:

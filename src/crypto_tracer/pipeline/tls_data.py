@@ -86,6 +86,7 @@ class TlsDataPipeline:
         self.conns: dict[bytes, tuple | None] = {}  # see entry()
         self.hello_facts = hello_facts  # pipeline/hello_facts.HelloFacts: what the handshake messages said
         self.peers: dict[tuple[int, int], tuple] = {}  # (pid, ssl) -> (ALPN, certificate DER), see learn_peer
+        self.fast = None  # pipeline/fastfmt.FastLoop: the connections it formats in C are learned here
 
     def learn_peer(self, raw: bytes) -> None:
         """A CT_EV_TLS_PEER record (NSS: what its sslSocket holds), handled as it is read: it precedes
@@ -126,6 +127,8 @@ class TlsDataPipeline:
             entry = (base, self.sink.prepare_tls(base))
         if len(self.conns) >= CONN_CACHE_SIZE:
             self.conns.clear()
+        if self.fast is not None and self.fast.learn(key, entry and entry[1]):
+            self.conns.clear()  # the C loop's table was emptied: every connection is learned again
         self.conns[key] = entry
         return entry
 

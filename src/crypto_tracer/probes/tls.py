@@ -363,14 +363,14 @@ class TlsTracer:
         n, budget, self._more = 0, READ_BYTES, True
         for _ in range(8):
             raws = self.rb.read(READ_BATCH, budget)
-            n += self._dispatch_many(raws)
+            n += self.dispatch_many(raws)
             budget -= sum(map(len, raws))
             if budget <= 0:
                 break
             if len(raws) < READ_BATCH:
                 self._more = False  # the ring is empty
                 break
-        self._run_rescans()
+        self.run_rescans()
         return n
 
     @property
@@ -382,7 +382,7 @@ class TlsTracer:
         """A map of the loaded object (the key extractor writes `keys_layouts`)."""
         return self.obj.map(name)
 
-    def _dispatch_many(self, raws: list[bytes]) -> int:
+    def dispatch_many(self, raws: list[bytes]) -> int:
         get = self._raw_handlers.get
         dispatch = self._dispatch
         t0, t1 = TYPE_SPAN
@@ -399,7 +399,7 @@ class TlsTracer:
         n = 0
         if self.rb is not None:
             while raws := self.rb.read(READ_BATCH):
-                n += self._dispatch_many(raws)
+                n += self.dispatch_many(raws)
         return n
 
     def counters(self) -> dict:
@@ -647,7 +647,7 @@ class TlsTracer:
         for delay in self.RESCAN_DELAYS if is_exec else (0.02, 0.2):
             self._rescans.append((now + delay, pid))
 
-    def _run_rescans(self) -> None:
+    def run_rescans(self) -> None:
         if not self._rescans:
             return
         now = time.monotonic()

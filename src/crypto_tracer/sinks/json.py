@@ -108,8 +108,26 @@ class JsonStreamSink:
         return len(lines)
 
 
+    # --- the same in C (pipeline/fastfmt.py) ---------------------------------------------
+
+    @staticmethod
+    def fast_recipe(template: bytes) -> bytes:
+        """prepare_tls's template as a fastfmt recipe (its %-arguments, in write_tls's order)."""
+        from crypto_tracer.pipeline import fastfmt as ff
+
+        return ff.recipe_from_template(template, (ff.SLOT_PREFIX, ff.SLOT_MICROS, ff.SLOT_LENGTH, ff.SLOT_OFFSET,
+                                                  ff.SLOT_TRUNCATED, ff.SLOT_BASE64))
+
+    def write_fast(self, lines, events: int) -> None:
+        """JSON lines already encoded by the C loop (one block: a failed write keeps whole lines)."""
+        self.out.write(lines)
+        self.count += events
+
+
 class JsonArraySink(JsonStreamSink):
     """json-array: one compact event per line inside '[' ... ']'; json-pretty: indented."""
+
+    fast_recipe = None  # separators between events: the Python loop only
 
     def __init__(self, out: Output, pretty: bool = False):
         super().__init__(out)

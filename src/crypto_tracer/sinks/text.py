@@ -155,6 +155,24 @@ class TextSink:
         self.write_formatted(lines)
         return len(lines)
 
+    # --- the same in C (pipeline/fastfmt.py) ---------------------------------------------
+
+    @staticmethod
+    def fast_recipe(prepared: tuple[str, str]) -> bytes:
+        """write_tls's line for a whole call, as a fastfmt recipe."""
+        from crypto_tracer.pipeline import fastfmt as ff
+
+        mid, tail = (part.encode("utf-8", "replace") for part in prepared)
+        return ff.recipe([(ff.SLOT_PREFIX, None), (ff.SLOT_LITERAL, b"."), (ff.SLOT_MICROS, None),
+                          (ff.SLOT_LITERAL, b"Z" + mid), (ff.SLOT_LENGTH, None), (ff.SLOT_LITERAL, tail),
+                          (ff.SLOT_TEXT_BODY, None), (ff.SLOT_LITERAL, b"\n\n")])
+
+    def write_fast(self, text, events: int) -> None:
+        """events already formatted (encoded) by the C loop, after what is pending."""
+        self.flush()
+        self.out.write(text)
+        self.count += events
+
     def flush(self) -> None:
         if self._pending:  # one write per batch of events
             self.out.write("".join(self._pending).encode("utf-8", "replace"))

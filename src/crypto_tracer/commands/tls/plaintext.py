@@ -54,6 +54,26 @@ def make_pipeline(opts, clock, stats, hello_facts=None):
                            redact_paths=not opts.no_redact, max_payload=opts.max_payload, hello_facts=hello_facts)
 
 
+def fast_loop(opts, tracer, pipe):
+    """The C formatting loop (pipeline/fastfmt.py) for text and json-stream, when it is built; None:
+    the pure-Python loop (hex dumps, json arrays, streams, or no library)."""
+    from crypto_tracer.engine.ringread import DirectRing
+    from crypto_tracer.pipeline import fastfmt
+
+    if getattr(pipe.sink, "fast_recipe", None) is None or (opts.model == "text" and opts.hex) or \
+            not isinstance(tracer.rb, DirectRing):
+        return None
+    lib = fastfmt.load()
+    if lib is None:
+        return None
+    from crypto_tracer.sinks.text import PRINTABLE
+
+    pipe.fast = fastfmt.FastLoop(lib, tracer, pipe, text=opts.model == "text", plain_limit=opts.tsize or 1 << 62,
+                                 printable=PRINTABLE)
+    log.debug("tls: data records are formatted in C (%s)", fastfmt.library_path())
+    return pipe.fast
+
+
 def flight_secrets(tracer, facts):
     """The sessions' handshake traffic secrets, read from the hooked libraries as the key modes
     read them (keys/), to open TLS 1.3's encrypted flights (ALPN, certificates) in hello_facts:
@@ -110,9 +130,14 @@ def run(opts) -> int:
                         f"process {opts.pid}" if opts.pid else "running processes")
         ready("tls", t0, f"{len(tracer.libraries)} TLS libraries hooked")
 
+        fast = fast_loop(opts, tracer, pipe)
+
         def poll(timeout_ms: int) -> None:
-            tracer.poll(timeout_ms)
-            pipe.process()
+            if fast is not None:
+                fast.poll(timeout_ms)
+            else:
+                tracer.poll(timeout_ms)
+                pipe.process()
             if hello is not None:
                 hello.follow_links()
 
@@ -128,6 +153,8 @@ def run(opts) -> int:
         tracer.detach()  # nothing new arrives; then every submitted record is handled
         tracer.drain()
         pipe.process()
+        if fast is not None:
+            log.debug("tls: %d records were formatted in C", fast.formatted)
         if keys is not None:  # received, and no event of their own
             stats.received += keys.records
             stats.user_filtered += keys.records
@@ -137,6 +164,8 @@ def run(opts) -> int:
         stop.restore()
         if pipe is not None:
             pipe.sink.close()
+            if pipe.fast is not None:
+                pipe.fast.close()
         if hello is not None:
             if hello.counters()["dropped"]:
                 log.warning("%d handshake packets were lost (ring buffer full): some handshake facts are null",
