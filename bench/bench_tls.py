@@ -26,7 +26,8 @@ In one run, alternating, each mode R times (the median is reported):
   decrypt-close   tls -m handshake --decrypt-handshake, "Connection: close": the key hooks in
                libssl (nginx's and wrk's) and each TLS 1.3 flight decrypted for its ALPN and
                certificate (x untraced is to untraced-close)
-With --handshake only untraced, floor and the five handshake rows run.
+With --handshake only untraced, floor and the five handshake rows run; with --plaintext only untraced,
+floor, count and the text/json rows.
 For each: requests/s and p99 latency, and their ratios to untraced (same run) and to the
 floor; the tracer's CPU (user+sys seconds per wall second) and peak RSS; events lost.
 Targets: capture >= 0.9x the floor, 0 events lost, RSS <= 50 MB.
@@ -252,11 +253,23 @@ def print_table(results: dict, modes, title: str) -> tuple[dict, dict]:
     return med, floor
 
 
+def run_text_json(tmp: str, worker: int, seconds: int, results: dict) -> None:
+    for mode in ("text", "json"):
+        out = os.path.join(tmp, f"out.{mode}")
+        base = ["-m", mode, "-o", out]
+        results[mode].append(run_traced(base, seconds))
+        results[f"{mode}-pid"].append(run_traced(base + ["--pid", str(worker)], seconds))
+        results[f"{mode}-py"].append(run_traced(base, seconds, env=PURE_ENV))
+        os.unlink(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run (default 5)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of each mode (default 2)")
     ap.add_argument("--handshake", action="store_true", help="only untraced, floor and the tls -m handshake rows")
+    ap.add_argument("--plaintext", action="store_true",
+                    help="only untraced, floor, count and the text/json rows (both formatting loops)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
@@ -272,10 +285,14 @@ def main() -> int:
     # hooks: the real programs with data capture off (what the kernel side costs alone);
     # count: capture on, but user space only counts records (no decoding, no output).
     handshake = ("handshake", "untraced-close", "handshake-close", "decrypt-close")
-    modes = ("untraced", "floor") + handshake if args.handshake else \
-        ("untraced", "floor", "tc-hello", "hooks", "count", "text", "json", "text-pid", "json-pid", "text-py",
-         "json-py") + handshake + \
-        (("bpftrace",) if shutil.which("bpftrace") else ())
+    plaintext = ("text", "json", "text-pid", "json-pid", "text-py", "json-py")
+    if args.handshake:
+        modes = ("untraced", "floor") + handshake
+    elif args.plaintext:
+        modes = ("untraced", "floor", "count") + plaintext
+    else:
+        modes = ("untraced", "floor", "tc-hello", "hooks", "count") + plaintext + handshake + \
+            (("bpftrace",) if shutil.which("bpftrace") else ())
     results: dict[str, list[dict]] = {m: [] for m in modes}
     hello_ns: list[tuple[int, int]] = []  # tc-hello rounds: (classifier runs, their run time ns)
     try:
@@ -290,6 +307,10 @@ def main() -> int:
             rps, p99 = wrk(args.seconds)
             floor.close()
             results["floor"].append({"rps": rps, "p99": p99})
+            if args.plaintext:
+                results["count"].append(run_traced([], args.seconds, [sys.executable, "-c", IN_PROCESS, "count"]))
+                run_text_json(tmp, worker, args.seconds, results)
+                continue
             out = os.path.join(tmp, "out.handshake")
             results["handshake"].append(run_handshake(args.seconds, out, close=False))
             rps, p99 = wrk(args.seconds, close=True)
@@ -313,13 +334,7 @@ def main() -> int:
             results["tc-hello"].append({"rps": rps, "p99": p99})
             for mode in ("hooks", "count"):
                 results[mode].append(run_traced([], args.seconds, [sys.executable, "-c", IN_PROCESS, mode]))
-            for mode in ("text", "json"):
-                out = os.path.join(tmp, f"out.{mode}")
-                base = ["-m", mode, "-o", out]
-                results[mode].append(run_traced(base, args.seconds))
-                results[f"{mode}-pid"].append(run_traced(base + ["--pid", str(worker)], args.seconds))
-                results[f"{mode}-py"].append(run_traced(base, args.seconds, env=PURE_ENV))
-                os.unlink(out)
+            run_text_json(tmp, worker, args.seconds, results)
             if "bpftrace" in modes:
                 out = os.path.join(tmp, "out.bpftrace")
                 results["bpftrace"].append(run_bpftrace(args.seconds, out))
@@ -338,7 +353,7 @@ def main() -> int:
               f"bpf_stats on; one run per packet: lo has the egress program only)")
     if args.handshake:
         return 0
-    ours = modes[5:9]  # the targets are ours; the bpftrace row is the peer's
+    ours = ("text", "json", "text-pid", "json-pid")  # the targets; the -py and bpftrace rows compare
     worst = min(med[m]["rps"] / floor["rps"] for m in ours)
     lost = sum(r["lost"] for m in ours for r in results[m])
     rss = max(r["rss"] for m in ours for r in results[m])

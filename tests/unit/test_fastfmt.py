@@ -22,6 +22,7 @@ def _records():
     recs = _varied_records()
     recs += [_data_record(os.urandom(30000), fd=20), _data_record(b"\xe2\x82\xac" * 5000, fd=21),  # binary, UTF-8
              _data_record(bytes(range(128)) * 100, fd=22), _data_record(b"x" * 30000, fd=23, length=90000)]
+    recs += [_data_record(bytes(range(200, 200 + n)), fd=30) for n in range(1, 8)]  # every base64 remainder
     recs += [_data_record(b"conn %d" % i, fd=100 + i) for i in range(12)]  # more connections than the C table keeps
     recs += [_data_record(b"again", fd=100), _data_record(b"filtered", fd=7, laddr=bytes([10, 9, 9, 9]) + bytes(12))]
     other = probe.HEADER.pack(5, common.CT_EV_TLS_PROCESS, 10, 10, 0, b"curl") + bytes(64)  # not a data record

@@ -61,6 +61,43 @@ struct result { /* what one ct_fmt_run did */
 	uint64_t out_len;
 };
 
+static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+static uint16_t B64_PAIRS[4096]; /* the two characters of each 12-bit value: two lookups per 3 bytes */
+
+static void base64_init(void)
+{
+	for (int v = 0; v < 4096; v++) {
+		char pair[2] = {B64[v >> 6], B64[v & 63]};
+		memcpy(&B64_PAIRS[v], pair, 2);
+	}
+}
+
+static char *base64(char *o, const uint8_t *s, uint64_t n)
+{
+	uint64_t i = 0;
+	for (; i + 3 <= n; i += 3) {
+		uint32_t v = (uint32_t)s[i] << 16 | (uint32_t)s[i + 1] << 8 | s[i + 2];
+		memcpy(o, &B64_PAIRS[v >> 12], 2);
+		memcpy(o + 2, &B64_PAIRS[v & 4095], 2);
+		o += 4;
+	}
+	if (n - i == 1) {
+		uint32_t v = (uint32_t)s[i] << 16;
+		o[0] = B64[v >> 18];
+		o[1] = B64[(v >> 12) & 63];
+		o[2] = o[3] = '=';
+		o += 4;
+	} else if (n - i == 2) {
+		uint32_t v = (uint32_t)s[i] << 16 | (uint32_t)s[i + 1] << 8;
+		o[0] = B64[v >> 18];
+		o[1] = B64[(v >> 12) & 63];
+		o[2] = B64[(v >> 6) & 63];
+		o[3] = '=';
+		o += 4;
+	}
+	return o;
+}
+
 static uint64_t hash_key(const uint8_t *k, uint32_t n)
 {
 	uint64_t h = 1469598103934665603ull; /* FNV-1a */
@@ -74,6 +111,8 @@ struct ctx *ct_fmt_new(const struct layout *lay, uint32_t cap)
 	struct ctx *c = calloc(1, sizeof(*c));
 	if (!c)
 		return NULL;
+	if (!B64_PAIRS[0])
+		base64_init();
 	c->lay = *lay;
 	c->cap = cap;
 	c->sec = -1;
@@ -151,36 +190,6 @@ int ct_fmt_learn(struct ctx *c, const uint8_t *key, uint32_t key_len, const uint
 	return cleared;
 }
 
-static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-static char *base64(char *o, const uint8_t *s, uint64_t n)
-{
-	uint64_t i = 0;
-	for (; i + 3 <= n; i += 3) {
-		uint32_t v = (uint32_t)s[i] << 16 | (uint32_t)s[i + 1] << 8 | s[i + 2];
-		o[0] = B64[v >> 18];
-		o[1] = B64[(v >> 12) & 63];
-		o[2] = B64[(v >> 6) & 63];
-		o[3] = B64[v & 63];
-		o += 4;
-	}
-	if (n - i == 1) {
-		uint32_t v = (uint32_t)s[i] << 16;
-		o[0] = B64[v >> 18];
-		o[1] = B64[(v >> 12) & 63];
-		o[2] = o[3] = '=';
-		o += 4;
-	} else if (n - i == 2) {
-		uint32_t v = (uint32_t)s[i] << 16 | (uint32_t)s[i + 1] << 8;
-		o[0] = B64[v >> 18];
-		o[1] = B64[(v >> 12) & 63];
-		o[2] = B64[(v >> 6) & 63];
-		o[3] = '=';
-		o += 4;
-	}
-	return o;
-}
-
 static char *decimal(char *o, uint64_t v)
 {
 	char tmp[24];
@@ -236,10 +245,14 @@ static int valid_utf8(const uint8_t *s, uint64_t n)
 
 static int all_ascii(const uint8_t *s, uint64_t n)
 {
-	uint8_t acc = 0;
-	for (uint64_t i = 0; i < n; i++)
+	uint64_t acc = 0, w, i = 0;
+	for (; i + 8 <= n; i += 8) { /* a word at a time */
+		memcpy(&w, s + i, 8);
+		acc |= w;
+	}
+	for (; i < n; i++)
 		acc |= s[i];
-	return acc < 0x80;
+	return !(acc & 0x8080808080808080ull);
 }
 
 static uint64_t rd64(const uint8_t *p)

@@ -18,6 +18,7 @@ CRYPTO_TRACER_PURE_PYTHON=1) the pure-Python loop runs, with the same output.
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import os
 import re
@@ -49,8 +50,15 @@ def build(cc: str = "cc") -> str:
     """Compile fastfmt.c next to itself (what `setup` runs); returns the library's path."""
     path = library_path()
     tmp = f"{path}.{os.getpid()}.tmp"
-    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-o", tmp, SOURCE], check=True)
-    os.replace(tmp, path)
+    try:
+        subprocess.run([cc, "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-o", tmp, SOURCE], check=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    for old in glob.glob(os.path.join(os.path.dirname(path), "_fastfmt-*.so")):  # builds of other sources
+        if old != path:
+            os.unlink(old)
     return path
 
 
