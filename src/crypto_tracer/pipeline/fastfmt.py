@@ -31,7 +31,8 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastfmt.c")
 PURE_ENV = "CRYPTO_TRACER_PURE_PYTHON"
 OUT_BYTES = 1 << 20  # one C call's output at most (a bulk record formats to ~42 KB)
 CONN_SLOTS = 8192  # the C table (emptied when half full, like pipeline/tls_data's cache)
-PYTHON_BATCH = 64  # records the general path takes when the C loop stops at one
+PYTHON_BATCH = 64  # records the general path takes when the C loop stops at one,
+PYTHON_BYTES = 256 << 10  # and about this many bytes of them (bulk records are 30 KB: a few)
 MAX_CALLS = 64  # C calls per poll before other work (hello links, rescans) gets its turn
 
 # slots of a recipe (fastfmt.c enum slot)
@@ -162,7 +163,7 @@ class FastLoop:
             raise MemoryError("fastfmt")
         return got == 1
 
-    def poll(self, timeout_ms: int) -> None:
+    def poll(self, timeout_ms: int, rescan: bool = True) -> None:
         """As TlsTracer.poll, with the data records of known connections formatted in C."""
         tracer, pipe, rb = self.tracer, self.pipe, self.tracer.rb
         rb.wait(0 if self._more else timeout_ms)
@@ -184,10 +185,17 @@ class FastLoop:
                 self._more = False
                 break
             if stop == STOP_PYTHON:  # the general path, in order: this record and a few after it
-                tracer.dispatch_many(rb.read(PYTHON_BATCH))
+                tracer.dispatch_many(rb.read(PYTHON_BATCH, PYTHON_BYTES))
                 pipe.process()
         sink.flush()
-        tracer.run_rescans()
+        if rescan:
+            tracer.run_rescans()
+
+    def drain(self) -> None:
+        """Everything in the ring (after the tracer's detach: every record submitted), the same way."""
+        self._more = True
+        while self._more:
+            self.poll(0, rescan=False)  # nothing is hooked any more
 
     def close(self) -> None:
         if self.ctx:

@@ -151,8 +151,11 @@ def run(opts) -> int:
         if hello is not None:
             hello.detach()
         tracer.detach()  # nothing new arrives; then every submitted record is handled
-        tracer.drain()
-        pipe.process()
+        if fast is not None:
+            fast.drain()
+        else:
+            tracer.drain()
+            pipe.process()
         if fast is not None:
             log.debug("tls: %d records were formatted in C", fast.formatted)
         if keys is not None:  # received, and no event of their own
