@@ -31,9 +31,9 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastfmt.c")
 PURE_ENV = "CRYPTO_TRACER_PURE_PYTHON"
 OUT_BYTES = 1 << 20  # one C call's output at most (a bulk record formats to ~42 KB)
 CONN_SLOTS = 8192  # the C table (emptied when half full, like pipeline/tls_data's cache)
-PYTHON_BATCH = 64  # records the general path takes when the C loop stops at one,
-PYTHON_BYTES = 256 << 10  # and about this many bytes of them (bulk records are 30 KB: a few)
-MAX_CALLS = 64  # C calls per poll before other work (hello links, rescans) gets its turn
+PYTHON_BATCH = 1  # records the general path takes when the C loop stops at one (the next may be C's again)
+MAX_CALLS = 1024  # C calls per poll, and
+MAX_POLL_BYTES = 16 << 20  # bytes of output, before other work (hello links, rescans) gets its turn
 
 # slots of a recipe (fastfmt.c enum slot)
 (SLOT_END, SLOT_LITERAL, SLOT_PREFIX, SLOT_MICROS, SLOT_LENGTH, SLOT_OFFSET, SLOT_TRUNCATED, SLOT_BASE64,
@@ -47,8 +47,9 @@ def library_path() -> str:
     return os.path.join(os.path.dirname(SOURCE), f"_fastfmt-{digest}.so")
 
 
-def build(cc: str = "cc") -> str:
-    """Compile fastfmt.c next to itself (what `setup` runs); returns the library's path."""
+def build() -> str:
+    """Compile fastfmt.c next to itself (what `setup` runs; $CC, else gcc); returns the library's path."""
+    cc = os.environ.get("CC") or "gcc"
     path = library_path()
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -171,6 +172,7 @@ class FastLoop:
         run, ctx, out, res = self.lib.ct_fmt_run, self.ctx, self.out, self.result
         stats, sink = pipe.stats, pipe.sink
         self._more = True
+        budget = MAX_POLL_BYTES
         for _ in range(MAX_CALLS):
             stop = run(ctx, data, mask, prod, rb.consumer, pipe.clock.offset_ns, out, OUT_BYTES, ctypes.byref(res))
             if res.records:
@@ -181,12 +183,15 @@ class FastLoop:
                 stats.user_filtered += res.records - res.written
                 stats.output += res.written
                 self.formatted += res.written
+                budget -= res.out_len
             if stop == STOP_EMPTY:
                 self._more = False
                 break
-            if stop == STOP_PYTHON:  # the general path, in order: this record and a few after it
-                tracer.dispatch_many(rb.read(PYTHON_BATCH, PYTHON_BYTES))
-                pipe.process()
+            if budget <= 0:
+                break
+            if stop == STOP_PYTHON:  # the general path, in order: the record the C loop stopped at
+                tracer.dispatch_many(rb.read(PYTHON_BATCH))
+                pipe.process(flush=False)  # its lines stay buffered before the C loop's next ones
         sink.flush()
         if rescan:
             tracer.run_rescans()

@@ -26,6 +26,10 @@ _TS0, _TS1 = TLS_DATA_REC.span("h.ts_ns", "h.ts_ns")
 _T0, _T1 = TYPE_SPAN
 
 
+def _keep() -> None:
+    pass
+
+
 def raw_ts(raw: bytes) -> int:
     return int.from_bytes(raw[_TS0:_TS1], "little")
 
@@ -96,11 +100,13 @@ class TlsDataPipeline:
             self.peers.clear()
         self.peers[(pid, ssl)] = (alpn, der)
 
-    def process(self) -> None:
+    def process(self, flush: bool = True) -> None:
+        """flush=False: the sink keeps what it wrote in its buffer (the C loop's caller flushes once a poll)."""
         raws = self.batch
         if not raws:
             return
-        write, flush = self.sink.write_tls, self.sink.flush
+        write = self.sink.write_tls
+        flush = self.sink.flush if flush else _keep
         written = 0
         # a poll can bring 16k records: formatted and written a slice at a time, the text of
         # the whole batch is never in memory at once

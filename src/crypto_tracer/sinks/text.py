@@ -169,14 +169,17 @@ class TextSink:
 
     def write_fast(self, text, events: int) -> None:
         """events already formatted (encoded) by the C loop, after what is pending."""
-        self.flush()
+        self._move_pending()
         self.out.write(text)
         self.count += events
 
-    def flush(self) -> None:
+    def _move_pending(self) -> None:
         if self._pending:  # one write per batch of events
             self.out.write("".join(self._pending).encode("utf-8", "replace"))
             self._pending.clear()
+
+    def flush(self) -> None:
+        self._move_pending()
         self.out.flush()
 
     def close(self) -> None:
