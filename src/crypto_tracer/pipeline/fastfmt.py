@@ -31,7 +31,11 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastfmt.c")
 PURE_ENV = "CRYPTO_TRACER_PURE_PYTHON"
 OUT_BYTES = 1 << 20  # one C call's output at most (a bulk record formats to ~42 KB)
 CONN_SLOTS = 8192  # the C table (emptied when half full, like pipeline/tls_data's cache)
-PYTHON_BATCH = 1  # records the general path takes when the C loop stops at one (the next may be C's again)
+# When the C loop stops at a record, the general path takes it and the records after it, up to this
+# many and about this many bytes: they leave the ring at once, as in the pure-Python loop (a burst of
+# new connections, slow in Python for their handshake facts, must not keep their records in the ring)
+PYTHON_BATCH = 64
+PYTHON_BYTES = 256 << 10
 MAX_CALLS = 1024  # C calls per poll, and
 MAX_POLL_BYTES = 16 << 20  # bytes of output, before other work (hello links, rescans) gets its turn
 
@@ -190,7 +194,7 @@ class FastLoop:
             if budget <= 0:
                 break
             if stop == STOP_PYTHON:  # the general path, in order: the record the C loop stopped at
-                tracer.dispatch_many(rb.read(PYTHON_BATCH))
+                tracer.dispatch_many(rb.read(PYTHON_BATCH, PYTHON_BYTES))
                 pipe.process(flush=False)  # its lines stay buffered before the C loop's next ones
         sink.flush()
         if rescan:
