@@ -8,6 +8,8 @@ alternating, each mode R times (the median is reported):
   untraced       no probes
   floor          empty programs on every uprobe `tls` uses (the trap alone)
   keylog         tls -m keylog (no data hooks)
+  count          the real programs, capture on, a reader that only counts records (bench_tls.py's):
+                 the kernel side's copy into the ring, what no output mode can beat
   text           tls -m text -o FILE
   streams        tls -m streams -o DIR (each connection's plaintext per direction in its own file)
   json           tls -m json -o FILE
@@ -38,12 +40,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "src"))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_tls import EmptyFloor, proc_cpu, proc_hwm_mb  # noqa: E402  (same directory)
+from bench_tls import EmptyFloor, counting_reader, proc_cpu, proc_hwm_mb  # noqa: E402  (same directory)
 
 ENV = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
 TRACER = [sys.executable, "-m", "crypto_tracer", "tls"]
 PORT = 18640
-MODES = ("untraced", "floor", "keylog", "text", "streams", "json", "json-paced", "text-py", "json-py")
+COUNTING = counting_reader("capture_data=True, mapsize=8 << 20", ready_file="sys.stderr")  # text/json's ring
+MODES = ("untraced", "floor", "keylog", "count", "text", "streams", "json", "json-paced", "text-py", "json-py")
 
 
 def download(url: str, limit: str | None = None) -> tuple[float, int]:
@@ -60,7 +63,8 @@ def traced(mode: str, tmp: str, url: str, limit: str | None, extra: list[str]) -
     model = mode.split("-")[0]
     args = ["-m", model] + (["-k", out] if model == "keylog" else ["-o", out]) + extra
     env = dict(ENV, CRYPTO_TRACER_PURE_PYTHON="1") if mode.endswith("-py") else ENV
-    p = subprocess.Popen(TRACER + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", COUNTING, "count"] if mode == "count" else TRACER + args
+    p = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in p.stderr:
         if "ready" in line:
             break
