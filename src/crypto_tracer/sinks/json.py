@@ -107,7 +107,6 @@ class JsonStreamSink:
         self.write_encoded(lines)
         return len(lines)
 
-
     # --- the same in C (pipeline/fastfmt.py) ---------------------------------------------
 
     @staticmethod

@@ -153,11 +153,10 @@ def run(opts) -> int:
         tracer.detach()  # nothing new arrives; then every submitted record is handled
         if fast is not None:
             fast.drain()
+            log.debug("tls: %d records were formatted in C", fast.formatted)
         else:
             tracer.drain()
             pipe.process()
-        if fast is not None:
-            log.debug("tls: %d records were formatted in C", fast.formatted)
         if keys is not None:  # received, and no event of their own
             stats.received += keys.records
             stats.user_filtered += keys.records
